@@ -1,0 +1,173 @@
+//! Fetch with long polling. A round reads every requested partition from its owner at once (each
+//! up to its `partition_max_bytes`) and assembles the response within `max_bytes`, always letting
+//! the first non-empty partition return at least one whole batch (KIP-74). If the round found
+//! fewer than `min_bytes`, the owners are asked to report when any of the partitions grows, and a
+//! new round runs as soon as one does, or when `max_wait_ms` is up.
+//!
+//! Fetch sessions (KIP-227) are not kept: the response carries session id 0, which clients take as
+//! "send full requests".
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+use kafka_protocol::messages::{FetchRequest, FetchResponse};
+
+use crate::model::{ErrorCode, Offset, ShardId, TopicPartition};
+use crate::shard::{join_all, Reply, Request, Shard};
+use crate::storage::ReadResult;
+
+struct Wanted {
+    tp: TopicPartition,
+    offset: Offset,
+    max_bytes: usize,
+}
+
+pub async fn handle(shard: &Rc<Shard>, req: FetchRequest, version: i16) -> FetchResponse {
+    let started = Instant::now();
+    let max_wait = Duration::from_millis(u64::try_from(req.max_wait_ms.max(0)).unwrap_or(0));
+    let min_bytes = usize::try_from(req.min_bytes.max(0)).unwrap_or(0);
+    let max_bytes = usize::try_from(req.max_bytes.max(0)).unwrap_or(0);
+    let wanted: Vec<Wanted> = req
+        .topics
+        .iter()
+        .flat_map(|t| {
+            t.partitions.iter().map(|p| Wanted {
+                tp: TopicPartition::new(&t.topic.0, p.partition),
+                offset: Offset(p.fetch_offset),
+                max_bytes: usize::try_from(p.partition_max_bytes.max(0)).unwrap_or(0),
+            })
+        })
+        .collect();
+    loop {
+        let results = read_round(shard, &wanted).await;
+        let total: usize = results
+            .iter()
+            .map(|r| r.as_ref().map_or(0, |r| r.records.len()))
+            .sum();
+        let any_error = results.iter().any(|r| r.is_err());
+        let elapsed = started.elapsed();
+        if total >= min_bytes.max(1) || any_error || elapsed >= max_wait || wanted.is_empty() {
+            return build_response(&req, results, max_bytes, version);
+        }
+        wait_for_data(shard, &wanted, max_wait - elapsed).await;
+        if started.elapsed() >= max_wait {
+            let results = read_round(shard, &wanted).await;
+            return build_response(&req, results, max_bytes, version);
+        }
+    }
+}
+
+async fn read_round(shard: &Rc<Shard>, wanted: &[Wanted]) -> Vec<Result<ReadResult, ErrorCode>> {
+    let table = shard.topics();
+    let calls = wanted.iter().map(|w| {
+        let shard = shard.clone();
+        let known = table
+            .get(&w.tp.topic)
+            .is_some_and(|t| w.tp.partition.0 >= 0 && w.tp.partition.0 < t.partitions);
+        let req = Request::Read {
+            tp: w.tp.clone(),
+            offset: w.offset,
+            max_bytes: w.max_bytes,
+        };
+        let owner = shard.owner_of(&w.tp);
+        async move {
+            if !known {
+                return Err(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION);
+            }
+            match shard.call(owner, req).await {
+                Reply::Read(r) => r,
+                _ => Err(ErrorCode::UNKNOWN_SERVER_ERROR),
+            }
+        }
+    });
+    join_all(calls.collect()).await
+}
+
+/// Asks each owning shard to report when one of its partitions passes the fetch position; returns
+/// when the first one does, or when `timeout` is up.
+async fn wait_for_data(shard: &Rc<Shard>, wanted: &[Wanted], timeout: Duration) {
+    let mut by_owner: BTreeMap<usize, Vec<(TopicPartition, Offset)>> = BTreeMap::new();
+    for w in wanted {
+        by_owner
+            .entry(shard.owner_of(&w.tp).0)
+            .or_default()
+            .push((w.tp.clone(), w.offset));
+    }
+    let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+    let mut waits: Vec<_> = by_owner
+        .into_iter()
+        .map(|(owner, positions)| {
+            let shard = shard.clone();
+            Box::pin(async move {
+                shard
+                    .call(
+                        ShardId(owner),
+                        Request::WaitForData {
+                            positions,
+                            timeout_ms,
+                        },
+                    )
+                    .await
+            })
+        })
+        .collect();
+    futures_lite::future::poll_fn(|cx| {
+        for w in waits.iter_mut() {
+            if w.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(());
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await;
+}
+
+fn build_response(
+    req: &FetchRequest,
+    results: Vec<Result<ReadResult, ErrorCode>>,
+    max_bytes: usize,
+    version: i16,
+) -> FetchResponse {
+    let mut response = FetchResponse::default();
+    let mut results = results.into_iter();
+    let mut total = 0usize;
+    for topic in &req.topics {
+        let mut t = FetchableTopicResponse::default();
+        t.topic = topic.topic.clone();
+        t.topic_id = topic.topic_id;
+        for p in &topic.partitions {
+            let mut d = PartitionData::default();
+            d.partition_index = p.partition;
+            d.aborted_transactions = Some(Vec::new());
+            match results.next().expect("one result per partition") {
+                Ok(r) => {
+                    d.high_watermark = r.high_watermark.0;
+                    d.last_stable_offset = r.high_watermark.0;
+                    if version >= 5 {
+                        d.log_start_offset = r.log_start_offset.0;
+                    }
+                    let len = r.records.len();
+                    if len > 0 && (total == 0 || total + len <= max_bytes) {
+                        total += len;
+                        d.records = Some(r.records);
+                    } else {
+                        d.records = Some(Bytes::new());
+                    }
+                }
+                Err(code) => {
+                    d.error_code = code.0;
+                    d.high_watermark = -1;
+                    d.last_stable_offset = -1;
+                    d.records = Some(Bytes::new());
+                }
+            }
+            t.partitions.push(d);
+        }
+        response.responses.push(t);
+    }
+    response
+}

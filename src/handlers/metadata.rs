@@ -1,0 +1,129 @@
+//! Metadata: this broker at its advertised address, the cluster id, and topics with their
+//! partitions (this broker leads them all on a single node). An unknown topic is created when
+//! `auto.create.topics.enable` is on and the request allows it; an invalid name is refused with
+//! `INVALID_TOPIC_EXCEPTION` and not created.
+
+use std::rc::Rc;
+
+use kafka_protocol::messages::metadata_response::{
+    MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
+};
+use kafka_protocol::messages::{BrokerId, MetadataRequest, MetadataResponse};
+
+use super::{str_bytes, topic_name};
+use crate::cluster::topics::validate_topic_name;
+use crate::cluster::Topic;
+use crate::model::ErrorCode;
+use crate::model::ShardId;
+use crate::shard::{Reply, Request, Shard, TopicSpec};
+
+pub async fn handle(shard: &Rc<Shard>, req: MetadataRequest, version: i16) -> MetadataResponse {
+    let node = shard.options.broker.node_id;
+    let mut table = shard.topics();
+    let wanted: Option<Vec<(Option<String>, uuid::Uuid)>> = match req.topics {
+        None => None,
+        Some(t) if t.is_empty() && version == 0 => None,
+        Some(t) => Some(
+            t.into_iter()
+                .map(|t| (t.name.map(|n| n.0.to_string()), t.topic_id))
+                .collect(),
+        ),
+    };
+    let auto_create =
+        shard.options.broker.auto_create_topics && (version < 4 || req.allow_auto_topic_creation);
+    if let (Some(list), true) = (&wanted, auto_create) {
+        let missing: Vec<TopicSpec> = list
+            .iter()
+            .filter_map(|(name, _)| name.as_ref())
+            .filter(|name| table.get(name).is_none() && validate_topic_name(name).is_ok())
+            .map(|name| TopicSpec {
+                name: name.clone(),
+                partitions: shard.options.broker.num_partitions,
+                replication_factor: shard.options.broker.default_replication_factor,
+                configs: Vec::new(),
+            })
+            .collect();
+        if !missing.is_empty() {
+            let reply = shard
+                .call(
+                    ShardId(0),
+                    Request::CreateTopics {
+                        specs: missing,
+                        validate_only: false,
+                    },
+                )
+                .await;
+            if let Reply::Created(results) = reply {
+                for (name, result) in results {
+                    if let Err((code, message)) = result {
+                        if code != ErrorCode::TOPIC_ALREADY_EXISTS {
+                            tracing::warn!(topic = %name, ?code, %message, "auto-creating topic failed");
+                        }
+                    }
+                }
+            }
+            table = shard.topics();
+        }
+    }
+    let mut response = MetadataResponse::default();
+    let mut broker = MetadataResponseBroker::default();
+    broker.node_id = BrokerId(node);
+    broker.host = str_bytes(&shard.advertised.0);
+    broker.port = i32::from(shard.advertised.1);
+    response.brokers = vec![broker];
+    if version >= 2 {
+        response.cluster_id = Some(str_bytes(&table.cluster_id));
+    }
+    if version >= 1 {
+        response.controller_id = BrokerId(node);
+    }
+    response.topics = match wanted {
+        None => table.topics.values().map(|t| describe(t, node)).collect(),
+        Some(list) => list
+            .into_iter()
+            .map(|(name, id)| {
+                let found = match &name {
+                    Some(n) => table.get(n),
+                    None => table
+                        .topics
+                        .values()
+                        .find(|t| uuid::Uuid::from_bytes(t.id) == id),
+                };
+                match found {
+                    Some(t) => describe(t, node),
+                    None => {
+                        let mut t = MetadataResponseTopic::default();
+                        let name = name.unwrap_or_default();
+                        t.error_code = if validate_topic_name(&name).is_err() {
+                            ErrorCode::INVALID_TOPIC_EXCEPTION.0
+                        } else {
+                            ErrorCode::UNKNOWN_TOPIC_OR_PARTITION.0
+                        };
+                        t.name = Some(topic_name(&name));
+                        t.topic_id = id;
+                        t
+                    }
+                }
+            })
+            .collect(),
+    };
+    response
+}
+
+fn describe(topic: &Topic, node: i32) -> MetadataResponseTopic {
+    let mut t = MetadataResponseTopic::default();
+    t.name = Some(topic_name(&topic.name));
+    t.topic_id = uuid::Uuid::from_bytes(topic.id);
+    t.partitions = (0..topic.partitions)
+        .map(|p| {
+            let mut part = MetadataResponsePartition::default();
+            part.partition_index = p;
+            part.leader_id = BrokerId(node);
+            part.leader_epoch = 0;
+            part.replica_nodes = vec![BrokerId(node)];
+            part.isr_nodes = vec![BrokerId(node)];
+            part
+        })
+        .collect();
+    t
+}

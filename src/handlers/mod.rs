@@ -1,0 +1,132 @@
+//! One file per Kafka API: decode → route to the owning shards → fan out → build the response.
+//! [`dispatch`] checks the API and version against what strom advertises before decoding the body;
+//! an unknown API key, an unsupported version, or a body that does not decode closes the
+//! connection with a log line (ApiVersions instead answers `UNSUPPORTED_VERSION` in its v0 layout,
+//! so that a client can retry lower).
+
+pub mod api_versions;
+pub mod create_topics;
+pub mod delete_topics;
+pub mod fetch;
+pub mod init_producer_id;
+pub mod list_offsets;
+pub mod metadata;
+pub mod produce;
+
+use std::rc::Rc;
+
+use bytes::Bytes;
+use kafka_protocol::messages::{ApiKey, RequestKind, TopicName};
+use kafka_protocol::protocol::StrBytes;
+
+use crate::protocol::{self, encode_response};
+use crate::shard::Shard;
+
+/// What the connection does with a handled request.
+pub enum Outcome {
+    Respond(Bytes),
+    /// `acks=0` produce: Kafka sends nothing back.
+    NoResponse,
+    Close(String),
+}
+
+pub async fn dispatch(shard: &Rc<Shard>, mut frame: Bytes) -> Outcome {
+    let Some(raw) = protocol::peek_header(&frame) else {
+        return Outcome::Close(format!(
+            "frame of {} bytes is shorter than a request header",
+            frame.len()
+        ));
+    };
+    let Ok(key) = ApiKey::try_from(raw.api_key) else {
+        return Outcome::Close(format!("unknown API key {}", raw.api_key));
+    };
+    let Some((min, max)) = protocol::supported_range(key) else {
+        return Outcome::Close(format!(
+            "API {key:?} (key {}) is not supported",
+            raw.api_key
+        ));
+    };
+    let version = raw.api_version;
+    if version < min || version > max {
+        if key == ApiKey::ApiVersions {
+            return respond(api_versions::unsupported_version(raw.correlation_id));
+        }
+        return Outcome::Close(format!(
+            "{key:?} version {version} is not supported (supported {min}..={max})"
+        ));
+    }
+    if let Err(e) = protocol::decode_header(&mut frame, key, version) {
+        return Outcome::Close(format!("malformed {key:?} v{version} request header: {e}"));
+    }
+    let request = match RequestKind::decode(key, &mut frame, version) {
+        Ok(r) => r,
+        Err(e) => return Outcome::Close(format!("malformed {key:?} v{version} request: {e}")),
+    };
+    let cid = raw.correlation_id;
+    let encoded = match request {
+        RequestKind::ApiVersions(_) => encode_response(key, version, cid, &api_versions::handle()),
+        RequestKind::Metadata(r) => encode_response(
+            key,
+            version,
+            cid,
+            &metadata::handle(shard, r, version).await,
+        ),
+        RequestKind::Produce(r) => {
+            let acks = r.acks;
+            let response = produce::handle(shard, r, version).await;
+            if acks == 0 {
+                return Outcome::NoResponse;
+            }
+            encode_response(key, version, cid, &response)
+        }
+        RequestKind::Fetch(r) => {
+            encode_response(key, version, cid, &fetch::handle(shard, r, version).await)
+        }
+        RequestKind::ListOffsets(r) => encode_response(
+            key,
+            version,
+            cid,
+            &list_offsets::handle(shard, r, version).await,
+        ),
+        RequestKind::CreateTopics(r) => encode_response(
+            key,
+            version,
+            cid,
+            &create_topics::handle(shard, r, version).await,
+        ),
+        RequestKind::DeleteTopics(r) => encode_response(
+            key,
+            version,
+            cid,
+            &delete_topics::handle(shard, r, version).await,
+        ),
+        RequestKind::InitProducerId(r) => {
+            encode_response(key, version, cid, &init_producer_id::handle(shard, r).await)
+        }
+        other => {
+            return Outcome::Close(format!(
+                "no handler for {:?}",
+                std::mem::discriminant(&other)
+            ))
+        }
+    };
+    respond(encoded)
+}
+
+fn respond(encoded: anyhow::Result<Bytes>) -> Outcome {
+    match encoded {
+        Ok(bytes) => Outcome::Respond(bytes),
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "encoding a response failed");
+            Outcome::Close(format!("response encoding failed: {e}"))
+        }
+    }
+}
+
+pub fn str_bytes(s: &str) -> StrBytes {
+    StrBytes::from_string(s.to_string())
+}
+
+pub fn topic_name(s: &str) -> TopicName {
+    TopicName(str_bytes(s))
+}

@@ -1,0 +1,80 @@
+//! Produce: every partition's batches go to the shard that owns the partition, all partitions at
+//! once; the response lists them in request order. `acks=1` answers once the batches are written,
+//! `acks=all` once they are fdatasynced (single node: the whole in-sync replica set), `acks=0` not
+//! at all.
+
+use std::rc::Rc;
+
+use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
+
+use crate::model::{ErrorCode, TopicPartition};
+use crate::shard::{join_all, Reply, Request, Shard};
+use crate::storage::Appended;
+
+pub async fn handle(shard: &Rc<Shard>, req: ProduceRequest, version: i16) -> ProduceResponse {
+    let acks = req.acks;
+    let table = shard.topics();
+    let mut work = Vec::new();
+    for topic in &req.topic_data {
+        let name = topic.name.0.to_string();
+        for p in &topic.partition_data {
+            work.push((name.clone(), p.index, p.records.clone()));
+        }
+    }
+    let calls = work.iter().map(|(name, index, records)| {
+        let shard = shard.clone();
+        let known = table
+            .get(name)
+            .is_some_and(|t| *index >= 0 && *index < t.partitions);
+        let records = records.clone();
+        let tp = TopicPartition::new(name, *index);
+        async move {
+            if !matches!(acks, -1..=1) {
+                return Err(ErrorCode::INVALID_REQUIRED_ACKS);
+            }
+            if !known {
+                return Err(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION);
+            }
+            let Some(records) = records.filter(|r| !r.is_empty()) else {
+                return Err(ErrorCode::CORRUPT_MESSAGE);
+            };
+            let owner = shard.owner_of(&tp);
+            match shard
+                .call(owner, Request::Append { tp, records, acks })
+                .await
+            {
+                Reply::Append(result) => result,
+                _ => Err(ErrorCode::UNKNOWN_SERVER_ERROR),
+            }
+        }
+    });
+    let results: Vec<Result<Appended, ErrorCode>> = join_all(calls.collect()).await;
+    let mut response = ProduceResponse::default();
+    let mut results = results.into_iter();
+    for topic in req.topic_data {
+        let mut t = TopicProduceResponse::default();
+        t.name = topic.name;
+        for p in topic.partition_data {
+            let mut r = PartitionProduceResponse::default();
+            r.index = p.index;
+            match results.next().expect("one result per partition") {
+                Ok(a) => {
+                    r.base_offset = a.base_offset.0;
+                    r.log_append_time_ms = a.log_append_time_ms;
+                    if version >= 5 {
+                        r.log_start_offset = a.log_start_offset.0;
+                    }
+                }
+                Err(code) => {
+                    r.error_code = code.0;
+                    r.base_offset = -1;
+                    r.log_append_time_ms = -1;
+                }
+            }
+            t.partition_responses.push(r);
+        }
+        response.responses.push(t);
+    }
+    response
+}

@@ -1,0 +1,23 @@
+//! strom: an event streaming broker that speaks the Apache Kafka wire protocol, thread-per-core.
+//!
+//! Module map (see the README and DESIGN for the picture):
+//! - [`config`]: Kafka-named settings, defaults, validation, core mapping
+//! - [`model`]: newtypes for ids and offsets, Kafka error codes
+//! - [`protocol`]: framing, headers, supported API versions
+//! - [`server`]: listeners, connections, in-order responses
+//! - [`handlers`]: one file per Kafka API
+//! - [`shard`]: executors, shard table, mesh routing, the single-node controller
+//! - [`storage`]: the partition log: segments, indexes, recovery
+//! - [`cluster`]: topic table and cluster metadata
+
+#![forbid(unsafe_op_in_unsafe_fn)]
+
+pub mod alloc;
+pub mod cluster;
+pub mod config;
+pub mod handlers;
+pub mod model;
+pub mod protocol;
+pub mod server;
+pub mod shard;
+pub mod storage;

@@ -1,0 +1,93 @@
+//! The `strom` command: `strom serve` (the default) runs the broker.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use strom::config::{self, BrokerConfig, ServeOptions};
+use strom::shard::startup;
+
+#[global_allocator]
+static ALLOC: strom::alloc::GuardedAlloc = strom::alloc::GuardedAlloc;
+
+#[derive(Parser)]
+#[command(
+    name = "strom",
+    version,
+    about = "A thread-per-core Kafka-compatible event streaming broker"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker (the default when no subcommand is given).
+    Serve(ServeArgs),
+}
+
+#[derive(Parser)]
+struct ServeArgs {
+    /// Address to accept Kafka clients on (port 0 picks a free port, printed at start).
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    listen: SocketAddr,
+    /// Where partitions and metadata are stored.
+    #[arg(long, default_value = "./data")]
+    data_dir: PathBuf,
+    /// Cores to run one shard each on, such as `0-1` or `0,2`; default: every online core.
+    #[arg(long)]
+    cores: Option<String>,
+    /// A core-mapping profile from `tuning/` (`cores = "0-1"` or `"all"`); `--cores` wins.
+    #[arg(long)]
+    tuning: Option<PathBuf>,
+    /// Broker settings file (TOML, Kafka setting names).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A broker setting with its Kafka name, such as `log.retention.hours=24`; repeatable.
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    set: Vec<String>,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Serve(args)) => serve(args),
+        None => serve(ServeArgs::parse_from(["serve"])),
+    };
+    if let Err(e) = result {
+        eprintln!("strom: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let broker = BrokerConfig::load(args.config.as_deref(), &args.set)?;
+    let requested = match (&args.cores, &args.tuning) {
+        (Some(spec), _) => Some(config::parse_core_list(spec)?),
+        (None, Some(profile)) => config::load_core_profile(profile)?,
+        (None, None) => None,
+    };
+    let cores = startup::resolve_cores(requested)?;
+    let options = ServeOptions {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        cores,
+        broker,
+    };
+    startup::run(options, |bound| {
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "strom listening on {bound}");
+        let _ = out.flush();
+    })
+}

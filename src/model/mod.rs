@@ -1,0 +1,99 @@
+//! Newtypes for the identifiers and positions that flow through the broker, so that an offset cannot
+//! be passed where a partition id is expected, plus the Kafka error codes strom answers with.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// A position in a partition's log. Offsets are assigned by the broker, dense within a batch and
+/// monotonic within a partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Offset(pub i64);
+
+impl Offset {
+    pub fn next(self) -> Offset {
+        Offset(self.0 + 1)
+    }
+}
+
+impl fmt::Display for Offset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A partition index within a topic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PartitionId(pub i32);
+
+/// The index of a shard (one pinned executor) within this broker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ShardId(pub usize);
+
+/// A broker's `node.id`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BrokerId(pub i32);
+
+/// A partition leader epoch, stamped into every stored batch's `partitionLeaderEpoch`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Epoch(pub i32);
+
+/// A topic partition. The topic name is shared, so cloning is cheap.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TopicPartition {
+    pub topic: Arc<str>,
+    pub partition: PartitionId,
+}
+
+impl TopicPartition {
+    pub fn new(topic: &str, partition: i32) -> Self {
+        Self {
+            topic: Arc::from(topic),
+            partition: PartitionId(partition),
+        }
+    }
+
+    /// The partition's directory name, as Kafka names it: `<topic>-<partition>`.
+    pub fn dir_name(&self) -> String {
+        format!("{}-{}", self.topic, self.partition.0)
+    }
+}
+
+impl fmt::Display for TopicPartition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.topic, self.partition.0)
+    }
+}
+
+/// A Kafka protocol error code (see Kafka's `Errors` enum); `NONE` is success.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ErrorCode(pub i16);
+
+impl ErrorCode {
+    pub const NONE: ErrorCode = ErrorCode(0);
+    pub const UNKNOWN_SERVER_ERROR: ErrorCode = ErrorCode(-1);
+    pub const OFFSET_OUT_OF_RANGE: ErrorCode = ErrorCode(1);
+    pub const CORRUPT_MESSAGE: ErrorCode = ErrorCode(2);
+    pub const UNKNOWN_TOPIC_OR_PARTITION: ErrorCode = ErrorCode(3);
+    pub const INVALID_FETCH_SIZE: ErrorCode = ErrorCode(4);
+    pub const REQUEST_TIMED_OUT: ErrorCode = ErrorCode(7);
+    pub const MESSAGE_TOO_LARGE: ErrorCode = ErrorCode(10);
+    pub const INVALID_TOPIC_EXCEPTION: ErrorCode = ErrorCode(17);
+    pub const RECORD_LIST_TOO_LARGE: ErrorCode = ErrorCode(18);
+    pub const INVALID_REQUIRED_ACKS: ErrorCode = ErrorCode(21);
+    pub const UNSUPPORTED_VERSION: ErrorCode = ErrorCode(35);
+    pub const TOPIC_ALREADY_EXISTS: ErrorCode = ErrorCode(36);
+    pub const INVALID_PARTITIONS: ErrorCode = ErrorCode(37);
+    pub const INVALID_REPLICATION_FACTOR: ErrorCode = ErrorCode(38);
+    pub const INVALID_CONFIG: ErrorCode = ErrorCode(40);
+    pub const INVALID_REQUEST: ErrorCode = ErrorCode(42);
+    pub const UNSUPPORTED_FOR_MESSAGE_FORMAT: ErrorCode = ErrorCode(43);
+    pub const OUT_OF_ORDER_SEQUENCE_NUMBER: ErrorCode = ErrorCode(45);
+    pub const INVALID_PRODUCER_EPOCH: ErrorCode = ErrorCode(47);
+    pub const INVALID_TIMESTAMP: ErrorCode = ErrorCode(32);
+    pub const KAFKA_STORAGE_ERROR: ErrorCode = ErrorCode(56);
+    pub const INVALID_RECORD: ErrorCode = ErrorCode(87);
+
+    pub fn is_ok(self) -> bool {
+        self == ErrorCode::NONE
+    }
+}

@@ -1,0 +1,99 @@
+//! The Kafka wire protocol at strom's edge: the API versions strom serves, request framing with
+//! the size limit checked before any allocation, request header decoding and response encoding.
+//! Message types come from the `kafka-protocol` crate (generated from Kafka's own schemas).
+
+use anyhow::Result;
+use bytes::{BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::{ApiKey, RequestHeader, ResponseHeader};
+use kafka_protocol::protocol::{Decodable, Encodable};
+
+/// The APIs and version ranges strom serves: exactly what ApiVersions advertises. Versions are
+/// those current librdkafka, kafka-python and the Java client negotiate, bounded where a newer
+/// version needs what strom does not have yet (topic ids in Fetch v13+).
+pub const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
+    (ApiKey::Produce, 3, 9),
+    (ApiKey::Fetch, 4, 12),
+    (ApiKey::ListOffsets, 1, 7),
+    (ApiKey::Metadata, 0, 12),
+    (ApiKey::ApiVersions, 0, 3),
+    (ApiKey::CreateTopics, 2, 7),
+    (ApiKey::DeleteTopics, 1, 6),
+    (ApiKey::InitProducerId, 0, 4),
+];
+
+pub fn supported_range(key: ApiKey) -> Option<(i16, i16)> {
+    SUPPORTED_APIS
+        .iter()
+        .find(|(k, _, _)| *k == key)
+        .map(|(_, min, max)| (*min, *max))
+}
+
+/// A request's fixed header fields, read before deciding whether the body can be decoded.
+#[derive(Clone, Copy, Debug)]
+pub struct RawHeader {
+    pub api_key: i16,
+    pub api_version: i16,
+    pub correlation_id: i32,
+}
+
+/// Reads api key, version and correlation id without decoding anything else.
+pub fn peek_header(frame: &[u8]) -> Option<RawHeader> {
+    if frame.len() < 8 {
+        return None;
+    }
+    Some(RawHeader {
+        api_key: i16::from_be_bytes([frame[0], frame[1]]),
+        api_version: i16::from_be_bytes([frame[2], frame[3]]),
+        correlation_id: i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]),
+    })
+}
+
+/// Decodes the full request header of a known API, leaving `frame` at the body.
+pub fn decode_header(frame: &mut Bytes, key: ApiKey, version: i16) -> Result<RequestHeader> {
+    RequestHeader::decode(frame, key.request_header_version(version))
+}
+
+/// Encodes a size-prefixed response: header (at the API's own header version) and body.
+pub fn encode_response<M: Encodable>(
+    key: ApiKey,
+    version: i16,
+    correlation_id: i32,
+    body: &M,
+) -> Result<Bytes> {
+    let header_version = key.response_header_version(version);
+    let mut header = ResponseHeader::default();
+    header.correlation_id = correlation_id;
+    let mut buf = BytesMut::with_capacity(64);
+    buf.put_i32(0);
+    header.encode(&mut buf, header_version)?;
+    body.encode(&mut buf, version)?;
+    let len = i32::try_from(buf.len() - 4)?;
+    buf[0..4].copy_from_slice(&len.to_be_bytes());
+    Ok(buf.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kafka_protocol::messages::ApiVersionsResponse;
+
+    #[test]
+    fn every_advertised_range_is_one_the_codec_knows() {
+        for (key, min, max) in SUPPORTED_APIS {
+            let valid = key.valid_versions();
+            assert!(
+                *min >= valid.min && *max <= valid.max,
+                "{key:?} {min}..={max} outside the codec's {valid:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn api_versions_response_header_is_v0_even_when_flexible() {
+        let bytes =
+            encode_response(ApiKey::ApiVersions, 3, 7, &ApiVersionsResponse::default()).unwrap();
+        // size, correlation id, then the body's error code straight away: no tagged-field byte.
+        assert_eq!(&bytes[4..8], &7i32.to_be_bytes());
+        assert_eq!(&bytes[8..10], &0i16.to_be_bytes());
+    }
+}

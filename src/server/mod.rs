@@ -1,0 +1,221 @@
+//! Listeners and connections. Every shard accepts on the same port (one `SO_REUSEPORT` socket per
+//! shard, so the kernel spreads connections). A connection reads frames, starts each request as its
+//! own task, and writes responses strictly in request order, as Kafka requires per connection. At
+//! most `queued.max.requests` requests are in flight per connection; past that, reading waits.
+//!
+//! A frame whose size prefix is negative or above `socket.request.max.bytes` closes the connection
+//! with a log line before anything is allocated for it; the body buffer grows only as bytes arrive,
+//! so a large prefix followed by silence costs nothing.
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+
+use anyhow::{Context as _, Result};
+use bytes::{Bytes, BytesMut};
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::handlers::{self, Outcome};
+use crate::shard::Shard;
+
+const LISTEN_BACKLOG: i32 = 1024;
+/// The body buffer grows by at most this much per read.
+const READ_STEP_BYTES: usize = 64 * 1024;
+
+/// Creates one listening socket per shard on the same address. The first binds (resolving port 0
+/// to a real port); the others bind to the resolved address.
+pub fn bind_listeners(addr: SocketAddr, count: usize) -> Result<(Vec<Socket>, SocketAddr)> {
+    let mut sockets = Vec::with_capacity(count);
+    let mut bound = addr;
+    for _ in 0..count {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket
+            .bind(&bound.into())
+            .with_context(|| format!("binding {bound}"))?;
+        socket.listen(LISTEN_BACKLOG)?;
+        if sockets.is_empty() {
+            bound = socket
+                .local_addr()?
+                .as_socket()
+                .context("listener has no IP address")?;
+        }
+        sockets.push(socket);
+    }
+    Ok((sockets, bound))
+}
+
+/// Accepts connections on this shard's socket forever.
+pub async fn serve(shard: Rc<Shard>, socket: Socket) -> Result<()> {
+    use std::os::unix::io::{FromRawFd, IntoRawFd};
+    // SAFETY: the fd comes from a socket2 listening socket we own and hand over whole
+    // (into_raw_fd gives up ownership), so the glommio listener is its only owner.
+    let listener = unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) };
+    loop {
+        let stream = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(shard = shard.id.0, error = %e, "accept failed");
+                glommio::timer::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let peer = stream.peer_addr().ok();
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            if let Err(e) = connection(shard, stream).await {
+                tracing::debug!(?peer, error = %format!("{e:#}"), "connection ended");
+            }
+        })
+        .detach();
+    }
+}
+
+/// Shares one TCP stream between the reading and the writing side of a connection. Both run on
+/// the same executor thread; the borrow lasts only for one poll, never across a suspension.
+#[derive(Clone)]
+struct SharedStream(Rc<RefCell<TcpStream>>);
+
+impl AsyncRead for SharedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let mut s = self.0.borrow_mut();
+        Pin::new(&mut *s).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SharedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let mut s = self.0.borrow_mut();
+        Pin::new(&mut *s).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let mut s = self.0.borrow_mut();
+        Pin::new(&mut *s).poll_flush(cx)
+    }
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let mut s = self.0.borrow_mut();
+        Pin::new(&mut *s).poll_close(cx)
+    }
+}
+
+/// Why a connection's reading stopped.
+enum FrameError {
+    Closed,
+    TooLarge(i64),
+    Io(std::io::Error),
+}
+
+struct FrameReader {
+    stream: SharedStream,
+    buf: BytesMut,
+}
+
+impl FrameReader {
+    /// Ensures at least `n` bytes are buffered, reading at most `READ_STEP_BYTES` at a time.
+    async fn fill(&mut self, n: usize) -> Result<(), FrameError> {
+        while self.buf.len() < n {
+            let step = (n - self.buf.len()).clamp(4096, READ_STEP_BYTES);
+            let old = self.buf.len();
+            self.buf.resize(old + step, 0);
+            let read = self
+                .stream
+                .read(&mut self.buf[old..])
+                .await
+                .map_err(FrameError::Io)?;
+            self.buf.truncate(old + read);
+            if read == 0 {
+                return Err(FrameError::Closed);
+            }
+        }
+        Ok(())
+    }
+
+    async fn next_frame(&mut self, size_max: usize) -> Result<Bytes, FrameError> {
+        self.fill(4).await?;
+        let size = i32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
+        let size = match usize::try_from(size) {
+            Ok(s) if s <= size_max => s,
+            _ => return Err(FrameError::TooLarge(i64::from(size))),
+        };
+        self.fill(4 + size).await?;
+        let mut frame = self.buf.split_to(4 + size);
+        Ok(frame.split_off(4).freeze())
+    }
+}
+
+async fn connection(shard: Rc<Shard>, stream: TcpStream) -> Result<()> {
+    let peer = stream.peer_addr().ok();
+    let stream = SharedStream(Rc::new(RefCell::new(stream)));
+    let mut reader = FrameReader {
+        stream: stream.clone(),
+        buf: BytesMut::with_capacity(READ_STEP_BYTES),
+    };
+    let inflight_max = shard.options.broker.inflight_requests_max;
+    let (tx, rx) =
+        glommio::channels::local_channel::new_bounded::<glommio::Task<Outcome>>(inflight_max);
+    let mut writer_stream = stream.clone();
+    let (closed_tx, mut closed_rx) = futures_channel::oneshot::channel::<()>();
+    let writer = glommio::spawn_local(async move {
+        let _closed_tx = closed_tx;
+        while let Some(task) = rx.recv().await {
+            match task.await {
+                Outcome::Respond(bytes) => writer_stream.write_all(&bytes).await?,
+                Outcome::NoResponse => {}
+                Outcome::Close(reason) => {
+                    tracing::warn!(?peer, %reason, "closing connection");
+                    break;
+                }
+            }
+        }
+        let _ = writer_stream.close().await;
+        Ok::<(), std::io::Error>(())
+    });
+    let size_max = shard.options.broker.request_size_bytes_max;
+    let read_result = loop {
+        let next = async { Some(reader.next_frame(size_max).await) };
+        let writer_gone = async {
+            let _ = (&mut closed_rx).await;
+            None
+        };
+        let frame = match futures_lite::future::or(next, writer_gone).await {
+            Some(Ok(f)) => f,
+            Some(Err(e)) => break e,
+            None => break FrameError::Closed,
+        };
+        let shard = shard.clone();
+        let task = glommio::spawn_local(async move { handlers::dispatch(&shard, frame).await });
+        if tx.send(task).await.is_err() {
+            break FrameError::Closed;
+        }
+    };
+    match read_result {
+        FrameError::TooLarge(size) => {
+            tracing::warn!(
+                ?peer,
+                size,
+                size_max,
+                "request size prefix out of bounds (socket.request.max.bytes); closing connection"
+            );
+        }
+        FrameError::Io(e) => tracing::debug!(?peer, error = %e, "read failed"),
+        FrameError::Closed => {}
+    }
+    drop(tx);
+    let _ = writer.await;
+    Ok(())
+}

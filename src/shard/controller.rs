@@ -1,0 +1,214 @@
+//! The single-node controller, on shard 0: the only place the topic table changes. Changes are
+//! serialized by a local semaphore (one executor, no lock), persisted before they are announced,
+//! and announced to every shard before the client is answered, so that a Metadata request on any
+//! connection right after CreateTopics sees the topic.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use anyhow::Result;
+use glommio::sync::Semaphore;
+
+use super::{Shard, TopicResult, TopicSpec};
+use crate::cluster::topics::{validate_topic_name, PRODUCER_ID_BLOCK};
+use crate::cluster::{Topic, TopicTable};
+use crate::config::validate_topic_setting;
+use crate::model::ErrorCode;
+
+/// The most partitions one topic may have.
+pub const PARTITIONS_PER_TOPIC_MAX: i32 = 10_000;
+
+pub struct Controller {
+    table: RefCell<Option<TopicTable>>,
+    changes: Semaphore,
+    next_producer_id: Cell<i64>,
+}
+
+impl Controller {
+    pub fn new() -> Self {
+        Controller {
+            table: RefCell::new(None),
+            changes: Semaphore::new(1),
+            next_producer_id: Cell::new(0),
+        }
+    }
+
+    /// Loads the persisted table (shard 0 at start) and announces it to every shard.
+    pub async fn load(&self, shard: &Rc<Shard>) -> Result<()> {
+        let table = TopicTable::load_or_init(&shard.options.data_dir).await?;
+        tracing::info!(
+            cluster_id = %table.cluster_id,
+            topics = table.topics.len(),
+            "cluster metadata loaded"
+        );
+        self.next_producer_id.set(table.producer_id_block_end);
+        *self.table.borrow_mut() = Some(table.clone());
+        shard.broadcast_topics(Arc::new(table)).await;
+        Ok(())
+    }
+
+    fn current(&self) -> TopicTable {
+        self.table
+            .borrow()
+            .clone()
+            .expect("controller requests reach shard 0 only after it loaded the table")
+    }
+
+    async fn commit(&self, shard: &Rc<Shard>, table: TopicTable) -> Result<()> {
+        table.persist(&shard.options.data_dir).await?;
+        *self.table.borrow_mut() = Some(table.clone());
+        shard.broadcast_topics(Arc::new(table)).await;
+        Ok(())
+    }
+
+    pub async fn create_topics(
+        &self,
+        shard: &Rc<Shard>,
+        specs: Vec<TopicSpec>,
+        validate_only: bool,
+    ) -> Vec<(String, TopicResult)> {
+        let Ok(_permit) = self.changes.acquire_permit(1).await else {
+            return failed_all(specs.iter().map(|s| s.name.clone()));
+        };
+        let mut table = self.current();
+        let mut results = Vec::with_capacity(specs.len());
+        let mut changed = false;
+        for spec in specs {
+            let result = check_spec(&table, &spec, shard.options.broker.num_partitions);
+            match result {
+                Ok(topic) => {
+                    if !validate_only {
+                        table.topics.insert(topic.name.clone(), topic.clone());
+                        changed = true;
+                    }
+                    results.push((spec.name, Ok(topic)));
+                }
+                Err(e) => results.push((spec.name, Err(e))),
+            }
+        }
+        if changed {
+            if let Err(e) = self.commit(shard, table).await {
+                tracing::error!(error = %format!("{e:#}"), "persisting the topic table failed");
+                return failed_all(results.into_iter().map(|(n, _)| n));
+            }
+        }
+        results
+    }
+
+    pub async fn delete_topics(
+        &self,
+        shard: &Rc<Shard>,
+        names: Vec<String>,
+    ) -> Vec<(String, ErrorCode)> {
+        let Ok(_permit) = self.changes.acquire_permit(1).await else {
+            return names
+                .into_iter()
+                .map(|n| (n, ErrorCode::UNKNOWN_SERVER_ERROR))
+                .collect();
+        };
+        let mut table = self.current();
+        let mut results = Vec::with_capacity(names.len());
+        let mut changed = false;
+        for name in names {
+            if table.topics.remove(name.as_str()).is_some() {
+                changed = true;
+                results.push((name, ErrorCode::NONE));
+            } else {
+                results.push((name, ErrorCode::UNKNOWN_TOPIC_OR_PARTITION));
+            }
+        }
+        if changed {
+            if let Err(e) = self.commit(shard, table).await {
+                tracing::error!(error = %format!("{e:#}"), "persisting the topic table failed");
+                return results
+                    .into_iter()
+                    .map(|(n, _)| (n, ErrorCode::UNKNOWN_SERVER_ERROR))
+                    .collect();
+            }
+        }
+        results
+    }
+
+    /// Hands out a producer id never used before, persisting a new block when one runs out.
+    pub async fn allocate_producer_id(&self, shard: &Rc<Shard>) -> Result<i64, ErrorCode> {
+        let Ok(_permit) = self.changes.acquire_permit(1).await else {
+            return Err(ErrorCode::UNKNOWN_SERVER_ERROR);
+        };
+        let id = self.next_producer_id.get();
+        let mut table = self.current();
+        if id >= table.producer_id_block_end {
+            table.producer_id_block_end = id + PRODUCER_ID_BLOCK;
+            if let Err(e) = table.persist(&shard.options.data_dir).await {
+                tracing::error!(error = %format!("{e:#}"), "persisting the producer id block failed");
+                return Err(ErrorCode::UNKNOWN_SERVER_ERROR);
+            }
+            *self.table.borrow_mut() = Some(table);
+        }
+        self.next_producer_id.set(id + 1);
+        Ok(id)
+    }
+}
+
+impl Default for Controller {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn failed_all(names: impl Iterator<Item = String>) -> Vec<(String, TopicResult)> {
+    names
+        .map(|n| {
+            (
+                n,
+                Err((
+                    ErrorCode::UNKNOWN_SERVER_ERROR,
+                    "the topic table could not be persisted".to_string(),
+                )),
+            )
+        })
+        .collect()
+}
+
+/// Validates a topic to create against the table, as Kafka's controller does.
+fn check_spec(table: &TopicTable, spec: &TopicSpec, default_partitions: i32) -> TopicResult {
+    validate_topic_name(&spec.name).map_err(|m| (ErrorCode::INVALID_TOPIC_EXCEPTION, m))?;
+    if table.get(&spec.name).is_some() {
+        return Err((
+            ErrorCode::TOPIC_ALREADY_EXISTS,
+            format!("Topic '{}' already exists.", spec.name),
+        ));
+    }
+    let partitions = if spec.partitions == -1 {
+        default_partitions
+    } else {
+        spec.partitions
+    };
+    if partitions <= 0 || partitions > PARTITIONS_PER_TOPIC_MAX {
+        return Err((
+            ErrorCode::INVALID_PARTITIONS,
+            format!("Number of partitions must be between 1 and {PARTITIONS_PER_TOPIC_MAX}."),
+        ));
+    }
+    if spec.replication_factor != -1 && spec.replication_factor != 1 {
+        return Err((
+            ErrorCode::INVALID_REPLICATION_FACTOR,
+            format!(
+                "Replication factor: {} larger than available brokers: 1.",
+                spec.replication_factor
+            ),
+        ));
+    }
+    let mut configs = BTreeMap::new();
+    for (name, value) in &spec.configs {
+        validate_topic_setting(name, value).map_err(|m| (ErrorCode::INVALID_CONFIG, m))?;
+        configs.insert(name.clone(), value.clone());
+    }
+    Ok(Topic {
+        name: Arc::from(spec.name.as_str()),
+        id: *uuid::Uuid::new_v4().as_bytes(),
+        partitions,
+        configs,
+    })
+}

@@ -1,0 +1,413 @@
+//! Shards: one pinned glommio executor per core in the core mapping. Each partition is owned by
+//! exactly one shard ([`shard_for`]); a shard that accepted a request for a partition it does not
+//! own sends the work to the owner as a typed [`Request`] over glommio's channel mesh (bounded,
+//! lock-free SPSC queues) and awaits the [`Reply`]. Nothing here takes a lock: per-shard state is
+//! `RefCell`/`Cell` on the shard's own thread; what crosses shards is moved, or shared immutably.
+//!
+//! The controller role of a single node (changing the topic table, allocating producer ids) lives
+//! on shard 0, which persists the table and hands every shard a snapshot before answering.
+
+pub mod controller;
+pub mod startup;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use bytes::Bytes;
+use futures_channel::oneshot;
+use glommio::channels::channel_mesh::{Receivers, Senders};
+
+use crate::cluster::{Topic, TopicTable};
+use crate::config::{LogConfig, ServeOptions};
+use crate::model::{ErrorCode, Offset, ShardId, TopicPartition};
+use crate::storage::{Appended, PartitionLog, ReadResult};
+
+/// Messages queued per direction between two shards before a sender waits.
+pub const MESH_CHANNEL_CAPACITY: usize = 1024;
+
+/// The shard that owns a partition. Consecutive partitions of a topic land on consecutive shards.
+pub fn shard_for(tp: &TopicPartition, shard_count: usize) -> ShardId {
+    let h = u64::from(crc32c::crc32c(tp.topic.as_bytes()));
+    let p = u64::try_from(tp.partition.0).unwrap_or(0);
+    ShardId(((h + p) % shard_count as u64) as usize)
+}
+
+/// A topic to create, as CreateTopics or auto-creation asks for it.
+#[derive(Clone, Debug)]
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: i32,
+    pub replication_factor: i16,
+    pub configs: Vec<(String, String)>,
+}
+
+/// Work sent to the shard that owns it.
+pub enum Request {
+    /// Append batches; the reply comes once written (`acks=1`) or durable (`acks=all`).
+    Append {
+        tp: TopicPartition,
+        records: Bytes,
+        acks: i16,
+    },
+    Read {
+        tp: TopicPartition,
+        offset: Offset,
+        max_bytes: usize,
+    },
+    /// Replies once any listed partition's high watermark passes its offset, or after the timeout.
+    WaitForData {
+        positions: Vec<(TopicPartition, Offset)>,
+        timeout_ms: u64,
+    },
+    ListOffset {
+        tp: TopicPartition,
+        timestamp: i64,
+    },
+    /// Install a new topic table snapshot: open partitions this shard owns, drop deleted ones.
+    ApplyTopics(Arc<TopicTable>),
+    /// Controller (shard 0) operations.
+    CreateTopics {
+        specs: Vec<TopicSpec>,
+        validate_only: bool,
+    },
+    DeleteTopics(Vec<String>),
+    AllocateProducerId,
+}
+
+pub type TopicResult = Result<Topic, (ErrorCode, String)>;
+
+pub enum Reply {
+    Append(Result<Appended, ErrorCode>),
+    Read(Result<ReadResult, ErrorCode>),
+    DataReady,
+    ListOffset(Result<Option<(Offset, i64)>, ErrorCode>),
+    Applied,
+    Created(Vec<(String, TopicResult)>),
+    Deleted(Vec<(String, ErrorCode)>),
+    ProducerId(Result<i64, ErrorCode>),
+}
+
+pub enum Envelope {
+    Request { id: u64, from: usize, req: Request },
+    Reply { id: u64, reply: Reply },
+}
+
+/// One shard's state. Lives on its executor thread only (`Rc`).
+pub struct Shard {
+    pub id: ShardId,
+    pub count: usize,
+    pub options: ServeOptions,
+    /// The host and port Metadata advertises.
+    pub advertised: (String, u16),
+    topics: RefCell<Arc<TopicTable>>,
+    partitions: RefCell<HashMap<TopicPartition, PartitionLog>>,
+    senders: Senders<Envelope>,
+    waiting: RefCell<HashMap<u64, oneshot::Sender<Reply>>>,
+    next_call_id: Cell<u64>,
+    ready: RefCell<Option<oneshot::Sender<()>>>,
+    pub controller: controller::Controller,
+}
+
+impl Shard {
+    /// Joins the mesh and starts serving mesh traffic. Returns once this shard has its first topic
+    /// table and its partitions are open.
+    pub async fn start(
+        options: ServeOptions,
+        advertised: (String, u16),
+        senders: Senders<Envelope>,
+        receivers: Receivers<Envelope>,
+    ) -> Result<Rc<Shard>> {
+        let id = ShardId(senders.peer_id());
+        let count = senders.nr_consumers();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let shard = Rc::new(Shard {
+            id,
+            count,
+            options,
+            advertised,
+            topics: RefCell::new(Arc::new(TopicTable::default())),
+            partitions: RefCell::new(HashMap::new()),
+            senders,
+            waiting: RefCell::new(HashMap::new()),
+            next_call_id: Cell::new(1),
+            ready: RefCell::new(Some(ready_tx)),
+            controller: controller::Controller::new(),
+        });
+        let mut receivers = receivers;
+        for (peer, stream) in receivers.streams() {
+            let shard = shard.clone();
+            glommio::spawn_local(async move {
+                while let Some(envelope) = stream.recv().await {
+                    shard.clone().on_envelope(envelope);
+                }
+                tracing::debug!(shard = shard.id.0, peer, "mesh stream closed");
+            })
+            .detach();
+        }
+        if id.0 == 0 {
+            shard.controller.load(&shard).await?;
+        }
+        ready_rx
+            .await
+            .map_err(|_| anyhow::anyhow!("shard {} never received the topic table", id.0))?;
+        Ok(shard)
+    }
+
+    fn on_envelope(self: Rc<Self>, envelope: Envelope) {
+        match envelope {
+            Envelope::Request { id, from, req } => {
+                glommio::spawn_local(async move {
+                    let reply = self.handle(req).await;
+                    if self
+                        .senders
+                        .send_to(from, Envelope::Reply { id, reply })
+                        .await
+                        .is_err()
+                    {
+                        tracing::error!(
+                            shard = self.id.0,
+                            to = from,
+                            "mesh reply could not be sent"
+                        );
+                    }
+                })
+                .detach();
+            }
+            Envelope::Reply { id, reply } => {
+                if let Some(tx) = self.waiting.borrow_mut().remove(&id) {
+                    let _ = tx.send(reply);
+                }
+            }
+        }
+    }
+
+    /// Runs `req` on shard `target`: directly when that is this shard, else over the mesh.
+    pub async fn call(self: &Rc<Self>, target: ShardId, req: Request) -> Reply {
+        if target == self.id {
+            return self.handle(req).await;
+        }
+        let id = self.next_call_id.get();
+        self.next_call_id.set(id + 1);
+        let (tx, rx) = oneshot::channel();
+        self.waiting.borrow_mut().insert(id, tx);
+        let envelope = Envelope::Request {
+            id,
+            from: self.id.0,
+            req,
+        };
+        if self.senders.send_to(target.0, envelope).await.is_err() {
+            self.waiting.borrow_mut().remove(&id);
+            panic!("shard {} is unreachable over the mesh", target.0);
+        }
+        rx.await
+            .unwrap_or_else(|_| panic!("shard {} dropped a reply", target.0))
+    }
+
+    pub fn owner_of(&self, tp: &TopicPartition) -> ShardId {
+        shard_for(tp, self.count)
+    }
+
+    pub fn topics(&self) -> Arc<TopicTable> {
+        self.topics.borrow().clone()
+    }
+
+    /// Handles work for a partition or table this shard owns.
+    async fn handle(self: &Rc<Self>, req: Request) -> Reply {
+        match req {
+            Request::Append { tp, records, acks } => {
+                let Some(log) = self.partition(&tp) else {
+                    return Reply::Append(Err(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION));
+                };
+                let durable = acks == -1;
+                let appended = match log.append(records, durable) {
+                    Ok(a) => a,
+                    Err(e) => return Reply::Append(Err(e)),
+                };
+                if acks == 0 {
+                    return Reply::Append(Ok(appended));
+                }
+                Reply::Append(
+                    log.wait_for(appended.end_offset, durable)
+                        .await
+                        .map(|()| appended),
+                )
+            }
+            Request::Read {
+                tp,
+                offset,
+                max_bytes,
+            } => match self.partition(&tp) {
+                Some(log) => Reply::Read(log.read(offset, max_bytes).await),
+                None => Reply::Read(Err(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION)),
+            },
+            Request::WaitForData {
+                positions,
+                timeout_ms,
+            } => {
+                let waits: Vec<_> = positions
+                    .into_iter()
+                    .filter_map(|(tp, offset)| self.partition(&tp).map(|log| (log, offset)))
+                    .collect();
+                let wait_all = async {
+                    let mut futs: Vec<_> = waits
+                        .iter()
+                        .map(|(log, offset)| Box::pin(log.wait_for_data(*offset)))
+                        .collect();
+                    futures_lite::future::poll_fn(move |cx| {
+                        for f in futs.iter_mut() {
+                            if f.as_mut().poll(cx).is_ready() {
+                                return std::task::Poll::Ready(());
+                            }
+                        }
+                        std::task::Poll::Pending
+                    })
+                    .await
+                };
+                let _ = glommio::timer::timeout(Duration::from_millis(timeout_ms), async {
+                    wait_all.await;
+                    Ok(())
+                })
+                .await;
+                Reply::DataReady
+            }
+            Request::ListOffset { tp, timestamp } => {
+                let Some(log) = self.partition(&tp) else {
+                    return Reply::ListOffset(Err(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION));
+                };
+                let result = match timestamp {
+                    -1 => Ok(Some((log.high_watermark(), -1))),
+                    -2 => Ok(Some((log.log_start_offset(), -1))),
+                    -3 => log.max_timestamp_offset().await,
+                    ts => log.offset_for_timestamp(ts).await,
+                };
+                Reply::ListOffset(result.map_err(|e| {
+                    tracing::error!(partition = %tp, error = %format!("{e:#}"), "ListOffsets failed");
+                    ErrorCode::KAFKA_STORAGE_ERROR
+                }))
+            }
+            Request::ApplyTopics(table) => {
+                self.apply_topics(table).await;
+                Reply::Applied
+            }
+            Request::CreateTopics {
+                specs,
+                validate_only,
+            } => Reply::Created(
+                self.controller
+                    .create_topics(self, specs, validate_only)
+                    .await,
+            ),
+            Request::DeleteTopics(names) => {
+                Reply::Deleted(self.controller.delete_topics(self, names).await)
+            }
+            Request::AllocateProducerId => {
+                Reply::ProducerId(self.controller.allocate_producer_id(self).await)
+            }
+        }
+    }
+
+    pub fn partition(&self, tp: &TopicPartition) -> Option<PartitionLog> {
+        self.partitions.borrow().get(tp).cloned()
+    }
+
+    /// Installs a topic table snapshot: opens the partitions this shard owns that are new, and
+    /// closes and deletes the ones whose topic is gone (or was recreated with a new id).
+    async fn apply_topics(self: &Rc<Self>, table: Arc<TopicTable>) {
+        let mut wanted: HashMap<TopicPartition, (&Topic, [u8; 16])> = HashMap::new();
+        for topic in table.topics.values() {
+            for p in 0..topic.partitions {
+                let tp = TopicPartition {
+                    topic: topic.name.clone(),
+                    partition: crate::model::PartitionId(p),
+                };
+                if self.owner_of(&tp) == self.id {
+                    wanted.insert(tp, (topic, topic.id));
+                }
+            }
+        }
+        let old_table = self.topics();
+        let stale: Vec<(TopicPartition, PartitionLog)> = self
+            .partitions
+            .borrow()
+            .iter()
+            .filter(|(tp, _)| {
+                let old_id = old_table.get(&tp.topic).map(|t| t.id);
+                match wanted.get(*tp) {
+                    None => true,
+                    Some((_, id)) => old_id != Some(*id),
+                }
+            })
+            .map(|(tp, log)| (tp.clone(), log.clone()))
+            .collect();
+        for (tp, log) in stale {
+            self.partitions.borrow_mut().remove(&tp);
+            if let Err(e) = log.delete().await {
+                tracing::error!(partition = %tp, error = %format!("{e:#}"), "deleting partition failed");
+            }
+        }
+        let n_partitions = wanted.len().max(1);
+        let cache_each = self.options.broker.cache_size_bytes_per_shard / n_partitions;
+        for (tp, (topic, id)) in wanted {
+            if self.partitions.borrow().contains_key(&tp) {
+                continue;
+            }
+            let dir = self.options.data_dir.join(tp.dir_name());
+            let config = LogConfig::resolve(&self.options.broker, &topic.configs);
+            match PartitionLog::open(tp.clone(), dir, id, config, cache_each).await {
+                Ok(log) => {
+                    self.partitions.borrow_mut().insert(tp, log);
+                }
+                Err(e) => {
+                    tracing::error!(partition = %tp, error = %format!("{e:#}"), "opening partition failed")
+                }
+            }
+        }
+        for log in self.partitions.borrow().values() {
+            log.set_cache_limit(cache_each);
+        }
+        *self.topics.borrow_mut() = table;
+        if let Some(tx) = self.ready.borrow_mut().take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Sends a new table to every shard (this one included) and waits until all have applied it.
+    pub async fn broadcast_topics(self: &Rc<Self>, table: Arc<TopicTable>) {
+        let calls: Vec<_> = (0..self.count)
+            .map(|i| self.call(ShardId(i), Request::ApplyTopics(table.clone())))
+            .collect();
+        join_all(calls).await;
+    }
+}
+
+use std::future::Future;
+
+/// Awaits every future, concurrently, in order of their results.
+pub async fn join_all<F: Future>(futs: Vec<F>) -> Vec<F::Output> {
+    let mut pinned: Vec<_> = futs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = (0..pinned.len()).map(|_| None).collect();
+    futures_lite::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in pinned.iter_mut().enumerate() {
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter()
+        .map(|v| v.expect("every future completed"))
+        .collect()
+}

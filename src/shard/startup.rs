@@ -1,0 +1,116 @@
+//! Starting the broker: one glommio executor per core in the core mapping, each pinned, joined in
+//! one channel mesh, each with its own `SO_REUSEPORT` listener on the same port.
+
+use std::net::SocketAddr;
+use std::sync::mpsc;
+
+use anyhow::{bail, Context, Result};
+use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::{LocalExecutorBuilder, Placement};
+
+use super::{Envelope, Shard, MESH_CHANNEL_CAPACITY};
+use crate::config::ServeOptions;
+use crate::server;
+
+/// Memory each executor registers with io_uring for DMA buffers. Small, so that several shards
+/// fit in the default 8 MiB `RLIMIT_MEMLOCK`; larger buffers fall back to ordinary allocations.
+const IO_MEMORY_BYTES_PER_SHARD: usize = 2 << 20;
+
+/// The cores to run on: the requested list, or every online core.
+pub fn resolve_cores(requested: Option<Vec<usize>>) -> Result<Vec<usize>> {
+    let online: Vec<usize> = core_affinity::get_core_ids()
+        .context("listing online cores")?
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    match requested {
+        None => Ok(online),
+        Some(cores) => {
+            if let Some(missing) = cores.iter().find(|c| !online.contains(c)) {
+                bail!("core {missing} is not online (online cores: {online:?})");
+            }
+            Ok(cores)
+        }
+    }
+}
+
+/// Runs the broker until its executors stop. `on_ready` is called with the bound address once
+/// every shard serves.
+pub fn run(options: ServeOptions, on_ready: impl FnOnce(SocketAddr)) -> Result<()> {
+    raise_memlock_limit();
+    std::fs::create_dir_all(&options.data_dir)
+        .with_context(|| format!("creating data directory {}", options.data_dir.display()))?;
+    let count = options.cores.len();
+    let (sockets, bound) = server::bind_listeners(options.listen, count)?;
+    let advertised = options
+        .broker
+        .advertised_listener
+        .clone()
+        .unwrap_or_else(|| (bound.ip().to_string(), bound.port()));
+    let mesh = MeshBuilder::<Envelope, _>::full(count, MESH_CHANNEL_CAPACITY);
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+    let mut handles = Vec::with_capacity(count);
+    for (i, (core, socket)) in options.cores.iter().zip(sockets).enumerate() {
+        let mesh = mesh.clone();
+        let options = options.clone();
+        let advertised = advertised.clone();
+        let ready_tx = ready_tx.clone();
+        let handle = LocalExecutorBuilder::new(Placement::Fixed(*core))
+            .name(&format!("strom-shard-{i}"))
+            .io_memory(IO_MEMORY_BYTES_PER_SHARD)
+            .spawn(move || async move {
+                let (senders, receivers) = match mesh.join().await {
+                    Ok(pair) => pair,
+                    Err(_) => {
+                        let _ = ready_tx.send(Err("joining the shard mesh failed".into()));
+                        return;
+                    }
+                };
+                let shard = match Shard::start(options, advertised, senders, receivers).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(format!("{e:#}")));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                if let Err(e) = server::serve(shard, socket).await {
+                    tracing::error!(error = %format!("{e:#}"), "listener stopped");
+                }
+            })
+            .map_err(std::io::Error::from)
+            .with_context(|| format!("starting the executor for core {core}"))?;
+        handles.push(handle);
+    }
+    drop(ready_tx);
+    for _ in 0..count {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => bail!("a shard failed to start: {e}"),
+            Err(_) => bail!("a shard stopped during start-up"),
+        }
+    }
+    tracing::info!(%bound, shards = count, cores = ?options.cores, data_dir = %options.data_dir.display(), "strom serving");
+    on_ready(bound);
+    for h in handles {
+        h.join()
+            .map_err(|e| anyhow::anyhow!("shard executor failed: {e}"))?;
+    }
+    Ok(())
+}
+
+/// io_uring registers memory against `RLIMIT_MEMLOCK`; lift the soft limit to the hard one.
+fn raise_memlock_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed by pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit);
+        }
+    }
+}

@@ -1,0 +1,803 @@
+//! A partition's log: its segments, the offsets it has assigned, written and made durable, the
+//! recent-batch cache, and idempotent-producer state. Owned by exactly one shard; every access is
+//! from that shard's executor, so the state sits in a `RefCell` that is never borrowed across an
+//! `.await`.
+//!
+//! Produce is split in two so that offsets follow arrival order without any await in between:
+//! [`PartitionLog::append`] validates, deduplicates and assigns offsets synchronously and queues the
+//! bytes; the partition's flusher task writes queued batches in large aligned DMA writes (group
+//! commit) and fdatasyncs when an `acks=all` producer waits. Offsets:
+//! `log_start <= durable <= high_watermark <= next_offset`, where `high_watermark` is what has been
+//! written and is visible to fetches, and `durable` what has been fdatasynced.
+//!
+//! For replication the log is already shaped as a Raft log would need: every batch carries the
+//! leader epoch in `partitionLeaderEpoch`, the partition's epoch is persisted in `partition.meta`,
+//! and recovery truncates to the last valid batch.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use bytes::{Bytes, BytesMut};
+use event_listener::Event;
+
+use super::batch::{self, BatchHeader};
+use super::files::{self, GlommioResultExt};
+use super::segment::{self, Segment};
+use crate::config::LogConfig;
+use crate::model::{Epoch, ErrorCode, Offset, TopicPartition};
+
+/// Largest single DMA write the flusher issues.
+const WRITE_CHUNK_BYTES: usize = 1 << 20;
+/// Kafka keeps the last five batches per producer for duplicate detection.
+const PRODUCER_BATCHES_KEPT: usize = 5;
+const META_VERSION: u32 = 1;
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// strom's own per-partition metadata, persisted with rkyv in `partition.meta`.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq)]
+pub struct PartitionMeta {
+    pub topic: String,
+    pub partition: i32,
+    pub topic_id: [u8; 16],
+    pub leader_epoch: i32,
+    pub log_start_offset: i64,
+}
+
+struct PendingBatch {
+    header: BatchHeader,
+    bytes: Bytes,
+}
+
+#[derive(Clone)]
+struct CachedBatch {
+    base_offset: Offset,
+    last_offset: Offset,
+    bytes: Bytes,
+}
+
+#[derive(Clone, Copy)]
+struct ProducerBatch {
+    first_sequence: i32,
+    last_sequence: i32,
+    base_offset: Offset,
+    last_offset: Offset,
+}
+
+struct ProducerState {
+    epoch: i16,
+    batches: VecDeque<ProducerBatch>,
+}
+
+/// What a successful append returns: where the batches went, and the offset to wait for.
+#[derive(Clone, Copy, Debug)]
+pub struct Appended {
+    pub base_offset: Offset,
+    /// One past the last offset appended; the produce is answered once this is written/durable.
+    pub end_offset: Offset,
+    pub log_append_time_ms: i64,
+    pub log_start_offset: Offset,
+}
+
+/// The answer to a read: batches (possibly none) and the partition's offsets.
+#[derive(Clone, Debug)]
+pub struct ReadResult {
+    pub records: Bytes,
+    pub high_watermark: Offset,
+    pub log_start_offset: Offset,
+}
+
+pub struct PartitionState {
+    pub tp: TopicPartition,
+    dir: PathBuf,
+    config: LogConfig,
+    meta: PartitionMeta,
+    segments: Vec<Segment>,
+    pub next_offset: Offset,
+    pub high_watermark: Offset,
+    durable: Offset,
+    sync_wanted: Offset,
+    log_start: Offset,
+    pending: VecDeque<PendingBatch>,
+    cache: VecDeque<CachedBatch>,
+    cache_bytes: usize,
+    pub cache_bytes_max: usize,
+    producers: HashMap<i64, ProducerState>,
+    failed: bool,
+    closed: bool,
+}
+
+/// A shared handle to a partition on its owning shard.
+#[derive(Clone)]
+pub struct PartitionLog {
+    state: Rc<RefCell<PartitionState>>,
+    /// Notified when batches are queued or a sync is wanted: wakes the flusher.
+    work: Rc<Event>,
+    /// Notified when `high_watermark` or `durable` advance, or the partition fails or closes.
+    progress: Rc<Event>,
+}
+
+impl PartitionLog {
+    /// Opens (or creates) the partition in `dir`, recovering its log, and starts its flusher.
+    pub async fn open(
+        tp: TopicPartition,
+        dir: PathBuf,
+        topic_id: [u8; 16],
+        config: LogConfig,
+        cache_bytes_max: usize,
+    ) -> Result<PartitionLog> {
+        let meta_path = dir.join("partition.meta");
+        let fresh = !meta_path.exists();
+        if fresh {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("creating partition directory {}", dir.display()))?;
+            if let Some(parent) = dir.parent() {
+                files::sync_dir(parent).await?;
+            }
+        }
+        let meta = if fresh {
+            let meta = PartitionMeta {
+                topic: tp.topic.to_string(),
+                partition: tp.partition.0,
+                topic_id,
+                leader_epoch: 0,
+                log_start_offset: 0,
+            };
+            write_partition_meta(&meta_path, &meta).await?;
+            meta
+        } else {
+            let bytes = files::read_meta(&meta_path, META_VERSION).await?;
+            rkyv::from_bytes::<PartitionMeta, rkyv::rancor::Error>(&bytes)
+                .with_context(|| format!("decoding {}", meta_path.display()))?
+        };
+        let mut bases = list_segments(&dir)?;
+        let now = now_ms();
+        let mut segments = Vec::new();
+        let mut producers = HashMap::new();
+        if bases.is_empty() {
+            bases.push(Offset(meta.log_start_offset));
+            segments.push(Segment::create(&dir, bases[0], now).await?);
+        } else {
+            let last = bases.len() - 1;
+            for (i, base) in bases.iter().enumerate() {
+                let (seg, scanned) =
+                    Segment::open(&dir, *base, i == last, config.index_interval_bytes, now).await?;
+                if i == last {
+                    for b in &scanned {
+                        record_producer_batch(&mut producers, &b.header);
+                    }
+                }
+                segments.push(seg);
+            }
+        }
+        let end = segments.last().map_or(Offset(0), |s| s.end_offset);
+        let log_start = Offset(meta.log_start_offset).max(segments[0].base_offset);
+        tracing::debug!(partition = %tp, end_offset = end.0, segments = segments.len(), "partition opened");
+        let state = PartitionState {
+            tp,
+            dir,
+            config,
+            meta,
+            segments,
+            next_offset: end,
+            high_watermark: end,
+            durable: end,
+            sync_wanted: end,
+            log_start,
+            pending: VecDeque::new(),
+            cache: VecDeque::new(),
+            cache_bytes: 0,
+            cache_bytes_max,
+            producers,
+            failed: false,
+            closed: false,
+        };
+        let log = PartitionLog {
+            state: Rc::new(RefCell::new(state)),
+            work: Rc::new(Event::new()),
+            progress: Rc::new(Event::new()),
+        };
+        let flusher = log.clone();
+        glommio::spawn_local(async move { flusher.run_flusher().await }).detach();
+        Ok(log)
+    }
+
+    pub fn topic_partition(&self) -> TopicPartition {
+        self.state.borrow().tp.clone()
+    }
+
+    pub fn set_cache_limit(&self, bytes: usize) {
+        self.state.borrow_mut().cache_bytes_max = bytes;
+    }
+
+    pub fn high_watermark(&self) -> Offset {
+        self.state.borrow().high_watermark
+    }
+
+    pub fn log_start_offset(&self) -> Offset {
+        self.state.borrow().log_start
+    }
+
+    /// Validates `records` (one or more batches), deduplicates idempotent retries, assigns offsets
+    /// and queues the batches for the flusher. No await: offsets follow call order.
+    pub fn append(&self, records: Bytes, durable: bool) -> Result<Appended, ErrorCode> {
+        let mut st = self.state.borrow_mut();
+        if st.failed || st.closed {
+            return Err(ErrorCode::KAFKA_STORAGE_ERROR);
+        }
+        let batches = batch::split_batches(&records).map_err(|e| e.error_code())?;
+        if batches.is_empty() {
+            return Err(ErrorCode::CORRUPT_MESSAGE);
+        }
+        for (_, h) in &batches {
+            if h.size_bytes > st.config.batch_size_bytes_max {
+                return Err(ErrorCode::MESSAGE_TOO_LARGE);
+            }
+            if h.is_transactional() || h.is_control() {
+                return Err(ErrorCode::UNSUPPORTED_FOR_MESSAGE_FORMAT);
+            }
+        }
+        // Idempotence: a retry of one of the producer's last five batches is answered with its
+        // original offsets and not written again.
+        if let [(_, h)] = batches.as_slice() {
+            if h.producer_id >= 0 {
+                if let Some(dup) = st.check_sequence(h)? {
+                    let end = dup.last_offset.next();
+                    if durable {
+                        st.sync_wanted = st.sync_wanted.max(end);
+                    }
+                    drop(st);
+                    self.work.notify(1);
+                    let st = self.state.borrow();
+                    return Ok(Appended {
+                        base_offset: dup.base_offset,
+                        end_offset: end,
+                        log_append_time_ms: -1,
+                        log_start_offset: st.log_start,
+                    });
+                }
+            }
+        } else if batches.iter().any(|(_, h)| h.producer_id >= 0) {
+            // Kafka's producers send one batch per partition; more with producer ids is invalid.
+            return Err(ErrorCode::INVALID_RECORD);
+        }
+        let append_time = if st.config.log_append_time {
+            now_ms() as i64
+        } else {
+            -1
+        };
+        let base_offset = st.next_offset;
+        for (pos, h) in &batches {
+            let mut bytes = BytesMut::from(&records[*pos..*pos + h.size_bytes]);
+            let assigned = st.next_offset;
+            batch::assign(&mut bytes, assigned, st.meta.leader_epoch);
+            if append_time >= 0 {
+                batch::set_log_append_time(&mut bytes, append_time);
+            }
+            let header = BatchHeader::parse(&bytes).map_err(|e| e.error_code())?;
+            assert_eq!(
+                header.base_offset, assigned,
+                "assigned offset must be stored"
+            );
+            if header.producer_id >= 0 {
+                record_producer_batch(&mut st.producers, &header);
+            }
+            st.next_offset = header.last_offset().next();
+            st.pending.push_back(PendingBatch {
+                header,
+                bytes: bytes.freeze(),
+            });
+        }
+        let end_offset = st.next_offset;
+        if durable {
+            st.sync_wanted = st.sync_wanted.max(end_offset);
+        }
+        let log_start = st.log_start;
+        drop(st);
+        self.work.notify(1);
+        Ok(Appended {
+            base_offset,
+            end_offset,
+            log_append_time_ms: append_time,
+            log_start_offset: log_start,
+        })
+    }
+
+    /// Waits until every offset below `end` is written (and, with `durable`, fdatasynced).
+    pub async fn wait_for(&self, end: Offset, durable: bool) -> Result<(), ErrorCode> {
+        loop {
+            let listener = self.progress.listen();
+            {
+                let st = self.state.borrow();
+                let reached = if durable {
+                    st.durable
+                } else {
+                    st.high_watermark
+                };
+                if reached >= end {
+                    return Ok(());
+                }
+                if st.failed || st.closed {
+                    return Err(ErrorCode::KAFKA_STORAGE_ERROR);
+                }
+            }
+            listener.await;
+        }
+    }
+
+    /// Waits until the high watermark passes `offset`, or the partition closes. The caller bounds
+    /// the wait with its own timer.
+    pub async fn wait_for_data(&self, offset: Offset) {
+        loop {
+            let listener = self.progress.listen();
+            {
+                let st = self.state.borrow();
+                if st.high_watermark > offset || st.failed || st.closed {
+                    return;
+                }
+            }
+            listener.await;
+        }
+    }
+
+    /// Reads whole batches starting with the one that contains `offset`, up to `max_bytes` (but at
+    /// least one whole batch, so a consumer always progresses).
+    pub async fn read(&self, offset: Offset, max_bytes: usize) -> Result<ReadResult, ErrorCode> {
+        let (hw, log_start) = {
+            let st = self.state.borrow();
+            (st.high_watermark, st.log_start)
+        };
+        if offset < log_start || offset > hw {
+            return Err(ErrorCode::OFFSET_OUT_OF_RANGE);
+        }
+        let mut result = ReadResult {
+            records: Bytes::new(),
+            high_watermark: hw,
+            log_start_offset: log_start,
+        };
+        if offset == hw {
+            return Ok(result);
+        }
+        if let Some(bytes) = self.state.borrow().read_cache(offset, max_bytes) {
+            result.records = bytes;
+            return Ok(result);
+        }
+        result.records = self.read_segments(offset, max_bytes, hw).await?;
+        Ok(result)
+    }
+
+    async fn read_segments(
+        &self,
+        offset: Offset,
+        max_bytes: usize,
+        hw: Offset,
+    ) -> Result<Bytes, ErrorCode> {
+        let mut target = offset;
+        loop {
+            let (file, start, end) = {
+                let st = self.state.borrow();
+                let i = st
+                    .segments
+                    .partition_point(|s| s.base_offset <= target)
+                    .saturating_sub(1);
+                let Some(seg) = st.segments.get(i) else {
+                    return Ok(Bytes::new());
+                };
+                if seg.end_offset <= target {
+                    // The offset lies past this segment: continue with the next one, if any.
+                    match st.segments.get(i + 1) {
+                        Some(next) if next.base_offset <= hw => {
+                            target = target.max(next.base_offset);
+                            continue;
+                        }
+                        _ => return Ok(Bytes::new()),
+                    }
+                }
+                (seg.file.clone(), seg.position_for(target), seg.size_bytes)
+            };
+            return read_batches(&file, start, end, target, max_bytes)
+                .await
+                .map_err(|e| {
+                    tracing::error!(error = %e, "segment read failed");
+                    ErrorCode::KAFKA_STORAGE_ERROR
+                });
+        }
+    }
+
+    /// The offset and timestamp of the first record with a timestamp at or after `timestamp`, by
+    /// walking batch headers (max timestamp) and then the records of the batch that qualifies.
+    pub async fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<(Offset, i64)>> {
+        let candidates: Vec<(Rc<glommio::io::DmaFile>, Offset, u64, u64)> = {
+            let st = self.state.borrow();
+            st.segments
+                .iter()
+                .filter(|s| s.max_timestamp >= timestamp && s.size_bytes > 0)
+                .map(|s| {
+                    (
+                        s.file.clone(),
+                        s.base_offset,
+                        s.position_for_timestamp(timestamp),
+                        s.size_bytes,
+                    )
+                })
+                .collect()
+        };
+        let hw = self.high_watermark();
+        for (file, base, start, end) in candidates {
+            let (batches, _) = segment::scan(&file, base, start, end, false).await?;
+            for b in batches {
+                if b.header.base_offset >= hw {
+                    return Ok(None);
+                }
+                if b.header.max_timestamp >= timestamp {
+                    let bytes = file.read_at(b.position, b.header.size_bytes).await.io()?;
+                    return Ok(Some(super::records::first_at_or_after(&bytes, timestamp)?));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The offset and timestamp of the record with the largest timestamp (ListOffsets -3).
+    pub async fn max_timestamp_offset(&self) -> Result<Option<(Offset, i64)>> {
+        let best = {
+            let st = self.state.borrow();
+            st.segments
+                .iter()
+                .filter(|s| s.size_bytes > 0)
+                .max_by_key(|s| s.max_timestamp)
+                .map(|s| (s.max_timestamp, s.file.clone(), s.base_offset, s.size_bytes))
+        };
+        let Some((max_ts, file, base, end)) = best else {
+            return Ok(None);
+        };
+        let (batches, _) = segment::scan(&file, base, 0, end, false).await?;
+        for b in batches {
+            if b.header.max_timestamp == max_ts {
+                let bytes = file.read_at(b.position, b.header.size_bytes).await.io()?;
+                return Ok(Some(super::records::first_at_or_after(&bytes, max_ts)?));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Stops the flusher and wakes every waiter; queued but unwritten batches fail.
+    pub fn close(&self) {
+        self.state.borrow_mut().closed = true;
+        self.work.notify(usize::MAX);
+        self.progress.notify(usize::MAX);
+    }
+
+    /// Closes the partition and deletes its directory.
+    pub async fn delete(&self) -> Result<()> {
+        self.close();
+        let dir = self.state.borrow().dir.clone();
+        let segments: Vec<_> = self.state.borrow_mut().segments.drain(..).collect();
+        drop(segments);
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("removing partition directory {}", dir.display()))?;
+        if let Some(parent) = dir.parent() {
+            files::sync_dir(parent).await?;
+        }
+        Ok(())
+    }
+
+    async fn run_flusher(self) {
+        loop {
+            let listener = self.work.listen();
+            let has_work = {
+                let st = self.state.borrow();
+                if st.closed || st.failed {
+                    return;
+                }
+                !st.pending.is_empty() || st.sync_wanted > st.durable
+            };
+            if !has_work {
+                listener.await;
+                continue;
+            }
+            drop(listener);
+            if let Err(e) = self.flush_once().await {
+                let tp = self.topic_partition();
+                tracing::error!(partition = %tp, error = %format!("{e:#}"), "log write failed; partition is offline");
+                self.state.borrow_mut().failed = true;
+                self.progress.notify(usize::MAX);
+                return;
+            }
+        }
+    }
+
+    /// Writes one chunk of queued batches (rolling the segment first when due) and fdatasyncs if a
+    /// producer waits for durability.
+    async fn flush_once(&self) -> Result<()> {
+        if self.state.borrow().should_roll() {
+            self.roll().await?;
+        }
+        let (prepared, chunk, data) = {
+            let st = self.state.borrow();
+            let active = st
+                .segments
+                .last()
+                .expect("a partition has an active segment");
+            let room = st
+                .config
+                .segment_size_bytes
+                .saturating_sub(active.size_bytes)
+                .max(1);
+            let mut data = Vec::new();
+            let mut chunk = Vec::new();
+            for p in &st.pending {
+                let len = p.bytes.len();
+                if !chunk.is_empty()
+                    && (data.len() + len > WRITE_CHUNK_BYTES || (data.len() + len) as u64 > room)
+                {
+                    break;
+                }
+                data.extend_from_slice(&p.bytes);
+                chunk.push((p.header, p.bytes.clone()));
+            }
+            let prepared = (!data.is_empty()).then(|| active.prepare_write(&data));
+            (prepared, chunk, data)
+        };
+        if let Some(w) = prepared {
+            w.file.write_at(w.buffer, w.position).await.io()?;
+        }
+        let sync_to = {
+            let mut st = self.state.borrow_mut();
+            let interval = st.config.index_interval_bytes;
+            let active = st.segments.last_mut().expect("active segment");
+            let mut position = active.size_bytes;
+            for (h, _) in &chunk {
+                active.track(position, h, interval);
+                position += h.size_bytes as u64;
+            }
+            active.commit_write(&data);
+            for (h, bytes) in chunk {
+                let done = st.pending.pop_front().expect("written batch was queued");
+                debug_assert_eq!(done.header.base_offset, h.base_offset);
+                st.high_watermark = h.last_offset().next();
+                st.push_cache(CachedBatch {
+                    base_offset: h.base_offset,
+                    last_offset: h.last_offset(),
+                    bytes,
+                });
+            }
+            (st.sync_wanted > st.durable).then_some(st.high_watermark)
+        };
+        self.progress.notify(usize::MAX);
+        if let Some(upto) = sync_to {
+            let file = self.state.borrow().segments.last().map(|s| s.file.clone());
+            if let Some(file) = file {
+                file.fdatasync().await.io()?;
+            }
+            let mut st = self.state.borrow_mut();
+            st.durable = st.durable.max(upto);
+            drop(st);
+            self.progress.notify(usize::MAX);
+        }
+        Ok(())
+    }
+
+    /// Closes the active segment (durable, indexes written) and starts a new one at the next offset.
+    async fn roll(&self) -> Result<()> {
+        let (file, dir, next_base) = {
+            let st = self.state.borrow();
+            let active = st.segments.last().expect("active segment");
+            (active.file.clone(), st.dir.clone(), st.high_watermark)
+        };
+        file.fdatasync().await.io()?;
+        {
+            let mut st = self.state.borrow_mut();
+            let hw = st.high_watermark;
+            st.durable = st.durable.max(hw);
+        }
+        let segment = Segment::create(&dir, next_base, now_ms()).await?;
+        // Index files are written from a copy of the closed segment's indexes, so that no borrow
+        // of the partition is held across the writes.
+        let closed = {
+            let mut st = self.state.borrow_mut();
+            st.segments.push(segment);
+            let n = st.segments.len();
+            st.segments[n - 2].index_snapshot()
+        };
+        closed.write_indexes().await?;
+        tracing::debug!(partition = %self.topic_partition(), base = next_base.0, "segment rolled");
+        Ok(())
+    }
+}
+
+impl PartitionState {
+    fn should_roll(&self) -> bool {
+        let Some(active) = self.segments.last() else {
+            return false;
+        };
+        let Some(first) = self.pending.front() else {
+            return false;
+        };
+        active.size_bytes > 0
+            && (active.size_bytes + first.bytes.len() as u64 > self.config.segment_size_bytes
+                || now_ms().saturating_sub(active.created_ms) >= self.config.segment_age_ms)
+    }
+
+    /// Checks an idempotent batch's sequence. `Ok(Some)` is a duplicate of a recent batch.
+    fn check_sequence(&self, h: &BatchHeader) -> Result<Option<ProducerBatch>, ErrorCode> {
+        let Some(state) = self.producers.get(&h.producer_id) else {
+            return Ok(None);
+        };
+        if h.producer_epoch < state.epoch {
+            return Err(ErrorCode::INVALID_PRODUCER_EPOCH);
+        }
+        if h.producer_epoch > state.epoch {
+            return if h.base_sequence == 0 {
+                Ok(None)
+            } else {
+                Err(ErrorCode::OUT_OF_ORDER_SEQUENCE_NUMBER)
+            };
+        }
+        if let Some(dup) = state
+            .batches
+            .iter()
+            .find(|b| b.first_sequence == h.base_sequence && b.last_sequence == h.last_sequence())
+        {
+            return Ok(Some(*dup));
+        }
+        let last = state.batches.back().map_or(-1, |b| b.last_sequence);
+        let expected = if last == i32::MAX { 0 } else { last + 1 };
+        if h.base_sequence != expected {
+            return Err(ErrorCode::OUT_OF_ORDER_SEQUENCE_NUMBER);
+        }
+        Ok(None)
+    }
+
+    fn push_cache(&mut self, batch: CachedBatch) {
+        self.cache_bytes += batch.bytes.len();
+        self.cache.push_back(batch);
+        while self.cache_bytes > self.cache_bytes_max {
+            match self.cache.pop_front() {
+                Some(old) => self.cache_bytes -= old.bytes.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// Serves a read from the cache when it holds the batch containing `offset`.
+    fn read_cache(&self, offset: Offset, max_bytes: usize) -> Option<Bytes> {
+        let first = self.cache.front()?;
+        if first.base_offset > offset {
+            return None;
+        }
+        let start = self.cache.partition_point(|b| b.last_offset < offset);
+        let mut out = BytesMut::new();
+        for b in self.cache.range(start..) {
+            if !out.is_empty() && out.len() + b.bytes.len() > max_bytes {
+                break;
+            }
+            if out.is_empty() && b.bytes.len() >= max_bytes {
+                // Returning the batch itself avoids a copy.
+                return Some(b.bytes.clone());
+            }
+            out.extend_from_slice(&b.bytes);
+        }
+        Some(out.freeze())
+    }
+}
+
+fn record_producer_batch(producers: &mut HashMap<i64, ProducerState>, h: &BatchHeader) {
+    if h.producer_id < 0 {
+        return;
+    }
+    let entry = producers
+        .entry(h.producer_id)
+        .or_insert_with(|| ProducerState {
+            epoch: h.producer_epoch,
+            batches: VecDeque::new(),
+        });
+    if h.producer_epoch != entry.epoch {
+        entry.epoch = h.producer_epoch;
+        entry.batches.clear();
+    }
+    entry.batches.push_back(ProducerBatch {
+        first_sequence: h.base_sequence,
+        last_sequence: h.last_sequence(),
+        base_offset: h.base_offset,
+        last_offset: h.last_offset(),
+    });
+    while entry.batches.len() > PRODUCER_BATCHES_KEPT {
+        entry.batches.pop_front();
+    }
+}
+
+/// Reads whole batches from a segment file between `start` and `end`, skipping batches that end
+/// before `offset`, until `max_bytes` (always at least one batch).
+async fn read_batches(
+    file: &glommio::io::DmaFile,
+    start: u64,
+    end: u64,
+    offset: Offset,
+    max_bytes: usize,
+) -> Result<Bytes> {
+    let mut pos = start;
+    let mut out = BytesMut::new();
+    while pos < end {
+        let want = usize::try_from((end - pos).min((max_bytes.max(64 * 1024)) as u64))?;
+        let chunk = file.read_at(pos, want).await.io()?;
+        let mut at = 0usize;
+        while at < chunk.len() {
+            let header = match BatchHeader::parse(&chunk[at..]) {
+                Ok(h) => h,
+                Err(batch::BatchError::Incomplete) => break,
+                Err(e) => anyhow::bail!(
+                    "corrupt batch header at position {}: {e:?}",
+                    pos + at as u64
+                ),
+            };
+            let batch_end = at + header.size_bytes;
+            if header.last_offset() < offset {
+                if batch_end > chunk.len() {
+                    at = batch_end;
+                    break;
+                }
+                at = batch_end;
+                continue;
+            }
+            if !out.is_empty() && out.len() + header.size_bytes > max_bytes {
+                return Ok(out.freeze());
+            }
+            if batch_end > chunk.len() {
+                if out.is_empty() {
+                    let whole = file
+                        .read_at(pos + at as u64, header.size_bytes)
+                        .await
+                        .io()?;
+                    out.extend_from_slice(&whole);
+                    at = batch_end;
+                }
+                break;
+            }
+            out.extend_from_slice(&chunk[at..batch_end]);
+            at = batch_end;
+            if out.len() >= max_bytes {
+                return Ok(out.freeze());
+            }
+        }
+        if at == 0 {
+            break;
+        }
+        pos += at as u64;
+    }
+    Ok(out.freeze())
+}
+
+async fn write_partition_meta(path: &Path, meta: &PartitionMeta) -> Result<()> {
+    let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(meta)?;
+    files::write_meta(path, META_VERSION, &bytes).await
+}
+
+/// Lists the base offsets of the segments in a partition directory, ascending.
+fn list_segments(dir: &Path) -> Result<Vec<Offset>> {
+    let mut bases = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        if let Some(stem) = name.strip_suffix(".log") {
+            if let Ok(base) = stem.parse::<i64>() {
+                bases.push(Offset(base));
+            }
+        }
+    }
+    bases.sort();
+    Ok(bases)
+}
+
+/// Epoch of the partition's current leadership, for Metadata and stored batches.
+pub fn leader_epoch(log: &PartitionLog) -> Epoch {
+    Epoch(log.state.borrow().meta.leader_epoch)
+}

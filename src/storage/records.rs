@@ -1,0 +1,42 @@
+//! The one place the broker looks inside a batch's records: ListOffsets by timestamp must answer
+//! with the exact first record at or after a time, which may sit in the middle of a batch (and,
+//! for a compressed batch, behind its codec). Decoding uses the kafka-protocol crate's record
+//! decoder; stored bytes are never changed by it.
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use kafka_protocol::records::RecordBatchDecoder;
+
+use crate::model::Offset;
+
+/// The offset and timestamp of the first record in `batch` whose timestamp is `>= timestamp`.
+/// When no single record qualifies (the batch's max timestamp was set by LogAppendTime), the
+/// batch's first record is the answer, with that max timestamp.
+pub fn first_at_or_after(batch: &[u8], timestamp: i64) -> Result<(Offset, i64)> {
+    let header = super::batch::BatchHeader::parse(batch)
+        .map_err(|e| anyhow::anyhow!("batch header: {e:?}"))?;
+    if header.has_log_append_time() {
+        return Ok((header.base_offset, header.max_timestamp));
+    }
+    let mut buf = Bytes::copy_from_slice(batch);
+    let set = RecordBatchDecoder::decode(&mut buf).context("decoding record batch")?;
+    for record in &set.records {
+        if record.timestamp >= timestamp {
+            return Ok((Offset(record.offset), record.timestamp));
+        }
+    }
+    Ok((header.last_offset(), header.max_timestamp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_first_record_at_or_after() {
+        let b = super::super::batch::tests::make_batch(10, 3, 1000);
+        // All records share timestamp 1000 (delta 0): the first qualifies.
+        assert_eq!(first_at_or_after(&b, 999).unwrap(), (Offset(10), 1000));
+        assert_eq!(first_at_or_after(&b, 1000).unwrap(), (Offset(10), 1000));
+    }
+}
