@@ -8,6 +8,7 @@ pub mod api_versions;
 pub mod create_topics;
 pub mod delete_topics;
 pub mod fetch;
+pub mod find_coordinator;
 pub mod init_producer_id;
 pub mod list_offsets;
 pub mod metadata;
@@ -99,6 +100,12 @@ pub async fn dispatch(shard: &Rc<Shard>, mut frame: Bytes) -> Outcome {
             version,
             cid,
             &delete_topics::handle(shard, r, version).await,
+        ),
+        RequestKind::FindCoordinator(r) => encode_response(
+            key,
+            version,
+            cid,
+            &find_coordinator::handle(shard, r, version),
         ),
         RequestKind::InitProducerId(r) => {
             encode_response(key, version, cid, &init_producer_id::handle(shard, r).await)

@@ -78,6 +78,21 @@ pub enum Request {
     AllocateProducerId,
 }
 
+impl Request {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Append { .. } => "Append",
+            Request::Read { .. } => "Read",
+            Request::WaitForData { .. } => "WaitForData",
+            Request::ListOffset { .. } => "ListOffset",
+            Request::ApplyTopics(_) => "ApplyTopics",
+            Request::CreateTopics { .. } => "CreateTopics",
+            Request::DeleteTopics(_) => "DeleteTopics",
+            Request::AllocateProducerId => "AllocateProducerId",
+        }
+    }
+}
+
 pub type TopicResult = Result<Topic, (ErrorCode, String)>;
 
 pub enum Reply {
@@ -190,6 +205,12 @@ impl Shard {
         if target == self.id {
             return self.handle(req).await;
         }
+        tracing::debug!(
+            from = self.id.0,
+            to = target.0,
+            kind = req.kind(),
+            "cross-shard request"
+        );
         let id = self.next_call_id.get();
         self.next_call_id.set(id + 1);
         let (tx, rx) = oneshot::channel();

@@ -66,6 +66,10 @@ pub fn run(options: ServeOptions, on_ready: impl FnOnce(SocketAddr)) -> Result<(
                         return;
                     }
                 };
+                if let Err(e) = crate::storage::files::probe_device(&options.data_dir).await {
+                    let _ = ready_tx.send(Err(format!("{e:#}")));
+                    return;
+                }
                 let shard = match Shard::start(options, advertised, senders, receivers).await {
                     Ok(s) => s,
                     Err(e) => {

@@ -109,6 +109,27 @@ pub async fn sync_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Opens a file of real data on the data directory's device before anything else, once per shard.
+///
+/// glommio decides per device whether reads may use the io_uring poll ring, by reading the first
+/// O_DIRECT file opened there. If that file is empty the kernel answers the probe read without
+/// touching the device, glommio concludes the device supports polling, and every later read fails
+/// with EOPNOTSUPP on devices that do not (virtio, for one). A probe on a file with a block of data
+/// gets the true answer.
+pub async fn probe_device(data_dir: &Path) -> Result<()> {
+    let path = data_dir.join(".device-probe");
+    if std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0) < 4096 {
+        std::fs::write(&path, vec![0u8; 4096])
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let file = DmaFile::open(&path)
+        .await
+        .io()
+        .with_context(|| format!("opening {}", path.display()))?;
+    file.close().await.io()?;
+    Ok(())
+}
+
 /// glommio's error type is not `Sync`, so it cannot travel inside `anyhow::Error`; every glommio
 /// result is turned into a `std::io::Error` (which glommio provides a conversion to) at the call.
 pub trait GlommioResultExt<T> {

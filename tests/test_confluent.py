@@ -1,0 +1,132 @@
+"""confluent-kafka (current librdkafka): acks=all, idempotence, consuming by offset and by
+timestamp, and every compression codec."""
+
+import glob
+import os
+import struct
+import time
+import uuid
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from kafka.admin import KafkaAdminClient, NewTopic
+
+
+def create_topic(bootstrap, name, partitions=1):
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    try:
+        admin.create_topics([NewTopic(name, partitions, 1)])
+    finally:
+        admin.close()
+
+
+def produce_all(bootstrap, topic, records, **conf):
+    """Produces (key, value, headers, timestamp) tuples; returns delivery reports in order."""
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, **conf})
+    reports = []
+
+    def on_delivery(err, msg):
+        reports.append((err, msg.partition(), msg.offset(), msg.value()))
+
+    for key, value, headers, ts in records:
+        kwargs = {"key": key, "value": value, "headers": headers, "on_delivery": on_delivery}
+        if ts is not None:
+            kwargs["timestamp"] = ts
+        p.produce(topic, **kwargs)
+        p.poll(0)
+    assert p.flush(30) == 0, "producer could not deliver everything"
+    return reports
+
+
+def consume(bootstrap, topic, partition, offset, count, timeout_s=30):
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"g-{uuid.uuid4()}",
+                  "enable.auto.commit": False, "auto.offset.reset": "error"})
+    c.assign([TopicPartition(topic, partition, offset)])
+    out = []
+    deadline = time.time() + timeout_s
+    while len(out) < count and time.time() < deadline:
+        m = c.poll(0.5)
+        if m is None:
+            continue
+        assert m.error() is None, m.error()
+        out.append(m)
+    c.close()
+    return out
+
+
+def test_acks_all_producer_gets_every_record_acknowledged_and_readable(broker):
+    create_topic(broker.bootstrap, "acks-all", 2)
+    recs = [(f"k{i}".encode(), f"v{i}".encode(), [("h", b"x")], None) for i in range(500)]
+    reports = produce_all(broker.bootstrap, "acks-all", recs, acks="all")
+    assert all(err is None for err, *_ in reports)
+    for partition in (0, 1):
+        expected = sorted((o, v) for err, p, o, v in reports if p == partition)
+        got = consume(broker.bootstrap, "acks-all", partition, 0, len(expected))
+        assert [(m.offset(), m.value()) for m in got] == expected
+        assert all(m.headers() == [("h", b"x")] for m in got)
+
+
+def test_idempotent_producer_writes_each_record_once(broker):
+    create_topic(broker.bootstrap, "idem", 1)
+    recs = [(None, f"v{i}".encode(), None, None) for i in range(2000)]
+    reports = produce_all(broker.bootstrap, "idem", recs, **{"enable.idempotence": True, "acks": "all"})
+    assert all(err is None for err, *_ in reports)
+    got = consume(broker.bootstrap, "idem", 0, 0, 2000)
+    assert [m.value() for m in got] == [f"v{i}".encode() for i in range(2000)]
+    assert [m.offset() for m in got] == list(range(2000))
+
+
+def test_consume_from_an_offset_inside_a_batch(broker):
+    create_topic(broker.bootstrap, "mid-batch", 1)
+    recs = [(None, f"v{i}".encode(), None, None) for i in range(100)]
+    produce_all(broker.bootstrap, "mid-batch", recs, **{"linger.ms": 100})
+    got = consume(broker.bootstrap, "mid-batch", 0, 37, 63)
+    assert [m.offset() for m in got] == list(range(37, 100))
+    assert got[0].value() == b"v37"
+
+
+def test_offsets_for_times_finds_first_record_at_or_after(broker):
+    create_topic(broker.bootstrap, "by-time", 1)
+    base = 1_700_000_000_000
+    recs = [(None, f"v{i}".encode(), None, base + i * 1000) for i in range(50)]
+    produce_all(broker.bootstrap, "by-time", recs)
+    c = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "t"})
+    try:
+        for target, expected in [(base, 0), (base + 10_500, 11), (base + 49_000, 49), (base + 99_000, -1)]:
+            [tp] = c.offsets_for_times([TopicPartition("by-time", 0, target)], timeout=10)
+            assert tp.error is None
+            assert tp.offset == expected, (target, tp.offset)
+        lo, hi = c.get_watermark_offsets(TopicPartition("by-time", 0), timeout=10)
+        assert (lo, hi) == (0, 50)
+    finally:
+        c.close()
+    got = consume(broker.bootstrap, "by-time", 0, 11, 1)
+    assert got[0].value() == b"v11"
+    assert got[0].timestamp()[1] == base + 11_000
+
+
+CODEC_IDS = {"gzip": 1, "snappy": 2, "lz4": 3, "zstd": 4}
+
+
+@pytest.mark.parametrize("codec", sorted(CODEC_IDS))
+def test_compressed_batches_are_stored_as_sent_and_read_back_intact(broker, codec):
+    topic = f"codec-{codec}"
+    create_topic(broker.bootstrap, topic, 1)
+    recs = [(f"k{i}".encode(), (f"value-{i}-" * 20).encode(), [("n", str(i).encode())], None)
+            for i in range(300)]
+    reports = produce_all(broker.bootstrap, topic, recs, **{"compression.type": codec, "linger.ms": 50})
+    assert all(err is None for err, *_ in reports)
+    got = consume(broker.bootstrap, topic, 0, 0, 300)
+    assert [(m.key(), m.value(), m.headers()) for m in got] == [(k, v, h) for k, v, h, _ in recs]
+    # On disk the batches keep the producer's codec: stored byte-for-byte, never re-encoded.
+    [log] = glob.glob(os.path.join(broker.data_dir, f"{topic}-0", "*.log"))
+    data = open(log, "rb").read()
+    pos, codecs = 0, set()
+    while pos + 61 <= len(data):
+        length, = struct.unpack_from(">i", data, pos + 8)
+        if length <= 0:
+            break
+        attributes, = struct.unpack_from(">h", data, pos + 21)
+        codecs.add(attributes & 7)
+        pos += 12 + length
+    assert codecs == {CODEC_IDS[codec]}
