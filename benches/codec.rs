@@ -40,7 +40,9 @@ fn bench_crc(c: &mut Criterion) {
     let data = vec![0xA5u8; 16 * 1024];
     let mut g = c.benchmark_group("crc32c");
     g.throughput(Throughput::Bytes(data.len() as u64));
-    g.bench_function("16KiB", |b| b.iter(|| crc32c::crc32c(std::hint::black_box(&data))));
+    g.bench_function("16KiB", |b| {
+        b.iter(|| crc32c::crc32c(std::hint::black_box(&data)))
+    });
     g.finish();
 }
 
