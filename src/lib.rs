@@ -9,12 +9,14 @@
 //! - [`shard`]: executors, shard table, mesh routing, the single-node controller
 //! - [`storage`]: the partition log: segments, indexes, recovery
 //! - [`cluster`]: topic table and cluster metadata
+//! - [`group`]: consumer-group coordinator, committed offsets
 
 #![forbid(unsafe_op_in_unsafe_fn)]
 
 pub mod alloc;
 pub mod cluster;
 pub mod config;
+pub mod group;
 pub mod handlers;
 pub mod model;
 pub mod protocol;

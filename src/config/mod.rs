@@ -42,6 +42,17 @@ pub struct BrokerConfig {
     pub inflight_requests_max: usize,
     /// `strom.cache.bytes.per.shard`: recent batches kept in memory per shard for fetches.
     pub cache_size_bytes_per_shard: usize,
+    /// `offsets.topic.num.partitions`: partitions of `__consumer_offsets`, fixed once created.
+    pub offsets_topic_partitions: i32,
+    /// `group.initial.rebalance.delay.ms`: how long a new group waits for more members.
+    pub group_initial_rebalance_delay_ms: u64,
+    /// `group.min.session.timeout.ms` / `group.max.session.timeout.ms`.
+    pub group_session_timeout_ms_min: u64,
+    pub group_session_timeout_ms_max: u64,
+    /// `offsets.retention.minutes` (as ms): committed offsets of an empty group expire after this.
+    pub offsets_retention_ms: u64,
+    /// `offsets.retention.check.interval.ms`.
+    pub offsets_retention_check_interval_ms: u64,
 }
 
 impl Default for BrokerConfig {
@@ -61,6 +72,12 @@ impl Default for BrokerConfig {
             advertised_listener: None,
             inflight_requests_max: 500,
             cache_size_bytes_per_shard: 64 * 1024 * 1024,
+            offsets_topic_partitions: 50,
+            group_initial_rebalance_delay_ms: 3000,
+            group_session_timeout_ms_min: 6000,
+            group_session_timeout_ms_max: 1_800_000,
+            offsets_retention_ms: 10080 * 60_000,
+            offsets_retention_check_interval_ms: 600_000,
         }
     }
 }
@@ -85,6 +102,12 @@ pub const KNOWN_SETTINGS: &[&str] = &[
     "advertised.listeners",
     "queued.max.requests",
     "strom.cache.bytes.per.shard",
+    "offsets.topic.num.partitions",
+    "group.initial.rebalance.delay.ms",
+    "group.min.session.timeout.ms",
+    "group.max.session.timeout.ms",
+    "offsets.retention.minutes",
+    "offsets.retention.check.interval.ms",
 ];
 
 impl BrokerConfig {
@@ -148,6 +171,24 @@ impl BrokerConfig {
             }
             "strom.cache.bytes.per.shard" => {
                 self.cache_size_bytes_per_shard = parse_in(value, 0, i64::MAX)? as usize
+            }
+            "offsets.topic.num.partitions" => {
+                self.offsets_topic_partitions = parse_in(value, 1, 10_000)? as i32
+            }
+            "group.initial.rebalance.delay.ms" => {
+                self.group_initial_rebalance_delay_ms = parse_in(value, 0, i32::MAX as i64)? as u64
+            }
+            "group.min.session.timeout.ms" => {
+                self.group_session_timeout_ms_min = parse_in(value, 1, i32::MAX as i64)? as u64
+            }
+            "group.max.session.timeout.ms" => {
+                self.group_session_timeout_ms_max = parse_in(value, 1, i32::MAX as i64)? as u64
+            }
+            "offsets.retention.minutes" => {
+                self.offsets_retention_ms = parse_in(value, 1, i32::MAX as i64)? as u64 * 60_000
+            }
+            "offsets.retention.check.interval.ms" => {
+                self.offsets_retention_check_interval_ms = parse_in(value, 1, i64::MAX)? as u64
             }
             _ => bail!(
                 "unknown broker setting '{name}'; known settings: {}",

@@ -15,7 +15,7 @@ use crate::shard::Shard;
 
 const KEY_TYPE_TRANSACTION: i8 = 1;
 
-pub fn handle(
+pub async fn handle(
     shard: &Rc<Shard>,
     req: FindCoordinatorRequest,
     version: i16,
@@ -23,13 +23,20 @@ pub fn handle(
     let node = BrokerId(shard.options.broker.node_id);
     let host = str_bytes(&shard.advertised.0);
     let port = i32::from(shard.advertised.1);
-    let refused = req.key_type == KEY_TYPE_TRANSACTION;
-    let message = refused.then(|| str_bytes("transactions are not supported by this broker"));
-    let code = if refused {
+    let mut refused = req.key_type == KEY_TYPE_TRANSACTION;
+    let mut code = if refused {
         ErrorCode::INVALID_REQUEST.0
     } else {
         ErrorCode::NONE.0
     };
+    if !refused {
+        if let Err(e) = super::groups::ensure_offsets_topic(shard).await {
+            refused = true;
+            code = e.0;
+        }
+    }
+    let message = (req.key_type == KEY_TYPE_TRANSACTION)
+        .then(|| str_bytes("transactions are not supported by this broker"));
     let mut response = FindCoordinatorResponse::default();
     if version >= 4 {
         response.coordinators = req

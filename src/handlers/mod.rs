@@ -9,17 +9,20 @@ pub mod create_topics;
 pub mod delete_topics;
 pub mod fetch;
 pub mod find_coordinator;
+pub mod groups;
 pub mod init_producer_id;
 pub mod list_offsets;
 pub mod metadata;
 pub mod produce;
 
+use std::net::SocketAddr;
 use std::rc::Rc;
 
 use bytes::Bytes;
 use kafka_protocol::messages::{ApiKey, RequestKind, TopicName};
 use kafka_protocol::protocol::StrBytes;
 
+use crate::group::ClientInfo;
 use crate::protocol::{self, encode_response};
 use crate::shard::Shard;
 
@@ -31,7 +34,7 @@ pub enum Outcome {
     Close(String),
 }
 
-pub async fn dispatch(shard: &Rc<Shard>, mut frame: Bytes) -> Outcome {
+pub async fn dispatch(shard: &Rc<Shard>, mut frame: Bytes, peer: Option<SocketAddr>) -> Outcome {
     let Some(raw) = protocol::peek_header(&frame) else {
         return Outcome::Close(format!(
             "frame of {} bytes is shorter than a request header",
@@ -56,9 +59,12 @@ pub async fn dispatch(shard: &Rc<Shard>, mut frame: Bytes) -> Outcome {
             "{key:?} version {version} is not supported (supported {min}..={max})"
         ));
     }
-    if let Err(e) = protocol::decode_header(&mut frame, key, version) {
-        return Outcome::Close(format!("malformed {key:?} v{version} request header: {e}"));
-    }
+    let header = match protocol::decode_header(&mut frame, key, version) {
+        Ok(h) => h,
+        Err(e) => {
+            return Outcome::Close(format!("malformed {key:?} v{version} request header: {e}"))
+        }
+    };
     let request = match RequestKind::decode(key, &mut frame, version) {
         Ok(r) => r,
         Err(e) => return Outcome::Close(format!("malformed {key:?} v{version} request: {e}")),
@@ -105,8 +111,53 @@ pub async fn dispatch(shard: &Rc<Shard>, mut frame: Bytes) -> Outcome {
             key,
             version,
             cid,
-            &find_coordinator::handle(shard, r, version),
+            &find_coordinator::handle(shard, r, version).await,
         ),
+        RequestKind::JoinGroup(r) => {
+            let client = ClientInfo {
+                client_id: header.client_id.map(|c| c.to_string()).unwrap_or_default(),
+                host: peer.map(|p| format!("/{}", p.ip())).unwrap_or_default(),
+            };
+            encode_response(
+                key,
+                version,
+                cid,
+                &groups::join(shard, r, version, client).await,
+            )
+        }
+        RequestKind::SyncGroup(r) => {
+            encode_response(key, version, cid, &groups::sync(shard, r, version).await)
+        }
+        RequestKind::Heartbeat(r) => {
+            encode_response(key, version, cid, &groups::heartbeat(shard, r).await)
+        }
+        RequestKind::LeaveGroup(r) => {
+            encode_response(key, version, cid, &groups::leave(shard, r, version).await)
+        }
+        RequestKind::OffsetCommit(r) => {
+            encode_response(key, version, cid, &groups::commit(shard, r).await)
+        }
+        RequestKind::OffsetFetch(r) => encode_response(
+            key,
+            version,
+            cid,
+            &groups::fetch_offsets(shard, r, version).await,
+        ),
+        RequestKind::DescribeGroups(r) => encode_response(
+            key,
+            version,
+            cid,
+            &groups::describe(shard, r, version).await,
+        ),
+        RequestKind::ListGroups(r) => {
+            encode_response(key, version, cid, &groups::list(shard, r, version).await)
+        }
+        RequestKind::DeleteGroups(r) => {
+            encode_response(key, version, cid, &groups::delete(shard, r).await)
+        }
+        RequestKind::OffsetDelete(r) => {
+            encode_response(key, version, cid, &groups::delete_offsets(shard, r).await)
+        }
         RequestKind::InitProducerId(r) => {
             encode_response(key, version, cid, &init_producer_id::handle(shard, r).await)
         }

@@ -198,7 +198,8 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream) -> Result<()> {
             None => break FrameError::Closed,
         };
         let shard = shard.clone();
-        let task = glommio::spawn_local(async move { handlers::dispatch(&shard, frame).await });
+        let task =
+            glommio::spawn_local(async move { handlers::dispatch(&shard, frame, peer).await });
         if tx.send(task).await.is_err() {
             break FrameError::Closed;
         }

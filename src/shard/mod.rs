@@ -23,6 +23,7 @@ use glommio::channels::channel_mesh::{Receivers, Senders};
 
 use crate::cluster::{Topic, TopicTable};
 use crate::config::{LogConfig, ServeOptions};
+use crate::group::{GroupCall, GroupCoordinator, GroupReply, OFFSETS_TOPIC};
 use crate::model::{ErrorCode, Offset, ShardId, TopicPartition};
 use crate::storage::{Appended, PartitionLog, ReadResult};
 
@@ -76,6 +77,8 @@ pub enum Request {
     },
     DeleteTopics(Vec<String>),
     AllocateProducerId,
+    /// A consumer-group request for a group this shard coordinates.
+    Group(Box<GroupCall>),
 }
 
 impl Request {
@@ -89,6 +92,7 @@ impl Request {
             Request::CreateTopics { .. } => "CreateTopics",
             Request::DeleteTopics(_) => "DeleteTopics",
             Request::AllocateProducerId => "AllocateProducerId",
+            Request::Group(_) => "Group",
         }
     }
 }
@@ -104,6 +108,7 @@ pub enum Reply {
     Created(Vec<(String, TopicResult)>),
     Deleted(Vec<(String, ErrorCode)>),
     ProducerId(Result<i64, ErrorCode>),
+    Group(Box<GroupReply>),
 }
 
 pub enum Envelope {
@@ -125,6 +130,7 @@ pub struct Shard {
     next_call_id: Cell<u64>,
     ready: RefCell<Option<oneshot::Sender<()>>>,
     pub controller: controller::Controller,
+    pub groups: GroupCoordinator,
 }
 
 impl Shard {
@@ -142,7 +148,6 @@ impl Shard {
         let shard = Rc::new(Shard {
             id,
             count,
-            options,
             advertised,
             topics: RefCell::new(Arc::new(TopicTable::default())),
             partitions: RefCell::new(HashMap::new()),
@@ -151,6 +156,8 @@ impl Shard {
             next_call_id: Cell::new(1),
             ready: RefCell::new(Some(ready_tx)),
             controller: controller::Controller::new(),
+            groups: GroupCoordinator::new(options.broker.clone()),
+            options,
         });
         let mut receivers = receivers;
         for (peer, stream) in receivers.streams() {
@@ -163,6 +170,7 @@ impl Shard {
             })
             .detach();
         }
+        GroupCoordinator::start_ticker(&shard);
         if id.0 == 0 {
             shard.controller.load(&shard).await?;
         }
@@ -328,6 +336,7 @@ impl Shard {
             Request::AllocateProducerId => {
                 Reply::ProducerId(self.controller.allocate_producer_id(self).await)
             }
+            Request::Group(call) => Reply::Group(Box::new(self.groups.handle(self, *call).await)),
         }
     }
 
@@ -380,6 +389,9 @@ impl Shard {
             let config = LogConfig::resolve(&self.options.broker, &topic.configs);
             match PartitionLog::open(tp.clone(), dir, id, config, cache_each).await {
                 Ok(log) => {
+                    if &*tp.topic == OFFSETS_TOPIC {
+                        self.groups.load(&log).await;
+                    }
                     self.partitions.borrow_mut().insert(tp, log);
                 }
                 Err(e) => {

@@ -1,0 +1,1384 @@
+//! The per-shard group coordinator: state of every group whose `__consumer_offsets` partition
+//! this shard owns. State lives in a `RefCell`; every method mutates synchronously, drops the
+//! borrow, and only then awaits (durable writes, waiting for the rest of a rebalance).
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_channel::oneshot;
+use indexmap::IndexMap;
+use kafka_protocol::messages::describe_groups_response::{DescribedGroup, DescribedGroupMember};
+use kafka_protocol::messages::join_group_response::JoinGroupResponseMember;
+use kafka_protocol::messages::leave_group_response::MemberResponse;
+use kafka_protocol::messages::list_groups_response::ListedGroup;
+use kafka_protocol::messages::offset_commit_response::{
+    OffsetCommitResponsePartition, OffsetCommitResponseTopic,
+};
+use kafka_protocol::messages::offset_delete_response::{
+    OffsetDeleteResponsePartition, OffsetDeleteResponseTopic,
+};
+use kafka_protocol::messages::{
+    ConsumerProtocolSubscription, GroupId, HeartbeatRequest, JoinGroupRequest, JoinGroupResponse,
+    LeaveGroupRequest, LeaveGroupResponse, OffsetCommitRequest, OffsetCommitResponse,
+    OffsetDeleteRequest, OffsetDeleteResponse, SyncGroupRequest, SyncGroupResponse,
+};
+use kafka_protocol::protocol::{Decodable, StrBytes};
+
+use super::records::{self, Entry, GroupValue, MemberValue, OffsetValue};
+use crate::config::BrokerConfig;
+use crate::model::{ErrorCode, TopicPartition};
+use crate::shard::Shard;
+use crate::storage::partition::now_ms;
+use crate::storage::PartitionLog;
+
+/// A committed partition's outcome: partition, error, and the value to keep on success.
+type PartitionOutcome = (i32, ErrorCode, Option<OffsetValue>);
+
+pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
+/// `offset.metadata.max.bytes`: the longest commit metadata string kept.
+const OFFSET_METADATA_BYTES_MAX: usize = 4096;
+/// How often session timeouts and rebalance deadlines are checked.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Kafka's `Utils.abs(groupId.hashCode()) % partitions`, with Java's UTF-16 `String.hashCode`.
+pub fn partition_for_group(group: &str, partitions: i32) -> i32 {
+    let mut h: i32 = 0;
+    for unit in group.encode_utf16() {
+        h = h.wrapping_mul(31).wrapping_add(i32::from(unit));
+    }
+    (h & 0x7fff_ffff) % partitions.max(1)
+}
+
+fn sb(s: &str) -> StrBytes {
+    StrBytes::from_string(s.to_string())
+}
+
+/// Who sent a request, as DescribeGroups reports members.
+#[derive(Clone, Debug)]
+pub struct ClientInfo {
+    pub client_id: String,
+    pub host: String,
+}
+
+/// A group request, routed to the shard that coordinates the group.
+pub enum GroupCall {
+    Join {
+        req: JoinGroupRequest,
+        version: i16,
+        client: ClientInfo,
+    },
+    Sync {
+        req: SyncGroupRequest,
+        version: i16,
+    },
+    Heartbeat {
+        req: HeartbeatRequest,
+    },
+    Leave {
+        req: LeaveGroupRequest,
+        version: i16,
+    },
+    Commit {
+        req: OffsetCommitRequest,
+    },
+    FetchOffsets {
+        group: String,
+        topics: Option<Vec<(String, Vec<i32>)>>,
+    },
+    Describe {
+        group: String,
+        version: i16,
+    },
+    List,
+    Delete {
+        group: String,
+    },
+    DeleteOffsets {
+        req: OffsetDeleteRequest,
+    },
+}
+
+/// A committed offset as OffsetFetch returns it.
+#[derive(Clone, Debug)]
+pub struct Committed {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub leader_epoch: i32,
+    pub metadata: String,
+}
+
+pub enum GroupReply {
+    Join(JoinGroupResponse),
+    Sync(SyncGroupResponse),
+    Heartbeat(ErrorCode),
+    Leave(LeaveGroupResponse),
+    Commit(OffsetCommitResponse),
+    Offsets(Vec<Committed>),
+    Describe(DescribedGroup),
+    List(Vec<ListedGroup>),
+    Delete(ErrorCode),
+    DeleteOffsets(OffsetDeleteResponse),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Empty,
+    PreparingRebalance,
+    CompletingRebalance,
+    Stable,
+}
+
+impl State {
+    fn name(self) -> &'static str {
+        match self {
+            State::Empty => "Empty",
+            State::PreparingRebalance => "PreparingRebalance",
+            State::CompletingRebalance => "CompletingRebalance",
+            State::Stable => "Stable",
+        }
+    }
+}
+
+struct Member {
+    id: String,
+    instance_id: Option<String>,
+    client: ClientInfo,
+    session_timeout: Duration,
+    rebalance_timeout: Duration,
+    protocol_type: String,
+    protocols: Vec<(String, Bytes)>,
+    assignment: Bytes,
+    last_heartbeat: Instant,
+    join_version: i16,
+    awaiting_join: Option<oneshot::Sender<JoinGroupResponse>>,
+    awaiting_sync: Option<oneshot::Sender<Result<Bytes, ErrorCode>>>,
+}
+
+struct Group {
+    id: String,
+    state: State,
+    generation: i32,
+    protocol_type: Option<String>,
+    protocol: Option<String>,
+    leader: Option<String>,
+    members: IndexMap<String, Member>,
+    pending_members: HashSet<String>,
+    static_members: HashMap<String, String>,
+    offsets: HashMap<(String, i32), OffsetValue>,
+    join_deadline: Instant,
+    initial_delay_until: Option<Instant>,
+}
+
+impl Group {
+    fn new(id: &str) -> Group {
+        Group {
+            id: id.to_string(),
+            state: State::Empty,
+            generation: 0,
+            protocol_type: None,
+            protocol: None,
+            leader: None,
+            members: IndexMap::new(),
+            pending_members: HashSet::new(),
+            static_members: HashMap::new(),
+            offsets: HashMap::new(),
+            join_deadline: Instant::now(),
+            initial_delay_until: None,
+        }
+    }
+
+    fn value(&self) -> GroupValue {
+        GroupValue {
+            protocol_type: self.protocol_type.clone(),
+            generation: self.generation,
+            protocol: self.protocol.clone(),
+            leader: self.leader.clone(),
+            members: self
+                .members
+                .values()
+                .map(|m| MemberValue {
+                    member_id: m.id.clone(),
+                    instance_id: m.instance_id.clone(),
+                    client_id: m.client.client_id.clone(),
+                    client_host: m.client.host.clone(),
+                    session_timeout_ms: m.session_timeout.as_millis() as u64,
+                    rebalance_timeout_ms: m.rebalance_timeout.as_millis() as u64,
+                    protocols: m
+                        .protocols
+                        .iter()
+                        .map(|(n, b)| (n.clone(), b.to_vec()))
+                        .collect(),
+                    assignment: m.assignment.to_vec(),
+                })
+                .collect(),
+        }
+    }
+
+    fn prepare_rebalance(&mut self, config: &BrokerConfig, now: Instant) {
+        if self.state == State::CompletingRebalance {
+            for m in self.members.values_mut() {
+                if let Some(tx) = m.awaiting_sync.take() {
+                    let _ = tx.send(Err(ErrorCode::REBALANCE_IN_PROGRESS));
+                }
+            }
+        }
+        let max_rebalance = self
+            .members
+            .values()
+            .map(|m| m.rebalance_timeout)
+            .max()
+            .unwrap_or(Duration::ZERO);
+        let initial = self.state == State::Empty;
+        self.state = State::PreparingRebalance;
+        self.join_deadline = now + max_rebalance;
+        self.initial_delay_until = initial.then(|| {
+            (now + Duration::from_millis(config.group_initial_rebalance_delay_ms))
+                .min(self.join_deadline)
+        });
+    }
+
+    /// Completes the join phase when every member has rejoined (and a new group's initial delay
+    /// is over) or the deadline passed. Returns true when the group became empty (to persist).
+    fn maybe_complete_join(&mut self, now: Instant) -> bool {
+        if self.state != State::PreparingRebalance {
+            return false;
+        }
+        let all_joined = self.members.values().all(|m| m.awaiting_join.is_some());
+        let delay_over = self.initial_delay_until.is_none_or(|t| now >= t);
+        if !((all_joined && delay_over) || now >= self.join_deadline) {
+            return false;
+        }
+        let gone: Vec<String> = self
+            .members
+            .values()
+            .filter(|m| m.awaiting_join.is_none())
+            .map(|m| m.id.clone())
+            .collect();
+        for id in gone {
+            self.remove_member(&id);
+        }
+        self.generation += 1;
+        self.initial_delay_until = None;
+        if self.members.is_empty() {
+            self.state = State::Empty;
+            self.protocol = None;
+            self.leader = None;
+            return true;
+        }
+        self.protocol = self.choose_protocol();
+        if self
+            .leader
+            .as_ref()
+            .is_none_or(|l| !self.members.contains_key(l))
+        {
+            self.leader = self.members.keys().next().cloned();
+        }
+        self.state = State::CompletingRebalance;
+        let protocol = self.protocol.clone().unwrap_or_default();
+        let leader = self.leader.clone().unwrap_or_default();
+        let roster: Vec<(String, Option<String>, Bytes)> = self
+            .members
+            .values()
+            .map(|m| {
+                let metadata = m
+                    .protocols
+                    .iter()
+                    .find(|(n, _)| *n == protocol)
+                    .map(|(_, b)| b.clone())
+                    .unwrap_or_default();
+                (m.id.clone(), m.instance_id.clone(), metadata)
+            })
+            .collect();
+        let generation = self.generation;
+        let protocol_type = self.protocol_type.clone();
+        for m in self.members.values_mut() {
+            m.assignment = Bytes::new();
+            m.last_heartbeat = now;
+            let Some(tx) = m.awaiting_join.take() else {
+                continue;
+            };
+            let mut r = JoinGroupResponse::default();
+            r.generation_id = generation;
+            r.protocol_name = Some(sb(&protocol));
+            if m.join_version >= 7 {
+                r.protocol_type = protocol_type.as_deref().map(sb);
+            }
+            r.leader = sb(&leader);
+            r.member_id = sb(&m.id);
+            if m.id == leader {
+                r.members = roster
+                    .iter()
+                    .map(|(id, instance, metadata)| {
+                        let mut jm = JoinGroupResponseMember::default();
+                        jm.member_id = sb(id);
+                        if m.join_version >= 5 {
+                            jm.group_instance_id = instance.as_deref().map(sb);
+                        }
+                        jm.metadata = metadata.clone();
+                        jm
+                    })
+                    .collect();
+            }
+            let _ = tx.send(r);
+        }
+        false
+    }
+
+    /// The first protocol of the first member that every member supports.
+    fn choose_protocol(&self) -> Option<String> {
+        let first = self.members.values().next()?;
+        first
+            .protocols
+            .iter()
+            .map(|(n, _)| n)
+            .find(|name| {
+                self.members
+                    .values()
+                    .all(|m| m.protocols.iter().any(|(n, _)| n == *name))
+            })
+            .cloned()
+    }
+
+    fn remove_member(&mut self, id: &str) {
+        if let Some(m) = self.members.shift_remove(id) {
+            if let Some(instance) = &m.instance_id {
+                if self.static_members.get(instance).map(String::as_str) == Some(id) {
+                    self.static_members.remove(instance);
+                }
+            }
+            if let Some(tx) = m.awaiting_join {
+                let mut r = JoinGroupResponse::default();
+                r.error_code = ErrorCode::UNKNOWN_MEMBER_ID.0;
+                r.generation_id = -1;
+                r.protocol_name = Some(sb(""));
+                r.member_id = sb(id);
+                let _ = tx.send(r);
+            }
+            if let Some(tx) = m.awaiting_sync {
+                let _ = tx.send(Err(ErrorCode::UNKNOWN_MEMBER_ID));
+            }
+        }
+        if self.leader.as_deref() == Some(id) {
+            self.leader = None;
+        }
+    }
+
+    /// After members left: an empty group goes to Empty (true: persist), else rebalances.
+    fn after_removal(&mut self, config: &BrokerConfig, now: Instant) -> bool {
+        if self.members.is_empty() {
+            if self.state != State::Empty {
+                self.state = State::Empty;
+                self.generation += 1;
+                self.protocol = None;
+                self.leader = None;
+                return true;
+            }
+            return false;
+        }
+        if self.state != State::PreparingRebalance {
+            self.prepare_rebalance(config, now);
+        }
+        self.maybe_complete_join(now)
+    }
+
+    fn subscribed_topics(&self) -> HashSet<String> {
+        let mut topics = HashSet::new();
+        if self.protocol_type.as_deref() != Some("consumer") {
+            return topics;
+        }
+        for m in self.members.values() {
+            for (_, metadata) in &m.protocols {
+                if let Some(s) = decode_subscription(metadata) {
+                    topics.extend(s.topics.into_iter().map(|t| t.to_string()));
+                }
+            }
+        }
+        topics
+    }
+}
+
+fn decode_subscription(metadata: &Bytes) -> Option<ConsumerProtocolSubscription> {
+    let mut b = metadata.clone();
+    if b.len() < 2 {
+        return None;
+    }
+    let version = i16::from_be_bytes([b[0], b[1]]);
+    let _ = bytes::Buf::get_i16(&mut b);
+    ConsumerProtocolSubscription::decode(&mut b, version.clamp(0, 3)).ok()
+}
+
+fn join_error(code: ErrorCode, member_id: &str) -> JoinGroupResponse {
+    let mut r = JoinGroupResponse::default();
+    r.error_code = code.0;
+    r.generation_id = -1;
+    r.protocol_name = Some(sb(""));
+    r.member_id = sb(member_id);
+    r
+}
+
+fn sync_response(
+    result: Result<Bytes, ErrorCode>,
+    group: Option<(&Group, i16)>,
+) -> SyncGroupResponse {
+    let mut r = SyncGroupResponse::default();
+    match result {
+        Ok(assignment) => r.assignment = assignment,
+        Err(code) => r.error_code = code.0,
+    }
+    if let Some((g, version)) = group {
+        if version >= 5 {
+            r.protocol_type = g.protocol_type.as_deref().map(sb);
+            r.protocol_name = g.protocol.as_deref().map(sb);
+        }
+    }
+    r
+}
+
+pub struct GroupCoordinator {
+    groups: RefCell<HashMap<String, Group>>,
+    config: BrokerConfig,
+    last_expiry_check: Cell<Instant>,
+}
+
+impl GroupCoordinator {
+    pub fn new(config: BrokerConfig) -> Self {
+        GroupCoordinator {
+            groups: RefCell::new(HashMap::new()),
+            config,
+            last_expiry_check: Cell::new(Instant::now()),
+        }
+    }
+
+    /// Starts the periodic check of session timeouts, rebalance deadlines and offset expiry.
+    pub fn start_ticker(shard: &Rc<Shard>) {
+        let shard = Rc::downgrade(shard);
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(TICK).await;
+                let Some(shard) = shard.upgrade() else { return };
+                shard.groups.tick(&shard).await;
+            }
+        })
+        .detach();
+    }
+
+    fn log_for(&self, shard: &Rc<Shard>, group: &str) -> Option<PartitionLog> {
+        let p = partition_for_group(group, self.config.offsets_topic_partitions);
+        shard.partition(&TopicPartition::new(OFFSETS_TOPIC, p))
+    }
+
+    /// Appends records for `group` to its offsets partition and waits until they are durable.
+    async fn persist(
+        &self,
+        shard: &Rc<Shard>,
+        group: &str,
+        records: Vec<(Bytes, Option<Bytes>)>,
+    ) -> Result<(), ErrorCode> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let log = self
+            .log_for(shard, group)
+            .ok_or(ErrorCode::COORDINATOR_NOT_AVAILABLE)?;
+        let batch = records::encode_batch(records, now_ms() as i64).map_err(|e| {
+            tracing::error!(error = %format!("{e:#}"), "encoding group records failed");
+            ErrorCode::UNKNOWN_SERVER_ERROR
+        })?;
+        let appended = log
+            .append(batch, true)
+            .map_err(|_| ErrorCode::COORDINATOR_NOT_AVAILABLE)?;
+        log.wait_for(appended.end_offset, true)
+            .await
+            .map_err(|_| ErrorCode::COORDINATOR_NOT_AVAILABLE)
+    }
+
+    async fn persist_group(&self, shard: &Rc<Shard>, group: &str) -> Result<(), ErrorCode> {
+        let value = match self.groups.borrow().get(group) {
+            Some(g) => g.value(),
+            None => return Ok(()),
+        };
+        let record = records::group_record(group, Some(&value)).map_err(|e| {
+            tracing::error!(error = %format!("{e:#}"), "encoding group metadata failed");
+            ErrorCode::UNKNOWN_SERVER_ERROR
+        })?;
+        self.persist(shard, group, vec![record]).await
+    }
+
+    /// Replays one `__consumer_offsets` partition into memory (when the partition opens).
+    pub async fn load(&self, log: &PartitionLog) {
+        let mut at = log.log_start_offset();
+        let end = log.high_watermark();
+        let mut entries = 0usize;
+        while at < end {
+            let read = match log.read(at, 1 << 20).await {
+                Ok(r) if !r.records.is_empty() => r,
+                _ => break,
+            };
+            let batches = crate::storage::batch::split_batches(&read.records).unwrap_or_default();
+            if let Some((_, last)) = batches.last() {
+                at = last.last_offset().next();
+            } else {
+                break;
+            }
+            match records::decode_batches(read.records) {
+                Ok(list) => {
+                    entries += list.len();
+                    for e in list {
+                        self.apply(e);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "skipping undecodable group records")
+                }
+            }
+        }
+        if entries > 0 {
+            tracing::info!(partition = %log.topic_partition(), entries, "group state loaded");
+        }
+    }
+
+    fn apply(&self, entry: Entry) {
+        let mut groups = self.groups.borrow_mut();
+        let now = Instant::now();
+        match entry {
+            Entry::Offset {
+                group,
+                topic,
+                partition,
+                value,
+            } => {
+                let g = groups
+                    .entry(group.clone())
+                    .or_insert_with(|| Group::new(&group));
+                match value {
+                    Some(v) => {
+                        g.offsets.insert((topic, partition), v);
+                    }
+                    None => {
+                        g.offsets.remove(&(topic, partition));
+                    }
+                }
+            }
+            Entry::Group { group, value: None } => {
+                groups.remove(&group);
+            }
+            Entry::Group {
+                group,
+                value: Some(v),
+            } => {
+                let g = groups
+                    .entry(group.clone())
+                    .or_insert_with(|| Group::new(&group));
+                g.generation = v.generation;
+                g.protocol_type = v.protocol_type;
+                g.protocol = v.protocol;
+                g.leader = v.leader;
+                g.members.clear();
+                g.static_members.clear();
+                for m in v.members {
+                    if let Some(instance) = &m.instance_id {
+                        g.static_members
+                            .insert(instance.clone(), m.member_id.clone());
+                    }
+                    g.members.insert(
+                        m.member_id.clone(),
+                        Member {
+                            id: m.member_id,
+                            instance_id: m.instance_id,
+                            client: ClientInfo {
+                                client_id: m.client_id,
+                                host: m.client_host,
+                            },
+                            session_timeout: Duration::from_millis(m.session_timeout_ms),
+                            rebalance_timeout: Duration::from_millis(m.rebalance_timeout_ms),
+                            protocol_type: g.protocol_type.clone().unwrap_or_default(),
+                            protocols: m
+                                .protocols
+                                .into_iter()
+                                .map(|(n, b)| (n, Bytes::from(b)))
+                                .collect(),
+                            assignment: Bytes::from(m.assignment),
+                            last_heartbeat: now,
+                            join_version: 0,
+                            awaiting_join: None,
+                            awaiting_sync: None,
+                        },
+                    );
+                }
+                g.state = if g.members.is_empty() {
+                    State::Empty
+                } else {
+                    State::Stable
+                };
+            }
+        }
+    }
+
+    pub async fn handle(&self, shard: &Rc<Shard>, call: GroupCall) -> GroupReply {
+        match call {
+            GroupCall::Join {
+                req,
+                version,
+                client,
+            } => GroupReply::Join(self.join(shard, req, version, client).await),
+            GroupCall::Sync { req, version } => {
+                GroupReply::Sync(self.sync(shard, req, version).await)
+            }
+            GroupCall::Heartbeat { req } => GroupReply::Heartbeat(self.heartbeat(req)),
+            GroupCall::Leave { req, version } => {
+                GroupReply::Leave(self.leave(shard, req, version).await)
+            }
+            GroupCall::Commit { req } => GroupReply::Commit(self.commit(shard, req).await),
+            GroupCall::FetchOffsets { group, topics } => {
+                GroupReply::Offsets(self.fetch_offsets(&group, topics))
+            }
+            GroupCall::Describe { group, version } => {
+                GroupReply::Describe(self.describe(&group, version))
+            }
+            GroupCall::List => GroupReply::List(self.list()),
+            GroupCall::Delete { group } => GroupReply::Delete(self.delete(shard, &group).await),
+            GroupCall::DeleteOffsets { req } => {
+                GroupReply::DeleteOffsets(self.delete_offsets(shard, req).await)
+            }
+        }
+    }
+
+    async fn join(
+        &self,
+        shard: &Rc<Shard>,
+        req: JoinGroupRequest,
+        version: i16,
+        client: ClientInfo,
+    ) -> JoinGroupResponse {
+        let group_id = req.group_id.0.to_string();
+        let member_id = req.member_id.to_string();
+        if group_id.is_empty() {
+            return join_error(ErrorCode::INVALID_GROUP_ID, &member_id);
+        }
+        let session_ms = u64::try_from(req.session_timeout_ms).unwrap_or(0);
+        if session_ms < self.config.group_session_timeout_ms_min
+            || session_ms > self.config.group_session_timeout_ms_max
+        {
+            return join_error(ErrorCode::INVALID_SESSION_TIMEOUT, &member_id);
+        }
+        let rebalance_ms = if version == 0 {
+            session_ms
+        } else {
+            u64::try_from(req.rebalance_timeout_ms).unwrap_or(session_ms)
+        };
+        let protocol_type = req.protocol_type.to_string();
+        let protocols: Vec<(String, Bytes)> = req
+            .protocols
+            .iter()
+            .map(|p| (p.name.to_string(), p.metadata.clone()))
+            .collect();
+        let instance_id = req.group_instance_id.as_ref().map(|s| s.to_string());
+        let now = Instant::now();
+        let (tx, rx) = oneshot::channel();
+        let became_empty;
+        {
+            let mut groups = self.groups.borrow_mut();
+            let group = groups
+                .entry(group_id.clone())
+                .or_insert_with(|| Group::new(&group_id));
+            if protocols.is_empty()
+                || (!group.members.is_empty()
+                    && (group.protocol_type.as_deref() != Some(protocol_type.as_str())
+                        || !protocols.iter().any(|(n, _)| {
+                            group
+                                .members
+                                .values()
+                                .all(|m| m.protocols.iter().any(|(mn, _)| mn == n))
+                        })))
+            {
+                return join_error(ErrorCode::INCONSISTENT_GROUP_PROTOCOL, &member_id);
+            }
+            let id = if member_id.is_empty() {
+                let new_id = format!("{}-{}", client.client_id, uuid::Uuid::new_v4());
+                match instance_id
+                    .as_ref()
+                    .and_then(|i| group.static_members.get(i).cloned())
+                {
+                    Some(old_id) if group.members.contains_key(&old_id) => {
+                        // A static member restarted: it takes over its old identity and
+                        // assignment; a stable group answers without a rebalance.
+                        let mut m = group.members.shift_remove(&old_id).expect("checked");
+                        if let Some(tx) = m.awaiting_join.take() {
+                            let _ = tx.send(join_error(ErrorCode::FENCED_INSTANCE_ID, &old_id));
+                        }
+                        if let Some(tx) = m.awaiting_sync.take() {
+                            let _ = tx.send(Err(ErrorCode::FENCED_INSTANCE_ID));
+                        }
+                        let unchanged = m.protocols == protocols;
+                        m.id = new_id.clone();
+                        m.protocols = protocols.clone();
+                        m.last_heartbeat = now;
+                        m.join_version = version;
+                        group.members.insert(new_id.clone(), m);
+                        let instance = instance_id.clone().expect("static member");
+                        group.static_members.insert(instance, new_id.clone());
+                        let was_leader = group.leader.as_deref() == Some(old_id.as_str());
+                        if was_leader {
+                            group.leader = Some(new_id.clone());
+                        }
+                        if group.state == State::Stable && unchanged && !was_leader {
+                            let mut r = JoinGroupResponse::default();
+                            r.generation_id = group.generation;
+                            r.protocol_name = Some(sb(group.protocol.as_deref().unwrap_or("")));
+                            if version >= 7 {
+                                r.protocol_type = group.protocol_type.as_deref().map(sb);
+                            }
+                            r.leader = sb(group.leader.as_deref().unwrap_or(""));
+                            r.member_id = sb(&new_id);
+                            return r;
+                        }
+                        new_id
+                    }
+                    _ => {
+                        if instance_id.is_none() && version >= 4 {
+                            group.pending_members.insert(new_id.clone());
+                            return join_error(ErrorCode::MEMBER_ID_REQUIRED, &new_id);
+                        }
+                        new_id
+                    }
+                }
+            } else {
+                if !group.members.contains_key(&member_id)
+                    && !group.pending_members.remove(&member_id)
+                {
+                    return join_error(ErrorCode::UNKNOWN_MEMBER_ID, &member_id);
+                }
+                if let (Some(instance), Some(m)) = (&instance_id, group.members.get(&member_id)) {
+                    if m.instance_id.as_ref() != Some(instance) {
+                        return join_error(ErrorCode::FENCED_INSTANCE_ID, &member_id);
+                    }
+                }
+                member_id.clone()
+            };
+            let is_new = !group.members.contains_key(&id);
+            if is_new {
+                if let Some(instance) = &instance_id {
+                    group.static_members.insert(instance.clone(), id.clone());
+                }
+                group.members.insert(
+                    id.clone(),
+                    Member {
+                        id: id.clone(),
+                        instance_id: instance_id.clone(),
+                        client,
+                        session_timeout: Duration::from_millis(session_ms),
+                        rebalance_timeout: Duration::from_millis(rebalance_ms),
+                        protocol_type: protocol_type.clone(),
+                        protocols: protocols.clone(),
+                        assignment: Bytes::new(),
+                        last_heartbeat: now,
+                        join_version: version,
+                        awaiting_join: None,
+                        awaiting_sync: None,
+                    },
+                );
+            }
+            let m = group.members.get_mut(&id).expect("member present");
+            let unchanged = !is_new && m.protocols == protocols;
+            m.protocols = protocols;
+            m.session_timeout = Duration::from_millis(session_ms);
+            m.rebalance_timeout = Duration::from_millis(rebalance_ms);
+            m.last_heartbeat = now;
+            m.join_version = version;
+            m.protocol_type = protocol_type.clone();
+            let is_leader = group.leader.as_deref() == Some(id.as_str());
+            if group.state == State::Stable && unchanged && !is_leader {
+                // A follower rejoining with the same metadata: nothing to rebalance.
+                let mut r = JoinGroupResponse::default();
+                r.generation_id = group.generation;
+                r.protocol_name = Some(sb(group.protocol.as_deref().unwrap_or("")));
+                if version >= 7 {
+                    r.protocol_type = group.protocol_type.as_deref().map(sb);
+                }
+                r.leader = sb(group.leader.as_deref().unwrap_or(""));
+                r.member_id = sb(&id);
+                return r;
+            }
+            if let Some(old) = m.awaiting_join.replace(tx) {
+                let _ = old.send(join_error(ErrorCode::REBALANCE_IN_PROGRESS, &id));
+            }
+            group.protocol_type = Some(protocol_type);
+            match group.state {
+                State::PreparingRebalance => {
+                    if let Some(until) = group.initial_delay_until {
+                        // Each newcomer to a new group extends the wait, within the deadline.
+                        let extended = now
+                            + Duration::from_millis(self.config.group_initial_rebalance_delay_ms);
+                        group.initial_delay_until = Some(
+                            until.max(extended).min(
+                                group
+                                    .join_deadline
+                                    .max(now + Duration::from_millis(rebalance_ms)),
+                            ),
+                        );
+                        group.join_deadline = group
+                            .join_deadline
+                            .max(now + Duration::from_millis(rebalance_ms));
+                    }
+                }
+                _ => group.prepare_rebalance(&self.config, now),
+            }
+            became_empty = group.maybe_complete_join(now);
+        }
+        if became_empty {
+            let _ = self.persist_group(shard, &group_id).await;
+        }
+        rx.await
+            .unwrap_or_else(|_| join_error(ErrorCode::REBALANCE_IN_PROGRESS, &member_id))
+    }
+
+    async fn sync(
+        &self,
+        shard: &Rc<Shard>,
+        req: SyncGroupRequest,
+        version: i16,
+    ) -> SyncGroupResponse {
+        let group_id = req.group_id.0.to_string();
+        let member_id = req.member_id.to_string();
+        let (rx, leader_generation) = {
+            let mut groups = self.groups.borrow_mut();
+            let Some(group) = groups.get_mut(&group_id) else {
+                return sync_response(Err(ErrorCode::UNKNOWN_MEMBER_ID), None);
+            };
+            if !group.members.contains_key(&member_id) {
+                return sync_response(Err(ErrorCode::UNKNOWN_MEMBER_ID), Some((group, version)));
+            }
+            if req.generation_id != group.generation {
+                return sync_response(Err(ErrorCode::ILLEGAL_GENERATION), Some((group, version)));
+            }
+            match group.state {
+                State::Empty => {
+                    return sync_response(Err(ErrorCode::UNKNOWN_MEMBER_ID), Some((group, version)))
+                }
+                State::PreparingRebalance => {
+                    return sync_response(
+                        Err(ErrorCode::REBALANCE_IN_PROGRESS),
+                        Some((group, version)),
+                    )
+                }
+                State::Stable => {
+                    let assignment = group.members[&member_id].assignment.clone();
+                    group.members[&member_id].last_heartbeat = Instant::now();
+                    return sync_response(Ok(assignment), Some((group, version)));
+                }
+                State::CompletingRebalance => {}
+            }
+            let (tx, rx) = oneshot::channel();
+            let is_leader = group.leader.as_deref() == Some(member_id.as_str());
+            {
+                let m = &mut group.members[&member_id];
+                m.last_heartbeat = Instant::now();
+                if let Some(old) = m.awaiting_sync.replace(tx) {
+                    let _ = old.send(Err(ErrorCode::REBALANCE_IN_PROGRESS));
+                }
+            }
+            if is_leader {
+                let given: HashMap<String, Bytes> = req
+                    .assignments
+                    .into_iter()
+                    .map(|a| (a.member_id.to_string(), a.assignment))
+                    .collect();
+                for m in group.members.values_mut() {
+                    m.assignment = given.get(&m.id).cloned().unwrap_or_default();
+                }
+            }
+            (rx, is_leader.then_some(group.generation))
+        };
+        if let Some(generation) = leader_generation {
+            let persisted = self.persist_group(shard, &group_id).await;
+            let mut groups = self.groups.borrow_mut();
+            if let Some(group) = groups.get_mut(&group_id) {
+                if group.generation == generation && group.state == State::CompletingRebalance {
+                    match persisted {
+                        Ok(()) => {
+                            group.state = State::Stable;
+                            for m in group.members.values_mut() {
+                                if let Some(tx) = m.awaiting_sync.take() {
+                                    let _ = tx.send(Ok(m.assignment.clone()));
+                                }
+                            }
+                        }
+                        Err(code) => {
+                            for m in group.members.values_mut() {
+                                m.assignment = Bytes::new();
+                                if let Some(tx) = m.awaiting_sync.take() {
+                                    let _ = tx.send(Err(code));
+                                }
+                            }
+                            group.prepare_rebalance(&self.config, Instant::now());
+                        }
+                    }
+                }
+            }
+        }
+        let result = rx.await.unwrap_or(Err(ErrorCode::REBALANCE_IN_PROGRESS));
+        let groups = self.groups.borrow();
+        sync_response(result, groups.get(&group_id).map(|g| (g, version)))
+    }
+
+    fn heartbeat(&self, req: HeartbeatRequest) -> ErrorCode {
+        let mut groups = self.groups.borrow_mut();
+        let Some(group) = groups.get_mut(req.group_id.0.as_str()) else {
+            return ErrorCode::UNKNOWN_MEMBER_ID;
+        };
+        let member_id = req.member_id.to_string();
+        let state = group.state;
+        let generation = group.generation;
+        let Some(m) = group.members.get_mut(&member_id) else {
+            return ErrorCode::UNKNOWN_MEMBER_ID;
+        };
+        if let Some(instance) = &req.group_instance_id {
+            if m.instance_id.as_deref() != Some(instance.as_str()) {
+                return ErrorCode::FENCED_INSTANCE_ID;
+            }
+        }
+        if req.generation_id != generation {
+            return ErrorCode::ILLEGAL_GENERATION;
+        }
+        m.last_heartbeat = Instant::now();
+        match state {
+            State::PreparingRebalance => ErrorCode::REBALANCE_IN_PROGRESS,
+            State::Empty => ErrorCode::UNKNOWN_MEMBER_ID,
+            _ => ErrorCode::NONE,
+        }
+    }
+
+    async fn leave(
+        &self,
+        shard: &Rc<Shard>,
+        req: LeaveGroupRequest,
+        version: i16,
+    ) -> LeaveGroupResponse {
+        let group_id = req.group_id.0.to_string();
+        let leaving: Vec<(String, Option<String>)> = if version >= 3 {
+            req.members
+                .iter()
+                .map(|m| {
+                    (
+                        m.member_id.to_string(),
+                        m.group_instance_id.as_ref().map(|s| s.to_string()),
+                    )
+                })
+                .collect()
+        } else {
+            vec![(req.member_id.to_string(), None)]
+        };
+        let mut response = LeaveGroupResponse::default();
+        let persist;
+        {
+            let mut groups = self.groups.borrow_mut();
+            let Some(group) = groups.get_mut(&group_id) else {
+                response.error_code = ErrorCode::UNKNOWN_MEMBER_ID.0;
+                return response;
+            };
+            let mut removed = false;
+            let mut codes = Vec::new();
+            for (member_id, instance) in &leaving {
+                let id = match instance {
+                    Some(i) if member_id.is_empty() => group.static_members.get(i).cloned(),
+                    _ => Some(member_id.clone()),
+                };
+                let code = match id {
+                    Some(id) if group.members.contains_key(&id) => {
+                        let fenced = instance
+                            .as_ref()
+                            .is_some_and(|i| group.members[&id].instance_id.as_ref() != Some(i));
+                        if fenced {
+                            ErrorCode::FENCED_INSTANCE_ID
+                        } else {
+                            group.remove_member(&id);
+                            removed = true;
+                            ErrorCode::NONE
+                        }
+                    }
+                    _ => ErrorCode::UNKNOWN_MEMBER_ID,
+                };
+                codes.push(code);
+            }
+            persist = removed && group.after_removal(&self.config, Instant::now());
+            if version >= 3 {
+                response.members = leaving
+                    .iter()
+                    .zip(&codes)
+                    .map(|((id, instance), code)| {
+                        let mut r = MemberResponse::default();
+                        r.member_id = sb(id);
+                        r.group_instance_id = instance.as_deref().map(sb);
+                        r.error_code = code.0;
+                        r
+                    })
+                    .collect();
+            } else {
+                response.error_code = codes[0].0;
+            }
+        }
+        if persist {
+            let _ = self.persist_group(shard, &group_id).await;
+        }
+        response
+    }
+
+    async fn commit(&self, shard: &Rc<Shard>, req: OffsetCommitRequest) -> OffsetCommitResponse {
+        let group_id = req.group_id.0.to_string();
+        let member_id = req.member_id.to_string();
+        let generation = req.generation_id_or_member_epoch;
+        let check = {
+            let mut groups = self.groups.borrow_mut();
+            let group = groups
+                .entry(group_id.clone())
+                .or_insert_with(|| Group::new(&group_id));
+            if generation < 0 && member_id.is_empty() {
+                // A simple (standalone) commit: only for a group with no active members.
+                if group.members.is_empty() {
+                    ErrorCode::NONE
+                } else {
+                    ErrorCode::UNKNOWN_MEMBER_ID
+                }
+            } else if !group.members.contains_key(&member_id) {
+                ErrorCode::UNKNOWN_MEMBER_ID
+            } else if generation != group.generation {
+                ErrorCode::ILLEGAL_GENERATION
+            } else if group.state == State::CompletingRebalance {
+                ErrorCode::REBALANCE_IN_PROGRESS
+            } else {
+                group.members[&member_id].last_heartbeat = Instant::now();
+                ErrorCode::NONE
+            }
+        };
+        let now = now_ms() as i64;
+        let mut records = Vec::new();
+        let mut results: Vec<(String, Vec<PartitionOutcome>)> = Vec::new();
+        for t in &req.topics {
+            let topic = t.name.0.to_string();
+            let mut parts = Vec::new();
+            for p in &t.partitions {
+                let metadata = p
+                    .committed_metadata
+                    .as_ref()
+                    .map(|m| m.to_string())
+                    .unwrap_or_default();
+                if !check.is_ok() {
+                    parts.push((p.partition_index, check, None));
+                } else if metadata.len() > OFFSET_METADATA_BYTES_MAX {
+                    parts.push((
+                        p.partition_index,
+                        ErrorCode::OFFSET_METADATA_TOO_LARGE,
+                        None,
+                    ));
+                } else {
+                    let value = OffsetValue {
+                        offset: p.committed_offset,
+                        leader_epoch: p.committed_leader_epoch,
+                        metadata,
+                        commit_timestamp_ms: now,
+                    };
+                    match records::offset_record(&group_id, &topic, p.partition_index, Some(&value))
+                    {
+                        Ok(r) => {
+                            records.push(r);
+                            parts.push((p.partition_index, ErrorCode::NONE, Some(value)));
+                        }
+                        Err(_) => {
+                            parts.push((p.partition_index, ErrorCode::UNKNOWN_SERVER_ERROR, None))
+                        }
+                    }
+                }
+            }
+            results.push((topic, parts));
+        }
+        let written = self.persist(shard, &group_id, records).await;
+        let mut response = OffsetCommitResponse::default();
+        let mut groups = self.groups.borrow_mut();
+        for (topic, parts) in results {
+            let mut rt = OffsetCommitResponseTopic::default();
+            rt.name = crate::handlers::topic_name(&topic);
+            for (partition, code, value) in parts {
+                let mut rp = OffsetCommitResponsePartition::default();
+                rp.partition_index = partition;
+                rp.error_code = match (&written, code.is_ok()) {
+                    (Err(e), true) => e.0,
+                    _ => code.0,
+                };
+                if let (Ok(()), Some(value)) = (&written, value) {
+                    if let Some(g) = groups.get_mut(&group_id) {
+                        g.offsets.insert((topic.clone(), partition), value);
+                    }
+                }
+                rt.partitions.push(rp);
+            }
+            response.topics.push(rt);
+        }
+        response
+    }
+
+    fn fetch_offsets(
+        &self,
+        group: &str,
+        topics: Option<Vec<(String, Vec<i32>)>>,
+    ) -> Vec<Committed> {
+        let groups = self.groups.borrow();
+        let g = groups.get(group);
+        let lookup = |topic: &str, partition: i32| -> Committed {
+            let v = g.and_then(|g| g.offsets.get(&(topic.to_string(), partition)));
+            Committed {
+                topic: topic.to_string(),
+                partition,
+                offset: v.map_or(-1, |v| v.offset),
+                leader_epoch: v.map_or(-1, |v| v.leader_epoch),
+                metadata: v.map(|v| v.metadata.clone()).unwrap_or_default(),
+            }
+        };
+        match topics {
+            Some(list) => list
+                .iter()
+                .flat_map(|(t, parts)| parts.iter().map(move |p| (t, *p)))
+                .map(|(t, p)| lookup(t, p))
+                .collect(),
+            None => {
+                let mut all: Vec<Committed> = g
+                    .map(|g| g.offsets.keys().map(|(t, p)| lookup(t, *p)).collect())
+                    .unwrap_or_default();
+                all.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+                all
+            }
+        }
+    }
+
+    fn describe(&self, group: &str, version: i16) -> DescribedGroup {
+        let groups = self.groups.borrow();
+        let mut d = DescribedGroup::default();
+        d.group_id = GroupId(sb(group));
+        let Some(g) = groups.get(group) else {
+            d.group_state = sb("Dead");
+            return d;
+        };
+        d.group_state = sb(g.state.name());
+        d.protocol_type = sb(g.protocol_type.as_deref().unwrap_or(""));
+        let protocol = if g.state == State::Stable || g.state == State::CompletingRebalance {
+            g.protocol.clone().unwrap_or_default()
+        } else {
+            String::new()
+        };
+        d.protocol_data = sb(&protocol);
+        d.members = g
+            .members
+            .values()
+            .map(|m| {
+                let mut dm = DescribedGroupMember::default();
+                dm.member_id = sb(&m.id);
+                if version >= 4 {
+                    dm.group_instance_id = m.instance_id.as_deref().map(sb);
+                }
+                dm.client_id = sb(&m.client.client_id);
+                dm.client_host = sb(&m.client.host);
+                dm.member_metadata = m
+                    .protocols
+                    .iter()
+                    .find(|(n, _)| *n == protocol)
+                    .map(|(_, b)| b.clone())
+                    .unwrap_or_default();
+                dm.member_assignment = m.assignment.clone();
+                dm
+            })
+            .collect();
+        d
+    }
+
+    fn list(&self) -> Vec<ListedGroup> {
+        let groups = self.groups.borrow();
+        let mut out: Vec<ListedGroup> = groups
+            .values()
+            .map(|g| {
+                let mut l = ListedGroup::default();
+                l.group_id = GroupId(sb(&g.id));
+                l.protocol_type = sb(g.protocol_type.as_deref().unwrap_or(""));
+                l.group_state = sb(g.state.name());
+                l.group_type = sb("classic");
+                l
+            })
+            .collect();
+        out.sort_by(|a, b| a.group_id.0.cmp(&b.group_id.0));
+        out
+    }
+
+    async fn delete(&self, shard: &Rc<Shard>, group_id: &str) -> ErrorCode {
+        let records = {
+            let groups = self.groups.borrow();
+            let Some(g) = groups.get(group_id) else {
+                return ErrorCode::GROUP_ID_NOT_FOUND;
+            };
+            if !g.members.is_empty() {
+                return ErrorCode::NON_EMPTY_GROUP;
+            }
+            let mut records: Vec<_> = g
+                .offsets
+                .keys()
+                .filter_map(|(t, p)| records::offset_record(group_id, t, *p, None).ok())
+                .collect();
+            records.extend(records::group_record(group_id, None).ok());
+            records
+        };
+        match self.persist(shard, group_id, records).await {
+            Ok(()) => {
+                self.groups.borrow_mut().remove(group_id);
+                ErrorCode::NONE
+            }
+            Err(code) => code,
+        }
+    }
+
+    async fn delete_offsets(
+        &self,
+        shard: &Rc<Shard>,
+        req: OffsetDeleteRequest,
+    ) -> OffsetDeleteResponse {
+        let group_id = req.group_id.0.to_string();
+        let mut response = OffsetDeleteResponse::default();
+        let (subscribed, exists) = {
+            let groups = self.groups.borrow();
+            match groups.get(&group_id) {
+                Some(g) => (g.subscribed_topics(), true),
+                None => (HashSet::new(), false),
+            }
+        };
+        if !exists {
+            response.error_code = ErrorCode::GROUP_ID_NOT_FOUND.0;
+            return response;
+        }
+        let mut records = Vec::new();
+        let mut deleted = Vec::new();
+        for t in &req.topics {
+            let topic = t.name.0.to_string();
+            let mut rt = OffsetDeleteResponseTopic::default();
+            rt.name = t.name.clone();
+            for p in &t.partitions {
+                let mut rp = OffsetDeleteResponsePartition::default();
+                rp.partition_index = p.partition_index;
+                if subscribed.contains(&topic) {
+                    rp.error_code = ErrorCode::GROUP_SUBSCRIBED_TO_TOPIC.0;
+                } else if let Ok(r) =
+                    records::offset_record(&group_id, &topic, p.partition_index, None)
+                {
+                    records.push(r);
+                    deleted.push((topic.clone(), p.partition_index));
+                }
+                rt.partitions.push(rp);
+            }
+            response.topics.push(rt);
+        }
+        if let Err(code) = self.persist(shard, &group_id, records).await {
+            response.error_code = code.0;
+            return response;
+        }
+        if let Some(g) = self.groups.borrow_mut().get_mut(&group_id) {
+            for key in deleted {
+                g.offsets.remove(&key);
+            }
+        }
+        response
+    }
+
+    /// Evicts members whose session timed out, completes join phases whose deadline passed, and
+    /// expires committed offsets of empty groups after `offsets.retention.minutes`.
+    async fn tick(&self, shard: &Rc<Shard>) {
+        let now = Instant::now();
+        let mut to_persist = Vec::new();
+        {
+            let mut groups = self.groups.borrow_mut();
+            for g in groups.values_mut() {
+                let expired: Vec<String> = match g.state {
+                    State::Stable | State::CompletingRebalance => g
+                        .members
+                        .values()
+                        .filter(|m| now.duration_since(m.last_heartbeat) > m.session_timeout)
+                        .map(|m| m.id.clone())
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                let mut persist = false;
+                if !expired.is_empty() {
+                    for id in &expired {
+                        tracing::info!(group = %g.id, member = %id, "member session expired");
+                        g.remove_member(id);
+                    }
+                    persist = g.after_removal(&self.config, now);
+                }
+                if g.state == State::PreparingRebalance {
+                    persist |= g.maybe_complete_join(now);
+                }
+                if persist {
+                    to_persist.push(g.id.clone());
+                }
+            }
+        }
+        for group in to_persist {
+            let _ = self.persist_group(shard, &group).await;
+        }
+        let interval = Duration::from_millis(self.config.offsets_retention_check_interval_ms);
+        if now.duration_since(self.last_expiry_check.get()) >= interval {
+            self.last_expiry_check.set(now);
+            self.expire_offsets(shard).await;
+        }
+    }
+
+    async fn expire_offsets(&self, shard: &Rc<Shard>) {
+        let cutoff = now_ms() as i64 - self.config.offsets_retention_ms as i64;
+        let mut work = Vec::new();
+        {
+            let groups = self.groups.borrow();
+            for g in groups.values().filter(|g| g.state == State::Empty) {
+                let expired: Vec<(String, i32)> = g
+                    .offsets
+                    .iter()
+                    .filter(|(_, v)| v.commit_timestamp_ms < cutoff)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                if !expired.is_empty() {
+                    work.push((g.id.clone(), expired, g.offsets.len()));
+                }
+            }
+        }
+        for (group, expired, total) in work {
+            let mut records: Vec<_> = expired
+                .iter()
+                .filter_map(|(t, p)| records::offset_record(&group, t, *p, None).ok())
+                .collect();
+            let emptied = expired.len() == total;
+            if emptied {
+                records.extend(records::group_record(&group, None).ok());
+            }
+            if self.persist(shard, &group, records).await.is_ok() {
+                let mut groups = self.groups.borrow_mut();
+                if emptied {
+                    groups.remove(&group);
+                } else if let Some(g) = groups.get_mut(&group) {
+                    for key in &expired {
+                        g.offsets.remove(key);
+                    }
+                }
+                tracing::info!(%group, expired = expired.len(), "committed offsets expired");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_partition_matches_kafka() {
+        // Java: "my-group".hashCode() == -1906497762; abs (masked) mod 50 == 36.
+        assert_eq!(partition_for_group("my-group", 50), 36);
+        assert!((0..50).contains(&partition_for_group("\u{1F600}-emoji", 50)));
+    }
+}

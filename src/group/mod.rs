@@ -1,0 +1,18 @@
+//! Consumer groups: a coordinator per group on the shard that owns the group's partition of the
+//! internal compacted topic `__consumer_offsets` (Java `String.hashCode` of the group id, made
+//! non-negative, modulo `offsets.topic.num.partitions`, as Kafka computes it). Group metadata and
+//! committed offsets are records in that partition, written with `acks=all` durability before a
+//! request is answered, and replayed when the partition opens, so they survive restarts.
+//!
+//! The broker side of Kafka's classic rebalance protocol: join phase (with
+//! `group.initial.rebalance.delay.ms` for new groups and each member's rebalance timeout),
+//! leader-computed assignments carried through SyncGroup unchanged (so `range`, `roundrobin` and
+//! `cooperative-sticky` all work), generation ids, heartbeats with session-timeout eviction,
+//! static membership (`group.instance.id`) and KIP-394 member ids.
+
+pub mod coordinator;
+pub mod records;
+
+pub use coordinator::{
+    partition_for_group, ClientInfo, GroupCall, GroupCoordinator, GroupReply, OFFSETS_TOPIC,
+};

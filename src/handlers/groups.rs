@@ -1,0 +1,387 @@
+//! The consumer-group APIs: each request goes to the shard coordinating its group (the owner of
+//! the group's `__consumer_offsets` partition), which is created with Kafka's defaults on first
+//! use. ListGroups asks every shard.
+
+use std::rc::Rc;
+
+use kafka_protocol::messages::delete_groups_response::DeletableGroupResult;
+use kafka_protocol::messages::offset_fetch_response::{
+    OffsetFetchResponseGroup, OffsetFetchResponsePartition, OffsetFetchResponsePartitions,
+    OffsetFetchResponseTopic, OffsetFetchResponseTopics,
+};
+use kafka_protocol::messages::{
+    DeleteGroupsRequest, DeleteGroupsResponse, DescribeGroupsRequest, DescribeGroupsResponse,
+    GroupId, HeartbeatRequest, HeartbeatResponse, JoinGroupRequest, JoinGroupResponse,
+    LeaveGroupRequest, LeaveGroupResponse, ListGroupsRequest, ListGroupsResponse,
+    OffsetCommitRequest, OffsetCommitResponse, OffsetDeleteRequest, OffsetDeleteResponse,
+    OffsetFetchRequest, OffsetFetchResponse, SyncGroupRequest, SyncGroupResponse,
+};
+
+use super::{str_bytes, topic_name};
+use crate::group::coordinator::Committed;
+use crate::group::{partition_for_group, ClientInfo, GroupCall, GroupReply, OFFSETS_TOPIC};
+use crate::model::{ErrorCode, ShardId, TopicPartition};
+use crate::shard::{join_all, Reply, Request, Shard, TopicSpec};
+
+/// Creates `__consumer_offsets` (compacted, `offsets.topic.num.partitions`) if it does not exist.
+pub async fn ensure_offsets_topic(shard: &Rc<Shard>) -> Result<(), ErrorCode> {
+    if shard.topics().get(OFFSETS_TOPIC).is_some() {
+        return Ok(());
+    }
+    let spec = TopicSpec {
+        name: OFFSETS_TOPIC.to_string(),
+        partitions: shard.options.broker.offsets_topic_partitions,
+        replication_factor: 1,
+        configs: vec![("cleanup.policy".to_string(), "compact".to_string())],
+    };
+    let reply = shard
+        .call(
+            ShardId(0),
+            Request::CreateTopics {
+                specs: vec![spec],
+                validate_only: false,
+            },
+        )
+        .await;
+    match reply {
+        Reply::Created(results) => match results.first() {
+            Some((_, Ok(_))) => Ok(()),
+            Some((_, Err((code, _)))) if *code == ErrorCode::TOPIC_ALREADY_EXISTS => Ok(()),
+            _ => Err(ErrorCode::COORDINATOR_NOT_AVAILABLE),
+        },
+        _ => Err(ErrorCode::COORDINATOR_NOT_AVAILABLE),
+    }
+}
+
+fn coordinator_for(shard: &Shard, group: &str) -> ShardId {
+    let p = partition_for_group(group, shard.options.broker.offsets_topic_partitions);
+    shard.owner_of(&TopicPartition::new(OFFSETS_TOPIC, p))
+}
+
+async fn route(shard: &Rc<Shard>, group: &str, call: GroupCall) -> Result<GroupReply, ErrorCode> {
+    ensure_offsets_topic(shard).await?;
+    match shard
+        .call(
+            coordinator_for(shard, group),
+            Request::Group(Box::new(call)),
+        )
+        .await
+    {
+        Reply::Group(reply) => Ok(*reply),
+        _ => Err(ErrorCode::UNKNOWN_SERVER_ERROR),
+    }
+}
+
+pub async fn join(
+    shard: &Rc<Shard>,
+    req: JoinGroupRequest,
+    version: i16,
+    client: ClientInfo,
+) -> JoinGroupResponse {
+    let group = req.group_id.0.to_string();
+    let member_id = req.member_id.clone();
+    match route(
+        shard,
+        &group,
+        GroupCall::Join {
+            req,
+            version,
+            client,
+        },
+    )
+    .await
+    {
+        Ok(GroupReply::Join(r)) => r,
+        other => {
+            let mut r = JoinGroupResponse::default();
+            r.error_code = error_of(other).0;
+            r.generation_id = -1;
+            r.protocol_name = Some(str_bytes(""));
+            r.member_id = member_id;
+            r
+        }
+    }
+}
+
+pub async fn sync(shard: &Rc<Shard>, req: SyncGroupRequest, version: i16) -> SyncGroupResponse {
+    let group = req.group_id.0.to_string();
+    match route(shard, &group, GroupCall::Sync { req, version }).await {
+        Ok(GroupReply::Sync(r)) => r,
+        other => {
+            let mut r = SyncGroupResponse::default();
+            r.error_code = error_of(other).0;
+            r
+        }
+    }
+}
+
+pub async fn heartbeat(shard: &Rc<Shard>, req: HeartbeatRequest) -> HeartbeatResponse {
+    let group = req.group_id.0.to_string();
+    let mut r = HeartbeatResponse::default();
+    r.error_code = match route(shard, &group, GroupCall::Heartbeat { req }).await {
+        Ok(GroupReply::Heartbeat(code)) => code.0,
+        other => error_of(other).0,
+    };
+    r
+}
+
+pub async fn leave(shard: &Rc<Shard>, req: LeaveGroupRequest, version: i16) -> LeaveGroupResponse {
+    let group = req.group_id.0.to_string();
+    match route(shard, &group, GroupCall::Leave { req, version }).await {
+        Ok(GroupReply::Leave(r)) => r,
+        other => {
+            let mut r = LeaveGroupResponse::default();
+            r.error_code = error_of(other).0;
+            r
+        }
+    }
+}
+
+pub async fn commit(shard: &Rc<Shard>, req: OffsetCommitRequest) -> OffsetCommitResponse {
+    let group = req.group_id.0.to_string();
+    let topics = req.topics.clone();
+    match route(shard, &group, GroupCall::Commit { req }).await {
+        Ok(GroupReply::Commit(r)) => r,
+        other => {
+            let code = error_of(other);
+            let mut r = OffsetCommitResponse::default();
+            for t in topics {
+                let mut rt = kafka_protocol::messages::offset_commit_response::OffsetCommitResponseTopic::default();
+                rt.name = t.name;
+                for p in t.partitions {
+                    let mut rp = kafka_protocol::messages::offset_commit_response::OffsetCommitResponsePartition::default();
+                    rp.partition_index = p.partition_index;
+                    rp.error_code = code.0;
+                    rt.partitions.push(rp);
+                }
+                r.topics.push(rt);
+            }
+            r
+        }
+    }
+}
+
+async fn fetch_group(
+    shard: &Rc<Shard>,
+    group: String,
+    topics: Option<Vec<(String, Vec<i32>)>>,
+) -> Result<Vec<Committed>, ErrorCode> {
+    match route(
+        shard,
+        &group,
+        GroupCall::FetchOffsets {
+            group: group.clone(),
+            topics,
+        },
+    )
+    .await
+    {
+        Ok(GroupReply::Offsets(list)) => Ok(list),
+        other => Err(error_of(other)),
+    }
+}
+
+pub async fn fetch_offsets(
+    shard: &Rc<Shard>,
+    req: OffsetFetchRequest,
+    version: i16,
+) -> OffsetFetchResponse {
+    let mut response = OffsetFetchResponse::default();
+    if version >= 8 {
+        let calls = req.groups.iter().map(|g| {
+            let topics = g.topics.as_ref().map(|ts| {
+                ts.iter()
+                    .map(|t| (t.name.0.to_string(), t.partition_indexes.clone()))
+                    .collect()
+            });
+            fetch_group(shard, g.group_id.0.to_string(), topics)
+        });
+        let results = join_all(calls.collect()).await;
+        for (g, result) in req.groups.iter().zip(results) {
+            let mut rg = OffsetFetchResponseGroup::default();
+            rg.group_id = g.group_id.clone();
+            match result {
+                Ok(list) => {
+                    for (topic, parts) in group_by_topic(list) {
+                        let mut rt = OffsetFetchResponseTopics::default();
+                        rt.name = topic_name(&topic);
+                        rt.partitions = parts
+                            .into_iter()
+                            .map(|c| {
+                                let mut p = OffsetFetchResponsePartitions::default();
+                                p.partition_index = c.partition;
+                                p.committed_offset = c.offset;
+                                p.committed_leader_epoch = c.leader_epoch;
+                                p.metadata = Some(str_bytes(&c.metadata));
+                                p
+                            })
+                            .collect();
+                        rg.topics.push(rt);
+                    }
+                }
+                Err(code) => rg.error_code = code.0,
+            }
+            response.groups.push(rg);
+        }
+        return response;
+    }
+    let topics = req.topics.as_ref().map(|ts| {
+        ts.iter()
+            .map(|t| (t.name.0.to_string(), t.partition_indexes.clone()))
+            .collect()
+    });
+    match fetch_group(shard, req.group_id.0.to_string(), topics).await {
+        Ok(list) => {
+            for (topic, parts) in group_by_topic(list) {
+                let mut rt = OffsetFetchResponseTopic::default();
+                rt.name = topic_name(&topic);
+                rt.partitions = parts
+                    .into_iter()
+                    .map(|c| {
+                        let mut p = OffsetFetchResponsePartition::default();
+                        p.partition_index = c.partition;
+                        p.committed_offset = c.offset;
+                        if version >= 5 {
+                            p.committed_leader_epoch = c.leader_epoch;
+                        }
+                        p.metadata = Some(str_bytes(&c.metadata));
+                        p
+                    })
+                    .collect();
+                response.topics.push(rt);
+            }
+        }
+        Err(code) => {
+            if version >= 2 {
+                response.error_code = code.0;
+            }
+        }
+    }
+    response
+}
+
+fn group_by_topic(list: Vec<Committed>) -> Vec<(String, Vec<Committed>)> {
+    let mut out: Vec<(String, Vec<Committed>)> = Vec::new();
+    for c in list {
+        match out.iter_mut().find(|(t, _)| *t == c.topic) {
+            Some((_, parts)) => parts.push(c),
+            None => out.push((c.topic.clone(), vec![c])),
+        }
+    }
+    out
+}
+
+pub async fn describe(
+    shard: &Rc<Shard>,
+    req: DescribeGroupsRequest,
+    version: i16,
+) -> DescribeGroupsResponse {
+    let calls = req.groups.iter().map(|g| {
+        let group = g.0.to_string();
+        async move {
+            match route(
+                shard,
+                &group,
+                GroupCall::Describe {
+                    group: group.clone(),
+                    version,
+                },
+            )
+            .await
+            {
+                Ok(GroupReply::Describe(d)) => d,
+                other => {
+                    let mut d =
+                        kafka_protocol::messages::describe_groups_response::DescribedGroup::default(
+                        );
+                    d.group_id = GroupId(str_bytes(&group));
+                    d.error_code = error_of(other).0;
+                    d
+                }
+            }
+        }
+    });
+    let mut response = DescribeGroupsResponse::default();
+    response.groups = join_all(calls.collect()).await;
+    response
+}
+
+pub async fn list(shard: &Rc<Shard>, req: ListGroupsRequest, version: i16) -> ListGroupsResponse {
+    let mut response = ListGroupsResponse::default();
+    if shard.topics().get(OFFSETS_TOPIC).is_none() {
+        return response;
+    }
+    let calls =
+        (0..shard.count).map(|i| shard.call(ShardId(i), Request::Group(Box::new(GroupCall::List))));
+    for reply in join_all(calls.collect()).await {
+        if let Reply::Group(reply) = reply {
+            let GroupReply::List(groups) = *reply else {
+                continue;
+            };
+            for mut g in groups {
+                let state_ok = req.states_filter.is_empty()
+                    || req
+                        .states_filter
+                        .iter()
+                        .any(|s| s.eq_ignore_ascii_case(&g.group_state));
+                if !state_ok {
+                    continue;
+                }
+                if version < 4 {
+                    g.group_state = str_bytes("");
+                }
+                if version < 5 {
+                    g.group_type = str_bytes("");
+                }
+                response.groups.push(g);
+            }
+        }
+    }
+    response
+}
+
+pub async fn delete(shard: &Rc<Shard>, req: DeleteGroupsRequest) -> DeleteGroupsResponse {
+    let calls = req.groups_names.iter().map(|g| {
+        let group = g.0.to_string();
+        async move {
+            let code = match route(
+                shard,
+                &group,
+                GroupCall::Delete {
+                    group: group.clone(),
+                },
+            )
+            .await
+            {
+                Ok(GroupReply::Delete(code)) => code,
+                other => error_of(other),
+            };
+            let mut r = DeletableGroupResult::default();
+            r.group_id = GroupId(str_bytes(&group));
+            r.error_code = code.0;
+            r
+        }
+    });
+    let mut response = DeleteGroupsResponse::default();
+    response.results = join_all(calls.collect()).await;
+    response
+}
+
+pub async fn delete_offsets(shard: &Rc<Shard>, req: OffsetDeleteRequest) -> OffsetDeleteResponse {
+    let group = req.group_id.0.to_string();
+    match route(shard, &group, GroupCall::DeleteOffsets { req }).await {
+        Ok(GroupReply::DeleteOffsets(r)) => r,
+        other => {
+            let mut r = OffsetDeleteResponse::default();
+            r.error_code = error_of(other).0;
+            r
+        }
+    }
+}
+
+fn error_of(reply: Result<GroupReply, ErrorCode>) -> ErrorCode {
+    match reply {
+        Err(code) => code,
+        Ok(_) => ErrorCode::UNKNOWN_SERVER_ERROR,
+    }
+}
