@@ -10,10 +10,12 @@
 //! - [`storage`]: the partition log: segments, indexes, recovery
 //! - [`cluster`]: topic table and cluster metadata
 //! - [`group`]: consumer-group coordinator, committed offsets
+//! - [`client`]: the small Kafka client behind `strom group ...`
 
 #![forbid(unsafe_op_in_unsafe_fn)]
 
 pub mod alloc;
+pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod group;

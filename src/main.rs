@@ -29,6 +29,26 @@ struct Cli {
 enum Command {
     /// Run the broker (the default when no subcommand is given).
     Serve(ServeArgs),
+    /// Consumer groups of any Kafka-compatible cluster.
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum GroupCommand {
+    /// List every group with its state.
+    List {
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        bootstrap: String,
+    },
+    /// Members, assignments, committed offsets and lag per partition of one group.
+    Describe {
+        group: String,
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        bootstrap: String,
+    },
 }
 
 #[derive(Parser)]
@@ -64,12 +84,24 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Serve(args)) => serve(args),
+        Some(Command::Group { command }) => group(command),
         None => serve(ServeArgs::parse_from(["serve"])),
     };
     if let Err(e) = result {
         eprintln!("strom: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn group(command: GroupCommand) -> Result<()> {
+    let out = match command {
+        GroupCommand::List { bootstrap } => strom::client::groups::list(&bootstrap)?,
+        GroupCommand::Describe { group, bootstrap } => {
+            strom::client::groups::describe(&bootstrap, &group)?
+        }
+    };
+    print!("{out}");
+    Ok(())
 }
 
 fn serve(args: ServeArgs) -> Result<()> {

@@ -243,3 +243,77 @@ def test_kafka_python_group_consumer_reads_everything_and_commits(gbroker):
 
 
 from kafka import TopicPartition as TopicPartitionKP  # noqa: E402
+
+
+def test_strom_group_describe_shows_lag_against_the_produced_count(gbroker):
+    from conftest import STROM_BIN
+    create_topic(gbroker.bootstrap, "lagged", 2)
+    produce(gbroker.bootstrap, "lagged", [f"l-{i}" for i in range(400)])
+    c = Consumer({"bootstrap.servers": gbroker.bootstrap, "group.id": "laggards",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    c.subscribe(["lagged"])
+    consumed = 0
+    deadline = time.time() + 30
+    last = {}
+    while (consumed < 150 or len(last) < 2) and time.time() < deadline:
+        m = c.poll(0.2)
+        if m is not None and m.error() is None:
+            consumed += 1
+            last[m.partition()] = m
+    for m in last.values():
+        c.commit(message=m, asynchronous=False)
+    committed_total = sum(m.offset() + 1 for m in last.values())
+
+    out = subprocess.run([STROM_BIN, "group", "describe", "laggards", "--bootstrap", gbroker.bootstrap],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("GROUP laggards STATE Stable PROTOCOL range MEMBERS 1"), lines[0]
+    rows = [l.split() for l in lines[2:]]
+    assert sorted((r[0], int(r[1])) for r in rows) == [("lagged", 0), ("lagged", 1)]
+    assert sum(int(r[3]) for r in rows) == 400
+    assert sum(int(r[2]) for r in rows) == committed_total
+    assert sum(int(r[4]) for r in rows) == 400 - committed_total
+    assert all(r[5].startswith("rdkafka-") for r in rows), "every partition shows its owner"
+
+    listed = subprocess.run([STROM_BIN, "group", "list", "--bootstrap", gbroker.bootstrap],
+                            capture_output=True, text=True, timeout=30)
+    assert listed.returncode == 0, listed.stderr
+    assert any(l.split()[:3] == ["laggards", "Stable", "consumer"] for l in listed.stdout.splitlines())
+    c.close()
+
+
+def test_static_member_restart_keeps_its_assignment_without_rebalance(gbroker):
+    create_topic(gbroker.bootstrap, "static", 2)
+    a = Member(gbroker.bootstrap, "statics", "static", **{"group.instance.id": "a", "session.timeout.ms": 20000})
+    b = Member(gbroker.bootstrap, "statics", "static", **{"group.instance.id": "b", "session.timeout.ms": 20000})
+    try:
+        wait_until(lambda: len(a.assigned) == 1 and len(b.assigned) == 1, 30, "one partition each")
+        a_partitions, b_partitions = set(a.assigned), set(b.assigned)
+        b_assign_events = list(b.assigned)
+        a.close()  # a static member does not leave the group on close
+        a2 = Member(gbroker.bootstrap, "statics", "static", **{"group.instance.id": "a", "session.timeout.ms": 20000})
+        try:
+            wait_until(lambda: a2.assigned == a_partitions, 20, "restarted static member to get its partition back")
+            time.sleep(1.5)
+            assert b.assigned == b_partitions == set(b_assign_events), "the other member was rebalanced"
+        finally:
+            a2.close()
+    finally:
+        b.close()
+
+
+def test_several_groups_rebalancing_at_once_all_settle(gbroker):
+    create_topic(gbroker.bootstrap, "multi", 4)
+    members = {g: [Member(gbroker.bootstrap, g, "multi") for _ in range(2)] for g in ("m1", "m2", "m3")}
+    try:
+        for g, ms in members.items():
+            wait_until(lambda: sorted(len(m.assigned) for m in ms) == [2, 2], 30, f"group {g} to settle")
+            assert ms[0].assigned | ms[1].assigned == {0, 1, 2, 3}
+        produce(gbroker.bootstrap, "multi", [f"m-{i}" for i in range(800)])
+        for g, ms in members.items():
+            wait_until(lambda: sum(len(m.records) for m in ms) >= 800, 30, f"group {g} to read all")
+    finally:
+        for ms in members.values():
+            for m in ms:
+                m.close()
