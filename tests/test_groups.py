@@ -317,3 +317,58 @@ def test_several_groups_rebalancing_at_once_all_settle(gbroker):
         for ms in members.values():
             for m in ms:
                 m.close()
+
+
+def test_kafka_python_cooperative_sticky_members_share_and_consume(gbroker):
+    from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+    create_topic(gbroker.bootstrap, "kp-coop", 4)
+    produce(gbroker.bootstrap, "kp-coop", [f"kc-{i}" for i in range(800)])
+    results = [dict(values=set(), assigned=set()) for _ in range(2)]
+    stop = threading.Event()
+
+    def run(slot):
+        c = KafkaConsumer("kp-coop", bootstrap_servers=gbroker.bootstrap, group_id="kp-coop-group",
+                          auto_offset_reset="earliest", partition_assignment_strategy=[CooperativeStickyAssignor],
+                          session_timeout_ms=10000, heartbeat_interval_ms=500)
+        try:
+            while not stop.is_set():
+                for tp, msgs in c.poll(timeout_ms=200).items():
+                    results[slot]["values"].update(m.value for m in msgs)
+                results[slot]["assigned"] = {tp.partition for tp in c.assignment()}
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(1)
+    try:
+        wait_until(lambda: sorted(len(r["assigned"]) for r in results) == [2, 2], 40, "2 + 2 partitions")
+        assert results[0]["assigned"] | results[1]["assigned"] == {0, 1, 2, 3}
+        wait_until(lambda: len(results[0]["values"] | results[1]["values"]) == 800, 30, "all 800 records")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(15)
+
+
+def test_committed_offsets_of_an_empty_group_expire_after_retention(broker_factory):
+    b = broker_factory(extra_args=GROUP_SETTINGS + ["--set", "offsets.retention.minutes=1",
+                                                    "--set", "offsets.retention.check.interval.ms=1000"],
+                       name="expiry")
+    create_topic(b.bootstrap, "expiring", 1)
+    c = Consumer({"bootstrap.servers": b.bootstrap, "group.id": "short-lived", "enable.auto.commit": False})
+    committed_at = time.time()
+    c.commit(offsets=[TopicPartition("expiring", 0, 5)], asynchronous=False)
+    [tp] = c.committed([TopicPartition("expiring", 0)], timeout=10)
+    assert tp.offset == 5
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        [tp] = c.committed([TopicPartition("expiring", 0)], timeout=10)
+        if tp.offset < 0:
+            break
+        time.sleep(1)
+    expired_after = time.time() - committed_at
+    c.close()
+    assert tp.offset < 0, "the committed offset never expired"
+    assert expired_after >= 59, f"expired after {expired_after:.0f}s, before offsets.retention.minutes=1"
