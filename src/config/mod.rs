@@ -11,7 +11,353 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-/// Every broker-wide setting strom understands, with its value in force.
+/// Where a config value comes from, with Kafka's `ConfigSource` ids (DescribeConfigs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfigSource {
+    DynamicTopic = 1,
+    DynamicDefaultBroker = 3,
+    StaticBroker = 4,
+    Default = 5,
+}
+
+/// Kafka's config types, as DescribeConfigs v3+ reports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfigType {
+    Boolean = 1,
+    String = 2,
+    Int = 3,
+    Long = 5,
+    Double = 6,
+    List = 7,
+}
+
+/// One broker setting: its Kafka name, default (None: unset, as Kafka shows `null`), type,
+/// whether it can be changed at run time (AlterConfigs on the broker), and the topic-level
+/// config it is the default of.
+pub struct SettingDef {
+    pub name: &'static str,
+    pub default: Option<&'static str>,
+    pub kind: ConfigType,
+    pub dynamic: bool,
+    pub topic: Option<&'static str>,
+    pub doc: &'static str,
+}
+
+const fn def(
+    name: &'static str,
+    default: Option<&'static str>,
+    kind: ConfigType,
+    dynamic: bool,
+    topic: Option<&'static str>,
+    doc: &'static str,
+) -> SettingDef {
+    SettingDef {
+        name,
+        default,
+        kind,
+        dynamic,
+        topic,
+        doc,
+    }
+}
+
+use ConfigType as T;
+
+/// Every broker setting strom knows. Values are validated by [`BrokerConfig::apply`].
+pub const BROKER_SETTINGS: &[SettingDef] = &[
+    def(
+        "node.id",
+        Some("0"),
+        T::Int,
+        false,
+        None,
+        "This broker's id",
+    ),
+    def("broker.id", None, T::Int, false, None, "Alias of node.id"),
+    def(
+        "num.partitions",
+        Some("1"),
+        T::Int,
+        false,
+        None,
+        "Partitions of an auto-created topic",
+    ),
+    def(
+        "auto.create.topics.enable",
+        Some("true"),
+        T::Boolean,
+        false,
+        None,
+        "Metadata for an unknown topic creates it",
+    ),
+    def(
+        "default.replication.factor",
+        Some("1"),
+        T::Int,
+        false,
+        None,
+        "Replication factor of auto-created topics",
+    ),
+    def(
+        "socket.request.max.bytes",
+        Some("104857600"),
+        T::Int,
+        false,
+        None,
+        "The largest request frame",
+    ),
+    def(
+        "message.max.bytes",
+        Some("1048588"),
+        T::Int,
+        true,
+        Some("max.message.bytes"),
+        "The largest record batch",
+    ),
+    def(
+        "log.segment.bytes",
+        Some("1073741824"),
+        T::Int,
+        true,
+        Some("segment.bytes"),
+        "Segment roll size",
+    ),
+    def(
+        "log.roll.ms",
+        None,
+        T::Long,
+        true,
+        Some("segment.ms"),
+        "Segment roll age in ms (overrides log.roll.hours)",
+    ),
+    def(
+        "log.roll.hours",
+        Some("168"),
+        T::Int,
+        false,
+        None,
+        "Segment roll age in hours",
+    ),
+    def(
+        "log.index.interval.bytes",
+        Some("4096"),
+        T::Int,
+        true,
+        Some("index.interval.bytes"),
+        "Bytes between sparse index entries",
+    ),
+    def(
+        "log.retention.ms",
+        None,
+        T::Long,
+        true,
+        Some("retention.ms"),
+        "Retention time in ms (overrides minutes and hours)",
+    ),
+    def(
+        "log.retention.minutes",
+        None,
+        T::Int,
+        false,
+        None,
+        "Retention time in minutes (overrides hours)",
+    ),
+    def(
+        "log.retention.hours",
+        Some("168"),
+        T::Int,
+        false,
+        None,
+        "Retention time in hours",
+    ),
+    def(
+        "log.retention.bytes",
+        Some("-1"),
+        T::Long,
+        true,
+        Some("retention.bytes"),
+        "Retention size per partition; -1 for none",
+    ),
+    def(
+        "log.retention.check.interval.ms",
+        Some("300000"),
+        T::Long,
+        false,
+        None,
+        "How often retention is enforced",
+    ),
+    def(
+        "log.cleanup.policy",
+        Some("delete"),
+        T::List,
+        true,
+        Some("cleanup.policy"),
+        "delete, compact, or both",
+    ),
+    def(
+        "log.cleaner.backoff.ms",
+        Some("15000"),
+        T::Long,
+        false,
+        None,
+        "Sleep of the cleaner when there is nothing to clean",
+    ),
+    def(
+        "log.cleaner.delete.retention.ms",
+        Some("86400000"),
+        T::Long,
+        true,
+        Some("delete.retention.ms"),
+        "How long tombstones are kept",
+    ),
+    def(
+        "log.cleaner.min.cleanable.ratio",
+        Some("0.5"),
+        T::Double,
+        true,
+        Some("min.cleanable.dirty.ratio"),
+        "Dirty share of a log before it is cleaned",
+    ),
+    def(
+        "log.cleaner.min.compaction.lag.ms",
+        Some("0"),
+        T::Long,
+        true,
+        Some("min.compaction.lag.ms"),
+        "Minimum age of a record before compaction",
+    ),
+    def(
+        "log.message.timestamp.type",
+        Some("CreateTime"),
+        T::String,
+        true,
+        Some("message.timestamp.type"),
+        "CreateTime or LogAppendTime",
+    ),
+    def(
+        "min.insync.replicas",
+        Some("1"),
+        T::Int,
+        true,
+        Some("min.insync.replicas"),
+        "Replicas that must acknowledge acks=all",
+    ),
+    def(
+        "compression.type",
+        Some("producer"),
+        T::String,
+        true,
+        Some("compression.type"),
+        "Codec of stored batches; producer keeps the producer's",
+    ),
+    def(
+        "advertised.listeners",
+        None,
+        T::String,
+        false,
+        None,
+        "Address in Metadata, e.g. PLAINTEXT://host:9092",
+    ),
+    def(
+        "queued.max.requests",
+        Some("500"),
+        T::Int,
+        false,
+        None,
+        "Requests in flight per connection",
+    ),
+    def(
+        "strom.cache.bytes.per.shard",
+        Some("67108864"),
+        T::Long,
+        false,
+        None,
+        "Recent-batch cache per shard",
+    ),
+    def(
+        "offsets.topic.num.partitions",
+        Some("50"),
+        T::Int,
+        false,
+        None,
+        "Partitions of __consumer_offsets",
+    ),
+    def(
+        "group.initial.rebalance.delay.ms",
+        Some("3000"),
+        T::Int,
+        false,
+        None,
+        "A new group waits this long for more members",
+    ),
+    def(
+        "group.min.session.timeout.ms",
+        Some("6000"),
+        T::Int,
+        false,
+        None,
+        "Shortest member session timeout",
+    ),
+    def(
+        "group.max.session.timeout.ms",
+        Some("1800000"),
+        T::Int,
+        false,
+        None,
+        "Longest member session timeout",
+    ),
+    def(
+        "offsets.retention.minutes",
+        Some("10080"),
+        T::Int,
+        false,
+        None,
+        "Committed offsets of an empty group expire after this",
+    ),
+    def(
+        "offsets.retention.check.interval.ms",
+        Some("600000"),
+        T::Long,
+        false,
+        None,
+        "How often offset expiry runs",
+    ),
+];
+
+/// Topic-level configs strom knows, each with the broker setting it defaults to.
+pub const TOPIC_SETTINGS: &[(&str, &str, ConfigType)] = &[
+    ("cleanup.policy", "log.cleanup.policy", T::List),
+    ("compression.type", "compression.type", T::String),
+    (
+        "delete.retention.ms",
+        "log.cleaner.delete.retention.ms",
+        T::Long,
+    ),
+    ("index.interval.bytes", "log.index.interval.bytes", T::Int),
+    ("max.message.bytes", "message.max.bytes", T::Int),
+    (
+        "message.timestamp.type",
+        "log.message.timestamp.type",
+        T::String,
+    ),
+    (
+        "min.cleanable.dirty.ratio",
+        "log.cleaner.min.cleanable.ratio",
+        T::Double,
+    ),
+    (
+        "min.compaction.lag.ms",
+        "log.cleaner.min.compaction.lag.ms",
+        T::Long,
+    ),
+    ("min.insync.replicas", "min.insync.replicas", T::Int),
+    ("retention.bytes", "log.retention.bytes", T::Long),
+    ("retention.ms", "log.retention.ms", T::Long),
+    ("segment.bytes", "log.segment.bytes", T::Int),
+    ("segment.ms", "log.roll.ms", T::Long),
+];
+
+/// Every broker-wide setting in force, typed, plus where each explicitly set value came from.
 #[derive(Clone, Debug)]
 pub struct BrokerConfig {
     /// `node.id`: this broker's id in Metadata.
@@ -36,6 +382,24 @@ pub struct BrokerConfig {
     pub retention_ms: i64,
     /// `log.retention.bytes`; -1 means no size bound.
     pub retention_bytes: i64,
+    /// `log.retention.check.interval.ms`.
+    pub retention_check_interval_ms: u64,
+    /// `log.cleanup.policy`: `delete`, `compact`, or both.
+    pub cleanup_policy: String,
+    /// `log.cleaner.backoff.ms`.
+    pub cleaner_backoff_ms: u64,
+    /// `log.cleaner.delete.retention.ms`: tombstones are kept this long after cleaning.
+    pub delete_retention_ms: i64,
+    /// `log.cleaner.min.cleanable.ratio`.
+    pub min_cleanable_dirty_ratio: f64,
+    /// `log.cleaner.min.compaction.lag.ms`.
+    pub min_compaction_lag_ms: i64,
+    /// `log.message.timestamp.type`.
+    pub message_timestamp_type: String,
+    /// `min.insync.replicas`.
+    pub min_insync_replicas: i32,
+    /// `compression.type`.
+    pub compression_type: String,
     /// `advertised.listeners`: the address clients are told to connect to.
     pub advertised_listener: Option<(String, u16)>,
     /// `queued.max.requests`: requests in flight per connection before reading pauses.
@@ -53,11 +417,17 @@ pub struct BrokerConfig {
     pub offsets_retention_ms: u64,
     /// `offsets.retention.check.interval.ms`.
     pub offsets_retention_check_interval_ms: u64,
+    /// Values set explicitly, with their source; everything else is at its default.
+    explicit: BTreeMap<String, (String, ConfigSource)>,
+    /// The retention and roll settings are layered (ms over minutes over hours); these remember
+    /// which layers are set so that the effective value can be recomputed.
+    retention_layers: [Option<i64>; 3],
+    roll_layers: [Option<u64>; 2],
 }
 
 impl Default for BrokerConfig {
     fn default() -> Self {
-        Self {
+        let mut config = Self {
             node_id: 0,
             num_partitions: 1,
             auto_create_topics: true,
@@ -69,6 +439,15 @@ impl Default for BrokerConfig {
             index_interval_bytes: 4096,
             retention_ms: 168 * 3_600_000,
             retention_bytes: -1,
+            retention_check_interval_ms: 300_000,
+            cleanup_policy: "delete".to_string(),
+            cleaner_backoff_ms: 15_000,
+            delete_retention_ms: 86_400_000,
+            min_cleanable_dirty_ratio: 0.5,
+            min_compaction_lag_ms: 0,
+            message_timestamp_type: "CreateTime".to_string(),
+            min_insync_replicas: 1,
+            compression_type: "producer".to_string(),
             advertised_listener: None,
             inflight_requests_max: 500,
             cache_size_bytes_per_shard: 64 * 1024 * 1024,
@@ -78,37 +457,14 @@ impl Default for BrokerConfig {
             group_session_timeout_ms_max: 1_800_000,
             offsets_retention_ms: 10080 * 60_000,
             offsets_retention_check_interval_ms: 600_000,
-        }
+            explicit: BTreeMap::new(),
+            retention_layers: [None, None, Some(168)],
+            roll_layers: [None, Some(168)],
+        };
+        config.recompute_layers();
+        config
     }
 }
-
-/// The broker settings strom knows, for `--help`, the README and error messages.
-pub const KNOWN_SETTINGS: &[&str] = &[
-    "node.id",
-    "broker.id",
-    "num.partitions",
-    "auto.create.topics.enable",
-    "default.replication.factor",
-    "socket.request.max.bytes",
-    "message.max.bytes",
-    "log.segment.bytes",
-    "log.roll.ms",
-    "log.roll.hours",
-    "log.index.interval.bytes",
-    "log.retention.ms",
-    "log.retention.minutes",
-    "log.retention.hours",
-    "log.retention.bytes",
-    "advertised.listeners",
-    "queued.max.requests",
-    "strom.cache.bytes.per.shard",
-    "offsets.topic.num.partitions",
-    "group.initial.rebalance.delay.ms",
-    "group.min.session.timeout.ms",
-    "group.max.session.timeout.ms",
-    "offsets.retention.minutes",
-    "offsets.retention.check.interval.ms",
-];
 
 impl BrokerConfig {
     /// Builds the configuration from an optional TOML file and `name=value` overrides.
@@ -131,10 +487,65 @@ impl BrokerConfig {
         let mut config = BrokerConfig::default();
         for (name, value) in &settings {
             config
-                .apply(name, value)
+                .set(name, value, ConfigSource::StaticBroker)
                 .with_context(|| format!("setting '{name}' = '{value}'"))?;
         }
         Ok(config)
+    }
+
+    /// This configuration with dynamic (AlterConfigs) broker settings applied on top.
+    pub fn with_dynamic(&self, dynamic: &BTreeMap<String, String>) -> BrokerConfig {
+        let mut config = self.clone();
+        for (name, value) in dynamic {
+            if let Err(e) = config.set(name, value, ConfigSource::DynamicDefaultBroker) {
+                tracing::warn!(%name, %value, error = %e, "ignoring an invalid dynamic broker setting");
+            }
+        }
+        config
+    }
+
+    /// Validates a dynamic broker setting without applying it.
+    pub fn check_dynamic(&self, name: &str, value: &str) -> std::result::Result<(), String> {
+        let Some(d) = BROKER_SETTINGS.iter().find(|d| d.name == name) else {
+            return Err(format!("Unknown broker config name: {name}"));
+        };
+        if !d.dynamic {
+            return Err(format!(
+                "Cannot update these configs dynamically: Set({name})"
+            ));
+        }
+        let mut probe = self.clone();
+        probe
+            .apply(name, value)
+            .map_err(|e| format!("Invalid value {value} for configuration {name}: {e}"))
+    }
+
+    fn set(&mut self, name: &str, value: &str, source: ConfigSource) -> Result<()> {
+        self.apply(name, value)?;
+        self.explicit
+            .insert(name.to_string(), (value.to_string(), source));
+        Ok(())
+    }
+
+    /// The value and source of a broker setting, as DescribeConfigs shows it.
+    pub fn describe(&self, name: &str) -> Option<(Option<String>, ConfigSource)> {
+        let d = BROKER_SETTINGS.iter().find(|d| d.name == name)?;
+        Some(match self.explicit.get(name) {
+            Some((v, source)) => (Some(v.clone()), *source),
+            None => (d.default.map(str::to_string), ConfigSource::Default),
+        })
+    }
+
+    fn recompute_layers(&mut self) {
+        let [ms, minutes, hours] = self.retention_layers;
+        self.retention_ms = ms
+            .or(minutes.map(|m| if m < 0 { -1 } else { m * 60_000 }))
+            .or(hours.map(|h| if h < 0 { -1 } else { h * 3_600_000 }))
+            .unwrap_or(-1);
+        let [roll_ms, roll_hours] = self.roll_layers;
+        self.segment_age_ms = roll_ms
+            .or(roll_hours.map(|h| h * 3_600_000))
+            .unwrap_or(168 * 3_600_000);
     }
 
     fn apply(&mut self, name: &str, value: &str) -> Result<()> {
@@ -154,17 +565,58 @@ impl BrokerConfig {
             "log.segment.bytes" => {
                 self.segment_size_bytes = parse_in(value, 14, i32::MAX as i64)? as u64
             }
-            "log.roll.ms" => self.segment_age_ms = parse_in(value, 1, i64::MAX)? as u64,
+            "log.roll.ms" => {
+                self.roll_layers[0] = Some(parse_in(value, 1, i64::MAX)? as u64);
+                self.recompute_layers();
+            }
             "log.roll.hours" => {
-                self.segment_age_ms = parse_in(value, 1, i64::MAX / 3_600_000)? as u64 * 3_600_000
+                self.roll_layers[1] = Some(parse_in(value, 1, i64::MAX / 3_600_000)? as u64);
+                self.recompute_layers();
             }
             "log.index.interval.bytes" => {
                 self.index_interval_bytes = parse_in(value, 1, i32::MAX as i64)? as u64
             }
-            "log.retention.ms" => self.retention_ms = parse_retention(value, 1)?,
-            "log.retention.minutes" => self.retention_ms = parse_retention(value, 60_000)?,
-            "log.retention.hours" => self.retention_ms = parse_retention(value, 3_600_000)?,
+            "log.retention.ms" => {
+                self.retention_layers[0] = Some(parse_in(value, -1, i64::MAX)?);
+                self.recompute_layers();
+            }
+            "log.retention.minutes" => {
+                self.retention_layers[1] = Some(parse_in(value, -1, i64::MAX / 60_000)?);
+                self.recompute_layers();
+            }
+            "log.retention.hours" => {
+                self.retention_layers[2] = Some(parse_in(value, -1, i64::MAX / 3_600_000)?);
+                self.recompute_layers();
+            }
             "log.retention.bytes" => self.retention_bytes = parse_in(value, -1, i64::MAX)?,
+            "log.retention.check.interval.ms" => {
+                self.retention_check_interval_ms = parse_in(value, 1, i64::MAX)? as u64
+            }
+            "log.cleanup.policy" => self.cleanup_policy = parse_cleanup_policy(value)?,
+            "log.cleaner.backoff.ms" => {
+                self.cleaner_backoff_ms = parse_in(value, 0, i64::MAX)? as u64
+            }
+            "log.cleaner.delete.retention.ms" => {
+                self.delete_retention_ms = parse_in(value, 0, i64::MAX)?
+            }
+            "log.cleaner.min.cleanable.ratio" => {
+                self.min_cleanable_dirty_ratio = parse_ratio(value)?
+            }
+            "log.cleaner.min.compaction.lag.ms" => {
+                self.min_compaction_lag_ms = parse_in(value, 0, i64::MAX)?
+            }
+            "log.message.timestamp.type" => {
+                self.message_timestamp_type = parse_enum(value, &["CreateTime", "LogAppendTime"])?
+            }
+            "min.insync.replicas" => {
+                self.min_insync_replicas = parse_in(value, 1, i32::MAX as i64)? as i32
+            }
+            "compression.type" => {
+                self.compression_type = parse_enum(
+                    value,
+                    &["producer", "uncompressed", "gzip", "snappy", "lz4", "zstd"],
+                )?
+            }
             "advertised.listeners" => self.advertised_listener = Some(parse_listener(value)?),
             "queued.max.requests" => {
                 self.inflight_requests_max = parse_in(value, 1, 100_000)? as usize
@@ -192,7 +644,11 @@ impl BrokerConfig {
             }
             _ => bail!(
                 "unknown broker setting '{name}'; known settings: {}",
-                KNOWN_SETTINGS.join(", ")
+                BROKER_SETTINGS
+                    .iter()
+                    .map(|d| d.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         }
         Ok(())
@@ -229,17 +685,49 @@ fn parse_in(value: &str, min: i64, max: i64) -> Result<i64> {
     Ok(v)
 }
 
+fn parse_ratio(value: &str) -> Result<f64> {
+    let v: f64 = value
+        .parse()
+        .map_err(|_| anyhow!("'{value}' is not a number"))?;
+    if !(0.0..=1.0).contains(&v) {
+        bail!("{v} is outside the allowed range 0..=1");
+    }
+    Ok(v)
+}
+
+fn parse_enum(value: &str, allowed: &[&str]) -> Result<String> {
+    if allowed.contains(&value) {
+        Ok(value.to_string())
+    } else {
+        bail!("'{value}' is not one of {}", allowed.join(", "))
+    }
+}
+
+/// `delete`, `compact`, or both (comma-separated, either order), normalized.
+pub fn parse_cleanup_policy(value: &str) -> Result<String> {
+    let mut delete = false;
+    let mut compact = false;
+    for part in value.split(',').map(str::trim) {
+        match part {
+            "delete" => delete = true,
+            "compact" => compact = true,
+            _ => bail!("'{part}' is not delete or compact"),
+        }
+    }
+    Ok(match (compact, delete) {
+        (true, true) => "compact,delete",
+        (true, false) => "compact",
+        _ => "delete",
+    }
+    .to_string())
+}
+
 fn parse_bool(value: &str) -> Result<bool> {
     match value {
         "true" => Ok(true),
         "false" => Ok(false),
         _ => bail!("'{value}' is not true or false"),
     }
-}
-
-fn parse_retention(value: &str, unit_ms: i64) -> Result<i64> {
-    let v = parse_in(value, -1, i64::MAX / unit_ms)?;
-    Ok(if v < 0 { -1 } else { v * unit_ms })
 }
 
 /// Parses `PLAINTEXT://host:port` (or `host:port`), the first listener of a comma-separated list.
@@ -297,71 +785,105 @@ pub struct ServeOptions {
     pub broker: BrokerConfig,
 }
 
-/// Topic-level settings that strom accepts at CreateTopics, with Kafka's names.
-pub const TOPIC_SETTINGS: &[&str] = &[
-    "cleanup.policy",
-    "retention.ms",
-    "retention.bytes",
-    "segment.bytes",
-    "segment.ms",
-    "max.message.bytes",
-    "message.timestamp.type",
-    "min.insync.replicas",
-    "compression.type",
-];
-
-/// Checks one topic config given at CreateTopics; the error text is returned to the client.
+/// Checks one topic config; the error text is returned to the client with `INVALID_CONFIG`.
 pub fn validate_topic_setting(name: &str, value: &str) -> std::result::Result<(), String> {
-    let int = |min: i64| -> std::result::Result<(), String> {
-        match value.parse::<i64>() {
-            Ok(v) if v >= min => Ok(()),
-            _ => Err(format!("Invalid value {value} for configuration {name}")),
-        }
+    let Some((_, broker_name, _)) = TOPIC_SETTINGS.iter().find(|(n, _, _)| *n == name) else {
+        return Err(format!("Unknown topic config name: {name}"));
     };
-    match name {
-        "cleanup.policy" => match value {
-            "delete" | "compact" | "compact,delete" | "delete,compact" => Ok(()),
-            _ => Err(format!("Invalid value {value} for configuration {name}")),
-        },
-        "retention.ms" | "retention.bytes" => int(-1),
-        "segment.bytes" => int(14),
-        "segment.ms" | "max.message.bytes" | "min.insync.replicas" => int(1),
-        "message.timestamp.type" => match value {
-            "CreateTime" | "LogAppendTime" => Ok(()),
-            _ => Err(format!("Invalid value {value} for configuration {name}")),
-        },
-        "compression.type" => match value {
-            "producer" | "uncompressed" | "gzip" | "snappy" | "lz4" | "zstd" => Ok(()),
-            _ => Err(format!("Invalid value {value} for configuration {name}")),
-        },
-        _ => Err(format!("Unknown topic config name: {name}")),
-    }
+    let mut probe = BrokerConfig::default();
+    probe
+        .apply(broker_name, value)
+        .map_err(|e| format!("Invalid value {value} for configuration {name}: {e}"))
 }
 
 /// The effective per-topic log settings: topic overrides on top of broker defaults.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct LogConfig {
     pub segment_size_bytes: u64,
     pub segment_age_ms: u64,
     pub index_interval_bytes: u64,
     pub batch_size_bytes_max: usize,
     pub log_append_time: bool,
+    pub retention_ms: i64,
+    pub retention_bytes: i64,
+    pub delete: bool,
+    pub compact: bool,
+    pub delete_retention_ms: i64,
+    pub min_cleanable_dirty_ratio: f64,
+    pub min_compaction_lag_ms: i64,
 }
 
 impl LogConfig {
     pub fn resolve(broker: &BrokerConfig, topic: &BTreeMap<String, String>) -> Self {
         let get = |k: &str| topic.get(k).and_then(|v| v.parse::<i64>().ok());
+        let policy = topic
+            .get("cleanup.policy")
+            .and_then(|p| parse_cleanup_policy(p).ok())
+            .unwrap_or_else(|| broker.cleanup_policy.clone());
         LogConfig {
             segment_size_bytes: get("segment.bytes")
                 .map_or(broker.segment_size_bytes, |v| v.max(14) as u64),
             segment_age_ms: get("segment.ms").map_or(broker.segment_age_ms, |v| v.max(1) as u64),
-            index_interval_bytes: broker.index_interval_bytes,
+            index_interval_bytes: get("index.interval.bytes")
+                .map_or(broker.index_interval_bytes, |v| v.max(1) as u64),
             batch_size_bytes_max: get("max.message.bytes")
                 .map_or(broker.batch_size_bytes_max, |v| v.max(1) as usize),
-            log_append_time: topic.get("message.timestamp.type").map(String::as_str)
-                == Some("LogAppendTime"),
+            log_append_time: topic
+                .get("message.timestamp.type")
+                .map_or(broker.message_timestamp_type.as_str(), String::as_str)
+                == "LogAppendTime",
+            retention_ms: get("retention.ms").unwrap_or(broker.retention_ms),
+            retention_bytes: get("retention.bytes").unwrap_or(broker.retention_bytes),
+            delete: policy.contains("delete"),
+            compact: policy.contains("compact"),
+            delete_retention_ms: get("delete.retention.ms").unwrap_or(broker.delete_retention_ms),
+            min_cleanable_dirty_ratio: topic
+                .get("min.cleanable.dirty.ratio")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(broker.min_cleanable_dirty_ratio),
+            min_compaction_lag_ms: get("min.compaction.lag.ms")
+                .unwrap_or(broker.min_compaction_lag_ms),
         }
     }
+}
+
+/// A topic config's value and source, as DescribeConfigs shows it: the topic's override, else the
+/// broker setting it defaults to (which may itself be static, dynamic or a default).
+pub fn describe_topic_setting(
+    broker: &BrokerConfig,
+    topic: &BTreeMap<String, String>,
+    name: &str,
+) -> Option<(Option<String>, ConfigSource)> {
+    let (_, broker_name, _) = TOPIC_SETTINGS.iter().find(|(n, _, _)| *n == name)?;
+    if let Some(v) = topic.get(name) {
+        return Some((Some(v.clone()), ConfigSource::DynamicTopic));
+    }
+    let (_, source) = broker.describe(broker_name)?;
+    let effective = match name {
+        "retention.ms" => broker.retention_ms.to_string(),
+        "segment.ms" => broker.segment_age_ms.to_string(),
+        "cleanup.policy" => broker.cleanup_policy.clone(),
+        "min.cleanable.dirty.ratio" => broker.min_cleanable_dirty_ratio.to_string(),
+        _ => broker.describe(broker_name)?.0.unwrap_or_default(),
+    };
+    let source = match (name, source) {
+        // retention.ms and segment.ms follow the hours/minutes layers when the ms one is unset.
+        ("retention.ms", ConfigSource::Default) => {
+            broker_layer_source(broker, &["log.retention.minutes", "log.retention.hours"])
+        }
+        ("segment.ms", ConfigSource::Default) => broker_layer_source(broker, &["log.roll.hours"]),
+        (_, s) => s,
+    };
+    Some((Some(effective), source))
+}
+
+fn broker_layer_source(broker: &BrokerConfig, names: &[&str]) -> ConfigSource {
+    names
+        .iter()
+        .filter_map(|n| broker.describe(n))
+        .map(|(_, s)| s)
+        .find(|s| *s != ConfigSource::Default)
+        .unwrap_or(ConfigSource::Default)
 }
 
 #[cfg(test)]
@@ -379,6 +901,43 @@ mod tests {
         assert_eq!(BrokerConfig::default().retention_ms, 168 * 3_600_000);
         let c = BrokerConfig::load(None, &["log.retention.hours=2".into()]).unwrap();
         assert_eq!(c.retention_ms, 2 * 3_600_000);
+        let c = BrokerConfig::load(
+            None,
+            &["log.retention.hours=2".into(), "log.retention.ms=5".into()],
+        )
+        .unwrap();
+        assert_eq!(c.retention_ms, 5);
+        assert_eq!(
+            c.describe("log.retention.hours"),
+            Some((Some("2".to_string()), ConfigSource::StaticBroker))
+        );
+        assert_eq!(
+            BrokerConfig::default().describe("log.retention.hours"),
+            Some((Some("168".to_string()), ConfigSource::Default))
+        );
+    }
+
+    #[test]
+    fn every_setting_default_parses() {
+        for d in BROKER_SETTINGS {
+            if let Some(v) = d.default {
+                BrokerConfig::default().apply(d.name, v).unwrap();
+            }
+        }
+        for (name, _, _) in TOPIC_SETTINGS {
+            let (value, _) =
+                describe_topic_setting(&BrokerConfig::default(), &BTreeMap::new(), name).unwrap();
+            validate_topic_setting(name, &value.unwrap()).unwrap();
+        }
+    }
+
+    #[test]
+    fn topic_settings_validate() {
+        assert!(validate_topic_setting("retention.ms", "-1").is_ok());
+        assert!(validate_topic_setting("cleanup.policy", "compact,delete").is_ok());
+        assert!(validate_topic_setting("cleanup.policy", "shred").is_err());
+        assert!(validate_topic_setting("segment.bytes", "1").is_err());
+        assert!(validate_topic_setting("no.such.config", "1").is_err());
     }
 
     #[test]

@@ -813,8 +813,7 @@ mod tests {
             segment_size_bytes,
             segment_age_ms: u64::MAX,
             index_interval_bytes: 256,
-            batch_size_bytes_max: 1 << 20,
-            log_append_time: false,
+            ..LogConfig::resolve(&crate::config::BrokerConfig::default(), &Default::default())
         }
     }
 
