@@ -20,7 +20,8 @@ fn sample_batch(records: usize, value_bytes: usize) -> BytesMut {
             producer_epoch: -1,
             timestamp_type: TimestampType::Creation,
             offset: i as i64,
-            sequence: -1,
+            // One batch: the encoder splits wherever offset - sequence changes.
+            sequence: i as i32 - 1,
             timestamp: 1_700_000_000_000,
             key: Some(bytes::Bytes::from(format!("key-{i}"))),
             value: Some(bytes::Bytes::from(vec![b'x'; value_bytes])),

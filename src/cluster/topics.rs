@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 
 use crate::storage::files;
 
-const META_VERSION: u32 = 1;
+const META_VERSION: u32 = 2;
 /// Producer ids are handed out from blocks; a block's end is persisted before any id in it is
 /// used, so ids never repeat after a restart.
 pub const PRODUCER_ID_BLOCK: i64 = 1000;
@@ -27,6 +27,8 @@ pub struct ClusterRecord {
     pub cluster_id: String,
     pub producer_id_block_end: i64,
     pub topics: Vec<TopicRecord>,
+    /// Broker settings changed at run time (AlterConfigs on the broker resource).
+    pub broker_configs: Vec<(String, String)>,
 }
 
 /// A topic as every shard sees it.
@@ -44,6 +46,7 @@ pub struct TopicTable {
     pub cluster_id: String,
     pub producer_id_block_end: i64,
     pub topics: BTreeMap<Arc<str>, Topic>,
+    pub broker_configs: BTreeMap<String, String>,
 }
 
 impl TopicTable {
@@ -69,6 +72,11 @@ impl TopicTable {
                         .collect(),
                 })
                 .collect(),
+            broker_configs: self
+                .broker_configs
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         }
     }
 
@@ -76,6 +84,7 @@ impl TopicTable {
         TopicTable {
             cluster_id: r.cluster_id,
             producer_id_block_end: r.producer_id_block_end,
+            broker_configs: r.broker_configs.into_iter().collect(),
             topics: r
                 .topics
                 .into_iter()
@@ -109,6 +118,7 @@ impl TopicTable {
             cluster_id: new_cluster_id(),
             producer_id_block_end: 0,
             topics: BTreeMap::new(),
+            broker_configs: BTreeMap::new(),
         };
         table.persist(data_dir).await?;
         Ok(table)
@@ -176,6 +186,7 @@ mod tests {
             cluster_id: new_cluster_id(),
             producer_id_block_end: 2000,
             topics: BTreeMap::new(),
+            broker_configs: [("log.retention.ms".to_string(), "5".to_string())].into(),
         };
         let name: Arc<str> = Arc::from("t");
         table.topics.insert(

@@ -113,7 +113,8 @@ pub fn encode_batch(records: Vec<(Bytes, Option<Bytes>)>, now_ms: i64) -> Result
             producer_epoch: -1,
             timestamp_type: TimestampType::Creation,
             offset: i as i64,
-            sequence: -1,
+            // One batch: the encoder splits wherever offset - sequence changes.
+            sequence: i as i32 - 1,
             timestamp: now_ms,
             key: Some(key),
             value,
@@ -208,7 +209,10 @@ mod tests {
             1,
         )
         .unwrap();
-        crate::storage::batch::validate(&batch).unwrap();
+        assert_eq!(
+            crate::storage::batch::split_batches(&batch).unwrap().len(),
+            1
+        );
         let entries = decode_batches(batch).unwrap();
         assert_eq!(entries.len(), 3);
         assert!(

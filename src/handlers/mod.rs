@@ -5,7 +5,10 @@
 //! so that a client can retry lower).
 
 pub mod api_versions;
+pub mod configs;
+pub mod create_partitions;
 pub mod create_topics;
+pub mod delete_records;
 pub mod delete_topics;
 pub mod fetch;
 pub mod find_coordinator;
@@ -157,6 +160,30 @@ pub async fn dispatch(shard: &Rc<Shard>, mut frame: Bytes, peer: Option<SocketAd
         }
         RequestKind::OffsetDelete(r) => {
             encode_response(key, version, cid, &groups::delete_offsets(shard, r).await)
+        }
+        RequestKind::DescribeConfigs(r) => encode_response(
+            key,
+            version,
+            cid,
+            &configs::describe(shard, r, version).await,
+        ),
+        RequestKind::AlterConfigs(r) => {
+            encode_response(key, version, cid, &configs::alter(shard, r).await)
+        }
+        RequestKind::IncrementalAlterConfigs(r) => encode_response(
+            key,
+            version,
+            cid,
+            &configs::incremental_alter(shard, r).await,
+        ),
+        RequestKind::CreatePartitions(r) => encode_response(
+            key,
+            version,
+            cid,
+            &create_partitions::handle(shard, r).await,
+        ),
+        RequestKind::DeleteRecords(r) => {
+            encode_response(key, version, cid, &delete_records::handle(shard, r).await)
         }
         RequestKind::InitProducerId(r) => {
             encode_response(key, version, cid, &init_producer_id::handle(shard, r).await)

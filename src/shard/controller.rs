@@ -17,6 +17,32 @@ use crate::cluster::{Topic, TopicTable};
 use crate::config::validate_topic_setting;
 use crate::model::ErrorCode;
 
+/// What a config change applies to.
+#[derive(Clone, Debug)]
+pub enum ConfigResource {
+    Topic(String),
+    /// The broker's dynamic settings (resource name "" or this broker's id).
+    Broker,
+}
+
+/// One IncrementalAlterConfigs operation, with Kafka's op ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfigOp {
+    Set = 0,
+    Delete = 1,
+    Append = 2,
+    Subtract = 3,
+}
+
+/// A change to one resource: AlterConfigs replaces the whole set of overrides, incremental
+/// changes edit it.
+#[derive(Clone, Debug)]
+pub struct ConfigChange {
+    pub resource: ConfigResource,
+    pub replace: bool,
+    pub ops: Vec<(String, ConfigOp, Option<String>)>,
+}
+
 /// The most partitions one topic may have.
 pub const PARTITIONS_PER_TOPIC_MAX: i32 = 10_000;
 
@@ -131,6 +157,145 @@ impl Controller {
         results
     }
 
+    /// Applies config changes; each resource's change is validated whole and applied or refused.
+    pub async fn alter_configs(
+        &self,
+        shard: &Rc<Shard>,
+        changes: Vec<ConfigChange>,
+        validate_only: bool,
+    ) -> Vec<(ErrorCode, Option<String>)> {
+        let Ok(_permit) = self.changes.acquire_permit(1).await else {
+            return changes
+                .iter()
+                .map(|_| (ErrorCode::UNKNOWN_SERVER_ERROR, None))
+                .collect();
+        };
+        let mut table = self.current();
+        let mut results = Vec::with_capacity(changes.len());
+        let mut changed = false;
+        for change in changes {
+            let current = match &change.resource {
+                ConfigResource::Topic(name) => match table.get(name) {
+                    Some(t) => t.configs.clone(),
+                    None => {
+                        results.push((
+                            ErrorCode::UNKNOWN_TOPIC_OR_PARTITION,
+                            Some(format!("Topic {name} does not exist")),
+                        ));
+                        continue;
+                    }
+                },
+                ConfigResource::Broker => table.broker_configs.clone(),
+            };
+            let effective = shard.options.broker.with_dynamic(&table.broker_configs);
+            let default_of = |name: &str| -> Option<String> {
+                match name {
+                    "cleanup.policy" | "log.cleanup.policy" => {
+                        Some(effective.cleanup_policy.clone())
+                    }
+                    _ => None,
+                }
+            };
+            let edited = match edit_configs(current, &change, default_of) {
+                Ok(e) => e,
+                Err(message) => {
+                    results.push((ErrorCode::INVALID_CONFIG, Some(message)));
+                    continue;
+                }
+            };
+            let checked: Result<(), String> =
+                edited.iter().try_for_each(|(k, v)| match &change.resource {
+                    ConfigResource::Topic(_) => crate::config::validate_topic_setting(k, v),
+                    ConfigResource::Broker => shard.options.broker.check_dynamic(k, v),
+                });
+            if let Err(message) = checked {
+                results.push((ErrorCode::INVALID_CONFIG, Some(message)));
+                continue;
+            }
+            if !validate_only {
+                match &change.resource {
+                    ConfigResource::Topic(name) => {
+                        if let Some(t) = table.topics.get_mut(name.as_str()) {
+                            t.configs = edited;
+                        }
+                    }
+                    ConfigResource::Broker => table.broker_configs = edited,
+                }
+                changed = true;
+            }
+            results.push((ErrorCode::NONE, None));
+        }
+        if changed {
+            if let Err(e) = self.commit(shard, table).await {
+                tracing::error!(error = %format!("{e:#}"), "persisting configs failed");
+                return results
+                    .into_iter()
+                    .map(|_| (ErrorCode::UNKNOWN_SERVER_ERROR, None))
+                    .collect();
+            }
+        }
+        results
+    }
+
+    /// Grows topics to the given partition counts (never shrinks).
+    pub async fn create_partitions(
+        &self,
+        shard: &Rc<Shard>,
+        topics: Vec<(String, i32)>,
+        validate_only: bool,
+    ) -> Vec<(ErrorCode, Option<String>)> {
+        let Ok(_permit) = self.changes.acquire_permit(1).await else {
+            return topics
+                .iter()
+                .map(|_| (ErrorCode::UNKNOWN_SERVER_ERROR, None))
+                .collect();
+        };
+        let mut table = self.current();
+        let mut results = Vec::with_capacity(topics.len());
+        let mut changed = false;
+        for (name, count) in topics {
+            let Some(topic) = table.topics.get_mut(name.as_str()) else {
+                results.push((
+                    ErrorCode::UNKNOWN_TOPIC_OR_PARTITION,
+                    Some(format!("Topic {name} does not exist")),
+                ));
+                continue;
+            };
+            if count <= topic.partitions || count > PARTITIONS_PER_TOPIC_MAX {
+                results.push((
+                    ErrorCode::INVALID_PARTITIONS,
+                    Some(format!(
+                        "Topic currently has {} partitions, which is higher than or equal to the requested {count}.",
+                        topic.partitions
+                    )),
+                ));
+                continue;
+            }
+            if &*topic.name == crate::group::OFFSETS_TOPIC {
+                results.push((
+                    ErrorCode::INVALID_REQUEST,
+                    Some("The partition count of __consumer_offsets is fixed".to_string()),
+                ));
+                continue;
+            }
+            if !validate_only {
+                topic.partitions = count;
+                changed = true;
+            }
+            results.push((ErrorCode::NONE, None));
+        }
+        if changed {
+            if let Err(e) = self.commit(shard, table).await {
+                tracing::error!(error = %format!("{e:#}"), "persisting partitions failed");
+                return results
+                    .into_iter()
+                    .map(|_| (ErrorCode::UNKNOWN_SERVER_ERROR, None))
+                    .collect();
+            }
+        }
+        results
+    }
+
     /// Hands out a producer id never used before, persisting a new block when one runs out.
     pub async fn allocate_producer_id(&self, shard: &Rc<Shard>) -> Result<i64, ErrorCode> {
         let Ok(_permit) = self.changes.acquire_permit(1).await else {
@@ -211,4 +376,63 @@ fn check_spec(table: &TopicTable, spec: &TopicSpec, default_partitions: i32) -> 
         partitions,
         configs,
     })
+}
+
+/// Applies a change to a resource's current overrides; list ops apply to list-typed configs.
+fn edit_configs(
+    mut current: BTreeMap<String, String>,
+    change: &ConfigChange,
+    default_of: impl Fn(&str) -> Option<String>,
+) -> Result<BTreeMap<String, String>, String> {
+    if change.replace {
+        current.clear();
+    }
+    for (name, op, value) in &change.ops {
+        match op {
+            ConfigOp::Set => {
+                let Some(v) = value else {
+                    return Err(format!("Config {name} needs a value"));
+                };
+                current.insert(name.clone(), v.clone());
+            }
+            ConfigOp::Delete => {
+                current.remove(name);
+            }
+            ConfigOp::Append | ConfigOp::Subtract => {
+                if name != "cleanup.policy" && name != "log.cleanup.policy" {
+                    return Err(format!(
+                        "Config {name} is not a list: APPEND and SUBTRACT apply only to lists"
+                    ));
+                }
+                let Some(v) = value else {
+                    return Err(format!("Config {name} needs a value"));
+                };
+                // As Kafka: an unset list starts from its default value.
+                let base = current.get(name).cloned().or_else(|| default_of(name));
+                let mut items: Vec<String> = base
+                    .map(|s| {
+                        s.split(',')
+                            .map(|x| x.trim().to_string())
+                            .filter(|x| !x.is_empty())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                for item in v.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+                    if *op == ConfigOp::Append {
+                        if !items.iter().any(|i| i == item) {
+                            items.push(item.to_string());
+                        }
+                    } else {
+                        items.retain(|i| i != item);
+                    }
+                }
+                if items.is_empty() {
+                    current.remove(name);
+                } else {
+                    current.insert(name.clone(), items.join(","));
+                }
+            }
+        }
+    }
+    Ok(current)
 }

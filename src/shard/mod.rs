@@ -22,7 +22,7 @@ use futures_channel::oneshot;
 use glommio::channels::channel_mesh::{Receivers, Senders};
 
 use crate::cluster::{Topic, TopicTable};
-use crate::config::{LogConfig, ServeOptions};
+use crate::config::{BrokerConfig, LogConfig, ServeOptions};
 use crate::group::{GroupCall, GroupCoordinator, GroupReply, OFFSETS_TOPIC};
 use crate::model::{ErrorCode, Offset, ShardId, TopicPartition};
 use crate::storage::{Appended, PartitionLog, ReadResult};
@@ -79,6 +79,21 @@ pub enum Request {
     AllocateProducerId,
     /// A consumer-group request for a group this shard coordinates.
     Group(Box<GroupCall>),
+    /// Controller: change topic or broker configs.
+    AlterConfigs {
+        changes: Vec<controller::ConfigChange>,
+        validate_only: bool,
+    },
+    /// Controller: grow topics to new partition counts.
+    CreatePartitions {
+        topics: Vec<(String, i32)>,
+        validate_only: bool,
+    },
+    /// Move a partition's log start offset (DeleteRecords); -1 means the high watermark.
+    DeleteRecords {
+        tp: TopicPartition,
+        offset: i64,
+    },
 }
 
 impl Request {
@@ -93,6 +108,9 @@ impl Request {
             Request::DeleteTopics(_) => "DeleteTopics",
             Request::AllocateProducerId => "AllocateProducerId",
             Request::Group(_) => "Group",
+            Request::AlterConfigs { .. } => "AlterConfigs",
+            Request::CreatePartitions { .. } => "CreatePartitions",
+            Request::DeleteRecords { .. } => "DeleteRecords",
         }
     }
 }
@@ -109,6 +127,10 @@ pub enum Reply {
     Deleted(Vec<(String, ErrorCode)>),
     ProducerId(Result<i64, ErrorCode>),
     Group(Box<GroupReply>),
+    /// Per change or topic: the error and its message.
+    Altered(Vec<(ErrorCode, Option<String>)>),
+    /// DeleteRecords: the new log start offset.
+    LowWatermark(Result<Offset, ErrorCode>),
 }
 
 pub enum Envelope {
@@ -124,6 +146,8 @@ pub struct Shard {
     /// The host and port Metadata advertises.
     pub advertised: (String, u16),
     topics: RefCell<Arc<TopicTable>>,
+    /// Static settings with the dynamic broker configs of the current table applied.
+    effective: RefCell<Rc<BrokerConfig>>,
     partitions: RefCell<HashMap<TopicPartition, PartitionLog>>,
     senders: Senders<Envelope>,
     waiting: RefCell<HashMap<u64, oneshot::Sender<Reply>>>,
@@ -150,6 +174,7 @@ impl Shard {
             count,
             advertised,
             topics: RefCell::new(Arc::new(TopicTable::default())),
+            effective: RefCell::new(Rc::new(options.broker.clone())),
             partitions: RefCell::new(HashMap::new()),
             senders,
             waiting: RefCell::new(HashMap::new()),
@@ -171,6 +196,7 @@ impl Shard {
             .detach();
         }
         GroupCoordinator::start_ticker(&shard);
+        start_log_cleaner(&shard);
         if id.0 == 0 {
             shard.controller.load(&shard).await?;
         }
@@ -242,6 +268,11 @@ impl Shard {
 
     pub fn topics(&self) -> Arc<TopicTable> {
         self.topics.borrow().clone()
+    }
+
+    /// The broker settings in force: static ones with dynamic changes applied.
+    pub fn config(&self) -> Rc<BrokerConfig> {
+        self.effective.borrow().clone()
     }
 
     /// Handles work for a partition or table this shard owns.
@@ -337,6 +368,26 @@ impl Shard {
                 Reply::ProducerId(self.controller.allocate_producer_id(self).await)
             }
             Request::Group(call) => Reply::Group(Box::new(self.groups.handle(self, *call).await)),
+            Request::AlterConfigs {
+                changes,
+                validate_only,
+            } => Reply::Altered(
+                self.controller
+                    .alter_configs(self, changes, validate_only)
+                    .await,
+            ),
+            Request::CreatePartitions {
+                topics,
+                validate_only,
+            } => Reply::Altered(
+                self.controller
+                    .create_partitions(self, topics, validate_only)
+                    .await,
+            ),
+            Request::DeleteRecords { tp, offset } => match self.partition(&tp) {
+                Some(log) => Reply::LowWatermark(log.delete_records(offset).await),
+                None => Reply::LowWatermark(Err(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION)),
+            },
         }
     }
 
@@ -379,14 +430,20 @@ impl Shard {
                 tracing::error!(partition = %tp, error = %format!("{e:#}"), "deleting partition failed");
             }
         }
+        let effective = Rc::new(self.options.broker.with_dynamic(&table.broker_configs));
+        *self.effective.borrow_mut() = effective.clone();
         let n_partitions = wanted.len().max(1);
         let cache_each = self.options.broker.cache_size_bytes_per_shard / n_partitions;
-        for (tp, (topic, id)) in wanted {
+        let configs: HashMap<TopicPartition, LogConfig> = wanted
+            .iter()
+            .map(|(tp, (topic, _))| (tp.clone(), LogConfig::resolve(&effective, &topic.configs)))
+            .collect();
+        for (tp, (_, id)) in wanted {
             if self.partitions.borrow().contains_key(&tp) {
                 continue;
             }
             let dir = self.options.data_dir.join(tp.dir_name());
-            let config = LogConfig::resolve(&self.options.broker, &topic.configs);
+            let config = configs[&tp].clone();
             match PartitionLog::open(tp.clone(), dir, id, config, cache_each).await {
                 Ok(log) => {
                     if &*tp.topic == OFFSETS_TOPIC {
@@ -399,8 +456,11 @@ impl Shard {
                 }
             }
         }
-        for log in self.partitions.borrow().values() {
+        for (tp, log) in self.partitions.borrow().iter() {
             log.set_cache_limit(cache_each);
+            if let Some(config) = configs.get(tp) {
+                log.set_config(config.clone());
+            }
         }
         *self.topics.borrow_mut() = table;
         if let Some(tx) = self.ready.borrow_mut().take() {
@@ -443,4 +503,62 @@ pub async fn join_all<F: Future>(futs: Vec<F>) -> Vec<F::Output> {
     out.into_iter()
         .map(|v| v.expect("every future completed"))
         .collect()
+}
+
+/// Runs retention and compaction over this shard's partitions in a low-priority task queue, so
+/// that produce and fetch latency stays flat while segments are deleted or rewritten.
+fn start_log_cleaner(shard: &Rc<Shard>) {
+    use glommio::{Latency, Shares};
+    let queue = glommio::executor().create_task_queue(
+        Shares::Static(25),
+        Latency::NotImportant,
+        "log-cleaner",
+    );
+    let weak = Rc::downgrade(shard);
+    let task = glommio::spawn_local_into(
+        async move {
+            let mut last_retention = std::time::Instant::now();
+            let mut last_clean = std::time::Instant::now();
+            loop {
+                let Some(shard) = weak.upgrade() else { return };
+                let config = shard.config();
+                drop(shard);
+                let retention_every = Duration::from_millis(config.retention_check_interval_ms);
+                let clean_every = Duration::from_millis(config.cleaner_backoff_ms.max(1));
+                glommio::timer::sleep(
+                    retention_every
+                        .min(clean_every)
+                        .max(Duration::from_millis(10)),
+                )
+                .await;
+                let Some(shard) = weak.upgrade() else { return };
+                let logs: Vec<PartitionLog> = shard.partitions.borrow().values().cloned().collect();
+                drop(shard);
+                let now = crate::storage::partition::now_ms();
+                if last_retention.elapsed() >= retention_every {
+                    last_retention = std::time::Instant::now();
+                    for log in &logs {
+                        if let Err(e) = log.enforce_retention(now).await {
+                            tracing::error!(partition = %log.topic_partition(), error = %format!("{e:#}"), "retention failed");
+                        }
+                    }
+                }
+                if last_clean.elapsed() >= clean_every {
+                    last_clean = std::time::Instant::now();
+                    for log in &logs {
+                        if let Err(e) = log.clean(now).await {
+                            tracing::error!(partition = %log.topic_partition(), error = %format!("{e:#}"), "compaction failed");
+                        }
+                    }
+                }
+            }
+        },
+        queue,
+    );
+    match task {
+        Ok(t) => {
+            t.detach();
+        }
+        Err(e) => tracing::error!(error = %e, "the log cleaner could not start"),
+    }
 }

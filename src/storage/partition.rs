@@ -52,6 +52,11 @@ pub struct PartitionMeta {
     pub log_start_offset: i64,
 }
 
+enum RetentionStep {
+    DeleteOldest,
+    RollActive,
+}
+
 struct PendingBatch {
     header: BatchHeader,
     bytes: Bytes,
@@ -111,6 +116,13 @@ pub struct PartitionState {
     cache_bytes: usize,
     pub cache_bytes_max: usize,
     producers: HashMap<i64, ProducerState>,
+    /// Retention asked the flusher to close the active segment (it expired by time).
+    roll_requested: bool,
+    /// Compaction has cleaned every closed segment below this offset.
+    cleaned_upto: Offset,
+    /// When the earliest tombstone kept by the last cleaning passes `delete.retention.ms`: the
+    /// log is cleaned again then even if nothing new is dirty.
+    tombstone_deadline_ms: Option<i64>,
     failed: bool,
     closed: bool,
 }
@@ -197,6 +209,9 @@ impl PartitionLog {
             cache_bytes: 0,
             cache_bytes_max,
             producers,
+            roll_requested: false,
+            cleaned_upto: Offset(0),
+            tombstone_deadline_ms: None,
             failed: false,
             closed: false,
         };
@@ -212,6 +227,19 @@ impl PartitionLog {
 
     pub fn topic_partition(&self) -> TopicPartition {
         self.state.borrow().tp.clone()
+    }
+
+    /// Applies changed topic or broker configs; takes effect from the next append or check.
+    pub fn set_config(&self, config: LogConfig) {
+        let mut st = self.state.borrow_mut();
+        if st.config != config {
+            tracing::debug!(partition = %st.tp, ?config, "log config changed");
+            st.config = config;
+        }
+    }
+
+    pub fn config(&self) -> LogConfig {
+        self.state.borrow().config.clone()
     }
 
     pub fn set_cache_limit(&self, bytes: usize) {
@@ -243,6 +271,17 @@ impl PartitionLog {
             }
             if h.is_transactional() || h.is_control() {
                 return Err(ErrorCode::UNSUPPORTED_FOR_MESSAGE_FORMAT);
+            }
+        }
+        if st.config.compact {
+            // Kafka refuses keyless records on a compacted topic: there is no key to keep.
+            for (pos, h) in &batches {
+                match super::compaction::has_keyless_record(&records[*pos..*pos + h.size_bytes], h)
+                {
+                    Ok(false) => {}
+                    Ok(true) => return Err(ErrorCode::INVALID_RECORD),
+                    Err(_) => return Err(ErrorCode::CORRUPT_MESSAGE),
+                }
             }
         }
         // Idempotence: a retry of one of the producer's last five batches is answered with its
@@ -490,6 +529,263 @@ impl PartitionLog {
         Ok(())
     }
 
+    /// Deletes the oldest segments that `retention.ms` or `retention.bytes` no longer keep (for
+    /// `cleanup.policy` with `delete`). An expired active segment is rolled first so that it can
+    /// go too. The log start offset moves to the first remaining segment. Returns the number of
+    /// segments deleted.
+    pub async fn enforce_retention(&self, now_ms: u64) -> Result<usize> {
+        let mut deleted = 0;
+        loop {
+            let step = {
+                let st = self.state.borrow();
+                if !st.config.delete || st.closed || st.failed {
+                    return Ok(deleted);
+                }
+                let total: u64 = st.segments.iter().map(|s| s.size_bytes).sum();
+                let expired = |s: &Segment| {
+                    st.config.retention_ms >= 0
+                        && s.size_bytes > 0
+                        && s.max_timestamp >= 0
+                        && (now_ms as i64).saturating_sub(s.max_timestamp) > st.config.retention_ms
+                };
+                let oversized = |s: &Segment| {
+                    st.config.retention_bytes >= 0
+                        && total.saturating_sub(s.size_bytes) >= st.config.retention_bytes as u64
+                };
+                let first = &st.segments[0];
+                if st.segments.len() > 1 && (expired(first) || oversized(first)) {
+                    RetentionStep::DeleteOldest
+                } else if st.segments.len() == 1 && expired(first) && st.pending.is_empty() {
+                    RetentionStep::RollActive
+                } else {
+                    return Ok(deleted);
+                }
+            };
+            match step {
+                RetentionStep::DeleteOldest => {
+                    self.delete_oldest_segment().await?;
+                    deleted += 1;
+                }
+                RetentionStep::RollActive => {
+                    self.state.borrow_mut().roll_requested = true;
+                    self.work.notify(1);
+                    let rolled =
+                        glommio::timer::timeout(std::time::Duration::from_secs(5), async {
+                            loop {
+                                let listener = self.progress.listen();
+                                if self.state.borrow().segments.len() > 1 {
+                                    return Ok(());
+                                }
+                                listener.await;
+                            }
+                        })
+                        .await;
+                    if rolled.is_err() {
+                        return Ok(deleted);
+                    }
+                }
+            }
+        }
+    }
+
+    /// DeleteRecords: moves the log start offset to `offset` (-1: the high watermark) and deletes
+    /// the segments wholly below it. Returns the new log start offset.
+    pub async fn delete_records(&self, offset: i64) -> Result<Offset, ErrorCode> {
+        let (hw, start) = {
+            let st = self.state.borrow();
+            (st.high_watermark, st.log_start)
+        };
+        let target = if offset == -1 { hw } else { Offset(offset) };
+        if target.0 < 0 || target > hw {
+            return Err(ErrorCode::OFFSET_OUT_OF_RANGE);
+        }
+        if target <= start {
+            return Ok(start);
+        }
+        self.set_log_start(target).await.map_err(|e| {
+            tracing::error!(error = %format!("{e:#}"), "persisting the log start offset failed");
+            ErrorCode::KAFKA_STORAGE_ERROR
+        })?;
+        loop {
+            let whole = {
+                let st = self.state.borrow();
+                st.segments.len() > 1 && st.segments[1].base_offset <= target
+            };
+            if !whole {
+                break;
+            }
+            self.delete_oldest_segment().await.map_err(|e| {
+                tracing::error!(error = %format!("{e:#}"), "deleting a segment failed");
+                ErrorCode::KAFKA_STORAGE_ERROR
+            })?;
+        }
+        Ok(target)
+    }
+
+    /// Compacts the closed segments when their dirty share reaches `min.cleanable.dirty.ratio`
+    /// (segments younger than `min.compaction.lag.ms` are left for later). Returns the bytes the
+    /// cleaned segments held before and after, or None when nothing was due.
+    pub async fn clean(&self, now_ms: u64) -> Result<Option<(u64, u64)>> {
+        let (candidates, cleaned_upto, config, dir, tombstones_due) = {
+            let st = self.state.borrow();
+            if !st.config.compact || st.closed || st.failed || st.segments.len() < 2 {
+                return Ok(None);
+            }
+            let lag_cutoff = (now_ms as i64).saturating_sub(st.config.min_compaction_lag_ms);
+            let candidates: Vec<(Offset, Rc<glommio::io::DmaFile>, u64, Offset)> = st.segments
+                [..st.segments.len() - 1]
+                .iter()
+                .take_while(|s| s.max_timestamp <= lag_cutoff)
+                .map(|s| (s.base_offset, s.file.clone(), s.size_bytes, s.end_offset))
+                .collect();
+            let tombstones_due = st.tombstone_deadline_ms.is_some_and(|t| now_ms as i64 >= t);
+            (
+                candidates,
+                st.cleaned_upto,
+                st.config.clone(),
+                st.dir.clone(),
+                tombstones_due,
+            )
+        };
+        let total: u64 = candidates.iter().map(|c| c.2).sum();
+        let dirty: u64 = candidates
+            .iter()
+            .filter(|c| c.3 > cleaned_upto)
+            .map(|c| c.2)
+            .sum();
+        let dirty_enough =
+            dirty > 0 && (dirty as f64) >= config.min_cleanable_dirty_ratio * total as f64;
+        if !dirty_enough && !tombstones_due {
+            return Ok(None);
+        }
+        let mut tombstone_deadline: Option<i64> = None;
+        let mut latest: HashMap<Bytes, i64> = HashMap::new();
+        for (_, file, size, _) in &candidates {
+            for_each_batch(file, *size, |batch, header| {
+                super::compaction::index_latest(batch, header, &mut latest)
+            })
+            .await?;
+        }
+        let mut before = 0u64;
+        let mut after = 0u64;
+        for (base, file, size, _) in &candidates {
+            let mut cleaned = Vec::with_capacity(usize::try_from(*size).unwrap_or(0));
+            for_each_batch(file, *size, |batch, header| {
+                let filtered = super::compaction::filter_batch(
+                    batch,
+                    header,
+                    &latest,
+                    now_ms as i64,
+                    config.delete_retention_ms,
+                )?;
+                if filtered.kept_tombstone {
+                    let due = header
+                        .max_timestamp
+                        .saturating_add(config.delete_retention_ms)
+                        + 1;
+                    tombstone_deadline = Some(tombstone_deadline.map_or(due, |t| t.min(due)));
+                }
+                if let Some(kept) = filtered.batch {
+                    cleaned.extend_from_slice(&kept);
+                }
+                Ok(())
+            })
+            .await?;
+            before += size;
+            after += cleaned.len() as u64;
+            if cleaned.len() as u64 == *size {
+                continue;
+            }
+            self.replace_segment(&dir, *base, &cleaned).await?;
+        }
+        let end = candidates.last().map_or(cleaned_upto, |c| c.3);
+        let mut st = self.state.borrow_mut();
+        st.cleaned_upto = end;
+        st.tombstone_deadline_ms = tombstone_deadline;
+        // Cached batches below the cleaned end hold records compaction removed.
+        while st.cache.front().is_some_and(|b| b.base_offset < end) {
+            if let Some(old) = st.cache.pop_front() {
+                st.cache_bytes -= old.bytes.len();
+            }
+        }
+        drop(st);
+        tracing::info!(partition = %self.topic_partition(), before, after, "log compacted");
+        Ok(Some((before, after)))
+    }
+
+    /// Swaps a closed segment for its cleaned contents: written beside it, made durable, renamed
+    /// over it, indexes rebuilt.
+    async fn replace_segment(&self, dir: &Path, base: Offset, contents: &[u8]) -> Result<()> {
+        let log_path = segment::log_path(dir, base);
+        let cleaned_path = log_path.with_extension("cleaned");
+        files::write_whole(&cleaned_path, contents).await?;
+        let (interval, present) = {
+            let st = self.state.borrow();
+            let present = st.segments.iter().any(|s| s.base_offset == base);
+            (st.config.index_interval_bytes, present)
+        };
+        if !present {
+            // DeleteRecords or retention removed the segment meanwhile: nothing to replace.
+            let _ = std::fs::remove_file(&cleaned_path);
+            return Ok(());
+        }
+        // Index files describe the old contents: remove them before the swap, so a crash
+        // between the two leaves a segment whose indexes are rebuilt on open.
+        for ext in ["index", "timeindex"] {
+            let _ = std::fs::remove_file(log_path.with_extension(ext));
+        }
+        glommio::io::rename(&cleaned_path, &log_path).await.io()?;
+        files::sync_dir(dir).await?;
+        let (segment, _) = Segment::open(dir, base, false, interval, now_ms()).await?;
+        let mut st = self.state.borrow_mut();
+        if let Some(slot) = st.segments.iter_mut().find(|s| s.base_offset == base) {
+            *slot = segment;
+        }
+        Ok(())
+    }
+
+    async fn set_log_start(&self, offset: Offset) -> Result<()> {
+        let (path, meta) = {
+            let mut st = self.state.borrow_mut();
+            if offset <= st.log_start {
+                return Ok(());
+            }
+            st.log_start = offset;
+            st.meta.log_start_offset = offset.0;
+            while st.cache.front().is_some_and(|b| b.last_offset < offset) {
+                if let Some(old) = st.cache.pop_front() {
+                    st.cache_bytes -= old.bytes.len();
+                }
+            }
+            (st.dir.join("partition.meta"), st.meta.clone())
+        };
+        write_partition_meta(&path, &meta).await
+    }
+
+    /// Removes the oldest (closed) segment and its files, advancing the log start offset.
+    async fn delete_oldest_segment(&self) -> Result<()> {
+        let (segment, next_base) = {
+            let mut st = self.state.borrow_mut();
+            if st.segments.len() < 2 {
+                return Ok(());
+            }
+            let segment = st.segments.remove(0);
+            (segment, st.segments[0].base_offset)
+        };
+        self.set_log_start(next_base).await?;
+        let paths = segment.paths();
+        drop(segment);
+        for path in paths {
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(e).with_context(|| format!("removing {}", path.display()));
+                }
+            }
+        }
+        tracing::info!(partition = %self.topic_partition(), log_start = next_base.0, "segment deleted by retention");
+        Ok(())
+    }
+
     async fn run_flusher(self) {
         loop {
             let listener = self.work.listen();
@@ -498,7 +794,7 @@ impl PartitionLog {
                 if st.closed || st.failed {
                     return;
                 }
-                !st.pending.is_empty() || st.sync_wanted > st.durable
+                !st.pending.is_empty() || st.sync_wanted > st.durable || st.roll_requested
             };
             if !has_work {
                 listener.await;
@@ -518,8 +814,15 @@ impl PartitionLog {
     /// Writes one chunk of queued batches (rolling the segment first when due) and fdatasyncs if a
     /// producer waits for durability.
     async fn flush_once(&self) -> Result<()> {
-        if self.state.borrow().should_roll() {
+        let roll = {
+            let mut st = self.state.borrow_mut();
+            let requested = std::mem::take(&mut st.roll_requested)
+                && st.segments.last().is_some_and(|s| s.size_bytes > 0);
+            requested || st.should_roll()
+        };
+        if roll {
             self.roll().await?;
+            self.progress.notify(usize::MAX);
         }
         let (prepared, chunk, data) = {
             let st = self.state.borrow();
@@ -774,6 +1077,43 @@ async fn read_batches(
         pos += at as u64;
     }
     Ok(out.freeze())
+}
+
+/// Calls `f` with every batch of a segment file, reading it in large chunks.
+async fn for_each_batch(
+    file: &glommio::io::DmaFile,
+    size: u64,
+    mut f: impl FnMut(&[u8], &BatchHeader) -> Result<()>,
+) -> Result<()> {
+    let mut pos = 0u64;
+    while pos < size {
+        let want = usize::try_from((size - pos).min(1 << 20))?;
+        let chunk = file.read_at(pos, want).await.io()?;
+        let mut at = 0usize;
+        while at < chunk.len() {
+            let header = match BatchHeader::parse(&chunk[at..]) {
+                Ok(h) => h,
+                Err(batch::BatchError::Incomplete) => break,
+                Err(e) => anyhow::bail!("corrupt batch at position {}: {e:?}", pos + at as u64),
+            };
+            if at + header.size_bytes > chunk.len() {
+                if at == 0 {
+                    let whole = file.read_at(pos, header.size_bytes).await.io()?;
+                    f(&whole, &header)?;
+                    at = header.size_bytes;
+                }
+                break;
+            }
+            f(&chunk[at..at + header.size_bytes], &header)?;
+            at += header.size_bytes;
+        }
+        if at == 0 {
+            anyhow::bail!("no progress reading batches at position {pos}");
+        }
+        pos += at as u64;
+        glommio::yield_if_needed().await;
+    }
+    Ok(())
 }
 
 async fn write_partition_meta(path: &Path, meta: &PartitionMeta) -> Result<()> {

@@ -1,0 +1,263 @@
+"""Log management and admin with real clients: retention by time and size, DeleteRecords,
+compaction, topic and broker configs (describe, alter, persist, validate), CreatePartitions."""
+
+import glob
+import os
+import time
+
+import pytest
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import (AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource,
+                                   ConfigSource, NewPartitions, ResourceType)
+from kafka.admin import ConfigResource as KPConfigResource
+from kafka.admin import ConfigResourceType, KafkaAdminClient, NewTopic
+
+FAST_CLEANER = ["--set", "log.retention.check.interval.ms=200", "--set", "log.cleaner.backoff.ms=200",
+                "--set", "group.initial.rebalance.delay.ms=0", "--set", "offsets.topic.num.partitions=4"]
+
+
+@pytest.fixture
+def lbroker(broker_factory):
+    return broker_factory(extra_args=FAST_CLEANER, name="logs")
+
+
+def create_topic(bootstrap, name, partitions=1, **configs):
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    try:
+        admin.create_topics([NewTopic(name, partitions, 1, topic_configs={k.replace("_", "."): str(v) for k, v in configs.items()})])
+    finally:
+        admin.close()
+
+
+def produce(bootstrap, topic, records, partition=0):
+    """records: (key, value) pairs; returns their offsets in order."""
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0, "acks": "all", "batch.num.messages": 1})
+    offsets = []
+    for key, value in records:
+        p.produce(topic, key=key, value=value, partition=partition,
+                  on_delivery=lambda err, msg: offsets.append((err, msg.offset())))
+        p.poll(0)
+    assert p.flush(30) == 0
+    assert all(err is None for err, _ in offsets), offsets[:3]
+    return [o for _, o in offsets]
+
+
+def log_bytes(broker, topic, partition=0):
+    return sum(os.path.getsize(f) for f in glob.glob(os.path.join(broker.data_dir, f"{topic}-{partition}", "*.log")))
+
+
+def watermarks(bootstrap, topic, partition=0):
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "wm"})
+    try:
+        return c.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+    finally:
+        c.close()
+
+
+def wait_until(cond, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_time_retention_deletes_old_segments_and_moves_log_start(lbroker):
+    create_topic(lbroker.bootstrap, "short", retention_ms=3000, segment_bytes=1024)
+    offsets = produce(lbroker.bootstrap, "short", [(b"k", b"x" * 100) for _ in range(60)])
+    assert offsets == list(range(60))
+    first_segment = os.path.join(lbroker.data_dir, "short-0", "00000000000000000000.log")
+    wait_until(lambda: watermarks(lbroker.bootstrap, "short")[0] > 0, 20, "the log start offset to move")
+    low, high = watermarks(lbroker.bootstrap, "short")
+    assert high == 60
+    assert not os.path.exists(first_segment), "the oldest segment file is deleted"
+
+    # A consumer at an expired offset is told OFFSET_OUT_OF_RANGE (auto.offset.reset=error) ...
+    c = Consumer({"bootstrap.servers": lbroker.bootstrap, "group.id": "strict", "auto.offset.reset": "error"})
+    c.assign([TopicPartition("short", 0, 0)])
+    err = None
+    deadline = time.time() + 15
+    while err is None and time.time() < deadline:
+        m = c.poll(0.5)
+        if m is not None and m.error():
+            err = m.error()
+    c.close()
+    assert err is not None and err.code() == KafkaError._AUTO_OFFSET_RESET, err
+    # ... and one with auto.offset.reset=earliest resumes at the new log start.
+    produce(lbroker.bootstrap, "short", [(b"k", b"fresh")])
+    low, high = watermarks(lbroker.bootstrap, "short")
+    c = Consumer({"bootstrap.servers": lbroker.bootstrap, "group.id": "lenient", "auto.offset.reset": "earliest"})
+    c.assign([TopicPartition("short", 0, 0)])
+    first = None
+    deadline = time.time() + 15
+    while first is None and time.time() < deadline:
+        m = c.poll(0.5)
+        if m is not None and not m.error():
+            first = m
+    c.close()
+    assert first is not None and first.offset() >= low
+
+
+def test_size_retention_holds_the_partition_near_its_bound(lbroker):
+    create_topic(lbroker.bootstrap, "bounded", retention_bytes=20_000, segment_bytes=4096)
+    produce(lbroker.bootstrap, "bounded", [(b"k", b"y" * 500) for _ in range(400)])
+    wait_until(lambda: log_bytes(lbroker, "bounded") <= 20_000 + 4096, 20, "size retention")
+    low, high = watermarks(lbroker.bootstrap, "bounded")
+    assert high == 400 and low > 0
+    print(f"partition holds {log_bytes(lbroker, 'bounded')} bytes with retention.bytes=20000")
+
+
+def test_delete_records_moves_the_log_start(lbroker):
+    create_topic(lbroker.bootstrap, "trim", segment_bytes=1024)
+    produce(lbroker.bootstrap, "trim", [(b"k", b"z" * 100) for _ in range(50)])
+    admin = AdminClient({"bootstrap.servers": lbroker.bootstrap})
+    [(tp, fut)] = admin.delete_records([TopicPartition("trim", 0, 30)]).items()
+    assert fut.result(10).low_watermark == 30
+    assert watermarks(lbroker.bootstrap, "trim") == (30, 50)
+
+
+def consume_all(bootstrap, topic, partition=0, timeout=20):
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "reader", "auto.offset.reset": "earliest",
+                  "enable.auto.commit": False, "enable.partition.eof": True})
+    c.assign([TopicPartition(topic, partition, 0)])
+    out = []
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        m = c.poll(0.5)
+        if m is None:
+            continue
+        if m.error():
+            if m.error().code() == KafkaError._PARTITION_EOF:
+                break
+            continue
+        out.append((m.offset(), m.key(), m.value()))
+    c.close()
+    return out
+
+
+def test_compaction_keeps_the_latest_value_per_key_with_offsets_unchanged(lbroker):
+    create_topic(lbroker.bootstrap, "table", cleanup_policy="compact", segment_bytes=2048,
+                 min_cleanable_dirty_ratio="0.01", delete_retention_ms=500)
+    records, latest = [], {}
+    for round_ in range(20):
+        for k in range(30):
+            records.append((f"key-{k}".encode(), f"v{round_}-{k}".encode()))
+    for k in range(5):
+        records.append((f"key-{k}".encode(), None))  # tombstones
+    offsets = produce(lbroker.bootstrap, "table", records)
+    for (key, value), offset in zip(records, offsets):
+        latest[key] = (offset, value)
+    # Fill a few segments with other keys so every record above sits in a closed segment.
+    produce(lbroker.bootstrap, "table", [(f"filler-{i}".encode(), b"f" * 200) for i in range(40)])
+    before = log_bytes(lbroker, "table")
+
+    def compacted():
+        got = consume_all(lbroker.bootstrap, "table")
+        mine = [(o, k, v) for o, k, v in got if k.startswith(b"key-")]
+        return len(mine) == 25 and mine
+
+    wait_until(compacted, 30, "compaction to leave one record per live key")
+    mine = compacted()
+    assert {k: (o, v) for o, k, v in mine} == {k: ov for k, ov in latest.items() if ov[1] is not None}
+    after = log_bytes(lbroker, "table")
+    assert after < before / 2, f"disk footprint {before} -> {after} bytes"
+    low, high = watermarks(lbroker.bootstrap, "table")
+    assert (low, high) == (0, len(records) + 40), "offsets are preserved"
+
+
+def test_keyless_record_on_a_compacted_topic_is_refused(lbroker):
+    create_topic(lbroker.bootstrap, "keyed-only", cleanup_policy="compact")
+    p = Producer({"bootstrap.servers": lbroker.bootstrap, "retries": 0})
+    errors = []
+    p.produce("keyed-only", value=b"no key", on_delivery=lambda err, msg: errors.append(err))
+    p.flush(10)
+    assert errors and errors[0] is not None and errors[0].code() == KafkaError.INVALID_RECORD
+
+
+def describe_topic(admin, topic):
+    res = ConfigResource(ResourceType.TOPIC, topic)
+    return admin.describe_configs([res])[res].result(10)
+
+
+def test_configs_describe_alter_validate_and_survive_restart(lbroker):
+    create_topic(lbroker.bootstrap, "tuned", retention_ms=60000)
+    admin = AdminClient({"bootstrap.servers": lbroker.bootstrap})
+    configs = describe_topic(admin, "tuned")
+    assert configs["retention.ms"].value == "60000"
+    assert configs["retention.ms"].source == ConfigSource.DYNAMIC_TOPIC_CONFIG.value
+    assert configs["cleanup.policy"].value == "delete"
+    assert configs["cleanup.policy"].source == ConfigSource.DEFAULT_CONFIG.value
+    assert configs["segment.bytes"].value == "1073741824"
+
+    res = ConfigResource(ResourceType.TOPIC, "tuned", incremental_configs=[
+        ConfigEntry("retention.ms", "120000", incremental_operation=AlterConfigOpType.SET),
+        ConfigEntry("cleanup.policy", "compact", incremental_operation=AlterConfigOpType.APPEND)])
+    admin.incremental_alter_configs([res])[res].result(10)
+    configs = describe_topic(admin, "tuned")
+    assert configs["retention.ms"].value == "120000"
+    assert configs["cleanup.policy"].value == "delete,compact"
+
+    bad = ConfigResource(ResourceType.TOPIC, "tuned", incremental_configs=[
+        ConfigEntry("retention.ms", "soon", incremental_operation=AlterConfigOpType.SET)])
+    with pytest.raises(KafkaException) as e:
+        admin.incremental_alter_configs([bad])[bad].result(10)
+    assert e.value.args[0].code() == KafkaError.INVALID_CONFIG
+
+    # kafka-python: broker configs, with Kafka's defaults and a dynamic change.
+    kp = KafkaAdminClient(bootstrap_servers=lbroker.bootstrap, request_timeout_ms=10000)
+    try:
+        broker_res = KPConfigResource(ConfigResourceType.BROKER, "0")
+        entries = kp.describe_configs([broker_res], config_filter="all")["broker"]["0"]
+        assert entries["log.retention.hours"]["value"] == "168"
+        assert entries["log.retention.hours"]["config_source"] == "DEFAULT_CONFIG"
+        assert entries["log.retention.check.interval.ms"]["value"] == "200"
+        assert entries["log.retention.check.interval.ms"]["config_source"] == "STATIC_BROKER_CONFIG"
+        kp.alter_configs([KPConfigResource(ConfigResourceType.BROKER, "0", configs={"log.retention.bytes": "123456789"})])
+        kp.alter_configs([KPConfigResource(ConfigResourceType.TOPIC, "tuned", configs={"retention.ms": "777000", "cleanup.policy": "delete"})])
+    finally:
+        kp.close()
+
+    lbroker.stop()
+    lbroker.start()
+    admin = AdminClient({"bootstrap.servers": lbroker.bootstrap})
+    configs = describe_topic(admin, "tuned")
+    assert configs["retention.ms"].value == "777000"
+    assert configs["retention.bytes"].value == "123456789"
+    assert configs["retention.bytes"].source == ConfigSource.DYNAMIC_DEFAULT_BROKER_CONFIG.value
+    broker = ConfigResource(ResourceType.BROKER, "0")
+    bconf = admin.describe_configs([broker])[broker].result(10)
+    assert bconf["log.retention.bytes"].value == "123456789"
+    assert bconf["log.retention.hours"].value == "168" and bconf["log.retention.hours"].is_read_only
+
+
+def test_create_partitions_grows_a_topic_that_producers_and_groups_pick_up(lbroker):
+    create_topic(lbroker.bootstrap, "growing", 2)
+    admin = AdminClient({"bootstrap.servers": lbroker.bootstrap})
+    c = Consumer({"bootstrap.servers": lbroker.bootstrap, "group.id": "growers", "auto.offset.reset": "earliest",
+                  "topic.metadata.refresh.interval.ms": 500})
+    assigned = set()
+    c.subscribe(["growing"], on_assign=lambda cons, parts: assigned.update(p.partition for p in parts))
+    deadline = time.time() + 20
+    while assigned != {0, 1} and time.time() < deadline:
+        c.poll(0.2)
+    assert assigned == {0, 1}
+
+    admin.create_partitions([NewPartitions("growing", 6)])["growing"].result(10)
+    md = admin.list_topics(topic="growing", timeout=10)
+    assert sorted(md.topics["growing"].partitions) == [0, 1, 2, 3, 4, 5]
+    for p in range(6):
+        produce(lbroker.bootstrap, "growing", [(b"k", f"p{p}".encode())], partition=p)
+    seen = set()
+    deadline = time.time() + 30
+    while seen != {f"p{p}".encode() for p in range(6)} and time.time() < deadline:
+        m = c.poll(0.2)
+        if m is not None and not m.error():
+            seen.add(m.value())
+    c.close()
+    assert assigned == {0, 1, 2, 3, 4, 5}
+    assert seen == {f"p{p}".encode() for p in range(6)}
+
+    with pytest.raises(KafkaException) as e:
+        admin.create_partitions([NewPartitions("growing", 3)])["growing"].result(10)
+    assert e.value.args[0].code() == KafkaError.INVALID_PARTITIONS
