@@ -29,10 +29,67 @@ struct Cli {
 enum Command {
     /// Run the broker (the default when no subcommand is given).
     Serve(ServeArgs),
+    /// Topics of any Kafka-compatible cluster.
+    Topic {
+        #[command(subcommand)]
+        command: TopicCommand,
+    },
     /// Consumer groups of any Kafka-compatible cluster.
     Group {
         #[command(subcommand)]
         command: GroupCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TopicCommand {
+    /// Create a topic.
+    Create {
+        name: String,
+        #[arg(long, default_value_t = 1)]
+        partitions: i32,
+        #[arg(long, default_value_t = 1)]
+        replication_factor: i16,
+        /// A topic config, such as `retention.ms=60000`; repeatable.
+        #[arg(long = "config", value_name = "NAME=VALUE")]
+        configs: Vec<String>,
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        bootstrap: String,
+    },
+    /// List topic names.
+    List {
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        bootstrap: String,
+    },
+    /// Partitions, leaders, replicas and config overrides of a topic.
+    Describe {
+        name: String,
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        bootstrap: String,
+    },
+    /// Set or delete topic config overrides.
+    Alter {
+        name: String,
+        #[arg(long = "config", value_name = "NAME=VALUE")]
+        configs: Vec<String>,
+        #[arg(long = "delete-config", value_name = "NAME")]
+        delete_configs: Vec<String>,
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        bootstrap: String,
+    },
+    /// Delete a topic.
+    Delete {
+        name: String,
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        bootstrap: String,
+    },
+    /// Grow a topic to a new partition count.
+    AddPartitions {
+        name: String,
+        #[arg(long)]
+        partitions: i32,
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        bootstrap: String,
     },
 }
 
@@ -85,12 +142,53 @@ fn main() {
     let result = match cli.command {
         Some(Command::Serve(args)) => serve(args),
         Some(Command::Group { command }) => group(command),
+        Some(Command::Topic { command }) => topic(command),
         None => serve(ServeArgs::parse_from(["serve"])),
     };
     if let Err(e) = result {
         eprintln!("strom: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn topic(command: TopicCommand) -> Result<()> {
+    use strom::client::topics;
+    let out = match command {
+        TopicCommand::Create {
+            name,
+            partitions,
+            replication_factor,
+            configs,
+            bootstrap,
+        } => topics::create(
+            &bootstrap,
+            &name,
+            partitions,
+            replication_factor,
+            &topics::parse_configs(&configs)?,
+        )?,
+        TopicCommand::List { bootstrap } => topics::list(&bootstrap)?,
+        TopicCommand::Describe { name, bootstrap } => topics::describe(&bootstrap, &name)?,
+        TopicCommand::Alter {
+            name,
+            configs,
+            delete_configs,
+            bootstrap,
+        } => topics::alter(
+            &bootstrap,
+            &name,
+            &topics::parse_configs(&configs)?,
+            &delete_configs,
+        )?,
+        TopicCommand::Delete { name, bootstrap } => topics::delete(&bootstrap, &name)?,
+        TopicCommand::AddPartitions {
+            name,
+            partitions,
+            bootstrap,
+        } => topics::add_partitions(&bootstrap, &name, partitions)?,
+    };
+    print!("{out}");
+    Ok(())
 }
 
 fn group(command: GroupCommand) -> Result<()> {

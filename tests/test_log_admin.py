@@ -261,3 +261,37 @@ def test_create_partitions_grows_a_topic_that_producers_and_groups_pick_up(lbrok
     with pytest.raises(KafkaException) as e:
         admin.create_partitions([NewPartitions("growing", 3)])["growing"].result(10)
     assert e.value.args[0].code() == KafkaError.INVALID_PARTITIONS
+
+
+def test_strom_topic_cli_creates_describes_alters_grows_and_deletes(lbroker):
+    import subprocess
+    from conftest import STROM_BIN
+
+    def strom(*args):
+        out = subprocess.run([STROM_BIN, "topic", *args, "--bootstrap", lbroker.bootstrap],
+                             capture_output=True, text=True, timeout=30)
+        return out.returncode, out.stdout, out.stderr
+
+    code, out, err = strom("create", "cli-topic", "--partitions", "2", "--config", "retention.ms=90000")
+    assert code == 0, err
+    code, out, _ = strom("list")
+    assert "cli-topic" in out.split()
+    code, out, _ = strom("describe", "cli-topic")
+    assert "PartitionCount: 2" in out and "retention.ms=90000" in out
+    assert out.count("Partition: ") == 2
+    code, out, err = strom("alter", "cli-topic", "--config", "cleanup.policy=compact", "--delete-config", "retention.ms")
+    assert code == 0, err
+    code, out, _ = strom("describe", "cli-topic")
+    assert "cleanup.policy=compact" in out and "retention.ms" not in out
+    code, out, err = strom("alter", "cli-topic", "--config", "retention.ms=forever")
+    assert code != 0 and "INVALID_CONFIG" in err
+    code, out, err = strom("add-partitions", "cli-topic", "--partitions", "5")
+    assert code == 0, err
+    code, out, _ = strom("describe", "cli-topic")
+    assert "PartitionCount: 5" in out
+    code, out, err = strom("create", "cli-topic")
+    assert code != 0 and "TOPIC_ALREADY_EXISTS" in err
+    code, out, err = strom("delete", "cli-topic")
+    assert code == 0, err
+    code, out, _ = strom("list")
+    assert "cli-topic" not in out.split()

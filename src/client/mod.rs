@@ -1,8 +1,9 @@
-//! The small Kafka client the command line uses (`strom group ...`): blocking, one request at a
+//! The small Kafka client the command line uses (`strom group ...`, `strom topic ...`): blocking, one request at a
 //! time, speaking the Kafka protocol to any Kafka-compatible broker. Messages come from the
 //! `kafka-protocol` crate; responses are bounded in size before anything is allocated for them.
 
 pub mod groups;
+pub mod topics;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

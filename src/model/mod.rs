@@ -110,4 +110,34 @@ impl ErrorCode {
     pub fn is_ok(self) -> bool {
         self == ErrorCode::NONE
     }
+
+    /// Kafka's name for the error, for messages people read.
+    pub fn name(self) -> &'static str {
+        match self.0 {
+            0 => "NONE",
+            -1 => "UNKNOWN_SERVER_ERROR",
+            1 => "OFFSET_OUT_OF_RANGE",
+            2 => "CORRUPT_MESSAGE",
+            3 => "UNKNOWN_TOPIC_OR_PARTITION",
+            7 => "REQUEST_TIMED_OUT",
+            10 => "MESSAGE_TOO_LARGE",
+            15 => "COORDINATOR_NOT_AVAILABLE",
+            16 => "NOT_COORDINATOR",
+            17 => "INVALID_TOPIC_EXCEPTION",
+            22 => "ILLEGAL_GENERATION",
+            25 => "UNKNOWN_MEMBER_ID",
+            27 => "REBALANCE_IN_PROGRESS",
+            35 => "UNSUPPORTED_VERSION",
+            36 => "TOPIC_ALREADY_EXISTS",
+            37 => "INVALID_PARTITIONS",
+            38 => "INVALID_REPLICATION_FACTOR",
+            40 => "INVALID_CONFIG",
+            41 => "NOT_CONTROLLER",
+            42 => "INVALID_REQUEST",
+            68 => "NON_EMPTY_GROUP",
+            69 => "GROUP_ID_NOT_FOUND",
+            87 => "INVALID_RECORD",
+            _ => "UNKNOWN_ERROR_CODE",
+        }
+    }
 }
