@@ -295,3 +295,17 @@ def test_strom_topic_cli_creates_describes_alters_grows_and_deletes(lbroker):
     assert code == 0, err
     code, out, _ = strom("list")
     assert "cli-topic" not in out.split()
+
+
+def test_acks_all_needs_min_insync_replicas(lbroker):
+    create_topic(lbroker.bootstrap, "strict-isr", min_insync_replicas=2)
+    p = Producer({"bootstrap.servers": lbroker.bootstrap, "acks": "all", "retries": 0, "message.timeout.ms": 5000})
+    errors = []
+    p.produce("strict-isr", value=b"x", on_delivery=lambda err, msg: errors.append(err))
+    p.flush(10)
+    assert errors and errors[0] is not None and errors[0].code() == KafkaError.NOT_ENOUGH_REPLICAS
+    p1 = Producer({"bootstrap.servers": lbroker.bootstrap, "acks": 1})
+    ok = []
+    p1.produce("strict-isr", value=b"y", on_delivery=lambda err, msg: ok.append(err))
+    p1.flush(10)
+    assert ok == [None]

@@ -811,6 +811,8 @@ pub struct LogConfig {
     pub delete_retention_ms: i64,
     pub min_cleanable_dirty_ratio: f64,
     pub min_compaction_lag_ms: i64,
+    /// With one replica per partition, `acks=all` fails with NOT_ENOUGH_REPLICAS above 1.
+    pub min_insync_replicas: i32,
 }
 
 impl LogConfig {
@@ -843,6 +845,10 @@ impl LogConfig {
                 .unwrap_or(broker.min_cleanable_dirty_ratio),
             min_compaction_lag_ms: get("min.compaction.lag.ms")
                 .unwrap_or(broker.min_compaction_lag_ms),
+            min_insync_replicas: get("min.insync.replicas")
+                .map_or(broker.min_insync_replicas, |v| {
+                    i32::try_from(v).unwrap_or(i32::MAX)
+                }),
         }
     }
 }

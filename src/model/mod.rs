@@ -79,6 +79,7 @@ impl ErrorCode {
     pub const MESSAGE_TOO_LARGE: ErrorCode = ErrorCode(10);
     pub const INVALID_TOPIC_EXCEPTION: ErrorCode = ErrorCode(17);
     pub const RECORD_LIST_TOO_LARGE: ErrorCode = ErrorCode(18);
+    pub const NOT_ENOUGH_REPLICAS: ErrorCode = ErrorCode(19);
     pub const INVALID_REQUIRED_ACKS: ErrorCode = ErrorCode(21);
     pub const UNSUPPORTED_VERSION: ErrorCode = ErrorCode(35);
     pub const TOPIC_ALREADY_EXISTS: ErrorCode = ErrorCode(36);
@@ -124,6 +125,7 @@ impl ErrorCode {
             15 => "COORDINATOR_NOT_AVAILABLE",
             16 => "NOT_COORDINATOR",
             17 => "INVALID_TOPIC_EXCEPTION",
+            19 => "NOT_ENOUGH_REPLICAS",
             22 => "ILLEGAL_GENERATION",
             25 => "UNKNOWN_MEMBER_ID",
             27 => "REBALANCE_IN_PROGRESS",

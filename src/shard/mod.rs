@@ -283,6 +283,10 @@ impl Shard {
                     return Reply::Append(Err(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION));
                 };
                 let durable = acks == -1;
+                if durable && log.config().min_insync_replicas > 1 {
+                    // One replica per partition on a single node: the in-sync set is just this one.
+                    return Reply::Append(Err(ErrorCode::NOT_ENOUGH_REPLICAS));
+                }
                 let appended = match log.append(records, durable) {
                     Ok(a) => a,
                     Err(e) => return Reply::Append(Err(e)),
