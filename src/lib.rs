@@ -10,6 +10,7 @@
 //! - [`storage`]: the partition log: segments, indexes, recovery
 //! - [`cluster`]: topic table and cluster metadata
 //! - [`group`]: consumer-group coordinator, committed offsets
+//! - [`metrics`]: per-shard histograms and counters, the admin HTTP port
 //! - [`client`]: the small Kafka client behind `strom group ...`
 
 #![forbid(unsafe_op_in_unsafe_fn)]
@@ -20,6 +21,7 @@ pub mod cluster;
 pub mod config;
 pub mod group;
 pub mod handlers;
+pub mod metrics;
 pub mod model;
 pub mod protocol;
 pub mod server;

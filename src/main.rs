@@ -113,6 +113,9 @@ struct ServeArgs {
     /// Address to accept Kafka clients on (port 0 picks a free port, printed at start).
     #[arg(long, default_value = "127.0.0.1:9092")]
     listen: SocketAddr,
+    /// Address of the admin HTTP port: Prometheus `/metrics` and `/v1/status`.
+    #[arg(long, default_value = "127.0.0.1:9644")]
+    admin_listen: SocketAddr,
     /// Where partitions and metadata are stored.
     #[arg(long, default_value = "./data")]
     data_dir: PathBuf,
@@ -212,12 +215,14 @@ fn serve(args: ServeArgs) -> Result<()> {
     let cores = startup::resolve_cores(requested)?;
     let options = ServeOptions {
         listen: args.listen,
+        admin_listen: args.admin_listen,
         data_dir: args.data_dir,
         cores,
         broker,
     };
-    startup::run(options, |bound| {
+    startup::run(options, |bound, admin| {
         let mut out = std::io::stdout();
+        let _ = writeln!(out, "strom admin on {admin}");
         let _ = writeln!(out, "strom listening on {bound}");
         let _ = out.flush();
     })

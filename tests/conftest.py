@@ -26,6 +26,7 @@ class Broker:
         self.log_level = log_level
         self.proc = None
         self.port = 0
+        self.admin = None
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
         self.stderr_log = None
 
@@ -35,7 +36,8 @@ class Broker:
 
     def start(self, port=None):
         port = self.port if port is None else port
-        args = [STROM_BIN, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(self.data_dir)]
+        args = [STROM_BIN, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(self.data_dir),
+                "--admin-listen", "127.0.0.1:0"]
         if self.cores:
             args += ["--cores", self.cores]
         args += self.extra_args
@@ -46,6 +48,8 @@ class Broker:
         line = b""
         while time.time() < deadline:
             line = self.proc.stdout.readline()
+            if line.startswith(b"strom admin on"):
+                self.admin = line.strip().split(b" on ")[1].decode()
             if line.startswith(b"strom listening on"):
                 self.port = int(re.search(rb":(\d+)$", line.strip()).group(1))
                 return self

@@ -780,6 +780,8 @@ pub fn load_core_profile(path: &Path) -> Result<Option<Vec<usize>>> {
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
     pub listen: SocketAddr,
+    /// The admin HTTP port (`/metrics`, `/v1/status`).
+    pub admin_listen: SocketAddr,
     pub data_dir: PathBuf,
     pub cores: Vec<usize>,
     pub broker: BrokerConfig,

@@ -20,6 +20,7 @@ use glommio::net::{TcpListener, TcpStream};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::handlers::{self, Outcome};
+use crate::metrics::{self, Counter};
 use crate::shard::Shard;
 
 const LISTEN_BACKLOG: i32 = 1024;
@@ -67,12 +68,14 @@ pub async fn serve(shard: Rc<Shard>, socket: Socket) -> Result<()> {
             }
         };
         let _ = stream.set_nodelay(true);
+        metrics::add(Counter::ConnectionsAccepted, 1);
         let peer = stream.peer_addr().ok();
         let shard = shard.clone();
         glommio::spawn_local(async move {
             if let Err(e) = connection(shard, stream).await {
                 tracing::debug!(?peer, error = %format!("{e:#}"), "connection ended");
             }
+            metrics::add(Counter::ConnectionsClosed, 1);
         })
         .detach();
     }
@@ -198,8 +201,22 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream) -> Result<()> {
             None => break FrameError::Closed,
         };
         let shard = shard.clone();
-        let task =
-            glommio::spawn_local(async move { handlers::dispatch(&shard, frame, peer).await });
+        let task = glommio::spawn_local(async move {
+            let started = std::time::Instant::now();
+            let api_key = crate::protocol::peek_header(&frame).map_or(-1, |h| h.api_key);
+            metrics::add(Counter::BytesIn, frame.len() as u64 + 4);
+            let outcome = handlers::dispatch(&shard, frame, peer).await;
+            match &outcome {
+                Outcome::Respond(bytes) => metrics::add(Counter::BytesOut, bytes.len() as u64),
+                Outcome::NoResponse | Outcome::Close(_) => {}
+            }
+            metrics::record_request(
+                api_key,
+                started.elapsed(),
+                matches!(outcome, Outcome::Close(_)),
+            );
+            outcome
+        });
         if tx.send(task).await.is_err() {
             break FrameError::Closed;
         }

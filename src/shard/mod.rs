@@ -24,6 +24,7 @@ use glommio::channels::channel_mesh::{Receivers, Senders};
 use crate::cluster::{Topic, TopicTable};
 use crate::config::{BrokerConfig, LogConfig, ServeOptions};
 use crate::group::{GroupCall, GroupCoordinator, GroupReply, OFFSETS_TOPIC};
+use crate::metrics::MetricsHub;
 use crate::model::{ErrorCode, Offset, ShardId, TopicPartition};
 use crate::storage::{Appended, PartitionLog, ReadResult};
 
@@ -155,6 +156,7 @@ pub struct Shard {
     ready: RefCell<Option<oneshot::Sender<()>>>,
     pub controller: controller::Controller,
     pub groups: GroupCoordinator,
+    pub metrics: Arc<MetricsHub>,
 }
 
 impl Shard {
@@ -165,6 +167,7 @@ impl Shard {
         advertised: (String, u16),
         senders: Senders<Envelope>,
         receivers: Receivers<Envelope>,
+        metrics: Arc<MetricsHub>,
     ) -> Result<Rc<Shard>> {
         let id = ShardId(senders.peer_id());
         let count = senders.nr_consumers();
@@ -182,6 +185,7 @@ impl Shard {
             ready: RefCell::new(Some(ready_tx)),
             controller: controller::Controller::new(),
             groups: GroupCoordinator::new(options.broker.clone()),
+            metrics,
             options,
         });
         let mut receivers = receivers;
@@ -197,6 +201,7 @@ impl Shard {
         }
         GroupCoordinator::start_ticker(&shard);
         start_log_cleaner(&shard);
+        start_metrics_publisher(&shard);
         if id.0 == 0 {
             shard.controller.load(&shard).await?;
         }
@@ -245,6 +250,7 @@ impl Shard {
             kind = req.kind(),
             "cross-shard request"
         );
+        crate::metrics::add(crate::metrics::Counter::CrossShardRequests, 1);
         let id = self.next_call_id.get();
         self.next_call_id.set(id + 1);
         let (tx, rx) = oneshot::channel();
@@ -291,6 +297,10 @@ impl Shard {
                     Ok(a) => a,
                     Err(e) => return Reply::Append(Err(e)),
                 };
+                crate::metrics::add(
+                    crate::metrics::Counter::RecordsProduced,
+                    u64::try_from(appended.records).unwrap_or(0),
+                );
                 if acks == 0 {
                     return Reply::Append(Ok(appended));
                 }
@@ -565,4 +575,28 @@ fn start_log_cleaner(shard: &Rc<Shard>) {
         }
         Err(e) => tracing::error!(error = %e, "the log cleaner could not start"),
     }
+}
+
+/// Copies this shard's metrics into the shared hub once a second; shard 0 also reports the facts
+/// `/v1/status` shows.
+fn start_metrics_publisher(shard: &Rc<Shard>) {
+    let weak = Rc::downgrade(shard);
+    glommio::spawn_local(async move {
+        loop {
+            let Some(shard) = weak.upgrade() else { return };
+            let partitions = shard.partitions.borrow().len() as u64;
+            shard.metrics.publish(shard.id.0, partitions);
+            if shard.id.0 == 0 {
+                let table = shard.topics();
+                if let Ok(mut status) = shard.metrics.status.lock() {
+                    status.node_id = shard.options.broker.node_id;
+                    status.cluster_id = table.cluster_id.clone();
+                    status.topics = table.topics.len();
+                }
+            }
+            drop(shard);
+            glommio::timer::sleep(Duration::from_secs(1)).await;
+        }
+    })
+    .detach();
 }

@@ -10,6 +10,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 
 use super::{Envelope, Shard, MESH_CHANNEL_CAPACITY};
 use crate::config::ServeOptions;
+use crate::metrics::MetricsHub;
 use crate::server;
 
 /// Memory each executor registers with io_uring for DMA buffers. Small, so that several shards
@@ -36,7 +37,7 @@ pub fn resolve_cores(requested: Option<Vec<usize>>) -> Result<Vec<usize>> {
 
 /// Runs the broker until its executors stop. `on_ready` is called with the bound address once
 /// every shard serves.
-pub fn run(options: ServeOptions, on_ready: impl FnOnce(SocketAddr)) -> Result<()> {
+pub fn run(options: ServeOptions, on_ready: impl FnOnce(SocketAddr, SocketAddr)) -> Result<()> {
     raise_memlock_limit();
     std::fs::create_dir_all(&options.data_dir)
         .with_context(|| format!("creating data directory {}", options.data_dir.display()))?;
@@ -47,6 +48,8 @@ pub fn run(options: ServeOptions, on_ready: impl FnOnce(SocketAddr)) -> Result<(
         .advertised_listener
         .clone()
         .unwrap_or_else(|| (bound.ip().to_string(), bound.port()));
+    let hub = MetricsHub::new(count);
+    let admin = crate::metrics::admin::serve(options.admin_listen, hub.clone())?;
     let mesh = MeshBuilder::<Envelope, _>::full(count, MESH_CHANNEL_CAPACITY);
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
     let mut handles = Vec::with_capacity(count);
@@ -55,6 +58,7 @@ pub fn run(options: ServeOptions, on_ready: impl FnOnce(SocketAddr)) -> Result<(
         let options = options.clone();
         let advertised = advertised.clone();
         let ready_tx = ready_tx.clone();
+        let hub = hub.clone();
         let handle = LocalExecutorBuilder::new(Placement::Fixed(*core))
             .name(&format!("strom-shard-{i}"))
             .io_memory(IO_MEMORY_BYTES_PER_SHARD)
@@ -70,7 +74,7 @@ pub fn run(options: ServeOptions, on_ready: impl FnOnce(SocketAddr)) -> Result<(
                     let _ = ready_tx.send(Err(format!("{e:#}")));
                     return;
                 }
-                let shard = match Shard::start(options, advertised, senders, receivers).await {
+                let shard = match Shard::start(options, advertised, senders, receivers, hub).await {
                     Ok(s) => s,
                     Err(e) => {
                         let _ = ready_tx.send(Err(format!("{e:#}")));
@@ -94,8 +98,8 @@ pub fn run(options: ServeOptions, on_ready: impl FnOnce(SocketAddr)) -> Result<(
             Err(_) => bail!("a shard stopped during start-up"),
         }
     }
-    tracing::info!(%bound, shards = count, cores = ?options.cores, data_dir = %options.data_dir.display(), "strom serving");
-    on_ready(bound);
+    tracing::info!(%bound, %admin, shards = count, cores = ?options.cores, data_dir = %options.data_dir.display(), "strom serving");
+    on_ready(bound, admin);
     for h in handles {
         h.join()
             .map_err(|e| anyhow::anyhow!("shard executor failed: {e}"))?;

@@ -88,6 +88,8 @@ pub struct Appended {
     pub base_offset: Offset,
     /// One past the last offset appended; the produce is answered once this is written/durable.
     pub end_offset: Offset,
+    /// Records newly appended (0 for an idempotent retry answered from the original).
+    pub records: i64,
     pub log_append_time_ms: i64,
     pub log_start_offset: Offset,
 }
@@ -299,6 +301,7 @@ impl PartitionLog {
                     return Ok(Appended {
                         base_offset: dup.base_offset,
                         end_offset: end,
+                        records: 0,
                         log_append_time_ms: -1,
                         log_start_offset: st.log_start,
                     });
@@ -345,6 +348,7 @@ impl PartitionLog {
         Ok(Appended {
             base_offset,
             end_offset,
+            records: batches.iter().map(|(_, h)| i64::from(h.record_count)).sum(),
             log_append_time_ms: append_time,
             log_start_offset: log_start,
         })
@@ -406,9 +410,11 @@ impl PartitionLog {
             return Ok(result);
         }
         if let Some(bytes) = self.state.borrow().read_cache(offset, max_bytes) {
+            crate::metrics::add(crate::metrics::Counter::CacheHits, 1);
             result.records = bytes;
             return Ok(result);
         }
+        crate::metrics::add(crate::metrics::Counter::CacheMisses, 1);
         result.records = self.read_segments(offset, max_bytes, hw).await?;
         Ok(result)
     }
@@ -880,6 +886,7 @@ impl PartitionLog {
             let file = self.state.borrow().segments.last().map(|s| s.file.clone());
             if let Some(file) = file {
                 file.fdatasync().await.io()?;
+                crate::metrics::add(crate::metrics::Counter::Fsyncs, 1);
             }
             let mut st = self.state.borrow_mut();
             st.durable = st.durable.max(upto);
@@ -897,6 +904,7 @@ impl PartitionLog {
             (active.file.clone(), st.dir.clone(), st.high_watermark)
         };
         file.fdatasync().await.io()?;
+        crate::metrics::add(crate::metrics::Counter::Fsyncs, 1);
         {
             let mut st = self.state.borrow_mut();
             let hw = st.high_watermark;

@@ -1,0 +1,174 @@
+//! Broker metrics: per shard, an HDR latency histogram and counters per Kafka API, plus shard-wide
+//! counters (bytes in/out, records produced, cross-shard hops, cache hits and misses, fsyncs).
+//!
+//! Recording is thread-local to the shard (no atomics, no locks on the data path). Once a second
+//! each shard copies its numbers into its slot of the [`MetricsHub`]; the admin HTTP server
+//! merges the slots on a scrape and encodes them as Prometheus text with `prometheus-client`.
+
+pub mod admin;
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+/// Request latencies are recorded in microseconds up to this bound (longer ones saturate).
+const LATENCY_US_MAX: u64 = 3_600_000_000;
+
+/// Shard-wide counters, indexed by [`Counter`].
+#[derive(Clone, Copy, Debug)]
+pub enum Counter {
+    BytesIn,
+    BytesOut,
+    RecordsProduced,
+    CrossShardRequests,
+    CacheHits,
+    CacheMisses,
+    Fsyncs,
+    ConnectionsAccepted,
+    ConnectionsClosed,
+}
+
+pub const COUNTERS: [(Counter, &str, &str); 9] = [
+    (Counter::BytesIn, "strom_bytes_in", "Request bytes received"),
+    (Counter::BytesOut, "strom_bytes_out", "Response bytes sent"),
+    (
+        Counter::RecordsProduced,
+        "strom_records_produced",
+        "Records appended by produce",
+    ),
+    (
+        Counter::CrossShardRequests,
+        "strom_cross_shard_requests",
+        "Requests sent to another shard over the mesh",
+    ),
+    (
+        Counter::CacheHits,
+        "strom_fetch_cache_hits",
+        "Partition reads served from the batch cache",
+    ),
+    (
+        Counter::CacheMisses,
+        "strom_fetch_cache_misses",
+        "Partition reads served from segments on disk",
+    ),
+    (
+        Counter::Fsyncs,
+        "strom_fsyncs",
+        "fdatasync calls on segment files",
+    ),
+    (
+        Counter::ConnectionsAccepted,
+        "strom_connections_accepted",
+        "Client connections accepted",
+    ),
+    (
+        Counter::ConnectionsClosed,
+        "strom_connections_closed",
+        "Client connections closed",
+    ),
+];
+
+/// One API's numbers on one shard.
+#[derive(Clone)]
+pub struct ApiStats {
+    pub latency_us: Histogram<u64>,
+    pub requests: u64,
+    pub errors: u64,
+}
+
+impl ApiStats {
+    fn new() -> Self {
+        ApiStats {
+            latency_us: Histogram::new_with_bounds(1, LATENCY_US_MAX, 3)
+                .expect("valid histogram bounds"),
+            requests: 0,
+            errors: 0,
+        }
+    }
+}
+
+/// Everything one shard reports.
+#[derive(Clone, Default)]
+pub struct ShardSnapshot {
+    pub apis: BTreeMap<i16, ApiStats>,
+    pub counters: [u64; COUNTERS.len()],
+    pub partitions: u64,
+}
+
+thread_local! {
+    static LOCAL: RefCell<ShardSnapshot> = RefCell::new(ShardSnapshot::default());
+}
+
+/// Records one handled request on this shard.
+pub fn record_request(api_key: i16, latency: Duration, error: bool) {
+    LOCAL.with(|m| {
+        let mut m = m.borrow_mut();
+        let stats = m.apis.entry(api_key).or_insert_with(ApiStats::new);
+        stats.requests += 1;
+        if error {
+            stats.errors += 1;
+        }
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        stats.latency_us.saturating_record(us.max(1));
+    });
+}
+
+/// Adds `n` to a shard-wide counter.
+pub fn add(counter: Counter, n: u64) {
+    LOCAL.with(|m| {
+        let mut m = m.borrow_mut();
+        m.counters[counter as usize] = m.counters[counter as usize].wrapping_add(n);
+    });
+}
+
+/// The shards' latest snapshots, shared with the admin server.
+pub struct MetricsHub {
+    slots: Vec<Mutex<ShardSnapshot>>,
+    pub started: Instant,
+    pub status: Mutex<StatusInfo>,
+}
+
+/// Facts /v1/status reports, set by shard 0.
+#[derive(Clone, Default)]
+pub struct StatusInfo {
+    pub node_id: i32,
+    pub cluster_id: String,
+    pub topics: usize,
+}
+
+impl MetricsHub {
+    pub fn new(shards: usize) -> Arc<MetricsHub> {
+        Arc::new(MetricsHub {
+            slots: (0..shards)
+                .map(|_| Mutex::new(ShardSnapshot::default()))
+                .collect(),
+            started: Instant::now(),
+            status: Mutex::new(StatusInfo::default()),
+        })
+    }
+
+    pub fn shards(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Copies this shard's thread-local numbers into its slot (called about once a second).
+    pub fn publish(&self, shard: usize, partitions: u64) {
+        let mut snapshot = LOCAL.with(|m| m.borrow().clone());
+        snapshot.partitions = partitions;
+        if let Some(slot) = self.slots.get(shard) {
+            if let Ok(mut s) = slot.lock() {
+                *s = snapshot;
+            }
+        }
+    }
+
+    pub fn snapshots(&self) -> Vec<ShardSnapshot> {
+        self.slots
+            .iter()
+            .map(|s| s.lock().map(|g| g.clone()).unwrap_or_default())
+            .collect()
+    }
+}
