@@ -29,6 +29,20 @@ struct Cli {
 enum Command {
     /// Run the broker (the default when no subcommand is given).
     Serve(ServeArgs),
+    /// Load-test any Kafka-compatible broker with an OpenMessaging-style workload.
+    Bench {
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        bootstrap: String,
+        /// Workload TOML, such as benches/workloads/1-topic-16-partitions-1kb.toml.
+        #[arg(long)]
+        workload: PathBuf,
+        /// Measured duration, overriding the workload's `duration_s`.
+        #[arg(long)]
+        duration_s: Option<u64>,
+        /// Also write the results as JSON to this file (and .hgrm percentile files beside it).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Topics of any Kafka-compatible cluster.
     Topic {
         #[command(subcommand)]
@@ -146,12 +160,34 @@ fn main() {
         Some(Command::Serve(args)) => serve(args),
         Some(Command::Group { command }) => group(command),
         Some(Command::Topic { command }) => topic(command),
+        Some(Command::Bench {
+            bootstrap,
+            workload,
+            duration_s,
+            json,
+        }) => bench(&bootstrap, &workload, duration_s, json.as_deref()),
         None => serve(ServeArgs::parse_from(["serve"])),
     };
     if let Err(e) = result {
         eprintln!("strom: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn bench(
+    bootstrap: &str,
+    workload: &std::path::Path,
+    duration_s: Option<u64>,
+    json: Option<&std::path::Path>,
+) -> Result<()> {
+    use strom::client::bench;
+    let w = bench::Workload::load(workload)?;
+    let result = bench::run(bootstrap, w, duration_s, json)?;
+    print!("{}", bench::table(&result));
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_string_pretty(&result)? + "\n")?;
+    }
+    Ok(())
 }
 
 fn topic(command: TopicCommand) -> Result<()> {

@@ -2,6 +2,7 @@
 //! time, speaking the Kafka protocol to any Kafka-compatible broker. Messages come from the
 //! `kafka-protocol` crate; responses are bounded in size before anything is allocated for them.
 
+pub mod bench;
 pub mod groups;
 pub mod topics;
 

@@ -1,0 +1,64 @@
+"""`strom bench` runs the shipped workloads' format end to end against strom and writes JSON
+with the agreed keys (short, low-rate runs: this checks the tool, not performance)."""
+
+import json
+import os
+import subprocess
+
+from conftest import ROOT, STROM_BIN
+
+WORKLOADS = os.path.join(ROOT, "benches", "workloads")
+
+
+def test_shipped_workloads_parse_and_declare_acks_all():
+    import tomllib
+    for name in ("1-topic-16-partitions-1kb.toml", "max-rate-1-topic-16-partitions-1kb.toml"):
+        with open(os.path.join(WORKLOADS, name), "rb") as f:
+            w = tomllib.load(f)
+        assert w["acks"] == "all" and w["partitions_per_topic"] == 16 and w["message_size"] == 1024
+    with open(os.path.join(WORKLOADS, "1-topic-16-partitions-1kb.toml"), "rb") as f:
+        assert tomllib.load(f)["producer_rate"] == 50000
+
+
+def test_bench_runs_a_workload_and_writes_json(broker, tmp_path):
+    workload = tmp_path / "small.toml"
+    workload.write_text("""
+name = "small"
+topics = 1
+partitions_per_topic = 4
+message_size = 256
+payload_random = true
+producers_per_topic = 1
+consumers_per_topic = 1
+producer_rate = 2000
+acks = "all"
+linger_ms = 1
+warmup_s = 1
+duration_s = 2
+""")
+    out_json = tmp_path / "result.json"
+    run = subprocess.run([STROM_BIN, "bench", "--bootstrap", broker.bootstrap, "--workload", str(workload),
+                          "--duration-s", "2", "--json", str(out_json)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "publish" in run.stdout and "end-to-end" in run.stdout and "p99.99" in run.stdout
+    r = json.loads(out_json.read_text())
+    for key in ("produce_msgs_per_s", "produce_mb_per_s", "consume_msgs_per_s"):
+        assert r[key] > 0, key
+    for hist in ("publish_latency_ms", "e2e_latency_ms"):
+        assert set(r[hist]) >= {"p50", "p99", "p999", "p9999", "max"}
+        assert 0 < r[hist]["p50"] <= r[hist]["p99"] <= r[hist]["max"]
+    assert r["errors"] == 0
+    assert r["consumed"] == r["produced"] > 0
+    # About the requested 2,000 msg/s.
+    assert 1000 < r["produce_msgs_per_s"] < 3000
+    assert (tmp_path / "result.publish.hgrm").read_text().startswith("       Value")
+
+
+def test_bench_refuses_an_unknown_workload_field(tmp_path):
+    workload = tmp_path / "bad.toml"
+    workload.write_text('name = "x"\ntopics = 1\npartitions_per_topic = 1\nmessage_size = 64\n'
+                        'producers_per_topic = 1\nconsumers_per_topic = 1\nproducer_rate = 1\nduration_s = 1\n'
+                        'partitions = 3\n')
+    run = subprocess.run([STROM_BIN, "bench", "--bootstrap", "127.0.0.1:1", "--workload", str(workload)],
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode != 0 and "unknown field `partitions`" in run.stderr
