@@ -1,5 +1,6 @@
-//! Micro-benchmarks of the produce path's per-batch work: CRC-32C over batch bytes, and parsing
-//! plus validating a record batch header (what every produced batch goes through).
+//! Micro-benchmarks of the request path's CPU work: CRC-32C over batch bytes, parsing plus
+//! validating a record batch (what every produced batch goes through), and decoding Produce and
+//! Fetch requests with the kafka-protocol crate.
 
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -57,5 +58,61 @@ fn bench_validate(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_crc, bench_validate);
+fn bench_request_decode(c: &mut Criterion) {
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+    use kafka_protocol::messages::{FetchRequest, ProduceRequest, TopicName};
+    use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+
+    let batch = sample_batch(16, 1024).freeze();
+    let mut produce = ProduceRequest::default();
+    produce.acks = -1;
+    produce.timeout_ms = 30_000;
+    let mut topic = TopicProduceData::default();
+    topic.name = TopicName(StrBytes::from_static_str("bench"));
+    topic.partition_data = (0..16)
+        .map(|p| {
+            let mut d = PartitionProduceData::default();
+            d.index = p;
+            d.records = Some(batch.clone());
+            d
+        })
+        .collect();
+    produce.topic_data = vec![topic];
+    let mut produce_bytes = BytesMut::new();
+    produce
+        .encode(&mut produce_bytes, 9)
+        .expect("encode produce");
+    let produce_bytes = produce_bytes.freeze();
+
+    let mut fetch = FetchRequest::default();
+    let mut ft = FetchTopic::default();
+    ft.topic = TopicName(StrBytes::from_static_str("bench"));
+    ft.partitions = (0..16)
+        .map(|p| {
+            let mut fp = FetchPartition::default();
+            fp.partition = p;
+            fp.fetch_offset = 1_000_000;
+            fp.partition_max_bytes = 1 << 20;
+            fp
+        })
+        .collect();
+    fetch.topics = vec![ft];
+    let mut fetch_bytes = BytesMut::new();
+    fetch.encode(&mut fetch_bytes, 12).expect("encode fetch");
+    let fetch_bytes = fetch_bytes.freeze();
+
+    let mut g = c.benchmark_group("request_decode");
+    g.throughput(Throughput::Bytes(produce_bytes.len() as u64));
+    g.bench_function("produce_v9_16_partitions", |b| {
+        b.iter(|| ProduceRequest::decode(&mut produce_bytes.clone(), 9).expect("decode"))
+    });
+    g.throughput(Throughput::Bytes(fetch_bytes.len() as u64));
+    g.bench_function("fetch_v12_16_partitions", |b| {
+        b.iter(|| FetchRequest::decode(&mut fetch_bytes.clone(), 12).expect("decode"))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_crc, bench_validate, bench_request_decode);
 criterion_main!(benches);

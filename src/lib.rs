@@ -11,6 +11,7 @@
 //! - [`cluster`]: topic table and cluster metadata
 //! - [`group`]: consumer-group coordinator, committed offsets
 //! - [`metrics`]: per-shard histograms and counters, the admin HTTP port
+//! - [`tune`]: `strom tune`, machine readiness checks
 //! - [`client`]: the small Kafka client behind `strom group ...`
 
 #![forbid(unsafe_op_in_unsafe_fn)]
@@ -27,3 +28,4 @@ pub mod protocol;
 pub mod server;
 pub mod shard;
 pub mod storage;
+pub mod tune;

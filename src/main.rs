@@ -29,6 +29,15 @@ struct Cli {
 enum Command {
     /// Run the broker (the default when no subcommand is given).
     Serve(ServeArgs),
+    /// Check whether this machine is ready for strom (io_uring, memlock, O_DIRECT, CPU, limits).
+    Tune {
+        /// The data directory to check for O_DIRECT.
+        #[arg(long, default_value = "./data")]
+        data_dir: PathBuf,
+        /// Cores to plan for (as `serve --cores`); default: every online core.
+        #[arg(long)]
+        cores: Option<String>,
+    },
     /// Load-test any Kafka-compatible broker with an OpenMessaging-style workload.
     Bench {
         #[arg(long, default_value = "127.0.0.1:9092")]
@@ -160,6 +169,7 @@ fn main() {
         Some(Command::Serve(args)) => serve(args),
         Some(Command::Group { command }) => group(command),
         Some(Command::Topic { command }) => topic(command),
+        Some(Command::Tune { data_dir, cores }) => tune(&data_dir, cores.as_deref()),
         Some(Command::Bench {
             bootstrap,
             workload,
@@ -172,6 +182,17 @@ fn main() {
         eprintln!("strom: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn tune(data_dir: &std::path::Path, cores: Option<&str>) -> Result<()> {
+    let requested = cores.map(config::parse_core_list).transpose()?;
+    let shards = startup::resolve_cores(requested)?.len();
+    let (report, runnable) = strom::tune::report(data_dir, shards);
+    print!("{report}");
+    if !runnable {
+        std::process::exit(2);
+    }
+    Ok(())
 }
 
 fn bench(

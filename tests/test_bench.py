@@ -62,3 +62,15 @@ def test_bench_refuses_an_unknown_workload_field(tmp_path):
     run = subprocess.run([STROM_BIN, "bench", "--bootstrap", "127.0.0.1:1", "--workload", str(workload)],
                          capture_output=True, text=True, timeout=30)
     assert run.returncode != 0 and "unknown field `partitions`" in run.stderr
+
+
+def test_tune_reports_each_check_and_fails_without_a_usable_data_dir(tmp_path):
+    ok = subprocess.run([STROM_BIN, "tune", "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=30)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    for name in ("io_uring", "memlock", "O_DIRECT", "cpu governor", "transparent huge pages", "open files"):
+        assert name in ok.stdout
+    assert "ready: strom can run here" in ok.stdout
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    bad = subprocess.run([STROM_BIN, "tune", "--data-dir", str(blocker / "data")], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "[FAIL] O_DIRECT" in bad.stdout

@@ -280,15 +280,7 @@ impl Segment {
 
     /// The file position to start reading at for `offset`: the last index entry at or below it.
     pub fn position_for(&self, offset: Offset) -> u64 {
-        let relative = offset.0 - self.base_offset.0;
-        let i = self
-            .index
-            .partition_point(|e| i64::from(e.relative_offset) <= relative);
-        if i == 0 {
-            0
-        } else {
-            u64::from(self.index[i - 1].position)
-        }
+        lookup(&self.index, offset.0 - self.base_offset.0)
     }
 
     /// The position from which batches may have a max timestamp at or above `timestamp`.
@@ -349,6 +341,16 @@ impl IndexSnapshot {
         files::write_whole(&index_path(&self.dir, self.base_offset), &index).await?;
         files::write_whole(&time_index_path(&self.dir, self.base_offset), &time_index).await?;
         Ok(())
+    }
+}
+
+/// The file position of the last index entry at or below `relative_offset` (0 when none is).
+pub fn lookup(index: &[IndexEntry], relative_offset: i64) -> u64 {
+    let i = index.partition_point(|e| i64::from(e.relative_offset) <= relative_offset);
+    if i == 0 {
+        0
+    } else {
+        u64::from(index[i - 1].position)
     }
 }
 
@@ -417,4 +419,24 @@ pub async fn scan(
         pos += at as u64;
     }
     Ok((batches, pos.min(end)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookup_finds_the_last_entry_at_or_below() {
+        let index: Vec<IndexEntry> = (0..10)
+            .map(|i| IndexEntry {
+                relative_offset: i * 10,
+                position: i * 4096,
+            })
+            .collect();
+        assert_eq!(lookup(&index, 0), 0);
+        assert_eq!(lookup(&index, 9), 0);
+        assert_eq!(lookup(&index, 10), 4096);
+        assert_eq!(lookup(&index, 95), 9 * 4096);
+        assert_eq!(lookup(&[], 5), 0);
+    }
 }
