@@ -457,9 +457,14 @@ fn produce(w: Workload, setup: ProducerSetup, stats: Arc<Stats>) -> Result<()> {
     let mut stream = TcpStream::connect(&setup.address)?;
     stream.set_nodelay(true)?;
     let (tx, rx) = mpsc::sync_channel::<InFlight>(w.max_in_flight.max(1));
+    // Requests sent and not yet answered. While max_in_flight are out, the producer keeps
+    // accumulating (as Kafka's producers do), so a slow acknowledgement makes larger batches
+    // instead of a stalled producer.
+    let in_flight = Arc::new(AtomicU64::new(0));
     let reader = if acks != 0 {
         let mut read_stream = stream.try_clone()?;
         let stats = stats.clone();
+        let in_flight = in_flight.clone();
         Some(std::thread::spawn(move || -> Result<()> {
             while let Ok(flight) = rx.recv() {
                 let (_, resp): (i32, ProduceResponse) =
@@ -473,6 +478,7 @@ fn produce(w: Workload, setup: ProducerSetup, stats: Arc<Stats>) -> Result<()> {
                     .count();
                 stats.errors.fetch_add(failed as u64, Ordering::Relaxed);
                 stats.published(flight, now);
+                in_flight.fetch_sub(1, Ordering::Relaxed);
             }
             Ok(())
         }))
@@ -497,6 +503,7 @@ fn produce(w: Workload, setup: ProducerSetup, stats: Arc<Stats>) -> Result<()> {
         0
     };
     let linger = Duration::from_millis(w.linger_ms);
+    let max_in_flight = w.max_in_flight.max(1) as u64;
     let start_ns = stats.now_ns();
     let mut sent: u64 = 0;
     let mut correlation = 0;
@@ -515,7 +522,11 @@ fn produce(w: Workload, setup: ProducerSetup, stats: Arc<Stats>) -> Result<()> {
             let now = stats.now_ns();
             if intended > now {
                 // Flush what lingered before sleeping until the next record is due.
-                if !pending_ns.is_empty() && first_pending.elapsed() >= linger {
+                if !pending_ns.is_empty()
+                    && first_pending.elapsed() >= linger
+                    && (acks == 0 || in_flight.load(Ordering::Relaxed) < max_in_flight)
+                {
+                    in_flight.fetch_add(1, Ordering::Relaxed);
                     correlation += 1;
                     send_pending(
                         &mut stream,
@@ -576,7 +587,11 @@ fn produce(w: Workload, setup: ProducerSetup, stats: Arc<Stats>) -> Result<()> {
         pending_ns.push(intended);
         pending_bytes += w.message_size;
         sent += 1;
-        if pending_bytes >= w.batch_size || first_pending.elapsed() >= linger {
+        let due = pending_bytes >= w.batch_size || first_pending.elapsed() >= linger;
+        let slot = acks == 0 || in_flight.load(Ordering::Relaxed) < max_in_flight;
+        let full = pending_bytes >= w.batch_size * setup.partitions.len();
+        if (due && slot) || full {
+            in_flight.fetch_add(1, Ordering::Relaxed);
             correlation += 1;
             send_pending(
                 &mut stream,
