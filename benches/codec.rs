@@ -4,29 +4,19 @@
 
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use kafka_protocol::records::{
-    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-};
+use kafka_protocol::records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions};
 
 use strom::storage::batch;
 
 fn sample_batch(records: usize, value_bytes: usize) -> BytesMut {
     let records: Vec<Record> = (0..records)
-        .map(|i| Record {
-            transactional: false,
-            control: false,
-            delete_horizon: false,
-            partition_leader_epoch: 0,
-            producer_id: -1,
-            producer_epoch: -1,
-            timestamp_type: TimestampType::Creation,
-            offset: i as i64,
-            // One batch: the encoder splits wherever offset - sequence changes.
-            sequence: i as i32 - 1,
-            timestamp: 1_700_000_000_000,
-            key: Some(bytes::Bytes::from(format!("key-{i}"))),
-            value: Some(bytes::Bytes::from(vec![b'x'; value_bytes])),
-            headers: Default::default(),
+        .map(|i| {
+            strom::storage::records::plain_record(
+                i as i64,
+                1_700_000_000_000,
+                Some(bytes::Bytes::from(format!("key-{i}"))),
+                Some(bytes::Bytes::from(vec![b'x'; value_bytes])),
+            )
         })
         .collect();
     let mut buf = BytesMut::new();

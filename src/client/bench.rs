@@ -10,7 +10,7 @@
 //! from the warm-up are discarded.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,12 +29,11 @@ use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProdu
 use kafka_protocol::messages::{
     ApiKey, BrokerId, CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsRequest,
     DeleteTopicsResponse, FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse,
-    MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse, RequestHeader,
-    ResponseHeader, TopicName,
+    MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse, TopicName,
 };
-use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use kafka_protocol::protocol::{Encodable, StrBytes};
 use kafka_protocol::records::{
-    Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+    Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions,
 };
 use serde::Deserialize;
 
@@ -200,7 +199,7 @@ impl Stats {
     }
 }
 
-/// Sends framed requests on a plain blocking stream.
+/// Sends a framed request on a plain blocking stream.
 fn write_request<R: Encodable>(
     stream: &mut TcpStream,
     key: ApiKey,
@@ -208,37 +207,8 @@ fn write_request<R: Encodable>(
     correlation: i32,
     req: &R,
 ) -> Result<()> {
-    let mut header = RequestHeader::default();
-    header.request_api_key = key as i16;
-    header.request_api_version = version;
-    header.correlation_id = correlation;
-    header.client_id = Some(StrBytes::from_static_str("strom-bench"));
-    let mut buf = BytesMut::new();
-    buf.put_i32(0);
-    header.encode(&mut buf, key.request_header_version(version))?;
-    req.encode(&mut buf, version)?;
-    let len = i32::try_from(buf.len() - 4)?;
-    buf[0..4].copy_from_slice(&len.to_be_bytes());
-    stream.write_all(&buf)?;
+    stream.write_all(&super::encode_request(key, version, correlation, req)?)?;
     Ok(())
-}
-
-fn read_response<R: Decodable>(
-    stream: &mut TcpStream,
-    key: ApiKey,
-    version: i16,
-) -> Result<(i32, R)> {
-    let mut size = [0u8; 4];
-    stream.read_exact(&mut size)?;
-    let size = usize::try_from(i32::from_be_bytes(size)).context("negative response size")?;
-    if size > 256 << 20 {
-        bail!("response of {size} bytes is too large");
-    }
-    let mut body = vec![0u8; size];
-    stream.read_exact(&mut body)?;
-    let mut body = Bytes::from(body);
-    let header = ResponseHeader::decode(&mut body, key.response_header_version(version))?;
-    Ok((header.correlation_id, R::decode(&mut body, version)?))
 }
 
 struct Layout {
@@ -384,7 +354,7 @@ fn consume(address: String, topic: String, partitions: Vec<i32>, stats: Arc<Stat
         correlation += 1;
         write_request(&mut stream, ApiKey::Fetch, FETCH_VERSION, correlation, &req)?;
         let (_, resp): (i32, FetchResponse) =
-            read_response(&mut stream, ApiKey::Fetch, FETCH_VERSION)?;
+            super::read_response(&mut stream, ApiKey::Fetch, FETCH_VERSION)?;
         let now = stats.now_ns();
         let mut latencies = Vec::new();
         for t in resp.responses {
@@ -454,7 +424,7 @@ struct ProducerSetup {
 fn produce(w: Workload, setup: ProducerSetup, stats: Arc<Stats>) -> Result<()> {
     let acks = w.acks_value()?;
     let compression = w.compression_value()?;
-    let mut stream = TcpStream::connect(&setup.address)?;
+    let stream = TcpStream::connect(&setup.address)?;
     stream.set_nodelay(true)?;
     let (tx, rx) = mpsc::sync_channel::<InFlight>(w.max_in_flight.max(1));
     // Requests sent and not yet answered. While max_in_flight are out, the producer keeps
@@ -468,7 +438,7 @@ fn produce(w: Workload, setup: ProducerSetup, stats: Arc<Stats>) -> Result<()> {
         Some(std::thread::spawn(move || -> Result<()> {
             while let Ok(flight) = rx.recv() {
                 let (_, resp): (i32, ProduceResponse) =
-                    read_response(&mut read_stream, ApiKey::Produce, PRODUCE_VERSION)?;
+                    super::read_response(&mut read_stream, ApiKey::Produce, PRODUCE_VERSION)?;
                 let now = stats.now_ns();
                 let failed = resp
                     .responses
@@ -506,40 +476,37 @@ fn produce(w: Workload, setup: ProducerSetup, stats: Arc<Stats>) -> Result<()> {
     let max_in_flight = w.max_in_flight.max(1) as u64;
     let start_ns = stats.now_ns();
     let mut sent: u64 = 0;
-    let mut correlation = 0;
-    let mut pending: BTreeMap<i32, Vec<Record>> = BTreeMap::new();
-    let mut pending_ns: Vec<u64> = Vec::new();
-    let mut pending_bytes = 0usize;
-    let mut first_pending = Instant::now();
     let mut next_partition = 0usize;
-    let options = RecordEncodeOptions {
-        version: 2,
-        compression,
+    let mut out = Outbox {
+        stream,
+        tx,
+        stats: stats.clone(),
+        topic: setup.topic.clone(),
+        acks,
+        options: RecordEncodeOptions {
+            version: 2,
+            compression,
+        },
+        in_flight: in_flight.clone(),
+        pending: BTreeMap::new(),
+        pending_ns: Vec::new(),
+        pending_bytes: 0,
+        first_pending: Instant::now(),
+        correlation: 0,
     };
+    let slot_free =
+        |in_flight: &AtomicU64| acks == 0 || in_flight.load(Ordering::Relaxed) < max_in_flight;
     while !stats.stop_producing.load(Ordering::Relaxed) {
         let intended = start_ns + sent * interval_ns;
         if interval_ns > 0 {
             let now = stats.now_ns();
             if intended > now {
                 // Flush what lingered before sleeping until the next record is due.
-                if !pending_ns.is_empty()
-                    && first_pending.elapsed() >= linger
-                    && (acks == 0 || in_flight.load(Ordering::Relaxed) < max_in_flight)
+                if !out.pending_ns.is_empty()
+                    && out.first_pending.elapsed() >= linger
+                    && slot_free(&in_flight)
                 {
-                    in_flight.fetch_add(1, Ordering::Relaxed);
-                    correlation += 1;
-                    send_pending(
-                        &mut stream,
-                        &tx,
-                        &stats,
-                        &setup.topic,
-                        acks,
-                        &options,
-                        &mut pending,
-                        &mut pending_ns,
-                        &mut pending_bytes,
-                        correlation,
-                    )?;
+                    out.flush()?;
                 }
                 let wait = Duration::from_nanos(intended - now);
                 if wait > Duration::from_micros(200) {
@@ -564,65 +531,18 @@ fn produce(w: Workload, setup: ProducerSetup, stats: Arc<Stats>) -> Result<()> {
             "RANDOM_NANO" => Some(Bytes::from(stats.now_ns().to_string())),
             _ => None,
         };
-        if pending_ns.is_empty() {
-            first_pending = Instant::now();
-        }
-        let batch = pending.entry(partition).or_default();
-        let index = batch.len() as i64;
-        batch.push(Record {
-            transactional: false,
-            control: false,
-            delete_horizon: false,
-            partition_leader_epoch: -1,
-            producer_id: -1,
-            producer_epoch: -1,
-            timestamp_type: TimestampType::Creation,
-            offset: index,
-            sequence: index as i32 - 1,
-            timestamp: crate::storage::partition::now_ms() as i64,
-            key,
-            value: Some(value.freeze()),
-            headers: Default::default(),
-        });
-        pending_ns.push(intended);
-        pending_bytes += w.message_size;
+        out.add(partition, intended, key, value.freeze());
         sent += 1;
-        let due = pending_bytes >= w.batch_size || first_pending.elapsed() >= linger;
-        let slot = acks == 0 || in_flight.load(Ordering::Relaxed) < max_in_flight;
-        let full = pending_bytes >= w.batch_size * setup.partitions.len();
-        if (due && slot) || full {
-            in_flight.fetch_add(1, Ordering::Relaxed);
-            correlation += 1;
-            send_pending(
-                &mut stream,
-                &tx,
-                &stats,
-                &setup.topic,
-                acks,
-                &options,
-                &mut pending,
-                &mut pending_ns,
-                &mut pending_bytes,
-                correlation,
-            )?;
+        let due = out.pending_bytes >= w.batch_size || out.first_pending.elapsed() >= linger;
+        let full = out.pending_bytes >= w.batch_size * setup.partitions.len();
+        if (due && slot_free(&in_flight)) || full {
+            out.flush()?;
         }
     }
-    if !pending_ns.is_empty() {
-        correlation += 1;
-        send_pending(
-            &mut stream,
-            &tx,
-            &stats,
-            &setup.topic,
-            acks,
-            &options,
-            &mut pending,
-            &mut pending_ns,
-            &mut pending_bytes,
-            correlation,
-        )?;
+    if !out.pending_ns.is_empty() {
+        out.flush()?;
     }
-    drop(tx);
+    drop(out);
     if let Some(r) = reader {
         r.join()
             .map_err(|_| anyhow::anyhow!("producer reader panicked"))??;
@@ -630,48 +550,86 @@ fn produce(w: Workload, setup: ProducerSetup, stats: Arc<Stats>) -> Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)] // the producer's batching state, passed by reference to keep one loop
-fn send_pending(
-    stream: &mut TcpStream,
-    tx: &mpsc::SyncSender<InFlight>,
-    stats: &Stats,
-    topic: &str,
+/// A producer's connection and the records waiting for its next request.
+struct Outbox {
+    stream: TcpStream,
+    tx: mpsc::SyncSender<InFlight>,
+    stats: Arc<Stats>,
+    topic: String,
     acks: i16,
-    options: &RecordEncodeOptions,
-    pending: &mut BTreeMap<i32, Vec<Record>>,
-    pending_ns: &mut Vec<u64>,
-    pending_bytes: &mut usize,
+    options: RecordEncodeOptions,
+    in_flight: Arc<AtomicU64>,
+    pending: BTreeMap<i32, Vec<Record>>,
+    pending_ns: Vec<u64>,
+    pending_bytes: usize,
+    first_pending: Instant,
     correlation: i32,
-) -> Result<()> {
-    let mut td = TopicProduceData::default();
-    td.name = TopicName(StrBytes::from_string(topic.to_string()));
-    for (partition, records) in std::mem::take(pending) {
-        let mut buf = BytesMut::new();
-        RecordBatchEncoder::encode(&mut buf, &records, options)?;
-        let mut pd = PartitionProduceData::default();
-        pd.index = partition;
-        pd.records = Some(buf.freeze());
-        td.partition_data.push(pd);
+}
+
+impl Outbox {
+    fn add(&mut self, partition: i32, intended_ns: u64, key: Option<Bytes>, value: Bytes) {
+        if self.pending_ns.is_empty() {
+            self.first_pending = Instant::now();
+        }
+        self.pending_bytes += value.len();
+        let batch = self.pending.entry(partition).or_default();
+        let index = batch.len() as i64;
+        batch.push(crate::storage::records::plain_record(
+            index,
+            crate::storage::partition::now_ms() as i64,
+            key,
+            Some(value),
+        ));
+        self.pending_ns.push(intended_ns);
     }
-    let mut req = ProduceRequest::default();
-    req.acks = acks;
-    req.timeout_ms = 30_000;
-    req.topic_data = vec![td];
-    let flight = InFlight {
-        records: pending_ns.len() as u64,
-        intended_ns: std::mem::take(pending_ns),
-        bytes: std::mem::take(pending_bytes) as u64,
-    };
-    if acks == 0 {
-        // No answers come: a record counts as published once written to the socket.
-        write_request(stream, ApiKey::Produce, PRODUCE_VERSION, correlation, &req)?;
-        stats.published(flight, stats.now_ns());
-        return Ok(());
+
+    /// Sends everything pending as one ProduceRequest (one batch per partition).
+    fn flush(&mut self) -> Result<()> {
+        let mut td = TopicProduceData::default();
+        td.name = TopicName(StrBytes::from_string(self.topic.clone()));
+        for (partition, records) in std::mem::take(&mut self.pending) {
+            let mut buf = BytesMut::new();
+            RecordBatchEncoder::encode(&mut buf, &records, &self.options)?;
+            let mut pd = PartitionProduceData::default();
+            pd.index = partition;
+            pd.records = Some(buf.freeze());
+            td.partition_data.push(pd);
+        }
+        let mut req = ProduceRequest::default();
+        req.acks = self.acks;
+        req.timeout_ms = 30_000;
+        req.topic_data = vec![td];
+        let flight = InFlight {
+            records: self.pending_ns.len() as u64,
+            intended_ns: std::mem::take(&mut self.pending_ns),
+            bytes: std::mem::take(&mut self.pending_bytes) as u64,
+        };
+        self.correlation += 1;
+        if self.acks == 0 {
+            // No answers come: a record counts as published once written to the socket.
+            write_request(
+                &mut self.stream,
+                ApiKey::Produce,
+                PRODUCE_VERSION,
+                self.correlation,
+                &req,
+            )?;
+            self.stats.published(flight, self.stats.now_ns());
+            return Ok(());
+        }
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        // Blocks while max_in_flight requests wait for their answers.
+        self.tx
+            .send(flight)
+            .map_err(|_| anyhow::anyhow!("the producer's reader stopped"))?;
+        write_request(
+            &mut self.stream,
+            ApiKey::Produce,
+            PRODUCE_VERSION,
+            self.correlation,
+            &req,
+        )
     }
-    // Blocks while max_in_flight requests wait for their answers.
-    tx.send(flight)
-        .map_err(|_| anyhow::anyhow!("the producer's reader stopped"))?;
-    write_request(stream, ApiKey::Produce, PRODUCE_VERSION, correlation, &req)
 }
 
 /// Percentiles of a latency histogram in milliseconds.

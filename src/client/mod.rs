@@ -45,40 +45,60 @@ impl Connection {
         req: &Req,
     ) -> Result<Resp> {
         self.correlation_id += 1;
-        let mut header = RequestHeader::default();
-        header.request_api_key = key as i16;
-        header.request_api_version = version;
-        header.correlation_id = self.correlation_id;
-        header.client_id = Some(StrBytes::from_static_str("strom-cli"));
-        let mut buf = BytesMut::new();
-        buf.put_i32(0);
-        header.encode(&mut buf, key.request_header_version(version))?;
-        req.encode(&mut buf, version)?;
-        let len = i32::try_from(buf.len() - 4)?;
-        buf[0..4].copy_from_slice(&len.to_be_bytes());
-        self.stream.write_all(&buf)?;
-
-        let mut size = [0u8; 4];
-        self.stream.read_exact(&mut size)?;
-        let size = usize::try_from(i32::from_be_bytes(size)).context("negative response size")?;
-        if size > RESPONSE_SIZE_BYTES_MAX {
-            bail!("response of {size} bytes exceeds the {RESPONSE_SIZE_BYTES_MAX} byte limit");
-        }
-        let mut body = vec![0u8; size];
-        self.stream.read_exact(&mut body)?;
-        let mut body = Bytes::from(body);
-        let header = ResponseHeader::decode(&mut body, key.response_header_version(version))?;
-        if header.correlation_id != self.correlation_id {
+        let frame = encode_request(key, version, self.correlation_id, req)?;
+        self.stream.write_all(&frame)?;
+        let (correlation_id, response) = read_response(&mut self.stream, key, version)?;
+        if correlation_id != self.correlation_id {
             bail!(
-                "response correlation id {} does not match request {}",
-                header.correlation_id,
+                "response correlation id {correlation_id} does not match request {}",
                 self.correlation_id
             );
         }
-        let response = Resp::decode(&mut body, version)?;
-        if body.has_remaining() {
-            tracing::debug!(left = body.remaining(), ?key, "response had trailing bytes");
-        }
         Ok(response)
     }
+}
+
+/// A size-prefixed request frame.
+pub fn encode_request<R: Encodable>(
+    key: ApiKey,
+    version: i16,
+    correlation_id: i32,
+    req: &R,
+) -> Result<BytesMut> {
+    let mut header = RequestHeader::default();
+    header.request_api_key = key as i16;
+    header.request_api_version = version;
+    header.correlation_id = correlation_id;
+    header.client_id = Some(StrBytes::from_static_str("strom-cli"));
+    let mut buf = BytesMut::new();
+    buf.put_i32(0);
+    header.encode(&mut buf, key.request_header_version(version))?;
+    req.encode(&mut buf, version)?;
+    let len = i32::try_from(buf.len() - 4)?;
+    buf[0..4].copy_from_slice(&len.to_be_bytes());
+    Ok(buf)
+}
+
+/// Reads one response frame (bounded by [`RESPONSE_SIZE_BYTES_MAX`]) and decodes it; returns the
+/// correlation id with the response.
+pub fn read_response<R: Decodable>(
+    stream: &mut impl Read,
+    key: ApiKey,
+    version: i16,
+) -> Result<(i32, R)> {
+    let mut size = [0u8; 4];
+    stream.read_exact(&mut size)?;
+    let size = usize::try_from(i32::from_be_bytes(size)).context("negative response size")?;
+    if size > RESPONSE_SIZE_BYTES_MAX {
+        bail!("response of {size} bytes exceeds the {RESPONSE_SIZE_BYTES_MAX} byte limit");
+    }
+    let mut body = vec![0u8; size];
+    stream.read_exact(&mut body)?;
+    let mut body = Bytes::from(body);
+    let header = ResponseHeader::decode(&mut body, key.response_header_version(version))?;
+    let response = R::decode(&mut body, version)?;
+    if body.has_remaining() {
+        tracing::debug!(left = body.remaining(), ?key, "response had trailing bytes");
+    }
+    Ok((header.correlation_id, response))
 }

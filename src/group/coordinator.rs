@@ -218,6 +218,20 @@ impl Group {
         }
     }
 
+    /// The join answer of a stable group to a follower whose metadata did not change: the current
+    /// generation, no rebalance.
+    fn current_join_response(&self, member_id: &str, version: i16) -> JoinGroupResponse {
+        let mut r = JoinGroupResponse::default();
+        r.generation_id = self.generation;
+        r.protocol_name = Some(sb(self.protocol.as_deref().unwrap_or("")));
+        if version >= 7 {
+            r.protocol_type = self.protocol_type.as_deref().map(sb);
+        }
+        r.leader = sb(self.leader.as_deref().unwrap_or(""));
+        r.member_id = sb(member_id);
+        r
+    }
+
     fn prepare_rebalance(&mut self, config: &BrokerConfig, now: Instant) {
         if self.state == State::CompletingRebalance {
             for m in self.members.values_mut() {
@@ -726,15 +740,7 @@ impl GroupCoordinator {
                             group.leader = Some(new_id.clone());
                         }
                         if group.state == State::Stable && unchanged && !was_leader {
-                            let mut r = JoinGroupResponse::default();
-                            r.generation_id = group.generation;
-                            r.protocol_name = Some(sb(group.protocol.as_deref().unwrap_or("")));
-                            if version >= 7 {
-                                r.protocol_type = group.protocol_type.as_deref().map(sb);
-                            }
-                            r.leader = sb(group.leader.as_deref().unwrap_or(""));
-                            r.member_id = sb(&new_id);
-                            return r;
+                            return group.current_join_response(&new_id, version);
                         }
                         new_id
                     }
@@ -793,15 +799,7 @@ impl GroupCoordinator {
             let is_leader = group.leader.as_deref() == Some(id.as_str());
             if group.state == State::Stable && unchanged && !is_leader {
                 // A follower rejoining with the same metadata: nothing to rebalance.
-                let mut r = JoinGroupResponse::default();
-                r.generation_id = group.generation;
-                r.protocol_name = Some(sb(group.protocol.as_deref().unwrap_or("")));
-                if version >= 7 {
-                    r.protocol_type = group.protocol_type.as_deref().map(sb);
-                }
-                r.leader = sb(group.leader.as_deref().unwrap_or(""));
-                r.member_id = sb(&id);
-                return r;
+                return group.current_join_response(&id, version);
             }
             if let Some(old) = m.awaiting_join.replace(tx) {
                 let _ = old.send(join_error(ErrorCode::REBALANCE_IN_PROGRESS, &id));

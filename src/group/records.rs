@@ -6,7 +6,7 @@
 use anyhow::{Context, Result};
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::records::{
-    Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+    Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions,
 };
 
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq, Hash)]
@@ -104,21 +104,8 @@ pub fn encode_batch(records: Vec<(Bytes, Option<Bytes>)>, now_ms: i64) -> Result
     let records: Vec<Record> = records
         .into_iter()
         .enumerate()
-        .map(|(i, (key, value))| Record {
-            transactional: false,
-            control: false,
-            delete_horizon: false,
-            partition_leader_epoch: 0,
-            producer_id: -1,
-            producer_epoch: -1,
-            timestamp_type: TimestampType::Creation,
-            offset: i as i64,
-            // One batch: the encoder splits wherever offset - sequence changes.
-            sequence: i as i32 - 1,
-            timestamp: now_ms,
-            key: Some(key),
-            value,
-            headers: Default::default(),
+        .map(|(i, (key, value))| {
+            crate::storage::records::plain_record(i as i64, now_ms, Some(key), value)
         })
         .collect();
     let mut buf = BytesMut::new();

@@ -217,30 +217,21 @@ pub fn filter_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kafka_protocol::records::{
-        Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-    };
+    use kafka_protocol::records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions};
 
     fn batch(base: i64, keys: &[(&str, Option<&str>)], compression: Compression) -> BytesMut {
         let records: Vec<Record> = keys
             .iter()
             .enumerate()
-            .map(|(i, (k, v))| Record {
-                transactional: false,
-                control: false,
-                delete_horizon: false,
-                partition_leader_epoch: 0,
-                producer_id: -1,
-                producer_epoch: -1,
-                timestamp_type: TimestampType::Creation,
-                offset: base + i as i64,
-                // The encoder starts a new batch where offset - sequence changes; non-idempotent
-                // records decode with sequence -1 + offset delta, so encode them that way.
-                sequence: i as i32 - 1,
-                timestamp: 1000,
-                key: Some(Bytes::copy_from_slice(k.as_bytes())),
-                value: v.map(|v| Bytes::copy_from_slice(v.as_bytes())),
-                headers: Default::default(),
+            .map(|(i, (k, v))| {
+                let mut r = crate::storage::records::plain_record(
+                    i as i64,
+                    1000,
+                    Some(Bytes::copy_from_slice(k.as_bytes())),
+                    v.map(|v| Bytes::copy_from_slice(v.as_bytes())),
+                );
+                r.offset += base;
+                r
             })
             .collect();
         let mut buf = BytesMut::new();

@@ -5,9 +5,35 @@
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use kafka_protocol::records::RecordBatchDecoder;
+use kafka_protocol::records::{Record, RecordBatchDecoder, TimestampType};
 
 use crate::model::Offset;
+
+/// A plain (non-idempotent, non-transactional) record at position `index` of the batch it will be
+/// encoded into. The encoder starts a new batch wherever `offset - sequence` changes, and plain
+/// records decode with sequence `-1 + offset delta`, so that is the sequence given here.
+pub fn plain_record(
+    index: i64,
+    timestamp: i64,
+    key: Option<Bytes>,
+    value: Option<Bytes>,
+) -> Record {
+    Record {
+        transactional: false,
+        control: false,
+        delete_horizon: false,
+        partition_leader_epoch: -1,
+        producer_id: -1,
+        producer_epoch: -1,
+        timestamp_type: TimestampType::Creation,
+        offset: index,
+        sequence: i32::try_from(index).unwrap_or(i32::MAX) - 1,
+        timestamp,
+        key,
+        value,
+        headers: Default::default(),
+    }
+}
 
 /// The offset and timestamp of the first record in `batch` whose timestamp is `>= timestamp`.
 /// When no single record qualifies (the batch's max timestamp was set by LogAppendTime), the
