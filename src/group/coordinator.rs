@@ -166,7 +166,9 @@ struct Group {
     protocol: Option<String>,
     leader: Option<String>,
     members: IndexMap<String, Member>,
-    pending_members: HashSet<String>,
+    /// KIP-394 member ids handed out with MEMBER_ID_REQUIRED, with when they expire: a client
+    /// that never comes back must not leave its id behind forever.
+    pending_members: HashMap<String, Instant>,
     static_members: HashMap<String, String>,
     offsets: HashMap<(String, i32), OffsetValue>,
     join_deadline: Instant,
@@ -183,7 +185,7 @@ impl Group {
             protocol: None,
             leader: None,
             members: IndexMap::new(),
-            pending_members: HashSet::new(),
+            pending_members: HashMap::new(),
             static_members: HashMap::new(),
             offsets: HashMap::new(),
             join_deadline: Instant::now(),
@@ -746,7 +748,9 @@ impl GroupCoordinator {
                     }
                     _ => {
                         if instance_id.is_none() && version >= 4 {
-                            group.pending_members.insert(new_id.clone());
+                            group
+                                .pending_members
+                                .insert(new_id.clone(), now + Duration::from_millis(session_ms));
                             return join_error(ErrorCode::MEMBER_ID_REQUIRED, &new_id);
                         }
                         new_id
@@ -754,7 +758,7 @@ impl GroupCoordinator {
                 }
             } else {
                 if !group.members.contains_key(&member_id)
-                    && !group.pending_members.remove(&member_id)
+                    && group.pending_members.remove(&member_id).is_none()
                 {
                     return join_error(ErrorCode::UNKNOWN_MEMBER_ID, &member_id);
                 }
@@ -1293,6 +1297,7 @@ impl GroupCoordinator {
         {
             let mut groups = self.groups.borrow_mut();
             for g in groups.values_mut() {
+                g.pending_members.retain(|_, expires| *expires > now);
                 let expired: Vec<String> = match g.state {
                     State::Stable | State::CompletingRebalance => g
                         .members
