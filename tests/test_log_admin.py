@@ -43,7 +43,13 @@ def produce(bootstrap, topic, records, partition=0):
 
 
 def log_bytes(broker, topic, partition=0):
-    return sum(os.path.getsize(f) for f in glob.glob(os.path.join(broker.data_dir, f"{topic}-{partition}", "*.log")))
+    total = 0
+    for f in glob.glob(os.path.join(broker.data_dir, f"{topic}-{partition}", "*.log")):
+        try:
+            total += os.path.getsize(f)
+        except FileNotFoundError:
+            pass  # retention deleted it between the listing and the stat
+    return total
 
 
 def watermarks(bootstrap, topic, partition=0):
