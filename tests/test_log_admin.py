@@ -144,8 +144,10 @@ def consume_all(bootstrap, topic, partition=0, timeout=20):
 
 
 def test_compaction_keeps_the_latest_value_per_key_with_offsets_unchanged(lbroker):
+    # min.compaction.lag.ms holds the cleaner off while producing, so that the footprint before
+    # cleaning is measured whole; it is lowered afterwards (a live config change).
     create_topic(lbroker.bootstrap, "table", cleanup_policy="compact", segment_bytes=2048,
-                 min_cleanable_dirty_ratio="0.01", delete_retention_ms=500)
+                 min_cleanable_dirty_ratio="0.01", delete_retention_ms=500, min_compaction_lag_ms=3600000)
     records, latest = [], {}
     for round_ in range(20):
         for k in range(30):
@@ -158,6 +160,10 @@ def test_compaction_keeps_the_latest_value_per_key_with_offsets_unchanged(lbroke
     # Fill a few segments with other keys so every record above sits in a closed segment.
     produce(lbroker.bootstrap, "table", [(f"filler-{i}".encode(), b"f" * 200) for i in range(40)])
     before = log_bytes(lbroker, "table")
+    admin = AdminClient({"bootstrap.servers": lbroker.bootstrap})
+    res = ConfigResource(ResourceType.TOPIC, "table", incremental_configs=[
+        ConfigEntry("min.compaction.lag.ms", "0", incremental_operation=AlterConfigOpType.SET)])
+    admin.incremental_alter_configs([res])[res].result(10)
 
     def compacted():
         got = consume_all(lbroker.bootstrap, "table")
