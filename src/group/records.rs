@@ -64,6 +64,22 @@ pub enum Entry {
     },
 }
 
+/// rkyv bytes of one of strom's own structures, as a record key or value.
+fn encode<T>(value: &T) -> Result<Bytes>
+where
+    T: for<'a> rkyv::Serialize<
+        rkyv::api::high::HighSerializer<
+            rkyv::util::AlignedVec,
+            rkyv::ser::allocator::ArenaHandle<'a>,
+            rkyv::rancor::Error,
+        >,
+    >,
+{
+    Ok(Bytes::from(
+        rkyv::to_bytes::<rkyv::rancor::Error>(value)?.to_vec(),
+    ))
+}
+
 pub fn offset_record(
     group: &str,
     topic: &str,
@@ -75,28 +91,14 @@ pub fn offset_record(
         topic: topic.to_string(),
         partition,
     };
-    let key = Bytes::from(rkyv::to_bytes::<rkyv::rancor::Error>(&key)?.to_vec());
-    let value = match value {
-        Some(v) => Some(Bytes::from(
-            rkyv::to_bytes::<rkyv::rancor::Error>(v)?.to_vec(),
-        )),
-        None => None,
-    };
-    Ok((key, value))
+    Ok((encode(&key)?, value.map(encode).transpose()?))
 }
 
 pub fn group_record(group: &str, value: Option<&GroupValue>) -> Result<(Bytes, Option<Bytes>)> {
     let key = GroupKey::Group {
         group: group.to_string(),
     };
-    let key = Bytes::from(rkyv::to_bytes::<rkyv::rancor::Error>(&key)?.to_vec());
-    let value = match value {
-        Some(v) => Some(Bytes::from(
-            rkyv::to_bytes::<rkyv::rancor::Error>(v)?.to_vec(),
-        )),
-        None => None,
-    };
-    Ok((key, value))
+    Ok((encode(&key)?, value.map(encode).transpose()?))
 }
 
 /// Encodes key/value pairs as one uncompressed record batch (offsets are assigned on append).
