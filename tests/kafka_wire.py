@@ -102,3 +102,38 @@ def closed_by_peer(sock, timeout=5):
     except socket.timeout:
         return False
     return data == b""
+
+
+def put_varint(v: int) -> bytes:
+    """A zig-zag varint as Kafka's records use."""
+    z = (v << 1) ^ (v >> 63)
+    out = b""
+    while z >= 0x80:
+        out += bytes([(z & 0x7F) | 0x80])
+        z >>= 7
+    return out + bytes([z])
+
+
+def raw_batch(records_section: bytes, record_count: int, last_offset_delta: int, codec=0,
+              timestamp=1_700_000_000_000) -> bytes:
+    """A v2 batch around an already encoded (and possibly compressed) records section, with the
+    header's count and offset span set as given (lies included) and a CRC that matches."""
+    from kafka.record.util import calc_crc32c
+    after_crc = struct.pack(">hiqqqhii", codec, last_offset_delta, timestamp, timestamp, -1, -1, -1,
+                            record_count) + records_section
+    crc = calc_crc32c(after_crc)
+    head = struct.pack(">qiib", 0, 4 + 1 + 4 + len(after_crc), 0, 2) + struct.pack(">I", crc)
+    return head + after_crc
+
+
+def raw_record(offset_delta: int, key: bytes, value_len: int, value: bytes = b"") -> bytes:
+    """One record; `value_len` may exceed `value` when the caller streams the rest after it."""
+    body = b"\x00" + put_varint(0) + put_varint(offset_delta) + put_varint(len(key)) + key
+    body += put_varint(value_len) + value
+    return body
+
+
+def read_produce_error(sock, correlation_id):
+    cid, [(_, _, err, base)] = parse_produce_v3(read_frame(sock))
+    assert cid == correlation_id
+    return err, base

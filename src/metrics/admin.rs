@@ -80,6 +80,9 @@ impl EncodeMetric for HistogramValue {
 }
 
 fn api_name(key: i16) -> String {
+    if key == super::UNSUPPORTED_API_BUCKET {
+        return "unsupported".to_string();
+    }
     ApiKey::try_from(key).map_or_else(|_| key.to_string(), |k| format!("{k:?}"))
 }
 

@@ -102,11 +102,24 @@ thread_local! {
     static LOCAL: RefCell<ShardSnapshot> = RefCell::new(ShardSnapshot::default());
 }
 
+/// The one bucket every request for an API strom does not serve is counted in. The table of
+/// histograms is thereby fixed in size: one per served API plus this one, whatever clients send
+/// (a histogram per distinct unknown key once let 30,000 tiny frames take gigabytes).
+pub const UNSUPPORTED_API_BUCKET: i16 = -1;
+
 /// Records one handled request on this shard.
 pub fn record_request(api_key: i16, latency: Duration, error: bool) {
+    let served = crate::protocol::SUPPORTED_APIS
+        .iter()
+        .any(|(key, _, _)| *key as i16 == api_key);
+    let bucket = if served {
+        api_key
+    } else {
+        UNSUPPORTED_API_BUCKET
+    };
     LOCAL.with(|m| {
         let mut m = m.borrow_mut();
-        let stats = m.apis.entry(api_key).or_insert_with(ApiStats::new);
+        let stats = m.apis.entry(bucket).or_insert_with(ApiStats::new);
         stats.requests += 1;
         if error {
             stats.errors += 1;

@@ -37,10 +37,14 @@ pub fn resolve_cores(requested: Option<Vec<usize>>) -> Result<Vec<usize>> {
 
 /// Runs the broker until its executors stop. `on_ready` is called with the bound address once
 /// every shard serves.
-pub fn run(options: ServeOptions, on_ready: impl FnOnce(SocketAddr, SocketAddr)) -> Result<()> {
+pub fn run(mut options: ServeOptions, on_ready: impl FnOnce(SocketAddr, SocketAddr)) -> Result<()> {
     raise_memlock_limit();
     std::fs::create_dir_all(&options.data_dir)
         .with_context(|| format!("creating data directory {}", options.data_dir.display()))?;
+    // glommio opens directories with `openat` relative to no directory at all, so a relative path
+    // fails with EBADF; every path below the data directory is therefore made absolute once here.
+    options.data_dir = std::fs::canonicalize(&options.data_dir)
+        .with_context(|| format!("resolving data directory {}", options.data_dir.display()))?;
     let count = options.cores.len();
     let (sockets, bound) = server::bind_listeners(options.listen, count)?;
     let advertised = options

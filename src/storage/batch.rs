@@ -5,6 +5,7 @@
 
 use bytes::{Buf, BytesMut};
 
+use super::codec;
 use crate::model::{ErrorCode, Offset};
 
 /// Bytes before the records: every header field of a v2 batch.
@@ -158,6 +159,74 @@ pub fn validate(bytes: &[u8]) -> Result<BatchHeader, BatchError> {
         return Err(BatchError::Malformed);
     }
     Ok(header)
+}
+
+/// Checks a produced batch's records against its header, reading through the bounded decoder:
+/// the header's record count must equal the records present, the offset deltas must run 0, 1, 2 …
+/// to `last_offset_delta`, and (for a compacted topic) every record must have a key. A header that
+/// lies about its records would otherwise move the partition's offsets by up to 2^31 per batch.
+pub fn check_records(
+    batch: &[u8],
+    header: &BatchHeader,
+    keys_required: bool,
+) -> Result<(), RecordsCheck> {
+    if header.record_count < 1 || header.record_count != header.last_offset_delta.saturating_add(1)
+    {
+        return Err(RecordsCheck::Invalid(
+            "record count disagrees with the offset span",
+        ));
+    }
+    let mut expected = 0i64;
+    let mut bad: Option<&'static str> = None;
+    let count = codec::for_each_record(batch, header, codec::DECOMPRESSED_BATCH_BYTES_MAX, |r| {
+        if r.offset_delta != expected {
+            bad = Some("record offset deltas are not 0, 1, 2, ...");
+        } else if keys_required && !r.has_key {
+            bad = Some("a compacted topic requires a key on every record");
+        }
+        expected += 1;
+        bad.is_none()
+    })
+    .map_err(RecordsCheck::Unreadable)?;
+    if let Some(why) = bad {
+        return Err(RecordsCheck::Invalid(why));
+    }
+    if count != u64::from(header.record_count.unsigned_abs()) {
+        return Err(RecordsCheck::Invalid(
+            "record count disagrees with the records present",
+        ));
+    }
+    Ok(())
+}
+
+/// Why a produced batch's records were refused.
+#[derive(Debug)]
+pub enum RecordsCheck {
+    /// Readable, but the records contradict the header or the topic's rules.
+    Invalid(&'static str),
+    Unreadable(codec::RecordsError),
+}
+
+impl RecordsCheck {
+    /// Kafka answers `INVALID_RECORD` when records contradict their batch, `CORRUPT_MESSAGE` when
+    /// they cannot be read at all.
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            RecordsCheck::Invalid(_) | RecordsCheck::Unreadable(codec::RecordsError::TooLarge) => {
+                ErrorCode::INVALID_RECORD
+            }
+            RecordsCheck::Unreadable(codec::RecordsError::Corrupt(_)) => ErrorCode::CORRUPT_MESSAGE,
+        }
+    }
+}
+
+impl std::fmt::Display for RecordsCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecordsCheck::Invalid(why) => f.write_str(why),
+            RecordsCheck::Unreadable(e) => write!(f, "{e}"),
+        }
+    }
 }
 
 /// Splits a produce request's records into batches, validating each one.

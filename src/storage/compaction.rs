@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use kafka_protocol::compression::{Compressor, Decompressor, Gzip, Lz4, Snappy, Zstd};
+use kafka_protocol::compression::{Compressor, Gzip, Lz4, Snappy, Zstd};
 
 use super::batch::{BatchHeader, HEADER_SIZE_BYTES};
 
@@ -87,19 +87,11 @@ pub fn walk_records(section: &[u8]) -> Result<Vec<RawRecord>> {
     Ok(out)
 }
 
-/// The uncompressed records section of a batch.
+/// The uncompressed records section of a batch, through the bounded decoder.
 pub fn records_section(batch: &[u8], header: &BatchHeader) -> Result<Bytes> {
-    let mut raw = Bytes::copy_from_slice(&batch[HEADER_SIZE_BYTES..header.size_bytes]);
-    let take = |b: &mut Bytes| -> Result<Bytes> { Ok(b.copy_to_bytes(b.remaining())) };
-    match header.compression() {
-        0 => Ok(raw),
-        1 => Gzip::decompress(&mut raw, take),
-        2 => Snappy::decompress(&mut raw, take),
-        3 => Lz4::decompress(&mut raw, take),
-        4 => Zstd::decompress(&mut raw, take),
-        other => bail!("unknown compression codec {other}"),
-    }
-    .context("decompressing a batch")
+    super::codec::records_section(batch, header, super::codec::DECOMPRESSED_BATCH_BYTES_MAX)
+        .map(Bytes::from)
+        .context("decompressing a batch")
 }
 
 fn compress(codec: i16, section: &[u8]) -> Result<BytesMut> {
@@ -117,12 +109,6 @@ fn compress(codec: i16, section: &[u8]) -> Result<BytesMut> {
         other => bail!("unknown compression codec {other}"),
     }
     Ok(out)
-}
-
-/// Does any record of this batch lack a key? (A compacted topic refuses such batches.)
-pub fn has_keyless_record(batch: &[u8], header: &BatchHeader) -> Result<bool> {
-    let section = records_section(batch, header)?;
-    Ok(walk_records(&section)?.iter().any(|r| r.key.is_none()))
 }
 
 /// Adds every keyed record of a batch to the map of latest offsets.

@@ -2,6 +2,7 @@
 //! time indexes, written with O_DIRECT through glommio (io_uring), recovered by CRC on start.
 
 pub mod batch;
+pub mod codec;
 pub mod compaction;
 pub mod files;
 pub mod partition;

@@ -275,15 +275,15 @@ impl PartitionLog {
                 return Err(ErrorCode::UNSUPPORTED_FOR_MESSAGE_FORMAT);
             }
         }
-        if st.config.compact {
-            // Kafka refuses keyless records on a compacted topic: there is no key to keep.
-            for (pos, h) in &batches {
-                match super::compaction::has_keyless_record(&records[*pos..*pos + h.size_bytes], h)
-                {
-                    Ok(false) => {}
-                    Ok(true) => return Err(ErrorCode::INVALID_RECORD),
-                    Err(_) => return Err(ErrorCode::CORRUPT_MESSAGE),
-                }
+        // Every record is walked (through the bounded decoder) before anything is accepted;
+        // Kafka refuses keyless records on a compacted topic: there is no key to keep.
+        for (pos, h) in &batches {
+            let bytes = records
+                .get(*pos..*pos + h.size_bytes)
+                .ok_or(ErrorCode::CORRUPT_MESSAGE)?;
+            if let Err(e) = batch::check_records(bytes, h, st.config.compact) {
+                tracing::info!(partition = %st.tp, error = %e, "produced batch refused");
+                return Err(e.error_code());
             }
         }
         // Idempotence: a retry of one of the producer's last five batches is answered with its
@@ -846,7 +846,9 @@ impl PartitionLog {
             for p in &st.pending {
                 let len = p.bytes.len();
                 if !chunk.is_empty()
-                    && (data.len() + len > WRITE_CHUNK_BYTES || (data.len() + len) as u64 > room)
+                    && (data.len() + len > WRITE_CHUNK_BYTES
+                        || (data.len() + len) as u64 > room
+                        || !active.fits(active.size_bytes + data.len() as u64, &p.header))
                 {
                     break;
                 }
@@ -865,7 +867,9 @@ impl PartitionLog {
             let active = st.segments.last_mut().expect("active segment");
             let mut position = active.size_bytes;
             for (h, _) in &chunk {
-                active.track(position, h, interval);
+                // should_roll keeps every batch addressable; failing here takes the partition
+                // offline rather than writing an index that points at the wrong offsets.
+                active.track(position, h, interval)?;
                 position += h.size_bytes as u64;
             }
             active.commit_write(&data);
@@ -935,7 +939,8 @@ impl PartitionState {
         };
         active.size_bytes > 0
             && (active.size_bytes + first.bytes.len() as u64 > self.config.segment_size_bytes
-                || now_ms().saturating_sub(active.created_ms) >= self.config.segment_age_ms)
+                || now_ms().saturating_sub(active.created_ms) >= self.config.segment_age_ms
+                || !active.fits(active.size_bytes, &first.header))
     }
 
     /// Checks an idempotent batch's sequence. `Ok(Some)` is a duplicate of a recent batch.

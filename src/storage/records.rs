@@ -3,9 +3,9 @@
 //! for a compressed batch, behind its codec). Decoding uses the kafka-protocol crate's record
 //! decoder; stored bytes are never changed by it.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use bytes::Bytes;
-use kafka_protocol::records::{Record, RecordBatchDecoder, TimestampType};
+use kafka_protocol::records::{Record, TimestampType};
 
 use crate::model::Offset;
 
@@ -44,12 +44,24 @@ pub fn first_at_or_after(batch: &[u8], timestamp: i64) -> Result<(Offset, i64)> 
     if header.has_log_append_time() {
         return Ok((header.base_offset, header.max_timestamp));
     }
-    let mut buf = Bytes::copy_from_slice(batch);
-    let set = RecordBatchDecoder::decode(&mut buf).context("decoding record batch")?;
-    for record in &set.records {
-        if record.timestamp >= timestamp {
-            return Ok((Offset(record.offset), record.timestamp));
-        }
+    let mut found = None;
+    super::codec::for_each_record(
+        batch,
+        &header,
+        super::codec::DECOMPRESSED_BATCH_BYTES_MAX,
+        |r| {
+            let at = header.base_timestamp.saturating_add(r.timestamp_delta);
+            if at >= timestamp {
+                found = Some((
+                    Offset(header.base_offset.0.saturating_add(r.offset_delta)),
+                    at,
+                ));
+            }
+            found.is_none()
+        },
+    )?;
+    if let Some(hit) = found {
+        return Ok(hit);
     }
     Ok((header.last_offset(), header.max_timestamp))
 }

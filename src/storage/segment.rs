@@ -149,7 +149,7 @@ impl Segment {
         }
         let (batches, valid_end) = scan(&segment.file, base, 0, file_size, active).await?;
         for b in &batches {
-            segment.track(b.position, &b.header, index_interval_bytes);
+            segment.track(b.position, &b.header, index_interval_bytes)?;
         }
         segment.size_bytes = valid_end;
         if active {
@@ -223,11 +223,23 @@ impl Segment {
     }
 
     /// Records a batch just placed at `position` in the in-memory indexes and counters.
-    pub fn track(&mut self, position: u64, header: &BatchHeader, index_interval_bytes: u64) {
-        let relative = u32::try_from(header.base_offset.0 - self.base_offset.0)
-            .expect("a segment spans fewer than 2^32 offsets: rolls happen long before");
-        let position32 = u32::try_from(position)
-            .expect("a segment is smaller than 4 GiB: segment.bytes is at most i32::MAX");
+    /// Fails (changing nothing) if the batch is not addressable from this segment: its offsets
+    /// must lie within 2^32 of the base and its position below 4 GiB ([`Segment::fits`]).
+    pub fn track(
+        &mut self,
+        position: u64,
+        header: &BatchHeader,
+        index_interval_bytes: u64,
+    ) -> Result<()> {
+        if !self.fits(position, header) {
+            anyhow::bail!(
+                "batch at offset {} (position {position}) is not addressable from segment {}",
+                header.base_offset.0,
+                self.base_offset.0
+            );
+        }
+        let relative = u32::try_from(header.base_offset.0 - self.base_offset.0)?;
+        let position32 = u32::try_from(position)?;
         if self.index.is_empty() || self.bytes_since_index >= index_interval_bytes {
             self.index.push(IndexEntry {
                 relative_offset: relative,
@@ -242,6 +254,14 @@ impl Segment {
         self.bytes_since_index += header.size_bytes as u64;
         self.max_timestamp = self.max_timestamp.max(header.max_timestamp);
         self.end_offset = header.last_offset().next();
+        Ok(())
+    }
+
+    /// Whether a batch at `position` can be indexed by this segment: index entries hold the offset
+    /// relative to the base and the file position as u32 (Kafka's format), so a segment rolls
+    /// before either would overflow.
+    pub fn fits(&self, position: u64, header: &BatchHeader) -> bool {
+        fits_segment(self.base_offset, position, header)
     }
 
     /// Builds the aligned write of `data` (whole batches) at the logical end of the segment.
@@ -354,6 +374,13 @@ pub fn lookup(index: &[IndexEntry], relative_offset: i64) -> u64 {
     }
 }
 
+fn fits_segment(base: Offset, position: u64, header: &BatchHeader) -> bool {
+    let span = header.last_offset().0.checked_sub(base.0);
+    span.is_some_and(|s| u32::try_from(s).is_ok())
+        && header.base_offset >= base
+        && u32::try_from(position).is_ok()
+}
+
 /// Walks the batches of `file` from `start` up to `end`, returning each batch found and the position
 /// where valid data ends. With `check_crc` every batch's CRC is verified (recovery of the active
 /// segment); a batch that fails, is torn, or lies below `base` ends the scan.
@@ -379,7 +406,10 @@ pub async fn scan(
                 Err(BatchError::Incomplete) => break,
                 Err(_) => return Ok((batches, pos + at as u64)),
             };
-            if header.base_offset < base || expected_next.is_some_and(|n| header.base_offset < n) {
+            if header.base_offset < base
+                || expected_next.is_some_and(|n| header.base_offset < n)
+                || !fits_segment(base, pos + at as u64, &header)
+            {
                 return Ok((batches, pos + at as u64));
             }
             if rest.len() < header.size_bytes {

@@ -1,0 +1,134 @@
+"""Hostile input against the real binary: batches that lie about their records, decompression
+bombs, and requests for APIs that do not exist. Each must get a Kafka error (or a closed
+connection), leave the broker serving, and leave memory bounded."""
+
+import os
+import subprocess
+import time
+
+import kafka_wire as kw
+from test_bad_input import assert_still_serves, rss_kib
+
+INVALID_RECORD = 87
+CORRUPT_MESSAGE = 2
+
+
+def consume_values(bootstrap, topic):
+    out = subprocess.run(["kcat", "-b", bootstrap, "-t", topic, "-C", "-e", "-f", "%o:%s\n"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+def create_topic(sock, topic):
+    sock.sendall(kw.metadata_v1([topic.encode()], correlation_id=1))
+    assert kw.read_frame(sock) is not None
+
+
+def test_batch_lying_about_its_record_count_is_refused_and_the_broker_restarts_cleanly(broker):
+    s = kw.connect(broker.bootstrap)
+    create_topic(s, "liar")
+    one = kw.raw_record(0, b"k", 1, b"v")
+    lies = [
+        # The failure seen in the field: a 2^31-1 record span on a batch with one record.
+        kw.raw_batch(kw.put_varint(len(one)) + one, record_count=2**31 - 1, last_offset_delta=2**31 - 2),
+        # Count and span agree with each other but not with the records present.
+        kw.raw_batch(kw.put_varint(len(one)) + one, record_count=5, last_offset_delta=4),
+        # The header says one record, the span says more.
+        kw.raw_batch(kw.put_varint(len(one)) + one, record_count=1, last_offset_delta=9),
+        # Offset deltas that do not run 0, 1, 2.
+        kw.raw_batch(b"".join(kw.put_varint(len(r)) + r for r in
+                              (kw.raw_record(0, b"k", 1, b"a"), kw.raw_record(7, b"k", 1, b"b"))),
+                     record_count=2, last_offset_delta=1),
+        # A record running past the end of its batch.
+        kw.raw_batch(kw.put_varint(len(one) + 40) + one, record_count=1, last_offset_delta=0),
+        # No records at all.
+        kw.raw_batch(b"", record_count=0, last_offset_delta=0),
+    ]
+    for round_ in range(2):
+        for i, batch in enumerate(lies):
+            cid = 10 + i + round_ * 100
+            s.sendall(kw.produce_v3(b"liar", 0, batch, correlation_id=cid))
+            err, _ = kw.read_produce_error(s, cid)
+            assert err in (INVALID_RECORD, CORRUPT_MESSAGE), f"lie {i} got error {err}"
+    s.sendall(kw.produce_v3(b"liar", 0, kw.record_batch([b"honest"]), correlation_id=500))
+    assert kw.read_produce_error(s, 500) == (0, 0), "offsets moved for a refused batch"
+    assert "produced batch refused" in broker.log()
+    assert_still_serves(broker)
+    broker.kill9()
+    broker.start()
+    assert consume_values(broker.bootstrap, "liar") == ["0:honest"]
+    broker.stop()
+    broker.start()
+    assert consume_values(broker.bootstrap, "liar") == ["0:honest"]
+
+
+def zstd_bomb(decompressed_bytes, zstd_args):
+    """One keyed record whose value is `decompressed_bytes` of zeros, compressed with zstd."""
+    head = kw.raw_record(0, b"k", decompressed_bytes)
+    record_len = len(head) + decompressed_bytes + 1
+    proc = subprocess.Popen(["zstd", "-q", "-c", *zstd_args], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+    import threading
+    out = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()))
+    reader.start()
+    proc.stdin.write(kw.put_varint(record_len) + head)
+    chunk = bytes(1 << 20)
+    left = decompressed_bytes
+    while left:
+        n = min(left, len(chunk))
+        proc.stdin.write(chunk[:n])
+        left -= n
+    proc.stdin.write(kw.put_varint(0))  # no headers
+    proc.stdin.close()
+    reader.join()
+    proc.wait()
+    return kw.raw_batch(out[0], record_count=1, last_offset_delta=0, codec=4)
+
+
+def test_a_1_gib_decompression_bomb_is_refused_with_bounded_memory(broker):
+    # An ordinary frame (stopped by the output budget) and one asking for a 128 MiB window
+    # (refused before the window is allocated).
+    bombs = [(zstd_bomb(1 << 30, ["-3"]), INVALID_RECORD), (zstd_bomb(1 << 30, ["-19", "--long=27"]), CORRUPT_MESSAGE)]
+    s = kw.connect(broker.bootstrap)
+    create_topic(s, "bombed")
+    before = rss_kib(broker)
+    peak = before
+    for i, (bomb, expected) in enumerate(bombs * 2):
+        print(f"bomb: {len(bomb)} bytes expanding to 1 GiB")
+        assert len(bomb) < 1_000_000
+        s.sendall(kw.produce_v3(b"bombed", 0, bomb, correlation_id=20 + i))
+        err, _ = kw.read_produce_error(s, 20 + i)
+        peak = max(peak, rss_kib(broker))
+        assert err == expected, f"bomb {i} got error {err}"
+    grown_mib = (peak - before) / 1024
+    print(f"RSS before {before} KiB, after four bombs {peak} KiB (+{grown_mib:.1f} MiB)")
+    assert grown_mib < 100, f"decompression bomb grew RSS by {grown_mib:.0f} MiB"
+    s.sendall(kw.produce_v3(b"bombed", 0, kw.record_batch([b"fine"]), correlation_id=99))
+    assert kw.read_produce_error(s, 99) == (0, 0)
+    assert_still_serves(broker)
+
+
+def test_thirty_thousand_unknown_api_keys_leave_memory_flat(broker):
+    def burst(keys):
+        for key in keys:
+            s = kw.connect(broker.bootstrap)
+            s.sendall(kw.frame(kw.request_header(key, 0)))
+            kw.closed_by_peer(s, timeout=5)
+            s.close()
+    burst(range(1000, 1100))  # warm up: the one unknown-API bucket and the connection path
+    time.sleep(1.5)
+    before = rss_kib(broker)
+    # Every i16 above the highest Kafka API key, then negative ones: 30,000 distinct keys.
+    burst(list(range(200, 200 + 20_000)) + list(range(-10_001, -1)))
+    time.sleep(1.5)  # metrics are published once a second
+    after = rss_kib(broker)
+    grown_mib = (after - before) / 1024
+    print(f"RSS before {before} KiB, after 30,000 unknown API keys {after} KiB (+{grown_mib:.1f} MiB)")
+    assert grown_mib < 10, f"unknown API keys grew RSS by {grown_mib:.1f} MiB"
+    admin = broker.admin
+    import urllib.request
+    text = urllib.request.urlopen(f"http://{admin}/metrics", timeout=10).read().decode()
+    assert 'api="unsupported"' in text
+    assert_still_serves(broker)
