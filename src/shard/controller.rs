@@ -70,6 +70,7 @@ impl Controller {
             "cluster metadata loaded"
         );
         self.next_producer_id.set(table.producer_id_block_end);
+        retire_orphans(&shard.options.data_dir, &table).await?;
         *self.table.borrow_mut() = Some(table.clone());
         shard.broadcast_topics(Arc::new(table)).await;
         Ok(())
@@ -320,6 +321,37 @@ impl Default for Controller {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Deletes partition directories whose topic is not in the table: a DeleteTopics that persisted
+/// the table but crashed before renaming the directories. (A directory whose topic was deleted
+/// and re-created is caught when the partition opens, by its stored topic id.)
+async fn retire_orphans(data_dir: &std::path::Path, table: &TopicTable) -> Result<()> {
+    let known: std::collections::HashSet<String> = table
+        .topics
+        .values()
+        .flat_map(|t| (0..t.partitions).map(move |p| format!("{}-{p}", t.name)))
+        .collect();
+    let dir = data_dir.to_path_buf();
+    let listed = glommio::executor()
+        .spawn_blocking(move || -> std::io::Result<Vec<String>> {
+            let mut names = Vec::new();
+            for entry in std::fs::read_dir(&dir)? {
+                let entry = entry?;
+                if entry.path().join("partition.meta").is_file() {
+                    names.push(entry.file_name().to_string_lossy().into_owned());
+                }
+            }
+            Ok(names)
+        })
+        .await?;
+    for name in listed {
+        if !known.contains(&name) && !name.ends_with(crate::storage::files::DELETE_SUFFIX) {
+            tracing::info!(dir = %name, "partition directory of a deleted topic; deleting it");
+            crate::storage::files::retire_dir(&data_dir.join(&name)).await?;
+        }
+    }
+    Ok(())
 }
 
 fn failed_all(names: impl Iterator<Item = String>) -> Vec<(String, TopicResult)> {

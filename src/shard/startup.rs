@@ -45,6 +45,7 @@ pub fn run(mut options: ServeOptions, on_ready: impl FnOnce(SocketAddr, SocketAd
     // fails with EBADF; every path below the data directory is therefore made absolute once here.
     options.data_dir = std::fs::canonicalize(&options.data_dir)
         .with_context(|| format!("resolving data directory {}", options.data_dir.display()))?;
+    crate::storage::files::finish_deletions(&options.data_dir)?;
     let count = options.cores.len();
     let (sockets, bound) = server::bind_listeners(options.listen, count)?;
     let advertised = options

@@ -109,6 +109,58 @@ pub async fn sync_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Suffix of a partition directory whose deletion is under way (Kafka's own convention:
+/// `<topic>-<partition>.<unique id>-delete`).
+pub const DELETE_SUFFIX: &str = "-delete";
+
+/// Deletes a directory crash-consistently: first renamed out of the way under a unique
+/// `…-delete` name and the rename made durable, then removed on glommio's blocking pool (never
+/// `std::fs` on a shard thread). A crash after the rename leaves only a `-delete` directory, which
+/// [`finish_deletions`] removes at the next start; nothing can reuse it.
+pub async fn retire_dir(dir: &Path) -> Result<()> {
+    let name = dir
+        .file_name()
+        .with_context(|| format!("{} has no directory name", dir.display()))?;
+    let doomed = dir.with_file_name(format!(
+        "{}.{}{DELETE_SUFFIX}",
+        name.to_string_lossy(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    glommio::io::rename(dir, &doomed)
+        .await
+        .io()
+        .with_context(|| format!("renaming {} for deletion", dir.display()))?;
+    sync_dir(dir.parent().unwrap_or(Path::new("."))).await?;
+    let target = doomed.clone();
+    let removed = glommio::executor()
+        .spawn_blocking(move || std::fs::remove_dir_all(&target))
+        .await;
+    if let Err(e) = removed {
+        // The rename already made the deletion durable; the next start finishes it.
+        tracing::warn!(dir = %doomed.display(), error = %e, "removing a deleted directory failed; retried at next start");
+    }
+    Ok(())
+}
+
+/// Removes every directory that a deletion renamed but did not finish removing (at start, before
+/// any shard runs). Returns how many there were.
+pub fn finish_deletions(data_dir: &Path) -> Result<usize> {
+    let mut finished = 0;
+    for entry in
+        std::fs::read_dir(data_dir).with_context(|| format!("listing {}", data_dir.display()))?
+    {
+        let entry = entry?;
+        let is_doomed = entry.file_name().to_string_lossy().ends_with(DELETE_SUFFIX);
+        if is_doomed && entry.file_type()?.is_dir() {
+            std::fs::remove_dir_all(entry.path())
+                .with_context(|| format!("removing {}", entry.path().display()))?;
+            tracing::info!(dir = %entry.path().display(), "finished an interrupted deletion");
+            finished += 1;
+        }
+    }
+    Ok(finished)
+}
+
 /// Opens a file of real data on the data directory's device before anything else, once per shard.
 ///
 /// glommio decides per device whether reads may use the io_uring poll ring, by reading the first

@@ -149,28 +149,43 @@ impl PartitionLog {
         cache_bytes_max: usize,
     ) -> Result<PartitionLog> {
         let meta_path = dir.join("partition.meta");
-        let fresh = !meta_path.exists();
-        if fresh {
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("creating partition directory {}", dir.display()))?;
-            if let Some(parent) = dir.parent() {
-                files::sync_dir(parent).await?;
-            }
-        }
-        let meta = if fresh {
-            let meta = PartitionMeta {
-                topic: tp.topic.to_string(),
-                partition: tp.partition.0,
-                topic_id,
-                leader_epoch: 0,
-                log_start_offset: 0,
-            };
-            write_partition_meta(&meta_path, &meta).await?;
-            meta
-        } else {
+        let stored = if meta_path.exists() {
             let bytes = files::read_meta(&meta_path, META_VERSION).await?;
-            rkyv::from_bytes::<PartitionMeta, rkyv::rancor::Error>(&bytes)
-                .with_context(|| format!("decoding {}", meta_path.display()))?
+            Some(
+                rkyv::from_bytes::<PartitionMeta, rkyv::rancor::Error>(&bytes)
+                    .with_context(|| format!("decoding {}", meta_path.display()))?,
+            )
+        } else {
+            None
+        };
+        let stored = match stored {
+            Some(m) if m.topic_id != topic_id => {
+                // Left by a deleted topic of the same name (a crash between the topic table and
+                // the directory's removal): its records must never appear in the new topic.
+                tracing::warn!(partition = %tp, dir = %dir.display(), "partition directory belongs to a deleted topic (topic id differs); deleting it");
+                files::retire_dir(&dir).await?;
+                None
+            }
+            other => other,
+        };
+        let meta = match stored {
+            Some(meta) => meta,
+            None => {
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating partition directory {}", dir.display()))?;
+                if let Some(parent) = dir.parent() {
+                    files::sync_dir(parent).await?;
+                }
+                let meta = PartitionMeta {
+                    topic: tp.topic.to_string(),
+                    partition: tp.partition.0,
+                    topic_id,
+                    leader_epoch: 0,
+                    log_start_offset: 0,
+                };
+                write_partition_meta(&meta_path, &meta).await?;
+                meta
+            }
         };
         let mut bases = list_segments(&dir)?;
         let now = now_ms();
@@ -527,12 +542,7 @@ impl PartitionLog {
         let dir = self.state.borrow().dir.clone();
         let segments: Vec<_> = self.state.borrow_mut().segments.drain(..).collect();
         drop(segments);
-        std::fs::remove_dir_all(&dir)
-            .with_context(|| format!("removing partition directory {}", dir.display()))?;
-        if let Some(parent) = dir.parent() {
-            files::sync_dir(parent).await?;
-        }
-        Ok(())
+        files::retire_dir(&dir).await
     }
 
     /// Deletes the oldest segments that `retention.ms` or `retention.bytes` no longer keep (for
