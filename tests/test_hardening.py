@@ -132,3 +132,94 @@ def test_thirty_thousand_unknown_api_keys_leave_memory_flat(broker):
     text = urllib.request.urlopen(f"http://{admin}/metrics", timeout=10).read().decode()
     assert 'api="unsupported"' in text
     assert_still_serves(broker)
+
+
+def test_request_memory_stays_within_queued_max_request_bytes(broker_factory):
+    import socket
+    import struct
+    import threading
+    budget_mib = 128
+    broker = broker_factory(extra_args=["--set", f"queued.max.request.bytes={budget_mib << 20}"],
+                            name="budget")
+    before = rss_kib(broker)
+    peak = [before]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_kib(broker))
+            time.sleep(0.02)
+
+    frame_bytes = 90 * 1024 * 1024 - 1
+    body = kw.request_header(999, 0) + bytes(frame_bytes - len(kw.request_header(999, 0)))
+
+    def send_one():
+        s = kw.connect(broker.bootstrap, timeout=60)
+        try:
+            s.sendall(struct.pack(">i", frame_bytes) + body)
+            kw.closed_by_peer(s, timeout=60)
+        except (socket.timeout, ConnectionError):
+            pass
+        finally:
+            s.close()
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    senders = [threading.Thread(target=send_one) for _ in range(12)]
+    for t in senders:
+        t.start()
+    for t in senders:
+        t.join(timeout=120)
+    done.set()
+    sampler.join()
+    grown_mib = (peak[0] - before) / 1024
+    # Each shard holds its half of the budget, and one frame larger than that half may pass alone.
+    bound_mib = budget_mib + 2 * 90 + 32
+    print(f"12 x 90 MiB frames: RSS {before} KiB before, peak +{grown_mib:.0f} MiB (bound {bound_mib} MiB)")
+    assert grown_mib < bound_mib, f"request memory grew {grown_mib:.0f} MiB past the budget"
+    assert_still_serves(broker)
+
+
+def test_idle_and_trickling_connections_are_closed_after_connections_max_idle_ms(broker_factory):
+    import struct
+    broker = broker_factory(extra_args=["--set", "connections.max.idle.ms=2000"], name="idle")
+    idle = [kw.connect(broker.bootstrap) for _ in range(300)]
+    slow = []
+    for _ in range(100):
+        s = kw.connect(broker.bootstrap)
+        s.sendall(struct.pack(">i", 1000) + b"\x00\x12\x00\x00")  # a frame that never completes
+        slow.append(s)
+    busy = kw.connect(broker.bootstrap)
+    started = time.time()
+    for i in range(5):  # one request a second keeps a connection alive past the idle limit
+        busy.sendall(kw.api_versions_v0(correlation_id=i))
+        assert kw.read_frame(busy) is not None, f"busy connection closed after {time.time() - started:.1f} s"
+        time.sleep(1)
+    open_left = sum(not kw.closed_by_peer(s, timeout=3) for s in idle + slow)
+    print(f"{len(idle)} idle and {len(slow)} trickling connections: {open_left} still open after "
+          f"{time.time() - started:.1f} s with connections.max.idle.ms=2000")
+    assert open_left == 0
+    assert "connections.max.idle.ms" in broker.log()
+    for s in idle + slow + [busy]:
+        s.close()
+    assert_still_serves(broker)
+
+
+def test_connections_past_max_connections_are_refused(broker_factory):
+    broker = broker_factory(extra_args=["--set", "max.connections=40"], name="maxconn")
+    socks = [kw.connect(broker.bootstrap) for _ in range(50)]
+    time.sleep(0.5)
+    refused = 0
+    for i, s in enumerate(socks):
+        try:
+            s.sendall(kw.api_versions_v0(correlation_id=i))
+            refused += kw.read_frame(s) is None
+        except ConnectionError:
+            refused += 1
+    print(f"50 connections with max.connections=40: {refused} refused")
+    assert refused == 10
+    assert "max.connections" in broker.log()
+    for s in socks:
+        s.close()
+    time.sleep(0.5)
+    assert_still_serves(broker)

@@ -267,6 +267,30 @@ pub const BROKER_SETTINGS: &[SettingDef] = &[
         "Requests in flight per connection",
     ),
     def(
+        "queued.max.request.bytes",
+        Some("268435456"),
+        T::Long,
+        false,
+        None,
+        "Bytes of requests read but not yet answered, across all connections (split evenly over the shards); reading stops at the limit. -1: unbounded",
+    ),
+    def(
+        "connections.max.idle.ms",
+        Some("600000"),
+        T::Long,
+        false,
+        None,
+        "A connection with no complete request for this long is closed (also one that sends a frame too slowly)",
+    ),
+    def(
+        "max.connections",
+        Some("16384"),
+        T::Int,
+        false,
+        None,
+        "Client connections open at once; a connection past it is closed at accept with a log line",
+    ),
+    def(
         "strom.cache.bytes.per.shard",
         Some("67108864"),
         T::Long,
@@ -404,6 +428,12 @@ pub struct BrokerConfig {
     pub advertised_listener: Option<(String, u16)>,
     /// `queued.max.requests`: requests in flight per connection before reading pauses.
     pub inflight_requests_max: usize,
+    /// `queued.max.request.bytes`: request bytes held across all connections (-1: unbounded).
+    pub queued_request_bytes_max: i64,
+    /// `connections.max.idle.ms`.
+    pub connection_idle_ms_max: u64,
+    /// `max.connections`.
+    pub connections_max: usize,
     /// `strom.cache.bytes.per.shard`: recent batches kept in memory per shard for fetches.
     pub cache_size_bytes_per_shard: usize,
     /// `offsets.topic.num.partitions`: partitions of `__consumer_offsets`, fixed once created.
@@ -450,6 +480,9 @@ impl Default for BrokerConfig {
             compression_type: "producer".to_string(),
             advertised_listener: None,
             inflight_requests_max: 500,
+            queued_request_bytes_max: 256 << 20,
+            connection_idle_ms_max: 600_000,
+            connections_max: 16_384,
             cache_size_bytes_per_shard: 64 * 1024 * 1024,
             offsets_topic_partitions: 50,
             group_initial_rebalance_delay_ms: 3000,
@@ -620,6 +653,18 @@ impl BrokerConfig {
             "advertised.listeners" => self.advertised_listener = Some(parse_listener(value)?),
             "queued.max.requests" => {
                 self.inflight_requests_max = parse_in(value, 1, 100_000)? as usize
+            }
+            "queued.max.request.bytes" => {
+                self.queued_request_bytes_max = parse_in(value, -1, i64::MAX)?;
+                if self.queued_request_bytes_max == 0 {
+                    bail!("queued.max.request.bytes must be -1 or positive");
+                }
+            }
+            "connections.max.idle.ms" => {
+                self.connection_idle_ms_max = parse_in(value, 1, i64::MAX)? as u64
+            }
+            "max.connections" => {
+                self.connections_max = parse_in(value, 1, i32::MAX as i64)? as usize
             }
             "strom.cache.bytes.per.shard" => {
                 self.cache_size_bytes_per_shard = parse_in(value, 0, i64::MAX)? as usize

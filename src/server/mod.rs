@@ -6,17 +6,28 @@
 //! A frame whose size prefix is negative or above `socket.request.max.bytes` closes the connection
 //! with a log line before anything is allocated for it; the body buffer grows only as bytes arrive,
 //! so a large prefix followed by silence costs nothing.
+//!
+//! Limits on the whole broker's request memory and connections:
+//! - `queued.max.request.bytes`, split evenly over the shards: a frame's size is taken from the
+//!   shard's budget before its body is read and given back once its response is written, so when
+//!   the budget is spent every connection on the shard stops reading (TCP pushes back on clients).
+//! - `connections.max.idle.ms`: a connection that does not complete a request for that long is
+//!   closed, whether it is silent or trickling a frame byte by byte.
+//! - `max.connections`: connections past it are closed at accept, with a log line.
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use bytes::{Bytes, BytesMut};
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
+use glommio::sync::{Semaphore, StaticPermit};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::handlers::{self, Outcome};
@@ -26,6 +37,37 @@ use crate::shard::Shard;
 const LISTEN_BACKLOG: i32 = 1024;
 /// The body buffer grows by at most this much per read.
 const READ_STEP_BYTES: usize = 64 * 1024;
+
+/// Client connections open on the whole broker (every shard), for `max.connections`.
+static OPEN_CONNECTIONS: AtomicUsize = AtomicUsize::new(0);
+
+/// The request-memory budget of one shard (`queued.max.request.bytes` / shards).
+struct RequestBudget {
+    semaphore: Rc<Semaphore>,
+    bytes_max: u64,
+}
+
+impl RequestBudget {
+    fn new(shard: &Shard) -> Self {
+        let total = shard.options.broker.queued_request_bytes_max;
+        let bytes_max =
+            u64::try_from(total).map_or(u64::MAX, |t| (t / shard.count.max(1) as u64).max(1));
+        RequestBudget {
+            semaphore: Rc::new(Semaphore::new(bytes_max)),
+            bytes_max,
+        }
+    }
+
+    /// Waits until `bytes` (capped at the whole budget, so one large frame can still pass alone)
+    /// are free, and holds them until the permit is dropped.
+    async fn take(&self, bytes: usize) -> Result<StaticPermit, FrameError> {
+        let units = u64::try_from(bytes).unwrap_or(u64::MAX).min(self.bytes_max);
+        self.semaphore
+            .acquire_static_permit(units)
+            .await
+            .map_err(|_| FrameError::Closed)
+    }
+}
 
 /// Creates one listening socket per shard on the same address. The first binds (resolving port 0
 /// to a real port); the others bind to the resolved address.
@@ -58,6 +100,8 @@ pub async fn serve(shard: Rc<Shard>, socket: Socket) -> Result<()> {
     // SAFETY: the fd comes from a socket2 listening socket we own and hand over whole
     // (into_raw_fd gives up ownership), so the glommio listener is its only owner.
     let listener = unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) };
+    let budget = Rc::new(RequestBudget::new(&shard));
+    let connections_max = shard.options.broker.connections_max;
     loop {
         let stream = match listener.accept().await {
             Ok(s) => s,
@@ -70,11 +114,24 @@ pub async fn serve(shard: Rc<Shard>, socket: Socket) -> Result<()> {
         let _ = stream.set_nodelay(true);
         metrics::add(Counter::ConnectionsAccepted, 1);
         let peer = stream.peer_addr().ok();
+        if OPEN_CONNECTIONS.fetch_add(1, Ordering::Relaxed) >= connections_max {
+            OPEN_CONNECTIONS.fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!(
+                ?peer,
+                connections_max,
+                "too many connections (max.connections); closing the new one"
+            );
+            metrics::add(Counter::ConnectionsClosed, 1);
+            drop(stream);
+            continue;
+        }
         let shard = shard.clone();
+        let budget = budget.clone();
         glommio::spawn_local(async move {
-            if let Err(e) = connection(shard, stream).await {
+            if let Err(e) = connection(shard, stream, budget).await {
                 tracing::debug!(?peer, error = %format!("{e:#}"), "connection ended");
             }
+            OPEN_CONNECTIONS.fetch_sub(1, Ordering::Relaxed);
             metrics::add(Counter::ConnectionsClosed, 1);
         })
         .detach();
@@ -119,6 +176,7 @@ impl AsyncWrite for SharedStream {
 /// Why a connection's reading stopped.
 enum FrameError {
     Closed,
+    Idle,
     TooLarge(i64),
     Io(std::io::Error),
 }
@@ -148,20 +206,31 @@ impl FrameReader {
         Ok(())
     }
 
-    async fn next_frame(&mut self, size_max: usize) -> Result<Bytes, FrameError> {
+    /// The next whole frame, with the budget its bytes hold until its response is written.
+    async fn next_frame(
+        &mut self,
+        size_max: usize,
+        budget: &RequestBudget,
+    ) -> Result<(Bytes, StaticPermit), FrameError> {
         self.fill(4).await?;
         let size = i32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
         let size = match usize::try_from(size) {
             Ok(s) if s <= size_max => s,
             _ => return Err(FrameError::TooLarge(i64::from(size))),
         };
+        let permit = budget.take(4 + size).await?;
         self.fill(4 + size).await?;
         let mut frame = self.buf.split_to(4 + size);
-        Ok(frame.split_off(4).freeze())
+        if self.buf.capacity() > READ_STEP_BYTES {
+            // What is left shares the frame's allocation: keep it and the whole frame would stay
+            // in memory for as long as the connection lives. Copy the few leftover bytes out.
+            self.buf = BytesMut::from(&self.buf[..]);
+        }
+        Ok((frame.split_off(4).freeze(), permit))
     }
 }
 
-async fn connection(shard: Rc<Shard>, stream: TcpStream) -> Result<()> {
+async fn connection(shard: Rc<Shard>, stream: TcpStream, budget: Rc<RequestBudget>) -> Result<()> {
     let peer = stream.peer_addr().ok();
     let stream = SharedStream(Rc::new(RefCell::new(stream)));
     let mut reader = FrameReader {
@@ -169,14 +238,17 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream) -> Result<()> {
         buf: BytesMut::with_capacity(READ_STEP_BYTES),
     };
     let inflight_max = shard.options.broker.inflight_requests_max;
-    let (tx, rx) =
-        glommio::channels::local_channel::new_bounded::<glommio::Task<Outcome>>(inflight_max);
+    let (tx, rx) = glommio::channels::local_channel::new_bounded::<
+        glommio::Task<(Outcome, StaticPermit)>,
+    >(inflight_max);
     let mut writer_stream = stream.clone();
     let (closed_tx, mut closed_rx) = futures_channel::oneshot::channel::<()>();
     let writer = glommio::spawn_local(async move {
         let _closed_tx = closed_tx;
         while let Some(task) = rx.recv().await {
-            match task.await {
+            // The request's budget is given back when this iteration ends: after the write.
+            let (outcome, _permit) = task.await;
+            match outcome {
                 Outcome::Respond(bytes) => writer_stream.write_all(&bytes).await?,
                 Outcome::NoResponse => {}
                 Outcome::Close(reason) => {
@@ -189,36 +261,44 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream) -> Result<()> {
         Ok::<(), std::io::Error>(())
     });
     let size_max = shard.options.broker.request_size_bytes_max;
+    let idle_max = Duration::from_millis(shard.options.broker.connection_idle_ms_max);
     let read_result = loop {
-        let next = async { Some(reader.next_frame(size_max).await) };
+        // Reading a frame and queueing it (which waits while `queued.max.requests` are in flight)
+        // both count against the idle limit: a client that stops reading its responses stops
+        // this too, and is closed rather than holding its share of the request budget forever.
+        let next = async {
+            let (frame, permit) = reader.next_frame(size_max, &budget).await?;
+            let shard = shard.clone();
+            let task = glommio::spawn_local(async move {
+                let started = std::time::Instant::now();
+                let api_key = crate::protocol::peek_header(&frame).map_or(-1, |h| h.api_key);
+                metrics::add(Counter::BytesIn, frame.len() as u64 + 4);
+                let outcome = handlers::dispatch(&shard, frame, peer).await;
+                match &outcome {
+                    Outcome::Respond(bytes) => metrics::add(Counter::BytesOut, bytes.len() as u64),
+                    Outcome::NoResponse | Outcome::Close(_) => {}
+                }
+                metrics::record_request(
+                    api_key,
+                    started.elapsed(),
+                    matches!(outcome, Outcome::Close(_)),
+                );
+                (outcome, permit)
+            });
+            tx.send(task).await.map_err(|_| FrameError::Closed)
+        };
+        let idle = async {
+            glommio::timer::sleep(idle_max).await;
+            Err(FrameError::Idle)
+        };
         let writer_gone = async {
             let _ = (&mut closed_rx).await;
-            None
+            Err(FrameError::Closed)
         };
-        let frame = match futures_lite::future::or(next, writer_gone).await {
-            Some(Ok(f)) => f,
-            Some(Err(e)) => break e,
-            None => break FrameError::Closed,
-        };
-        let shard = shard.clone();
-        let task = glommio::spawn_local(async move {
-            let started = std::time::Instant::now();
-            let api_key = crate::protocol::peek_header(&frame).map_or(-1, |h| h.api_key);
-            metrics::add(Counter::BytesIn, frame.len() as u64 + 4);
-            let outcome = handlers::dispatch(&shard, frame, peer).await;
-            match &outcome {
-                Outcome::Respond(bytes) => metrics::add(Counter::BytesOut, bytes.len() as u64),
-                Outcome::NoResponse | Outcome::Close(_) => {}
-            }
-            metrics::record_request(
-                api_key,
-                started.elapsed(),
-                matches!(outcome, Outcome::Close(_)),
-            );
-            outcome
-        });
-        if tx.send(task).await.is_err() {
-            break FrameError::Closed;
+        if let Err(e) =
+            futures_lite::future::or(futures_lite::future::or(next, idle), writer_gone).await
+        {
+            break e;
         }
     };
     match read_result {
@@ -229,6 +309,20 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream) -> Result<()> {
                 size_max,
                 "request size prefix out of bounds (socket.request.max.bytes); closing connection"
             );
+        }
+        FrameError::Idle => {
+            tracing::info!(
+                ?peer,
+                idle_ms = idle_max.as_millis(),
+                "no complete request within connections.max.idle.ms; closing connection"
+            );
+            // Unblocks a writer stuck on a client that does not read; its queued responses (and
+            // their budget) are dropped with it.
+            use std::os::unix::io::AsRawFd;
+            let fd = stream.0.borrow().as_raw_fd();
+            // SAFETY: shutdown(2) on a socket this connection owns and keeps open until it
+            // returns; it only changes the socket's state (no memory is passed).
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
         }
         FrameError::Io(e) => tracing::debug!(?peer, error = %e, "read failed"),
         FrameError::Closed => {}
