@@ -137,3 +137,12 @@ def read_produce_error(sock, correlation_id):
     cid, [(_, _, err, base)] = parse_produce_v3(read_frame(sock))
     assert cid == correlation_id
     return err, base
+
+
+def fetch_v4(topic: bytes, partition: int, offset: int, max_bytes: int, partition_max_bytes: int,
+             correlation_id=1, max_wait_ms=0):
+    body = request_header(1, 4, correlation_id)
+    body += struct.pack(">iiiib", -1, max_wait_ms, 0, max_bytes, 0)
+    body += struct.pack(">i", 1) + kstring(topic)
+    body += struct.pack(">i", 1) + struct.pack(">iqi", partition, offset, partition_max_bytes)
+    return frame(body)

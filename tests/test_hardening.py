@@ -223,3 +223,109 @@ def test_connections_past_max_connections_are_refused(broker_factory):
         s.close()
     time.sleep(0.5)
     assert_still_serves(broker)
+
+
+def fill_topic(bootstrap, topic, records, value_bytes):
+    from confluent_kafka import Producer
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "1"})
+    for i in range(records):
+        p.produce(topic, key=b"k%d" % i, value=b"v" * value_bytes, partition=0)
+        if i % 1000 == 0:
+            p.poll(0)
+    assert p.flush(60) == 0
+
+
+def test_fetch_honours_max_bytes_beyond_the_first_batch(broker):
+    fill_topic(broker.bootstrap, "wide", 8000, 1000)
+    s = kw.connect(broker.bootstrap, timeout=30)
+    s.sendall(kw.fetch_v4(b"wide", 0, 0, max_bytes=100_000, partition_max_bytes=10 << 20, correlation_id=3))
+    resp = kw.read_frame(s)
+    print(f"Fetch max_bytes=100000 over 8 MB of data: {len(resp)} byte response")
+    # One first batch may exceed the limit (KIP-74); librdkafka's batches here are at most 1 MB.
+    assert len(resp) <= 100_000 + (1 << 20), len(resp)
+    assert len(resp) < 8_000_000
+    s.sendall(kw.fetch_v4(b"wide", 0, 0, max_bytes=8 << 20, partition_max_bytes=10 << 20, correlation_id=4))
+    assert len(kw.read_frame(s)) > 4_000_000, "a large limit still returns a large response"
+
+
+def test_pipelined_fetches_that_are_never_read_hold_bounded_memory(broker_factory):
+    import threading
+    broker = broker_factory(extra_args=["--set", "connections.max.idle.ms=8000"], name="unread")
+    fill_topic(broker.bootstrap, "deep", 8000, 1000)
+    before = rss_kib(broker)
+    peak = [before]
+    socks = []
+    for c in range(2):
+        s = kw.connect(broker.bootstrap, timeout=30)
+        s.setblocking(False)
+        frames = b"".join(kw.fetch_v4(b"deep", 0, 0, max_bytes=8 << 20, partition_max_bytes=8 << 20,
+                                      correlation_id=i) for i in range(500))
+        sent = 0
+        deadline = time.time() + 10
+        while sent < len(frames) and time.time() < deadline:
+            try:
+                sent += s.send(frames[sent:])
+            except BlockingIOError:
+                time.sleep(0.01)
+            peak[0] = max(peak[0], rss_kib(broker))
+        socks.append(s)
+    for _ in range(100):
+        peak[0] = max(peak[0], rss_kib(broker))
+        time.sleep(0.03)
+    grown_mib = (peak[0] - before) / 1024
+    print(f"2 connections x 500 unread pipelined 8 MB fetches: RSS peak +{grown_mib:.0f} MiB")
+    assert grown_mib < 200, f"unread fetch responses grew RSS by {grown_mib:.0f} MiB"
+    for s in socks:
+        s.close()
+    assert_still_serves(broker)
+
+
+def test_a_thousand_acks_0_producers_leave_memory_bounded(broker_factory):
+    import selectors
+    budget_mib = 64
+    broker = broker_factory(extra_args=["--set", f"queued.max.request.bytes={budget_mib << 20}"],
+                            name="acks0")
+    s = kw.connect(broker.bootstrap)
+    create_topic(s, "firehose")
+    s.close()
+    batch = kw.record_batch([b"x" * 1000] * 60)
+    frame = kw.produce_v3(b"firehose", 0, batch, acks=0)
+    before = rss_kib(broker)
+    peak = before
+    sel = selectors.DefaultSelector()
+    pending = {}
+    for _ in range(1000):
+        c = kw.connect(broker.bootstrap)
+        c.setblocking(False)
+        sel.register(c, selectors.EVENT_WRITE)
+        pending[c] = memoryview(frame * 8)
+    sent_bytes = 0
+    started = time.time()
+    halfway = None
+    while time.time() < started + 10:
+        if halfway is None and time.time() > started + 5:
+            halfway = peak
+        for key, _ in sel.select(timeout=0.1):
+            c = key.fileobj
+            try:
+                n = c.send(pending[c])
+            except BlockingIOError:
+                continue
+            sent_bytes += n
+            pending[c] = pending[c][n:]
+            if len(pending[c]) == 0:
+                pending[c] = memoryview(frame * 8)
+        peak = max(peak, rss_kib(broker))
+    grown_mib = (peak - before) / 1024
+    late_mib = (peak - halfway) / 1024
+    # Request frames within the budget, their batches queued for the disk (at most as many bytes
+    # again), the two shards' batch caches (64 MiB each by default), 1000 connections' buffers and
+    # tasks (64 KiB each), and slack.
+    bound_mib = 2 * budget_mib + 2 * 64 + 64 + 32
+    print(f"1000 acks=0 producers sent {sent_bytes >> 20} MiB in 10 s: RSS peak +{grown_mib:.0f} MiB "
+          f"(+{late_mib:.0f} MiB in the last 5 s; bound {bound_mib} MiB)")
+    assert grown_mib < bound_mib
+    assert late_mib < 32, "memory still growing"
+    for c in pending:
+        c.close()
+    assert_still_serves(broker)

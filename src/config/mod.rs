@@ -267,6 +267,14 @@ pub const BROKER_SETTINGS: &[SettingDef] = &[
         "Requests in flight per connection",
     ),
     def(
+        "fetch.max.bytes",
+        Some("57671680"),
+        T::Int,
+        false,
+        None,
+        "The most record bytes one Fetch response carries (beyond one first batch)",
+    ),
+    def(
         "queued.max.request.bytes",
         Some("268435456"),
         T::Long,
@@ -428,6 +436,8 @@ pub struct BrokerConfig {
     pub advertised_listener: Option<(String, u16)>,
     /// `queued.max.requests`: requests in flight per connection before reading pauses.
     pub inflight_requests_max: usize,
+    /// `fetch.max.bytes`: caps every Fetch request's `max_bytes`.
+    pub fetch_response_bytes_max: usize,
     /// `queued.max.request.bytes`: request bytes held across all connections (-1: unbounded).
     pub queued_request_bytes_max: i64,
     /// `connections.max.idle.ms`.
@@ -480,6 +490,7 @@ impl Default for BrokerConfig {
             compression_type: "producer".to_string(),
             advertised_listener: None,
             inflight_requests_max: 500,
+            fetch_response_bytes_max: 57_671_680,
             queued_request_bytes_max: 256 << 20,
             connection_idle_ms_max: 600_000,
             connections_max: 16_384,
@@ -653,6 +664,9 @@ impl BrokerConfig {
             "advertised.listeners" => self.advertised_listener = Some(parse_listener(value)?),
             "queued.max.requests" => {
                 self.inflight_requests_max = parse_in(value, 1, 100_000)? as usize
+            }
+            "fetch.max.bytes" => {
+                self.fetch_response_bytes_max = parse_in(value, 1024, i32::MAX as i64)? as usize
             }
             "queued.max.request.bytes" => {
                 self.queued_request_bytes_max = parse_in(value, -1, i64::MAX)?;

@@ -1,6 +1,7 @@
 //! Fetch with long polling. A round reads every requested partition from its owner at once (each
 //! up to its `partition_max_bytes`) and assembles the response within `max_bytes`, always letting
-//! the first non-empty partition return at least one whole batch (KIP-74). If the round found
+//! the first non-empty partition return at least one whole batch (KIP-74), and no more than
+//! that one batch beyond `max_bytes`. The broker's `fetch.max.bytes` caps every request's limit. If the round found
 //! fewer than `min_bytes`, the owners are asked to report when any of the partitions grows, and a
 //! new round runs as soon as one does, or when `max_wait_ms` is up.
 //!
@@ -18,7 +19,7 @@ use kafka_protocol::messages::{FetchRequest, FetchResponse};
 
 use crate::model::{ErrorCode, Offset, ShardId, TopicPartition};
 use crate::shard::{join_all, Reply, Request, Shard};
-use crate::storage::ReadResult;
+use crate::storage::{batch, ReadResult};
 
 struct Wanted {
     tp: TopicPartition,
@@ -30,7 +31,15 @@ pub async fn handle(shard: &Rc<Shard>, req: FetchRequest, version: i16) -> Fetch
     let started = Instant::now();
     let max_wait = Duration::from_millis(u64::try_from(req.max_wait_ms.max(0)).unwrap_or(0));
     let min_bytes = usize::try_from(req.min_bytes.max(0)).unwrap_or(0);
-    let max_bytes = usize::try_from(req.max_bytes.max(0)).unwrap_or(0);
+    // Versions before 3 have no overall limit; the broker's `fetch.max.bytes` caps every one.
+    let requested = if version >= 3 {
+        req.max_bytes
+    } else {
+        i32::MAX
+    };
+    let max_bytes = usize::try_from(requested.max(0))
+        .unwrap_or(0)
+        .min(shard.options.broker.fetch_response_bytes_max);
     let wanted: Vec<Wanted> = req
         .topics
         .iter()
@@ -38,7 +47,9 @@ pub async fn handle(shard: &Rc<Shard>, req: FetchRequest, version: i16) -> Fetch
             t.partitions.iter().map(|p| Wanted {
                 tp: TopicPartition::new(&t.topic.0, p.partition),
                 offset: Offset(p.fetch_offset),
-                max_bytes: usize::try_from(p.partition_max_bytes.max(0)).unwrap_or(0),
+                max_bytes: usize::try_from(p.partition_max_bytes.max(0))
+                    .unwrap_or(0)
+                    .min(max_bytes),
             })
         })
         .collect();
@@ -151,7 +162,12 @@ fn build_response(
                         d.log_start_offset = r.log_start_offset.0;
                     }
                     let len = r.records.len();
-                    if len > 0 && (total == 0 || total + len <= max_bytes) {
+                    if len > 0 && total == 0 {
+                        // The first data may hold more than `max_bytes` only by its first batch.
+                        let keep = batch::whole_batches_within(&r.records, max_bytes);
+                        total = keep;
+                        d.records = Some(r.records.slice(..keep));
+                    } else if len > 0 && total + len <= max_bytes {
                         total += len;
                         d.records = Some(r.records);
                     } else {

@@ -28,6 +28,7 @@ use bytes::{Bytes, BytesMut};
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::{Semaphore, StaticPermit};
+use kafka_protocol::messages::ApiKey;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::handlers::{self, Outcome};
@@ -37,6 +38,11 @@ use crate::shard::Shard;
 const LISTEN_BACKLOG: i32 = 1024;
 /// The body buffer grows by at most this much per read.
 const READ_STEP_BYTES: usize = 64 * 1024;
+
+/// Fetches one connection may have in flight, their responses included until written. Kafka's own
+/// clients send one fetch per connection at a time; without this bound a client that pipelines
+/// fetches and never reads would hold up to `queued.max.requests` full responses in memory.
+const FETCHES_IN_FLIGHT_MAX: u64 = 2;
 
 /// Client connections open on the whole broker (every shard), for `max.connections`.
 static OPEN_CONNECTIONS: AtomicUsize = AtomicUsize::new(0);
@@ -221,9 +227,13 @@ impl FrameReader {
         let permit = budget.take(4 + size).await?;
         self.fill(4 + size).await?;
         let mut frame = self.buf.split_to(4 + size);
-        if self.buf.capacity() > READ_STEP_BYTES {
-            // What is left shares the frame's allocation: keep it and the whole frame would stay
-            // in memory for as long as the connection lives. Copy the few leftover bytes out.
+        if self.buf.is_empty() {
+            // Nothing more buffered: hold no memory while the connection waits for its next frame
+            // (what is left would share the frame's allocation and keep it alive).
+            self.buf = BytesMut::new();
+        } else if self.buf.capacity() > READ_STEP_BYTES {
+            // The start of the next frame shares this frame's allocation: keep it and the whole
+            // frame would stay in memory for as long as the connection lives. Copy it out.
             self.buf = BytesMut::from(&self.buf[..]);
         }
         Ok((frame.split_off(4).freeze(), permit))
@@ -239,7 +249,7 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream, budget: Rc<RequestBudge
     };
     let inflight_max = shard.options.broker.inflight_requests_max;
     let (tx, rx) = glommio::channels::local_channel::new_bounded::<
-        glommio::Task<(Outcome, StaticPermit)>,
+        glommio::Task<(Outcome, (StaticPermit, Option<StaticPermit>))>,
     >(inflight_max);
     let mut writer_stream = stream.clone();
     let (closed_tx, mut closed_rx) = futures_channel::oneshot::channel::<()>();
@@ -261,6 +271,7 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream, budget: Rc<RequestBudge
         Ok::<(), std::io::Error>(())
     });
     let size_max = shard.options.broker.request_size_bytes_max;
+    let fetches = Rc::new(Semaphore::new(FETCHES_IN_FLIGHT_MAX));
     let idle_max = Duration::from_millis(shard.options.broker.connection_idle_ms_max);
     let read_result = loop {
         // Reading a frame and queueing it (which waits while `queued.max.requests` are in flight)
@@ -268,6 +279,18 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream, budget: Rc<RequestBudge
         // this too, and is closed rather than holding its share of the request budget forever.
         let next = async {
             let (frame, permit) = reader.next_frame(size_max, &budget).await?;
+            let is_fetch = crate::protocol::peek_header(&frame)
+                .is_some_and(|h| h.api_key == ApiKey::Fetch as i16);
+            let fetch_permit = if is_fetch {
+                Some(
+                    fetches
+                        .acquire_static_permit(1)
+                        .await
+                        .map_err(|_| FrameError::Closed)?,
+                )
+            } else {
+                None
+            };
             let shard = shard.clone();
             let task = glommio::spawn_local(async move {
                 let started = std::time::Instant::now();
@@ -283,7 +306,7 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream, budget: Rc<RequestBudge
                     started.elapsed(),
                     matches!(outcome, Outcome::Close(_)),
                 );
-                (outcome, permit)
+                (outcome, (permit, fetch_permit))
             });
             tx.send(task).await.map_err(|_| FrameError::Closed)
         };

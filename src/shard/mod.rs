@@ -301,9 +301,9 @@ impl Shard {
                     crate::metrics::Counter::RecordsProduced,
                     u64::try_from(appended.records).unwrap_or(0),
                 );
-                if acks == 0 {
-                    return Reply::Append(Ok(appended));
-                }
+                // acks=0 gets no answer, but its request still completes only once the batches
+                // are written: the connection's request budget and in-flight limit then hold a
+                // producer that outruns the disk, instead of an unbounded queue in memory.
                 Reply::Append(
                     log.wait_for(appended.end_offset, durable)
                         .await

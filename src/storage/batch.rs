@@ -241,6 +241,23 @@ pub fn split_batches(bytes: &[u8]) -> Result<Vec<(usize, BatchHeader)>, BatchErr
     Ok(out)
 }
 
+/// The length of the longest run of whole batches at the start of `bytes` that fits in
+/// `limit_bytes`, but at least the first batch (KIP-74: a consumer must always make progress).
+pub fn whole_batches_within(bytes: &[u8], limit_bytes: usize) -> usize {
+    let mut end = 0usize;
+    while let Some(rest) = bytes.get(end..).filter(|r| !r.is_empty()) {
+        let Ok(header) = BatchHeader::parse(rest) else {
+            break;
+        };
+        let next = end.saturating_add(header.size_bytes);
+        if next > bytes.len() || (end > 0 && next > limit_bytes) {
+            break;
+        }
+        end = next;
+    }
+    end
+}
+
 /// Writes the broker-assigned base offset and leader epoch into a batch (outside the CRC).
 pub fn assign(batch: &mut BytesMut, base_offset: Offset, leader_epoch: i32) {
     batch[0..8].copy_from_slice(&base_offset.0.to_be_bytes());
@@ -359,6 +376,19 @@ pub mod tests {
             }
             let _ = split_batches(&junk);
         }
+    }
+
+    #[test]
+    fn whole_batches_within_keeps_at_least_the_first() {
+        let mut bytes = make_batch(0, 3, 0);
+        let one = bytes.len();
+        bytes.extend_from_slice(&make_batch(3, 3, 0));
+        bytes.extend_from_slice(&make_batch(6, 3, 0));
+        assert_eq!(whole_batches_within(&bytes, 1), one);
+        assert_eq!(whole_batches_within(&bytes, 2 * one), 2 * one);
+        assert_eq!(whole_batches_within(&bytes, 2 * one + 1), 2 * one);
+        assert_eq!(whole_batches_within(&bytes, 10 * one), 3 * one);
+        assert_eq!(whole_batches_within(&bytes[..one + 5], 10 * one), one);
     }
 
     #[test]
