@@ -19,8 +19,9 @@ STROM_BIN = os.environ.get("STROM_BIN", str(ROOT / "target" / "debug" / "strom")
 
 
 class Broker:
-    def __init__(self, data_dir, extra_args=(), cores=None, log_level="info"):
+    def __init__(self, data_dir, extra_args=(), cores=None, log_level="info", nofile=None):
         self.data_dir = pathlib.Path(data_dir)
+        self.nofile = nofile
         self.extra_args = list(extra_args)
         self.cores = cores
         self.log_level = log_level
@@ -43,7 +44,12 @@ class Broker:
         args += self.extra_args
         env = dict(os.environ, RUST_LOG=self.log_level)
         self.stderr_log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.stderr_log, env=env)
+        preexec = None
+        if self.nofile:
+            import resource
+            preexec = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.stderr_log, env=env,
+                                     preexec_fn=preexec)
         deadline = time.time() + 30
         line = b""
         while time.time() < deadline:
@@ -87,8 +93,9 @@ class Broker:
 def broker_factory(tmp_path):
     brokers = []
 
-    def make(extra_args=(), cores="0-1", log_level="info", name="data"):
-        b = Broker(tmp_path / name, extra_args=extra_args, cores=cores, log_level=log_level)
+    def make(extra_args=(), cores="0-1", log_level="info", name="data", nofile=None):
+        b = Broker(tmp_path / name, extra_args=extra_args, cores=cores, log_level=log_level,
+                   nofile=nofile)
         brokers.append(b)
         return b.start()
 

@@ -72,7 +72,13 @@ impl Controller {
         self.next_producer_id.set(table.producer_id_block_end);
         retire_orphans(&shard.options.data_dir, &table).await?;
         *self.table.borrow_mut() = Some(table.clone());
-        shard.broadcast_topics(Arc::new(table)).await;
+        let failed = shard.broadcast_topics(Arc::new(table)).await;
+        if !failed.is_empty() {
+            tracing::error!(
+                partitions = failed.len(),
+                "partitions failed to open at start; they are offline"
+            );
+        }
         Ok(())
     }
 
@@ -83,11 +89,15 @@ impl Controller {
             .expect("controller requests reach shard 0 only after it loaded the table")
     }
 
-    async fn commit(&self, shard: &Rc<Shard>, table: TopicTable) -> Result<()> {
+    /// Persists and announces a new table; returns the partitions that failed to open.
+    async fn commit(
+        &self,
+        shard: &Rc<Shard>,
+        table: TopicTable,
+    ) -> Result<Vec<(crate::model::TopicPartition, String)>> {
         table.persist(&shard.options.data_dir).await?;
         *self.table.borrow_mut() = Some(table.clone());
-        shard.broadcast_topics(Arc::new(table)).await;
-        Ok(())
+        Ok(shard.broadcast_topics(Arc::new(table)).await)
     }
 
     pub async fn create_topics(
@@ -116,12 +126,50 @@ impl Controller {
             }
         }
         if changed {
-            if let Err(e) = self.commit(shard, table).await {
-                tracing::error!(error = %format!("{e:#}"), "persisting the topic table failed");
-                return failed_all(results.into_iter().map(|(n, _)| n));
+            let failed = match self.commit(shard, table.clone()).await {
+                Ok(failed) => failed,
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "persisting the topic table failed");
+                    return failed_all(results.into_iter().map(|(n, _)| n));
+                }
+            };
+            if !failed.is_empty() {
+                return self
+                    .undo_failed_creations(shard, table, results, failed)
+                    .await;
             }
         }
         results
+    }
+
+    /// A topic whose partitions did not all open is not created: it is taken out of the table
+    /// again (closing what did open) and answered with `KAFKA_STORAGE_ERROR` and the reason, as
+    /// Kafka answers a create it could not carry out, instead of a success that leaves a topic
+    /// with partitions nobody serves.
+    async fn undo_failed_creations(
+        &self,
+        shard: &Rc<Shard>,
+        mut table: TopicTable,
+        results: Vec<(String, TopicResult)>,
+        failed: Vec<(crate::model::TopicPartition, String)>,
+    ) -> Vec<(String, TopicResult)> {
+        let mut out = Vec::with_capacity(results.len());
+        for (name, result) in results {
+            match failed.iter().find(|(tp, _)| *tp.topic == *name) {
+                Some((tp, why)) if result.is_ok() => {
+                    table.topics.remove(name.as_str());
+                    let count = failed.iter().filter(|(t, _)| *t.topic == *name).count();
+                    let message =
+                        format!("{count} partition(s) could not be created, {tp} first: {why}");
+                    out.push((name, Err((ErrorCode::KAFKA_STORAGE_ERROR, message))));
+                }
+                _ => out.push((name, result)),
+            }
+        }
+        if let Err(e) = self.commit(shard, table).await {
+            tracing::error!(error = %format!("{e:#}"), "persisting the topic table failed");
+        }
+        out
     }
 
     pub async fn delete_topics(

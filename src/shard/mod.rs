@@ -123,7 +123,8 @@ pub enum Reply {
     Read(Result<ReadResult, ErrorCode>),
     DataReady,
     ListOffset(Result<Option<(Offset, i64)>, ErrorCode>),
-    Applied,
+    /// The partitions that failed to open, with why.
+    Applied(Vec<(TopicPartition, String)>),
     Created(Vec<(String, TopicResult)>),
     Deleted(Vec<(String, ErrorCode)>),
     ProducerId(Result<i64, ErrorCode>),
@@ -363,10 +364,7 @@ impl Shard {
                     ErrorCode::KAFKA_STORAGE_ERROR
                 }))
             }
-            Request::ApplyTopics(table) => {
-                self.apply_topics(table).await;
-                Reply::Applied
-            }
+            Request::ApplyTopics(table) => Reply::Applied(self.apply_topics(table).await),
             Request::CreateTopics {
                 specs,
                 validate_only,
@@ -411,7 +409,11 @@ impl Shard {
 
     /// Installs a topic table snapshot: opens the partitions this shard owns that are new, and
     /// closes and deletes the ones whose topic is gone (or was recreated with a new id).
-    async fn apply_topics(self: &Rc<Self>, table: Arc<TopicTable>) {
+    async fn apply_topics(
+        self: &Rc<Self>,
+        table: Arc<TopicTable>,
+    ) -> Vec<(TopicPartition, String)> {
+        let mut failed = Vec::new();
         let mut wanted: HashMap<TopicPartition, (&Topic, [u8; 16])> = HashMap::new();
         for topic in table.topics.values() {
             for p in 0..topic.partitions {
@@ -466,7 +468,9 @@ impl Shard {
                     self.partitions.borrow_mut().insert(tp, log);
                 }
                 Err(e) => {
-                    tracing::error!(partition = %tp, error = %format!("{e:#}"), "opening partition failed")
+                    let why = format!("{e:#}");
+                    tracing::error!(partition = %tp, error = %why, "opening partition failed");
+                    failed.push((tp, why));
                 }
             }
         }
@@ -480,14 +484,26 @@ impl Shard {
         if let Some(tx) = self.ready.borrow_mut().take() {
             let _ = tx.send(());
         }
+        failed
     }
 
     /// Sends a new table to every shard (this one included) and waits until all have applied it.
-    pub async fn broadcast_topics(self: &Rc<Self>, table: Arc<TopicTable>) {
+    /// Returns the partitions that failed to open anywhere.
+    pub async fn broadcast_topics(
+        self: &Rc<Self>,
+        table: Arc<TopicTable>,
+    ) -> Vec<(TopicPartition, String)> {
         let calls: Vec<_> = (0..self.count)
             .map(|i| self.call(ShardId(i), Request::ApplyTopics(table.clone())))
             .collect();
-        join_all(calls).await;
+        join_all(calls)
+            .await
+            .into_iter()
+            .flat_map(|reply| match reply {
+                Reply::Applied(failed) => failed,
+                _ => Vec::new(),
+            })
+            .collect()
     }
 }
 

@@ -47,6 +47,7 @@ pub fn run(mut options: ServeOptions, on_ready: impl FnOnce(SocketAddr, SocketAd
         .with_context(|| format!("resolving data directory {}", options.data_dir.display()))?;
     crate::storage::files::finish_deletions(&options.data_dir)?;
     let count = options.cores.len();
+    let open_files_per_shard = open_files_budget(count);
     let (sockets, bound) = server::bind_listeners(options.listen, count)?;
     let advertised = options
         .broker
@@ -68,6 +69,7 @@ pub fn run(mut options: ServeOptions, on_ready: impl FnOnce(SocketAddr, SocketAd
             .name(&format!("strom-shard-{i}"))
             .io_memory(IO_MEMORY_BYTES_PER_SHARD)
             .spawn(move || async move {
+                crate::storage::open_files::set_open_files_max(open_files_per_shard);
                 let (senders, receivers) = match mesh.join().await {
                     Ok(pair) => pair,
                     Err(_) => {
@@ -110,6 +112,41 @@ pub fn run(mut options: ServeOptions, on_ready: impl FnOnce(SocketAddr, SocketAd
             .map_err(|e| anyhow::anyhow!("shard executor failed: {e}"))?;
     }
     Ok(())
+}
+
+/// Segment files each shard may hold open: half of the process's fd limit (its soft limit lifted
+/// to the hard one first), shared evenly; the other half is for sockets and everything else.
+fn open_files_budget(shards: usize) -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed by pointer.
+    let soft = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return crate::storage::open_files::OPEN_FILES_MAX_DEFAULT;
+        }
+        if limit.rlim_cur < limit.rlim_max
+            && libc::setrlimit(libc::RLIMIT_NOFILE, &{
+                libc::rlimit {
+                    rlim_cur: limit.rlim_max,
+                    rlim_max: limit.rlim_max,
+                }
+            }) == 0
+        {
+            limit.rlim_max
+        } else {
+            limit.rlim_cur
+        }
+    };
+    let soft = usize::try_from(soft).unwrap_or(usize::MAX);
+    let per_shard = (soft / 2 / shards.max(1)).clamp(16, 1 << 20);
+    tracing::info!(
+        fd_limit = soft,
+        segment_files_per_shard = per_shard,
+        "fd budget"
+    );
+    per_shard
 }
 
 /// io_uring registers memory against `RLIMIT_MEMLOCK`; lift the soft limit to the hard one.

@@ -5,6 +5,7 @@ pub mod batch;
 pub mod codec;
 pub mod compaction;
 pub mod files;
+pub mod open_files;
 pub mod partition;
 pub mod records;
 pub mod segment;

@@ -26,6 +26,7 @@ use event_listener::Event;
 
 use super::batch::{self, BatchHeader};
 use super::files::{self, GlommioResultExt};
+use super::open_files::FileSlot;
 use super::segment::{self, Segment};
 use crate::config::LogConfig;
 use crate::model::{Epoch, ErrorCode, Offset, TopicPartition};
@@ -463,19 +464,19 @@ impl PartitionLog {
                 }
                 (seg.file.clone(), seg.position_for(target), seg.size_bytes)
             };
-            return read_batches(&file, start, end, target, max_bytes)
-                .await
-                .map_err(|e| {
-                    tracing::error!(error = %e, "segment read failed");
-                    ErrorCode::KAFKA_STORAGE_ERROR
-                });
+            let read =
+                async { read_batches(&*file.get().await?, start, end, target, max_bytes).await };
+            return read.await.map_err(|e: anyhow::Error| {
+                tracing::error!(error = %e, "segment read failed");
+                ErrorCode::KAFKA_STORAGE_ERROR
+            });
         }
     }
 
     /// The offset and timestamp of the first record with a timestamp at or after `timestamp`, by
     /// walking batch headers (max timestamp) and then the records of the batch that qualifies.
     pub async fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<(Offset, i64)>> {
-        let candidates: Vec<(Rc<glommio::io::DmaFile>, Offset, u64, u64)> = {
+        let candidates: Vec<(Rc<FileSlot>, Offset, u64, u64)> = {
             let st = self.state.borrow();
             st.segments
                 .iter()
@@ -491,7 +492,8 @@ impl PartitionLog {
                 .collect()
         };
         let hw = self.high_watermark();
-        for (file, base, start, end) in candidates {
+        for (slot, base, start, end) in candidates {
+            let file = slot.get().await?;
             let (batches, _) = segment::scan(&file, base, start, end, false).await?;
             for b in batches {
                 if b.header.base_offset >= hw {
@@ -516,9 +518,10 @@ impl PartitionLog {
                 .max_by_key(|s| s.max_timestamp)
                 .map(|s| (s.max_timestamp, s.file.clone(), s.base_offset, s.size_bytes))
         };
-        let Some((max_ts, file, base, end)) = best else {
+        let Some((max_ts, slot, base, end)) = best else {
             return Ok(None);
         };
+        let file = slot.get().await?;
         let (batches, _) = segment::scan(&file, base, 0, end, false).await?;
         for b in batches {
             if b.header.max_timestamp == max_ts {
@@ -648,7 +651,7 @@ impl PartitionLog {
                 return Ok(None);
             }
             let lag_cutoff = (now_ms as i64).saturating_sub(st.config.min_compaction_lag_ms);
-            let candidates: Vec<(Offset, Rc<glommio::io::DmaFile>, u64, Offset)> = st.segments
+            let candidates: Vec<(Offset, Rc<FileSlot>, u64, Offset)> = st.segments
                 [..st.segments.len() - 1]
                 .iter()
                 .take_while(|s| s.max_timestamp <= lag_cutoff)
@@ -676,17 +679,17 @@ impl PartitionLog {
         }
         let mut tombstone_deadline: Option<i64> = None;
         let mut latest: HashMap<Bytes, i64> = HashMap::new();
-        for (_, file, size, _) in &candidates {
-            for_each_batch(file, *size, |batch, header| {
+        for (_, slot, size, _) in &candidates {
+            for_each_batch(&*slot.get().await?, *size, |batch, header| {
                 super::compaction::index_latest(batch, header, &mut latest)
             })
             .await?;
         }
         let mut before = 0u64;
         let mut after = 0u64;
-        for (base, file, size, _) in &candidates {
+        for (base, slot, size, _) in &candidates {
             let mut cleaned = Vec::with_capacity(usize::try_from(*size).unwrap_or(0));
-            for_each_batch(file, *size, |batch, header| {
+            for_each_batch(&*slot.get().await?, *size, |batch, header| {
                 let filtered = super::compaction::filter_batch(
                     batch,
                     header,
@@ -840,6 +843,14 @@ impl PartitionLog {
             self.roll().await?;
             self.progress.notify(usize::MAX);
         }
+        let active_file = {
+            let st = self.state.borrow();
+            st.segments.last().map(|s| s.file.clone())
+        };
+        let active_file = match active_file {
+            Some(slot) => slot.get().await?,
+            None => anyhow::bail!("a partition has an active segment"),
+        };
         let (prepared, chunk, data) = {
             let st = self.state.borrow();
             let active = st
@@ -865,7 +876,7 @@ impl PartitionLog {
                 data.extend_from_slice(&p.bytes);
                 chunk.push((p.header, p.bytes.clone()));
             }
-            let prepared = (!data.is_empty()).then(|| active.prepare_write(&data));
+            let prepared = (!data.is_empty()).then(|| active.prepare_write(&active_file, &data));
             (prepared, chunk, data)
         };
         if let Some(w) = prepared {
@@ -898,8 +909,10 @@ impl PartitionLog {
         self.progress.notify(usize::MAX);
         if let Some(upto) = sync_to {
             let file = self.state.borrow().segments.last().map(|s| s.file.clone());
-            if let Some(file) = file {
-                file.fdatasync().await.io()?;
+            if let Some(slot) = file {
+                // fdatasync flushes the file's data whichever descriptor wrote it, so a file the
+                // fd budget closed and reopened since the write is still made durable.
+                slot.get().await?.fdatasync().await.io()?;
                 crate::metrics::add(crate::metrics::Counter::Fsyncs, 1);
             }
             let mut st = self.state.borrow_mut();
@@ -917,7 +930,7 @@ impl PartitionLog {
             let active = st.segments.last().expect("active segment");
             (active.file.clone(), st.dir.clone(), st.high_watermark)
         };
-        file.fdatasync().await.io()?;
+        file.get().await?.fdatasync().await.io()?;
         crate::metrics::add(crate::metrics::Counter::Fsyncs, 1);
         {
             let mut st = self.state.borrow_mut();

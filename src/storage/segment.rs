@@ -21,6 +21,7 @@ use glommio::io::{DmaFile, OpenOptions};
 
 use super::batch::{self, BatchError, BatchHeader};
 use super::files::{self, GlommioResultExt};
+use super::open_files::FileSlot;
 use crate::model::Offset;
 
 /// Bytes read at once when scanning a segment.
@@ -59,7 +60,10 @@ pub struct ScannedBatch {
 
 pub struct Segment {
     pub base_offset: Offset,
-    pub file: Rc<DmaFile>,
+    /// The `.log` file, opened on demand within the shard's fd budget.
+    pub file: Rc<FileSlot>,
+    /// The file's O_DIRECT alignment.
+    alignment: u64,
     dir: PathBuf,
     /// Logical size: bytes of whole batches written. The file may be longer (zero padding).
     pub size_bytes: u64,
@@ -94,9 +98,11 @@ impl Segment {
             .io()
             .with_context(|| format!("creating segment {}", path.display()))?;
         files::sync_dir(dir).await?;
+        let alignment = file.alignment();
         Ok(Segment {
             base_offset: base,
-            file: Rc::new(file),
+            file: FileSlot::with_file(path, true, Rc::new(file)),
+            alignment,
             dir: dir.to_path_buf(),
             size_bytes: 0,
             tail: Vec::new(),
@@ -129,9 +135,12 @@ impl Segment {
             .io()
             .with_context(|| format!("opening segment {}", path.display()))?;
         let file_size = file.file_size().await.io()?;
+        let alignment = file.alignment();
+        let file = Rc::new(file);
         let mut segment = Segment {
             base_offset: base,
-            file: Rc::new(file),
+            file: FileSlot::with_file(path.clone(), active, file.clone()),
+            alignment,
             dir: dir.to_path_buf(),
             size_bytes: 0,
             tail: Vec::new(),
@@ -143,11 +152,11 @@ impl Segment {
             created_ms: now_ms,
         };
         if !active {
-            if let Some(()) = segment.load_indexes(file_size).await? {
+            if let Some(()) = segment.load_indexes(&file, file_size).await? {
                 return Ok((segment, Vec::new()));
             }
         }
-        let (batches, valid_end) = scan(&segment.file, base, 0, file_size, active).await?;
+        let (batches, valid_end) = scan(&file, base, 0, file_size, active).await?;
         for b in &batches {
             segment.track(b.position, &b.header, index_interval_bytes)?;
         }
@@ -160,13 +169,13 @@ impl Segment {
                     valid_end,
                     "truncating torn or corrupt tail of the active segment"
                 );
-                segment.file.truncate(valid_end).await.io()?;
-                segment.file.fdatasync().await.io()?;
+                file.truncate(valid_end).await.io()?;
+                file.fdatasync().await.io()?;
             }
-            let aligned = segment.file.align_down(valid_end);
+            let aligned = file.align_down(valid_end);
             let tail_len = usize::try_from(valid_end - aligned)?;
             if tail_len > 0 {
-                segment.tail = segment.file.read_at(aligned, tail_len).await.io()?.to_vec();
+                segment.tail = file.read_at(aligned, tail_len).await.io()?.to_vec();
             }
         } else {
             segment.write_indexes().await?;
@@ -176,7 +185,7 @@ impl Segment {
 
     /// Loads `.index` and `.timeindex` for a closed segment and checks them against the file. The
     /// batches after the last index entry are scanned to learn the segment's end and max timestamp.
-    async fn load_indexes(&mut self, file_size: u64) -> Result<Option<()>> {
+    async fn load_indexes(&mut self, file: &DmaFile, file_size: u64) -> Result<Option<()>> {
         let (Ok(index), Ok(time_index)) = (
             files::read_whole(&index_path(&self.dir, self.base_offset)).await,
             files::read_whole(&time_index_path(&self.dir, self.base_offset)).await,
@@ -201,7 +210,7 @@ impl Segment {
         }
         let start = entries.last().map_or(0, |e| u64::from(e.position));
         let (tail_batches, valid_end) =
-            scan(&self.file, self.base_offset, start, file_size, false).await?;
+            scan(file, self.base_offset, start, file_size, false).await?;
         if tail_batches.is_empty() && file_size > 0 {
             return Ok(None);
         }
@@ -265,17 +274,18 @@ impl Segment {
     }
 
     /// Builds the aligned write of `data` (whole batches) at the logical end of the segment.
-    pub fn prepare_write(&self, data: &[u8]) -> PreparedWrite {
-        let position = self.file.align_down(self.size_bytes);
+    /// `file` is this segment's file, from [`FileSlot::get`].
+    pub fn prepare_write(&self, file: &Rc<DmaFile>, data: &[u8]) -> PreparedWrite {
+        let position = file.align_down(self.size_bytes);
         let len = self.tail.len() + data.len();
-        let aligned_len = self.file.align_up(len as u64) as usize;
-        let mut buffer = self.file.alloc_dma_buffer(aligned_len);
+        let aligned_len = file.align_up(len as u64) as usize;
+        let mut buffer = file.alloc_dma_buffer(aligned_len);
         let slice = buffer.as_bytes_mut();
         slice[..self.tail.len()].copy_from_slice(&self.tail);
         slice[self.tail.len()..len].copy_from_slice(data);
         slice[len..].fill(0);
         PreparedWrite {
-            file: self.file.clone(),
+            file: file.clone(),
             position,
             buffer,
         }
@@ -284,7 +294,7 @@ impl Segment {
     /// Advances the logical size after a prepared write of `data` completed.
     pub fn commit_write(&mut self, data: &[u8]) {
         let new_size = self.size_bytes + data.len() as u64;
-        let aligned = self.file.align_down(new_size);
+        let aligned = new_size - new_size % self.alignment.max(1);
         let tail_len = (new_size - aligned) as usize;
         let mut tail = Vec::with_capacity(tail_len);
         if tail_len > data.len() {
