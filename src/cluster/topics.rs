@@ -108,9 +108,7 @@ impl TopicTable {
         let path = dir.join("cluster.meta");
         if path.exists() {
             let bytes = files::read_meta(&path, META_VERSION).await?;
-            let record = rkyv::from_bytes::<ClusterRecord, rkyv::rancor::Error>(&bytes)
-                .with_context(|| format!("decoding {}", path.display()))?;
-            return Ok(Self::from_record(record));
+            return Self::decode(&bytes).with_context(|| format!("decoding {}", path.display()));
         }
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("creating metadata directory {}", dir.display()))?;
@@ -122,6 +120,13 @@ impl TopicTable {
         };
         table.persist(data_dir).await?;
         Ok(table)
+    }
+
+    /// The table from the payload of `meta/cluster.meta` (validated by bytecheck: arbitrary bytes
+    /// are an error, never undefined behaviour).
+    pub fn decode(payload: &[u8]) -> Result<TopicTable> {
+        let record = rkyv::from_bytes::<ClusterRecord, rkyv::rancor::Error>(payload)?;
+        Ok(Self::from_record(record))
     }
 
     pub async fn persist(&self, data_dir: &Path) -> Result<()> {

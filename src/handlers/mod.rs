@@ -37,42 +37,83 @@ pub enum Outcome {
     Close(String),
 }
 
-pub async fn dispatch(shard: &Rc<Shard>, mut frame: Bytes, peer: Option<SocketAddr>) -> Outcome {
+/// Why a frame is not a request strom can handle.
+#[derive(Debug)]
+pub enum DecodeError {
+    /// ApiVersions at a version strom does not know: answered with the supported ranges.
+    UnsupportedApiVersions { correlation_id: i32 },
+    /// Anything else: the connection is closed with this reason in the log.
+    Close(String),
+}
+
+/// A decoded request: its key, version, correlation id, header and body.
+pub struct Decoded {
+    pub key: ApiKey,
+    pub version: i16,
+    pub correlation_id: i32,
+    pub header: kafka_protocol::messages::RequestHeader,
+    pub request: RequestKind,
+}
+
+/// Decodes one request frame (without its size prefix): the header's key and version checked
+/// against what strom serves, then header and body with kafka-protocol. Never panics on any
+/// bytes (the `request_decode` fuzz target holds it to that).
+pub fn decode_request(mut frame: Bytes) -> Result<Decoded, DecodeError> {
     let Some(raw) = protocol::peek_header(&frame) else {
-        return Outcome::Close(format!(
+        return Err(DecodeError::Close(format!(
             "frame of {} bytes is shorter than a request header",
             frame.len()
-        ));
+        )));
     };
     let Ok(key) = ApiKey::try_from(raw.api_key) else {
-        return Outcome::Close(format!("unknown API key {}", raw.api_key));
+        return Err(DecodeError::Close(format!("unknown API key {}", raw.api_key)));
     };
     let Some((min, max)) = protocol::supported_range(key) else {
-        return Outcome::Close(format!(
+        return Err(DecodeError::Close(format!(
             "API {key:?} (key {}) is not supported",
             raw.api_key
-        ));
+        )));
     };
     let version = raw.api_version;
     if version < min || version > max {
         if key == ApiKey::ApiVersions {
-            return respond(api_versions::unsupported_version(raw.correlation_id));
+            return Err(DecodeError::UnsupportedApiVersions {
+                correlation_id: raw.correlation_id,
+            });
         }
-        return Outcome::Close(format!(
+        return Err(DecodeError::Close(format!(
             "{key:?} version {version} is not supported (supported {min}..={max})"
-        ));
+        )));
     }
-    let header = match protocol::decode_header(&mut frame, key, version) {
-        Ok(h) => h,
-        Err(e) => {
-            return Outcome::Close(format!("malformed {key:?} v{version} request header: {e}"))
+    let header = protocol::decode_header(&mut frame, key, version).map_err(|e| {
+        DecodeError::Close(format!("malformed {key:?} v{version} request header: {e}"))
+    })?;
+    let request = RequestKind::decode(key, &mut frame, version).map_err(|e| {
+        DecodeError::Close(format!("malformed {key:?} v{version} request: {e}"))
+    })?;
+    Ok(Decoded {
+        key,
+        version,
+        correlation_id: raw.correlation_id,
+        header,
+        request,
+    })
+}
+
+pub async fn dispatch(shard: &Rc<Shard>, frame: Bytes, peer: Option<SocketAddr>) -> Outcome {
+    let Decoded {
+        key,
+        version,
+        correlation_id: cid,
+        header,
+        request,
+    } = match decode_request(frame) {
+        Ok(d) => d,
+        Err(DecodeError::UnsupportedApiVersions { correlation_id }) => {
+            return respond(api_versions::unsupported_version(correlation_id))
         }
+        Err(DecodeError::Close(reason)) => return Outcome::Close(reason),
     };
-    let request = match RequestKind::decode(key, &mut frame, version) {
-        Ok(r) => r,
-        Err(e) => return Outcome::Close(format!("malformed {key:?} v{version} request: {e}")),
-    };
-    let cid = raw.correlation_id;
     let encoded = match request {
         RequestKind::ApiVersions(_) => encode_response(key, version, cid, &api_versions::handle()),
         RequestKind::Metadata(r) => encode_response(

@@ -74,24 +74,28 @@ pub async fn write_meta(path: &Path, version: u32, payload: &[u8]) -> Result<()>
 /// Reads a metadata file written by [`write_meta`], checking magic, version, length and CRC.
 pub async fn read_meta(path: &Path, version: u32) -> Result<rkyv::util::AlignedVec<16>> {
     let bytes = read_whole(path).await?;
-    if bytes.len() < HEADER_BYTES || &bytes[..4] != MAGIC {
-        bail!("{} is not a strom metadata file", path.display());
+    check_meta(&bytes, version).with_context(|| format!("reading {}", path.display()))
+}
+
+/// The payload of a metadata file's bytes, after checking magic, version, length and CRC.
+pub fn check_meta(bytes: &[u8], version: u32) -> Result<rkyv::util::AlignedVec<16>> {
+    let field = |range: std::ops::Range<usize>| -> Result<&[u8]> {
+        bytes
+            .get(range)
+            .ok_or_else(|| anyhow::anyhow!("shorter than a strom metadata header"))
+    };
+    if field(0..4)? != MAGIC {
+        bail!("not a strom metadata file");
     }
-    let found = u32::from_be_bytes(bytes[4..8].try_into()?);
+    let found = u32::from_be_bytes(field(4..8)?.try_into()?);
     if found != version {
-        bail!(
-            "{} has format version {found}, expected {version}",
-            path.display()
-        );
+        bail!("format version {found}, expected {version}");
     }
-    let len = usize::try_from(u64::from_be_bytes(bytes[8..16].try_into()?))?;
-    let crc = u32::from_be_bytes(bytes[16..20].try_into()?);
-    let payload = &bytes[HEADER_BYTES..];
+    let len = usize::try_from(u64::from_be_bytes(field(8..16)?.try_into()?))?;
+    let crc = u32::from_be_bytes(field(16..20)?.try_into()?);
+    let payload = field(HEADER_BYTES..bytes.len())?;
     if payload.len() != len || crc32c::crc32c(payload) != crc {
-        bail!(
-            "{} is torn or corrupt (length or CRC mismatch)",
-            path.display()
-        );
+        bail!("torn or corrupt (length or CRC mismatch)");
     }
     let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(len);
     aligned.extend_from_slice(payload);

@@ -152,10 +152,7 @@ impl PartitionLog {
         let meta_path = dir.join("partition.meta");
         let stored = if meta_path.exists() {
             let bytes = files::read_meta(&meta_path, META_VERSION).await?;
-            Some(
-                rkyv::from_bytes::<PartitionMeta, rkyv::rancor::Error>(&bytes)
-                    .with_context(|| format!("decoding {}", meta_path.display()))?,
-            )
+            Some(decode_partition_meta(&bytes).with_context(|| format!("decoding {}", meta_path.display()))?)
         } else {
             None
         };
@@ -1150,6 +1147,17 @@ async fn for_each_batch(
         glommio::yield_if_needed().await;
     }
     Ok(())
+}
+
+/// The `(topic, partition, topic id)` a partition's metadata payload names; arbitrary bytes are an
+/// error (bytecheck validates before anything is read).
+pub fn partition_meta_identity(payload: &[u8]) -> Result<(String, i32, [u8; 16])> {
+    let meta = decode_partition_meta(payload)?;
+    Ok((meta.topic, meta.partition, meta.topic_id))
+}
+
+fn decode_partition_meta(payload: &[u8]) -> Result<PartitionMeta> {
+    Ok(rkyv::from_bytes::<PartitionMeta, rkyv::rancor::Error>(payload)?)
 }
 
 async fn write_partition_meta(path: &Path, meta: &PartitionMeta) -> Result<()> {

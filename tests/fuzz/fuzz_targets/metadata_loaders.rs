@@ -1,0 +1,22 @@
+//! strom's own metadata loaders: the checksummed file envelope, the cluster's topic table and a
+//! partition's metadata (rkyv, validated by bytecheck), and the group records replayed from
+//! `__consumer_offsets`. Arbitrary bytes must be an error, never a panic or undefined behaviour.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    // The envelope, for both format versions in use.
+    for version in [1, 2] {
+        if let Ok(payload) = strom::storage::files::check_meta(data, version) {
+            let _ = strom::cluster::TopicTable::decode(&payload);
+            let _ = strom::storage::partition::partition_meta_identity(&payload);
+        }
+    }
+    // The decoders behind it, on the raw bytes (a CRC would stop random input before them).
+    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(data.len());
+    aligned.extend_from_slice(data);
+    let _ = strom::cluster::TopicTable::decode(&aligned);
+    let _ = strom::storage::partition::partition_meta_identity(&aligned);
+    let _ = strom::group::records::decode_batches(bytes::Bytes::copy_from_slice(data));
+});
