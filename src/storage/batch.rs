@@ -136,9 +136,9 @@ impl BatchHeader {
         }
         let last = i64::from(self.base_sequence) + i64::from(self.last_offset_delta);
         if last > i64::from(i32::MAX) {
-            (last - i64::from(i32::MAX) - 1) as i32
+            i32::try_from(last - i64::from(i32::MAX) - 1).unwrap_or(i32::MAX)
         } else {
-            last as i32
+            i32::try_from(last).unwrap_or(i32::MAX)
         }
     }
 }

@@ -25,7 +25,7 @@ pub async fn write_whole(path: &Path, bytes: &[u8]) -> Result<()> {
         .io()
         .with_context(|| format!("creating {}", path.display()))?;
     if !bytes.is_empty() {
-        let aligned = file.align_up(bytes.len() as u64) as usize;
+        let aligned = usize::try_from(file.align_up(bytes.len() as u64))?;
         let mut buf = file.alloc_dma_buffer(aligned);
         let slice = buf.as_bytes_mut();
         slice[..bytes.len()].copy_from_slice(bytes);

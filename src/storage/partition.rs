@@ -40,7 +40,7 @@ const META_VERSION: u32 = 1;
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// strom's own per-partition metadata, persisted with rkyv in `partition.meta`.
@@ -850,10 +850,9 @@ impl PartitionLog {
         };
         let (prepared, chunk, data) = {
             let st = self.state.borrow();
-            let active = st
-                .segments
-                .last()
-                .expect("a partition has an active segment");
+            let Some(active) = st.segments.last() else {
+                anyhow::bail!("a partition has an active segment");
+            };
             let room = st
                 .config
                 .segment_size_bytes
@@ -882,7 +881,9 @@ impl PartitionLog {
         let sync_to = {
             let mut st = self.state.borrow_mut();
             let interval = st.config.index_interval_bytes;
-            let active = st.segments.last_mut().expect("active segment");
+            let Some(active) = st.segments.last_mut() else {
+                anyhow::bail!("a partition has an active segment");
+            };
             let mut position = active.size_bytes;
             for (h, _) in &chunk {
                 // should_roll keeps every batch addressable; failing here takes the partition
@@ -892,8 +893,8 @@ impl PartitionLog {
             }
             active.commit_write(&data);
             for (h, bytes) in chunk {
-                let done = st.pending.pop_front().expect("written batch was queued");
-                debug_assert_eq!(done.header.base_offset, h.base_offset);
+                let done = st.pending.pop_front();
+                debug_assert_eq!(done.map(|d| d.header.base_offset), Some(h.base_offset));
                 st.high_watermark = h.last_offset().next();
                 st.push_cache(CachedBatch {
                     base_offset: h.base_offset,
@@ -924,7 +925,9 @@ impl PartitionLog {
     async fn roll(&self) -> Result<()> {
         let (file, dir, next_base) = {
             let st = self.state.borrow();
-            let active = st.segments.last().expect("active segment");
+            let Some(active) = st.segments.last() else {
+                anyhow::bail!("a partition has an active segment");
+            };
             (active.file.clone(), st.dir.clone(), st.high_watermark)
         };
         file.get().await?.fdatasync().await.io()?;

@@ -278,7 +278,7 @@ impl Segment {
     pub fn prepare_write(&self, file: &Rc<DmaFile>, data: &[u8]) -> PreparedWrite {
         let position = file.align_down(self.size_bytes);
         let len = self.tail.len() + data.len();
-        let aligned_len = file.align_up(len as u64) as usize;
+        let aligned_len = usize::try_from(file.align_up(len as u64)).unwrap_or(usize::MAX);
         let mut buffer = file.alloc_dma_buffer(aligned_len);
         let slice = buffer.as_bytes_mut();
         slice[..self.tail.len()].copy_from_slice(&self.tail);
@@ -295,7 +295,8 @@ impl Segment {
     pub fn commit_write(&mut self, data: &[u8]) {
         let new_size = self.size_bytes + data.len() as u64;
         let aligned = new_size - new_size % self.alignment.max(1);
-        let tail_len = (new_size - aligned) as usize;
+        // Below the alignment (a few KiB), so it fits any usize.
+        let tail_len = usize::try_from(new_size - aligned).unwrap_or(0);
         let mut tail = Vec::with_capacity(tail_len);
         if tail_len > data.len() {
             // The new bytes did not reach the next block: the old tail continues.
