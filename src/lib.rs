@@ -24,16 +24,8 @@ pub mod group;
 pub mod handlers;
 pub mod metrics;
 pub mod model;
-// The modules that read bytes from the wire or the disk: no unwrap, expect or truncating cast on
-// such a value (a bad value is an error, never a panic). Indexing is still checked by hand there.
-#[deny(clippy::unwrap_used, clippy::expect_used, clippy::cast_possible_truncation)]
-#[cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_possible_truncation))]
 pub mod protocol;
-#[deny(clippy::unwrap_used, clippy::expect_used, clippy::cast_possible_truncation)]
-#[cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_possible_truncation))]
 pub mod server;
 pub mod shard;
-#[deny(clippy::unwrap_used, clippy::expect_used, clippy::cast_possible_truncation)]
-#[cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_possible_truncation))]
 pub mod storage;
 pub mod tune;

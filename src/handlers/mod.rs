@@ -66,7 +66,10 @@ pub fn decode_request(mut frame: Bytes) -> Result<Decoded, DecodeError> {
         )));
     };
     let Ok(key) = ApiKey::try_from(raw.api_key) else {
-        return Err(DecodeError::Close(format!("unknown API key {}", raw.api_key)));
+        return Err(DecodeError::Close(format!(
+            "unknown API key {}",
+            raw.api_key
+        )));
     };
     let Some((min, max)) = protocol::supported_range(key) else {
         return Err(DecodeError::Close(format!(
@@ -88,9 +91,8 @@ pub fn decode_request(mut frame: Bytes) -> Result<Decoded, DecodeError> {
     let header = protocol::decode_header(&mut frame, key, version).map_err(|e| {
         DecodeError::Close(format!("malformed {key:?} v{version} request header: {e}"))
     })?;
-    let request = RequestKind::decode(key, &mut frame, version).map_err(|e| {
-        DecodeError::Close(format!("malformed {key:?} v{version} request: {e}"))
-    })?;
+    let request = RequestKind::decode(key, &mut frame, version)
+        .map_err(|e| DecodeError::Close(format!("malformed {key:?} v{version} request: {e}")))?;
     Ok(Decoded {
         key,
         version,

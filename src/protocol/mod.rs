@@ -2,6 +2,22 @@
 //! the size limit checked before any allocation, request header decoding and response encoding.
 //! Message types come from the `kafka-protocol` crate (generated from Kafka's own schemas).
 
+// Reads bytes from the wire or the disk: no unwrap, expect or truncating cast on such a value (a
+// bad value is an error, never a panic). Unit tests may unwrap what they built themselves.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::cast_possible_truncation
+    )
+)]
+
 use anyhow::Result;
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{ApiKey, RequestHeader, ResponseHeader};

@@ -15,6 +15,22 @@
 //!   closed, whether it is silent or trickling a frame byte by byte.
 //! - `max.connections`: connections past it are closed at accept, with a log line.
 
+// Reads bytes from the wire or the disk: no unwrap, expect or truncating cast on such a value (a
+// bad value is an error, never a panic). Unit tests may unwrap what they built themselves.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::cast_possible_truncation
+    )
+)]
+
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::pin::Pin;

@@ -152,7 +152,10 @@ impl PartitionLog {
         let meta_path = dir.join("partition.meta");
         let stored = if meta_path.exists() {
             let bytes = files::read_meta(&meta_path, META_VERSION).await?;
-            Some(decode_partition_meta(&bytes).with_context(|| format!("decoding {}", meta_path.display()))?)
+            Some(
+                decode_partition_meta(&bytes)
+                    .with_context(|| format!("decoding {}", meta_path.display()))?,
+            )
         } else {
             None
         };
@@ -1160,7 +1163,9 @@ pub fn partition_meta_identity(payload: &[u8]) -> Result<(String, i32, [u8; 16])
 }
 
 fn decode_partition_meta(payload: &[u8]) -> Result<PartitionMeta> {
-    Ok(rkyv::from_bytes::<PartitionMeta, rkyv::rancor::Error>(payload)?)
+    Ok(rkyv::from_bytes::<PartitionMeta, rkyv::rancor::Error>(
+        payload,
+    )?)
 }
 
 async fn write_partition_meta(path: &Path, meta: &PartitionMeta) -> Result<()> {
