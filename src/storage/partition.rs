@@ -621,6 +621,14 @@ impl PartitionLog {
         if target <= start {
             return Ok(start);
         }
+        // The new log start is persisted only once everything below it is durable: otherwise a
+        // crash could recover a log that ends below its own start.
+        {
+            let mut st = self.state.borrow_mut();
+            st.sync_wanted = st.sync_wanted.max(target);
+        }
+        self.work.notify(1);
+        self.wait_for(target, true).await?;
         self.set_log_start(target).await.map_err(|e| {
             tracing::error!(error = %format!("{e:#}"), "persisting the log start offset failed");
             ErrorCode::KAFKA_STORAGE_ERROR
@@ -638,6 +646,7 @@ impl PartitionLog {
                 ErrorCode::KAFKA_STORAGE_ERROR
             })?;
         }
+        self.state.borrow().check_offsets();
         Ok(target)
     }
 
@@ -905,6 +914,7 @@ impl PartitionLog {
                     bytes,
                 });
             }
+            st.check_offsets();
             (st.sync_wanted > st.durable).then_some(st.high_watermark)
         };
         self.progress.notify(usize::MAX);
@@ -956,6 +966,23 @@ impl PartitionLog {
 }
 
 impl PartitionState {
+    /// The order the module header promises: `log_start <= durable <= high_watermark <=
+    /// next_offset`. A violation is a bug in strom, not bad input: debug builds stop on it, release
+    /// builds log it loudly.
+    fn check_offsets(&self) {
+        let ordered = self.log_start <= self.durable
+            && self.durable <= self.high_watermark
+            && self.high_watermark <= self.next_offset;
+        debug_assert!(
+            ordered,
+            "partition {}: expected log_start {} <= durable {} <= high_watermark {} <= next_offset {}",
+            self.tp, self.log_start.0, self.durable.0, self.high_watermark.0, self.next_offset.0
+        );
+        if !ordered {
+            tracing::error!(partition = %self.tp, log_start = self.log_start.0, durable = self.durable.0, high_watermark = self.high_watermark.0, next_offset = self.next_offset.0, "partition offsets out of order");
+        }
+    }
+
     fn should_roll(&self) -> bool {
         let Some(active) = self.segments.last() else {
             return false;
