@@ -110,7 +110,9 @@ impl TopicTable {
             let bytes = files::read_meta(&path, META_VERSION).await?;
             return Self::decode(&bytes).with_context(|| format!("decoding {}", path.display()));
         }
-        std::fs::create_dir_all(&dir)
+        let target = dir.clone();
+        files::blocking(move || std::fs::create_dir_all(target))
+            .await
             .with_context(|| format!("creating metadata directory {}", dir.display()))?;
         let table = TopicTable {
             cluster_id: new_cluster_id(),

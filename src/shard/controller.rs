@@ -381,18 +381,17 @@ async fn retire_orphans(data_dir: &std::path::Path, table: &TopicTable) -> Resul
         .flat_map(|t| (0..t.partitions).map(move |p| format!("{}-{p}", t.name)))
         .collect();
     let dir = data_dir.to_path_buf();
-    let listed = glommio::executor()
-        .spawn_blocking(move || -> std::io::Result<Vec<String>> {
-            let mut names = Vec::new();
-            for entry in std::fs::read_dir(&dir)? {
-                let entry = entry?;
-                if entry.path().join("partition.meta").is_file() {
-                    names.push(entry.file_name().to_string_lossy().into_owned());
-                }
+    let listed = crate::storage::files::blocking(move || -> std::io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            if entry.path().join("partition.meta").is_file() {
+                names.push(entry.file_name().to_string_lossy().into_owned());
             }
-            Ok(names)
-        })
-        .await?;
+        }
+        Ok(names)
+    })
+    .await?;
     for name in listed {
         if !known.contains(&name) && !name.ends_with(crate::storage::files::DELETE_SUFFIX) {
             tracing::info!(dir = %name, "partition directory of a deleted topic; deleting it");

@@ -113,6 +113,23 @@ pub async fn sync_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Runs a blocking filesystem call (directory creation, listing, removal, stat) on glommio's
+/// blocking thread pool, so that the shard's executor never waits on it.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    glommio::executor().spawn_blocking(f).await
+}
+
+/// Removes a file off the shard thread; a file already gone is not an error.
+pub async fn remove_file(path: &Path) -> Result<()> {
+    let owned = path.to_path_buf();
+    match blocking(move || std::fs::remove_file(owned)).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Suffix of a partition directory whose deletion is under way (Kafka's own convention:
 /// `<topic>-<partition>.<unique id>-delete`).
 pub const DELETE_SUFFIX: &str = "-delete";
@@ -136,9 +153,7 @@ pub async fn retire_dir(dir: &Path) -> Result<()> {
         .with_context(|| format!("renaming {} for deletion", dir.display()))?;
     sync_dir(dir.parent().unwrap_or(Path::new("."))).await?;
     let target = doomed.clone();
-    let removed = glommio::executor()
-        .spawn_blocking(move || std::fs::remove_dir_all(&target))
-        .await;
+    let removed = blocking(move || std::fs::remove_dir_all(&target)).await;
     if let Err(e) = removed {
         // The rename already made the deletion durable; the next start finishes it.
         tracing::warn!(dir = %doomed.display(), error = %e, "removing a deleted directory failed; retried at next start");
@@ -174,10 +189,15 @@ pub fn finish_deletions(data_dir: &Path) -> Result<usize> {
 /// gets the true answer.
 pub async fn probe_device(data_dir: &Path) -> Result<()> {
     let path = data_dir.join(".device-probe");
-    if std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0) < 4096 {
-        std::fs::write(&path, vec![0u8; 4096])
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
+    let target = path.clone();
+    blocking(move || {
+        if std::fs::metadata(&target).map(|m| m.len()).unwrap_or(0) < 4096 {
+            std::fs::write(&target, vec![0u8; 4096])?;
+        }
+        Ok::<(), std::io::Error>(())
+    })
+    .await
+    .with_context(|| format!("writing {}", path.display()))?;
     let file = DmaFile::open(&path)
         .await
         .io()

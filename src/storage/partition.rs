@@ -150,7 +150,11 @@ impl PartitionLog {
         cache_bytes_max: usize,
     ) -> Result<PartitionLog> {
         let meta_path = dir.join("partition.meta");
-        let stored = if meta_path.exists() {
+        let exists = {
+            let path = meta_path.clone();
+            files::blocking(move || path.exists()).await
+        };
+        let stored = if exists {
             let bytes = files::read_meta(&meta_path, META_VERSION).await?;
             Some(
                 decode_partition_meta(&bytes)
@@ -172,7 +176,9 @@ impl PartitionLog {
         let meta = match stored {
             Some(meta) => meta,
             None => {
-                std::fs::create_dir_all(&dir)
+                let target = dir.clone();
+                files::blocking(move || std::fs::create_dir_all(target))
+                    .await
                     .with_context(|| format!("creating partition directory {}", dir.display()))?;
                 if let Some(parent) = dir.parent() {
                     files::sync_dir(parent).await?;
@@ -188,7 +194,10 @@ impl PartitionLog {
                 meta
             }
         };
-        let mut bases = list_segments(&dir)?;
+        let mut bases = {
+            let target = dir.clone();
+            files::blocking(move || list_segments(&target)).await?
+        };
         let now = now_ms();
         let mut segments = Vec::new();
         let mut producers = HashMap::new();
@@ -754,13 +763,13 @@ impl PartitionLog {
         };
         if !present {
             // DeleteRecords or retention removed the segment meanwhile: nothing to replace.
-            let _ = std::fs::remove_file(&cleaned_path);
+            let _ = files::remove_file(&cleaned_path).await;
             return Ok(());
         }
         // Index files describe the old contents: remove them before the swap, so a crash
         // between the two leaves a segment whose indexes are rebuilt on open.
         for ext in ["index", "timeindex"] {
-            let _ = std::fs::remove_file(log_path.with_extension(ext));
+            let _ = files::remove_file(&log_path.with_extension(ext)).await;
         }
         glommio::io::rename(&cleaned_path, &log_path).await.io()?;
         files::sync_dir(dir).await?;
@@ -804,11 +813,7 @@ impl PartitionLog {
         let paths = segment.paths();
         drop(segment);
         for path in paths {
-            if let Err(e) = std::fs::remove_file(&path) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    return Err(e).with_context(|| format!("removing {}", path.display()));
-                }
-            }
+            files::remove_file(&path).await?;
         }
         tracing::info!(partition = %self.topic_partition(), log_start = next_base.0, "segment deleted by retention");
         Ok(())
