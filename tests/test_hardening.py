@@ -329,3 +329,32 @@ def test_a_thousand_acks_0_producers_leave_memory_bounded(broker_factory):
     for c in pending:
         c.close()
     assert_still_serves(broker)
+
+
+def test_connections_past_max_connections_per_ip_are_refused(broker_factory):
+    import socket
+    broker = broker_factory(extra_args=["--set", "max.connections.per.ip=20"], name="perip")
+    socks = [kw.connect(broker.bootstrap) for _ in range(25)]
+    time.sleep(0.5)
+    refused = 0
+    for i, s in enumerate(socks):
+        try:
+            s.sendall(kw.api_versions_v0(correlation_id=i))
+            refused += kw.read_frame(s) is None
+        except ConnectionError:
+            refused += 1
+    # Another loopback address is another client: it still gets in.
+    other = socket.socket()
+    other.bind(("127.0.0.2", 0))
+    other.settimeout(5)
+    other.connect(("127.0.0.1", broker.port))
+    other.sendall(kw.api_versions_v0(correlation_id=99))
+    other_served = kw.read_frame(other) is not None
+    print(f"25 connections from 127.0.0.1 with max.connections.per.ip=20: {refused} refused; "
+          f"127.0.0.2 served: {other_served}")
+    assert refused == 5 and other_served
+    assert "max.connections.per.ip" in broker.log()
+    for s in socks + [other]:
+        s.close()
+    time.sleep(0.5)
+    assert_still_serves(broker)

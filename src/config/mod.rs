@@ -283,6 +283,14 @@ pub const BROKER_SETTINGS: &[SettingDef] = &[
         "Bytes of requests read but not yet answered, across all connections (split evenly over the shards); reading stops at the limit. -1: unbounded",
     ),
     def(
+        "max.connections.per.ip",
+        Some("2147483647"),
+        T::Int,
+        false,
+        None,
+        "Client connections open at once from one address; past it a new one is closed at accept",
+    ),
+    def(
         "connections.max.idle.ms",
         Some("600000"),
         T::Long,
@@ -444,6 +452,8 @@ pub struct BrokerConfig {
     pub connection_idle_ms_max: u64,
     /// `max.connections`.
     pub connections_max: usize,
+    /// `max.connections.per.ip`.
+    pub connections_per_ip_max: usize,
     /// `strom.cache.bytes.per.shard`: recent batches kept in memory per shard for fetches.
     pub cache_size_bytes_per_shard: usize,
     /// `offsets.topic.num.partitions`: partitions of `__consumer_offsets`, fixed once created.
@@ -494,6 +504,7 @@ impl Default for BrokerConfig {
             queued_request_bytes_max: 256 << 20,
             connection_idle_ms_max: 600_000,
             connections_max: 16_384,
+            connections_per_ip_max: i32::MAX as usize,
             cache_size_bytes_per_shard: 64 * 1024 * 1024,
             offsets_topic_partitions: 50,
             group_initial_rebalance_delay_ms: 3000,
@@ -676,6 +687,9 @@ impl BrokerConfig {
             }
             "connections.max.idle.ms" => {
                 self.connection_idle_ms_max = parse_in(value, 1, i64::MAX)? as u64
+            }
+            "max.connections.per.ip" => {
+                self.connections_per_ip_max = parse_in(value, 1, i32::MAX as i64)? as usize
             }
             "max.connections" => {
                 self.connections_max = parse_in(value, 1, i32::MAX as i64)? as usize

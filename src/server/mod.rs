@@ -13,7 +13,8 @@
 //!   the budget is spent every connection on the shard stops reading (TCP pushes back on clients).
 //! - `connections.max.idle.ms`: a connection that does not complete a request for that long is
 //!   closed, whether it is silent or trickling a frame byte by byte.
-//! - `max.connections`: connections past it are closed at accept, with a log line.
+//! - `max.connections` and `max.connections.per.ip`: connections past either are closed at
+//!   accept, with a log line.
 
 // Reads bytes from the wire or the disk: no unwrap, expect or truncating cast on such a value (a
 // bad value is an error, never a panic). Unit tests may unwrap what they built themselves.
@@ -32,10 +33,12 @@
 )]
 
 use std::cell::RefCell;
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{LazyLock, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -62,6 +65,62 @@ const FETCHES_IN_FLIGHT_MAX: u64 = 2;
 
 /// Client connections open on the whole broker (every shard), for `max.connections`.
 static OPEN_CONNECTIONS: AtomicUsize = AtomicUsize::new(0);
+
+/// Open connections per client address, for `max.connections.per.ip`. Shared by the shards but
+/// touched only when a connection is accepted or closed, never on the request path.
+static CONNECTIONS_PER_IP: LazyLock<Mutex<HashMap<IpAddr, usize>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// A connection counted against `max.connections` and `max.connections.per.ip`; dropping it
+/// gives both back.
+struct Admission {
+    ip: Option<IpAddr>,
+}
+
+impl Admission {
+    /// Counts a new connection, or says which limit refuses it.
+    fn admit(
+        peer: Option<SocketAddr>,
+        total_max: usize,
+        per_ip_max: usize,
+    ) -> Result<Admission, &'static str> {
+        if OPEN_CONNECTIONS.fetch_add(1, Ordering::Relaxed) >= total_max {
+            OPEN_CONNECTIONS.fetch_sub(1, Ordering::Relaxed);
+            return Err("max.connections");
+        }
+        let ip = peer.map(|p| p.ip());
+        if let Some(ip) = ip {
+            let mut counts = CONNECTIONS_PER_IP
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let open = counts.entry(ip).or_insert(0);
+            if *open >= per_ip_max {
+                drop(counts);
+                OPEN_CONNECTIONS.fetch_sub(1, Ordering::Relaxed);
+                return Err("max.connections.per.ip");
+            }
+            *open += 1;
+        }
+        Ok(Admission { ip })
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        OPEN_CONNECTIONS.fetch_sub(1, Ordering::Relaxed);
+        if let Some(ip) = self.ip {
+            let mut counts = CONNECTIONS_PER_IP
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(open) = counts.get_mut(&ip) {
+                *open = open.saturating_sub(1);
+                if *open == 0 {
+                    counts.remove(&ip);
+                }
+            }
+        }
+    }
+}
 
 /// The request-memory budget of one shard (`queued.max.request.bytes` / shards).
 struct RequestBudget {
@@ -124,6 +183,7 @@ pub async fn serve(shard: Rc<Shard>, socket: Socket) -> Result<()> {
     let listener = unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) };
     let budget = Rc::new(RequestBudget::new(&shard));
     let connections_max = shard.options.broker.connections_max;
+    let per_ip_max = shard.options.broker.connections_per_ip_max;
     loop {
         let stream = match listener.accept().await {
             Ok(s) => s,
@@ -136,24 +196,27 @@ pub async fn serve(shard: Rc<Shard>, socket: Socket) -> Result<()> {
         let _ = stream.set_nodelay(true);
         metrics::add(Counter::ConnectionsAccepted, 1);
         let peer = stream.peer_addr().ok();
-        if OPEN_CONNECTIONS.fetch_add(1, Ordering::Relaxed) >= connections_max {
-            OPEN_CONNECTIONS.fetch_sub(1, Ordering::Relaxed);
-            tracing::warn!(
-                ?peer,
-                connections_max,
-                "too many connections (max.connections); closing the new one"
-            );
-            metrics::add(Counter::ConnectionsClosed, 1);
-            drop(stream);
-            continue;
-        }
+        let admission = match Admission::admit(peer, connections_max, per_ip_max) {
+            Ok(a) => a,
+            Err(limit) => {
+                tracing::warn!(
+                    ?peer,
+                    connections_max,
+                    per_ip_max,
+                    "too many connections ({limit}); closing the new one"
+                );
+                metrics::add(Counter::ConnectionsClosed, 1);
+                drop(stream);
+                continue;
+            }
+        };
         let shard = shard.clone();
         let budget = budget.clone();
         glommio::spawn_local(async move {
             if let Err(e) = connection(shard, stream, budget).await {
                 tracing::debug!(?peer, error = %format!("{e:#}"), "connection ended");
             }
-            OPEN_CONNECTIONS.fetch_sub(1, Ordering::Relaxed);
+            drop(admission);
             metrics::add(Counter::ConnectionsClosed, 1);
         })
         .detach();
