@@ -509,24 +509,40 @@ impl Shard {
 
 use std::future::Future;
 
-/// Awaits every future, concurrently, in order of their results.
+/// Futures [`join_all`] polls at once. Each pending future holds clones of the task's waker, and
+/// glommio counts a task's references in an i16: one Fetch naming 20,000 partitions, each call
+/// waiting for room on a full mesh channel, overflowed that count and aborted the shard. A window
+/// keeps the count bounded whatever a request names.
+const JOIN_WINDOW: usize = 256;
+
+/// Awaits every future, at most [`JOIN_WINDOW`] at a time, and returns their results in order.
 pub async fn join_all<F: Future>(futs: Vec<F>) -> Vec<F::Output> {
     let mut pinned: Vec<_> = futs.into_iter().map(Box::pin).collect();
     let mut out: Vec<Option<F::Output>> = (0..pinned.len()).map(|_| None).collect();
-    futures_lite::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (i, f) in pinned.iter_mut().enumerate() {
-            if out[i].is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => out[i] = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
+    let mut active: Vec<usize> = Vec::with_capacity(JOIN_WINDOW.min(pinned.len()));
+    let mut next = 0usize;
+    futures_lite::future::poll_fn(|cx| loop {
+        while active.len() < JOIN_WINDOW && next < pinned.len() {
+            active.push(next);
+            next += 1;
         }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
+        let before = active.len();
+        active.retain(|&i| match pinned.get_mut(i).map(|f| f.as_mut().poll(cx)) {
+            Some(std::task::Poll::Ready(v)) => {
+                if let Some(slot) = out.get_mut(i) {
+                    *slot = Some(v);
+                }
+                false
+            }
+            Some(std::task::Poll::Pending) => true,
+            None => false,
+        });
+        if active.is_empty() && next >= pinned.len() {
+            return std::task::Poll::Ready(());
+        }
+        // Finished futures made room: start the next ones now, so that they register wakers.
+        if active.len() == before || next >= pinned.len() {
+            return std::task::Poll::Pending;
         }
     })
     .await;
