@@ -2,11 +2,13 @@
 whose process may open only 4,096 files serves 20,000 partitions, and a creation that fails is
 reported as failed instead of as a success."""
 
+import struct
 import time
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+import kafka_wire as kw
 from test_bad_input import assert_still_serves
 
 TOPICS = 20
@@ -53,7 +55,28 @@ def test_twenty_thousand_partitions_under_ulimit_4096(broker_factory):
           f"{len(seen)} records read back, {fds} fds open after writing")
     assert len(seen) == TOPICS * PARTITIONS_EACH
     assert fds < 4096
+    # One Fetch naming all 20,000 partitions, from several connections at once: each partition is
+    # a call to its owner shard, and that many at once once overflowed glommio's task references.
+    frame = fetch_all_partitions()
+    conns = [kw.connect(broker.bootstrap, timeout=120) for _ in range(4)]
+    for s in conns:
+        s.sendall(frame)
+    sizes = [len(kw.read_frame(s) or b"") for s in conns]
+    print(f"Fetch of {TOPICS * PARTITIONS_EACH} partitions on 4 connections: responses of {sizes} bytes")
+    assert all(size > TOPICS * PARTITIONS_EACH * 20 for size in sizes), sizes
     assert_still_serves(broker)
+
+
+def fetch_all_partitions():
+    """Fetch v4 for every partition of every `wide-N` topic from offset 0."""
+    body = kw.request_header(1, 4, 1)
+    body += struct.pack(">iiiib", -1, 0, 0, 50 << 20, 0)
+    body += struct.pack(">i", TOPICS)
+    for t in range(TOPICS):
+        body += kw.kstring(f"wide-{t}".encode()) + struct.pack(">i", PARTITIONS_EACH)
+        for part in range(PARTITIONS_EACH):
+            body += struct.pack(">iqi", part, 0, 1 << 20)
+    return kw.frame(body)
 
 
 def test_a_topic_whose_partitions_cannot_be_created_is_reported_failed(broker_factory):
