@@ -120,12 +120,20 @@ pub fn for_each_record(
     batch: &[u8],
     header: &BatchHeader,
     limit_bytes: u64,
-    mut f: impl FnMut(&RecordInfo) -> bool,
+    f: impl FnMut(&RecordInfo) -> bool,
 ) -> Result<u64, RecordsError> {
-    let mut r = BufReader::with_capacity(
-        WALK_BUFFER_BYTES,
-        records_reader(batch, header, limit_bytes)?,
-    );
+    if header.compression() == 0 {
+        // Uncompressed (the common produce case): walk the batch's own bytes, no buffer at all.
+        let body = batch
+            .get(HEADER_SIZE_BYTES..header.size_bytes)
+            .ok_or_else(|| corrupt("batch shorter than its length field"))?;
+        return walk(body, f);
+    }
+    let reader = records_reader(batch, header, limit_bytes)?;
+    walk(BufReader::with_capacity(WALK_BUFFER_BYTES, reader), f)
+}
+
+fn walk(mut r: impl BufRead, mut f: impl FnMut(&RecordInfo) -> bool) -> Result<u64, RecordsError> {
     let mut count = 0u64;
     loop {
         if r.fill_buf()?.is_empty() {
