@@ -276,6 +276,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         data_dir: args.data_dir,
         cores,
         broker,
+        clean_start: false,
     };
     startup::run(options, |bound, admin| {
         let mut out = std::io::stdout();

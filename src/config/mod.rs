@@ -858,6 +858,9 @@ pub struct ServeOptions {
     pub data_dir: PathBuf,
     pub cores: Vec<usize>,
     pub broker: BrokerConfig,
+    /// The last run stopped cleanly (its marker was found): partitions trust their active
+    /// segments' indexes and producer snapshots instead of scanning.
+    pub clean_start: bool,
 }
 
 /// Checks one topic config; the error text is returned to the client with `INVALID_CONFIG`.

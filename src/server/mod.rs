@@ -175,7 +175,8 @@ pub fn bind_listeners(addr: SocketAddr, count: usize) -> Result<(Vec<Socket>, So
     Ok((sockets, bound))
 }
 
-/// Accepts connections on this shard's socket forever.
+/// Accepts connections on this shard's socket until the shard stops (clean shutdown); the
+/// listening socket is closed on return, so new connections are refused.
 pub async fn serve(shard: Rc<Shard>, socket: Socket) -> Result<()> {
     use std::os::unix::io::{FromRawFd, IntoRawFd};
     // SAFETY: the fd comes from a socket2 listening socket we own and hand over whole
@@ -185,7 +186,16 @@ pub async fn serve(shard: Rc<Shard>, socket: Socket) -> Result<()> {
     let connections_max = shard.options.broker.connections_max;
     let per_ip_max = shard.options.broker.connections_per_ip_max;
     loop {
-        let stream = match listener.accept().await {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            shard.stopped().await;
+            None
+        })
+        .await;
+        let Some(accepted) = accepted else {
+            tracing::info!(shard = shard.id.0, "stopped accepting connections");
+            return Ok(());
+        };
+        let stream = match accepted {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(shard = shard.id.0, error = %e, "accept failed");
@@ -212,10 +222,12 @@ pub async fn serve(shard: Rc<Shard>, socket: Socket) -> Result<()> {
         };
         let shard = shard.clone();
         let budget = budget.clone();
+        let counted = shard.connection_opened();
         glommio::spawn_local(async move {
             if let Err(e) = connection(shard, stream, budget).await {
                 tracing::debug!(?peer, error = %format!("{e:#}"), "connection ended");
             }
+            drop(counted);
             drop(admission);
             metrics::add(Counter::ConnectionsClosed, 1);
         })
@@ -262,6 +274,8 @@ impl AsyncWrite for SharedStream {
 enum FrameError {
     Closed,
     Idle,
+    /// The broker is shutting down: answer what was read, then close.
+    Stopping,
     TooLarge(i64),
     Io(std::io::Error),
 }
@@ -397,9 +411,15 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream, budget: Rc<RequestBudge
             let _ = (&mut closed_rx).await;
             Err(FrameError::Closed)
         };
-        if let Err(e) =
-            futures_lite::future::or(futures_lite::future::or(next, idle), writer_gone).await
-        {
+        let stopping = async {
+            shard.stopped().await;
+            Err(FrameError::Stopping)
+        };
+        let ended = futures_lite::future::or(
+            futures_lite::future::or(next, idle),
+            futures_lite::future::or(writer_gone, stopping),
+        );
+        if let Err(e) = ended.await {
             break e;
         }
     };
@@ -427,7 +447,7 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream, budget: Rc<RequestBudge
             unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
         }
         FrameError::Io(e) => tracing::debug!(?peer, error = %e, "read failed"),
-        FrameError::Closed => {}
+        FrameError::Closed | FrameError::Stopping => {}
     }
     drop(tx);
     let _ = writer.await;

@@ -8,6 +8,7 @@
 //! on shard 0, which persists the table and hands every shard a snapshot before answering.
 
 pub mod controller;
+pub mod shutdown;
 pub mod startup;
 
 use std::cell::{Cell, RefCell};
@@ -116,6 +117,19 @@ impl Request {
     }
 }
 
+/// A client connection counted on its shard; closing it wakes a draining shutdown.
+pub struct ConnectionGuard(Rc<Shard>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        let shard = &self.0;
+        shard
+            .connections
+            .set(shard.connections.get().saturating_sub(1));
+        shard.stop_progress.notify(usize::MAX);
+    }
+}
+
 pub type TopicResult = Result<Topic, (ErrorCode, String)>;
 
 pub enum Reply {
@@ -158,6 +172,12 @@ pub struct Shard {
     pub controller: controller::Controller,
     pub groups: GroupCoordinator,
     pub metrics: Arc<MetricsHub>,
+    /// Set once a clean shutdown began: stop accepting, stop reading new requests.
+    stopping: Cell<bool>,
+    /// Notified when `stopping` is set and whenever a connection closes.
+    stop_progress: event_listener::Event,
+    /// Client connections open on this shard.
+    connections: Cell<usize>,
 }
 
 impl Shard {
@@ -188,6 +208,9 @@ impl Shard {
             groups: GroupCoordinator::new(options.broker.clone()),
             metrics,
             options,
+            stopping: Cell::new(false),
+            stop_progress: event_listener::Event::new(),
+            connections: Cell::new(0),
         });
         let mut receivers = receivers;
         for (peer, stream) in receivers.streams() {
@@ -267,6 +290,55 @@ impl Shard {
         }
         rx.await
             .unwrap_or_else(|_| panic!("shard {} dropped a reply", target.0))
+    }
+
+    /// Begins a clean shutdown on this shard (see [`shutdown`]).
+    pub fn begin_stop(&self) {
+        self.stopping.set(true);
+        self.stop_progress.notify(usize::MAX);
+    }
+
+    /// Completes once this shard is stopping.
+    pub async fn stopped(&self) {
+        loop {
+            let listener = self.stop_progress.listen();
+            if self.stopping.get() {
+                return;
+            }
+            listener.await;
+        }
+    }
+
+    /// Counts a client connection until the guard is dropped.
+    pub fn connection_opened(self: &Rc<Self>) -> ConnectionGuard {
+        self.connections.set(self.connections.get() + 1);
+        ConnectionGuard(self.clone())
+    }
+
+    /// Waits until every client connection has closed, or `grace` passed; returns how many are
+    /// still open.
+    async fn drain_connections(&self, grace: Duration) -> usize {
+        let deadline = glommio::timer::sleep(grace);
+        let drained = async {
+            loop {
+                let listener = self.stop_progress.listen();
+                if self.connections.get() == 0 {
+                    return;
+                }
+                listener.await;
+            }
+        };
+        futures_lite::future::or(drained, deadline).await;
+        self.connections.get()
+    }
+
+    /// The partitions this shard owns.
+    fn owned_partitions(&self) -> Vec<(TopicPartition, PartitionLog)> {
+        self.partitions
+            .borrow()
+            .iter()
+            .map(|(tp, log)| (tp.clone(), log.clone()))
+            .collect()
     }
 
     pub fn owner_of(&self, tp: &TopicPartition) -> ShardId {
@@ -460,7 +532,16 @@ impl Shard {
             }
             let dir = self.options.data_dir.join(tp.dir_name());
             let config = configs[&tp].clone();
-            match PartitionLog::open(tp.clone(), dir, id, config, cache_each).await {
+            match PartitionLog::open(
+                tp.clone(),
+                dir,
+                id,
+                config,
+                cache_each,
+                self.options.clean_start,
+            )
+            .await
+            {
                 Ok(log) => {
                     if &*tp.topic == OFFSETS_TOPIC {
                         self.groups.load(&log).await;

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorBuilder, Placement};
 
+use super::shutdown::{self, ShardReport};
 use super::{Envelope, Shard, MESH_CHANNEL_CAPACITY};
 use crate::config::ServeOptions;
 use crate::metrics::MetricsHub;
@@ -35,9 +36,10 @@ pub fn resolve_cores(requested: Option<Vec<usize>>) -> Result<Vec<usize>> {
     }
 }
 
-/// Runs the broker until its executors stop. `on_ready` is called with the bound address once
-/// every shard serves.
+/// Runs the broker until SIGTERM or SIGINT has shut it down cleanly (see [`shutdown`]).
+/// `on_ready` is called with the bound address once every shard serves.
 pub fn run(mut options: ServeOptions, on_ready: impl FnOnce(SocketAddr, SocketAddr)) -> Result<()> {
+    watch_signals()?;
     raise_memlock_limit();
     std::fs::create_dir_all(&options.data_dir)
         .with_context(|| format!("creating data directory {}", options.data_dir.display()))?;
@@ -46,6 +48,15 @@ pub fn run(mut options: ServeOptions, on_ready: impl FnOnce(SocketAddr, SocketAd
     options.data_dir = std::fs::canonicalize(&options.data_dir)
         .with_context(|| format!("resolving data directory {}", options.data_dir.display()))?;
     crate::storage::files::finish_deletions(&options.data_dir)?;
+    options.clean_start = shutdown::take_marker(&options.data_dir)?;
+    if options.clean_start {
+        tracing::info!(
+            "the last run stopped cleanly: trusting segment indexes and producer snapshots"
+        );
+    } else {
+        tracing::info!("no clean-shutdown marker: active segments are recovered by a CRC scan");
+    }
+    let start_time = std::time::Instant::now();
     let count = options.cores.len();
     let open_files_per_shard = open_files_budget(count);
     let (sockets, bound) = server::bind_listeners(options.listen, count)?;
@@ -74,24 +85,33 @@ pub fn run(mut options: ServeOptions, on_ready: impl FnOnce(SocketAddr, SocketAd
                     Ok(pair) => pair,
                     Err(_) => {
                         let _ = ready_tx.send(Err("joining the shard mesh failed".into()));
-                        return;
+                        return None;
                     }
                 };
                 if let Err(e) = crate::storage::files::probe_device(&options.data_dir).await {
                     let _ = ready_tx.send(Err(format!("{e:#}")));
-                    return;
+                    return None;
                 }
                 let shard = match Shard::start(options, advertised, senders, receivers, hub).await {
                     Ok(s) => s,
                     Err(e) => {
                         let _ = ready_tx.send(Err(format!("{e:#}")));
-                        return;
+                        return None;
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
-                if let Err(e) = server::serve(shard, socket).await {
+                let watcher = {
+                    let shard = shard.clone();
+                    glommio::spawn_local(async move {
+                        shutdown::wait_requested().await;
+                        shard.begin_stop();
+                    })
+                };
+                if let Err(e) = server::serve(shard.clone(), socket).await {
                     tracing::error!(error = %format!("{e:#}"), "listener stopped");
                 }
+                watcher.await;
+                Some(shutdown::finish(&shard).await)
             })
             .map_err(std::io::Error::from)
             .with_context(|| format!("starting the executor for core {core}"))?;
@@ -105,12 +125,60 @@ pub fn run(mut options: ServeOptions, on_ready: impl FnOnce(SocketAddr, SocketAd
             Err(_) => bail!("a shard stopped during start-up"),
         }
     }
-    tracing::info!(%bound, %admin, shards = count, cores = ?options.cores, data_dir = %options.data_dir.display(), "strom serving");
+    tracing::info!(%bound, %admin, shards = count, cores = ?options.cores, data_dir = %options.data_dir.display(), clean_start = options.clean_start, startup_ms = u64::try_from(start_time.elapsed().as_millis()).unwrap_or(u64::MAX), "strom serving");
     on_ready(bound, admin);
+    let mut reports: Vec<Option<ShardReport>> = Vec::with_capacity(count);
     for h in handles {
-        h.join()
-            .map_err(|e| anyhow::anyhow!("shard executor failed: {e}"))?;
+        reports.push(
+            h.join()
+                .map_err(|e| anyhow::anyhow!("shard executor failed: {e}"))?,
+        );
     }
+    let partitions: usize = reports.iter().flatten().map(|r| r.partitions).sum();
+    let failed: usize = reports.iter().flatten().map(|r| r.failed.len()).sum();
+    let abandoned: usize = reports
+        .iter()
+        .flatten()
+        .map(|r| r.abandoned_connections)
+        .sum();
+    if reports.iter().all(Option::is_some) && failed == 0 {
+        shutdown::write_marker(&options.data_dir)?;
+        tracing::info!(
+            partitions,
+            abandoned_connections = abandoned,
+            "clean shutdown: every partition flushed and fdatasynced, producer state saved, marker written"
+        );
+        Ok(())
+    } else {
+        bail!("shutdown was not clean ({failed} partitions failed to close); the next start recovers by scanning")
+    }
+}
+
+/// SIGTERM and SIGINT request a clean shutdown; a second one exits at once (what was
+/// acknowledged with acks=all is durable either way; the next start then scans).
+fn watch_signals() -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .context("installing signal handlers")?;
+    std::thread::Builder::new()
+        .name("strom-signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if shutdown::requested() {
+                    tracing::warn!(
+                        signal,
+                        "second signal: exiting without finishing the clean shutdown"
+                    );
+                    std::process::exit(130);
+                }
+                tracing::info!(
+                    signal,
+                    "shutting down cleanly (a second signal exits at once)"
+                );
+                shutdown::request();
+            }
+        })
+        .context("starting the signal thread")?;
     Ok(())
 }
 

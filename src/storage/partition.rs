@@ -148,6 +148,7 @@ impl PartitionLog {
         topic_id: [u8; 16],
         config: LogConfig,
         cache_bytes_max: usize,
+        clean: bool,
     ) -> Result<PartitionLog> {
         let meta_path = dir.join("partition.meta");
         let exists = {
@@ -207,11 +208,39 @@ impl PartitionLog {
         } else {
             let last = bases.len() - 1;
             for (i, base) in bases.iter().enumerate() {
+                let active = i == last;
                 let (seg, scanned) =
-                    Segment::open(&dir, *base, i == last, config.index_interval_bytes, now).await?;
-                if i == last {
-                    for b in &scanned {
-                        record_producer_batch(&mut producers, &b.header);
+                    Segment::open(&dir, *base, active, clean, config.index_interval_bytes, now)
+                        .await?;
+                if active {
+                    match scanned {
+                        Some(scanned) => {
+                            for b in &scanned {
+                                record_producer_batch(&mut producers, &b.header);
+                            }
+                        }
+                        None => match load_producers(&dir, seg.end_offset).await {
+                            Ok(loaded) => producers = loaded,
+                            Err(e) => {
+                                // Without the snapshot only the active segment's batches are
+                                // known: scan it (what recovery after a crash does).
+                                tracing::info!(partition = %tp, error = %format!("{e:#}"), "no usable producer snapshot; scanning the active segment");
+                                let (seg, scanned) = Segment::open(
+                                    &dir,
+                                    *base,
+                                    true,
+                                    false,
+                                    config.index_interval_bytes,
+                                    now,
+                                )
+                                .await?;
+                                for b in scanned.iter().flatten() {
+                                    record_producer_batch(&mut producers, &b.header);
+                                }
+                                segments.push(seg);
+                                continue;
+                            }
+                        },
                     }
                 }
                 segments.push(seg);
@@ -548,6 +577,43 @@ impl PartitionLog {
         self.progress.notify(usize::MAX);
     }
 
+    /// Clean shutdown: writes and fdatasyncs everything accepted, closes the partition, cuts the
+    /// active segment to its last batch with its indexes written, and saves the idempotent
+    /// producers' state, so that the next start trusts all of it instead of scanning. Appends after
+    /// this fail with KAFKA_STORAGE_ERROR.
+    pub async fn shutdown(&self) -> Result<()> {
+        let end = {
+            let mut st = self.state.borrow_mut();
+            st.sync_wanted = st.sync_wanted.max(st.next_offset);
+            st.next_offset
+        };
+        self.work.notify(usize::MAX);
+        self.wait_for(end, true)
+            .await
+            .map_err(|e| anyhow::anyhow!("partition failed before its data was durable: {e:?}"))?;
+        self.close();
+        let (dir, snapshot) = {
+            let st = self.state.borrow();
+            (st.dir.clone(), producer_snapshot(&st.producers, end))
+        };
+        let active = {
+            let st = self.state.borrow();
+            st.segments
+                .last()
+                .map(|a| (a.file.clone(), a.size_bytes, a.index_snapshot()))
+        };
+        if let Some((slot, size_bytes, indexes)) = active {
+            // O_DIRECT writes pad the last block with zeros: cut them, so the file ends at its
+            // last whole batch, as a clean start expects.
+            let file = slot.get().await?;
+            file.truncate(size_bytes).await.io()?;
+            file.fdatasync().await.io()?;
+            indexes.write_indexes().await?;
+        }
+        let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&snapshot)?;
+        files::write_meta(&dir.join(PRODUCERS_FILE), PRODUCERS_VERSION, &bytes).await
+    }
+
     /// Closes the partition and deletes its directory.
     pub async fn delete(&self) -> Result<()> {
         self.close();
@@ -773,7 +839,7 @@ impl PartitionLog {
         }
         glommio::io::rename(&cleaned_path, &log_path).await.io()?;
         files::sync_dir(dir).await?;
-        let (segment, _) = Segment::open(dir, base, false, interval, now_ms()).await?;
+        let (segment, _) = Segment::open(dir, base, false, false, interval, now_ms()).await?;
         let mut st = self.state.borrow_mut();
         if let Some(slot) = st.segments.iter_mut().find(|s| s.base_offset == base) {
             *slot = segment;
@@ -1064,6 +1130,97 @@ impl PartitionState {
     }
 }
 
+/// The idempotent producers of a partition as a clean shutdown leaves them (`producers.snapshot`),
+/// valid only for a log that ends at `end_offset`.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq)]
+pub struct ProducerSnapshot {
+    pub end_offset: i64,
+    pub producers: Vec<SnapshotProducer>,
+}
+
+/// One idempotent producer in a [`ProducerSnapshot`], with its last batches (at most five).
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq)]
+pub struct SnapshotProducer {
+    pub producer_id: i64,
+    pub epoch: i16,
+    /// First and last sequence, base and last offset of each batch, oldest first.
+    pub batches: Vec<[i64; 4]>,
+}
+
+const PRODUCERS_FILE: &str = "producers.snapshot";
+const PRODUCERS_VERSION: u32 = 1;
+
+fn producer_snapshot(producers: &HashMap<i64, ProducerState>, end: Offset) -> ProducerSnapshot {
+    let mut list: Vec<_> = producers
+        .iter()
+        .map(|(id, p)| {
+            let batches = p
+                .batches
+                .iter()
+                .map(|b| {
+                    [
+                        i64::from(b.first_sequence),
+                        i64::from(b.last_sequence),
+                        b.base_offset.0,
+                        b.last_offset.0,
+                    ]
+                })
+                .collect();
+            SnapshotProducer {
+                producer_id: *id,
+                epoch: p.epoch,
+                batches,
+            }
+        })
+        .collect();
+    list.sort_by_key(|p| p.producer_id);
+    ProducerSnapshot {
+        end_offset: end.0,
+        producers: list,
+    }
+}
+
+/// Loads the producer snapshot of a cleanly stopped partition; fails unless it was taken at
+/// `end` (the log's end as it was opened).
+async fn load_producers(dir: &Path, end: Offset) -> Result<HashMap<i64, ProducerState>> {
+    let bytes = files::read_meta(&dir.join(PRODUCERS_FILE), PRODUCERS_VERSION).await?;
+    let snapshot = decode_producer_snapshot(&bytes)?;
+    if snapshot.end_offset != end.0 {
+        anyhow::bail!(
+            "snapshot taken at offset {}, log ends at {}",
+            snapshot.end_offset,
+            end.0
+        );
+    }
+    let mut producers = HashMap::with_capacity(snapshot.producers.len());
+    for p in snapshot.producers {
+        let mut batches = VecDeque::with_capacity(p.batches.len());
+        for [first, last, base, last_offset] in p.batches {
+            batches.push_back(ProducerBatch {
+                first_sequence: i32::try_from(first)?,
+                last_sequence: i32::try_from(last)?,
+                base_offset: Offset(base),
+                last_offset: Offset(last_offset),
+            });
+        }
+        producers.insert(
+            p.producer_id,
+            ProducerState {
+                epoch: p.epoch,
+                batches,
+            },
+        );
+    }
+    Ok(producers)
+}
+
+/// Decodes a producer snapshot's payload; arbitrary bytes are an error.
+pub fn decode_producer_snapshot(payload: &[u8]) -> Result<ProducerSnapshot> {
+    Ok(rkyv::from_bytes::<ProducerSnapshot, rkyv::rancor::Error>(
+        payload,
+    )?)
+}
+
 fn record_producer_batch(producers: &mut HashMap<i64, ProducerState>, h: &BatchHeader) {
     if h.producer_id < 0 {
         return;
@@ -1269,6 +1426,7 @@ mod tests {
             [0; 16],
             config(segment_size_bytes),
             1 << 20,
+            false,
         )
         .await
         .unwrap()

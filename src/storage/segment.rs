@@ -115,17 +115,21 @@ impl Segment {
         })
     }
 
-    /// Opens an existing segment. The active (last) segment is scanned in full with CRC checks and
-    /// truncated at the first torn or corrupt batch; a closed one loads its index files, and is
-    /// scanned only where they are missing or inconsistent. Returns the batches scanned, so that
-    /// the caller can rebuild producer state from the active segment.
+    /// Opens an existing segment. A closed one loads its index files, and is scanned only where
+    /// they are missing or inconsistent. The active (last) segment is scanned in full with CRC
+    /// checks and truncated at the first torn or corrupt batch, unless `clean` says the broker
+    /// stopped cleanly: then the segment was truncated to its last batch and its indexes written
+    /// at shutdown, and it loads like a closed one (falling back to the scan if they disagree).
+    /// Returns the batches scanned (`None` when the indexes were trusted), so that the caller can
+    /// rebuild producer state from the active segment.
     pub async fn open(
         dir: &Path,
         base: Offset,
         active: bool,
+        clean: bool,
         index_interval_bytes: u64,
         now_ms: u64,
-    ) -> Result<(Segment, Vec<ScannedBatch>)> {
+    ) -> Result<(Segment, Option<Vec<ScannedBatch>>)> {
         let path = log_path(dir, base);
         let file = OpenOptions::new()
             .read(true)
@@ -151,9 +155,28 @@ impl Segment {
             end_offset: base,
             created_ms: now_ms,
         };
-        if !active {
+        if !active || clean {
             if let Some(()) = segment.load_indexes(&file, file_size).await? {
-                return Ok((segment, Vec::new()));
+                if !active {
+                    return Ok((segment, None));
+                }
+                if segment.size_bytes == file_size {
+                    segment.load_tail(&file).await?;
+                    return Ok((segment, None));
+                }
+                tracing::info!(
+                    segment = %path.display(),
+                    "active segment does not end where its clean shutdown left it; scanning it"
+                );
+                segment = Segment {
+                    index: Vec::new(),
+                    time_index: Vec::new(),
+                    bytes_since_index: 0,
+                    max_timestamp: -1,
+                    end_offset: base,
+                    size_bytes: 0,
+                    ..segment
+                };
             }
         }
         let (batches, valid_end) = scan(&file, base, 0, file_size, active).await?;
@@ -172,15 +195,21 @@ impl Segment {
                 file.truncate(valid_end).await.io()?;
                 file.fdatasync().await.io()?;
             }
-            let aligned = file.align_down(valid_end);
-            let tail_len = usize::try_from(valid_end - aligned)?;
-            if tail_len > 0 {
-                segment.tail = file.read_at(aligned, tail_len).await.io()?.to_vec();
-            }
+            segment.load_tail(&file).await?;
         } else {
             segment.write_indexes().await?;
         }
-        Ok((segment, batches))
+        Ok((segment, Some(batches)))
+    }
+
+    /// Reads the last partial alignment block, which the next aligned write starts with.
+    async fn load_tail(&mut self, file: &DmaFile) -> Result<()> {
+        let aligned = file.align_down(self.size_bytes);
+        let tail_len = usize::try_from(self.size_bytes - aligned)?;
+        if tail_len > 0 {
+            self.tail = file.read_at(aligned, tail_len).await.io()?.to_vec();
+        }
+        Ok(())
     }
 
     /// Loads `.index` and `.timeindex` for a closed segment and checks them against the file. The
@@ -228,6 +257,7 @@ impl Segment {
             self.end_offset = b.header.last_offset().next();
         }
         self.size_bytes = valid_end;
+        self.bytes_since_index = valid_end - start;
         Ok(Some(()))
     }
 

@@ -1,5 +1,5 @@
-//! strom's own metadata loaders: the checksummed file envelope, the cluster's topic table and a
-//! partition's metadata (rkyv, validated by bytecheck), and the group records replayed from
+//! strom's own metadata loaders: the checksummed file envelope, the cluster's topic table, a
+//! partition's metadata and its producer snapshot (rkyv, validated by bytecheck), and the group records replayed from
 //! `__consumer_offsets`. Arbitrary bytes must be an error, never a panic or undefined behaviour.
 #![no_main]
 
@@ -11,6 +11,7 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(payload) = strom::storage::files::check_meta(data, version) {
             let _ = strom::cluster::TopicTable::decode(&payload);
             let _ = strom::storage::partition::partition_meta_identity(&payload);
+            let _ = strom::storage::partition::decode_producer_snapshot(&payload);
         }
     }
     // The decoders behind it, on the raw bytes (a CRC would stop random input before them).
@@ -18,5 +19,6 @@ fuzz_target!(|data: &[u8]| {
     aligned.extend_from_slice(data);
     let _ = strom::cluster::TopicTable::decode(&aligned);
     let _ = strom::storage::partition::partition_meta_identity(&aligned);
+    let _ = strom::storage::partition::decode_producer_snapshot(&aligned);
     let _ = strom::group::records::decode_batches(bytes::Bytes::copy_from_slice(data));
 });

@@ -1,0 +1,134 @@
+//! Clean shutdown. SIGTERM or SIGINT sets [`request`]; then every shard, in step with the others:
+//!
+//! 1. stops accepting, and each connection stops reading at its next frame boundary, answers
+//!    what it already read, and closes (a client that does not take its answers within
+//!    [`DRAIN_GRACE`] is left behind);
+//! 2. waits for every shard to get there (their drained requests may still append to partitions
+//!    this shard owns);
+//! 3. shuts down every partition it owns: everything accepted written and fdatasynced, the active
+//!    segment cut to its last batch with its indexes written, producer state saved;
+//! 4. waits for every shard again, and stops.
+//!
+//! When every shard closed every partition, the broker writes the clean-shutdown marker
+//! ([`MARKER`]) in the data directory. The next start removes it (durably) before serving and
+//! trusts the logs as they were left; without it, recovery CRC-scans each active segment.
+
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use super::{join_all, Shard};
+use crate::model::TopicPartition;
+
+/// The marker file a clean shutdown leaves in the data directory.
+pub const MARKER: &str = "clean_shutdown";
+
+/// How long connections get to answer what they already read.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(10);
+
+static REQUESTED: AtomicBool = AtomicBool::new(false);
+static DRAINED: AtomicUsize = AtomicUsize::new(0);
+static CLOSED: AtomicUsize = AtomicUsize::new(0);
+
+/// Asks every shard to shut down cleanly (called from the signal thread).
+pub fn request() {
+    REQUESTED.store(true, Ordering::SeqCst);
+}
+
+pub fn requested() -> bool {
+    REQUESTED.load(Ordering::SeqCst)
+}
+
+/// Completes once a shutdown is requested. Polled from each shard's executor: the signal thread
+/// cannot wake a glommio executor directly, and a 50 ms check costs nothing.
+pub async fn wait_requested() {
+    while !requested() {
+        glommio::timer::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits (without blocking the executor, whose tasks other shards may still need) until all
+/// `shards` have arrived at this step.
+async fn all_arrive(step: &AtomicUsize, shards: usize) {
+    step.fetch_add(1, Ordering::SeqCst);
+    while step.load(Ordering::SeqCst) < shards {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// What one shard's shutdown did.
+#[derive(Debug, Default)]
+pub struct ShardReport {
+    pub partitions: usize,
+    pub failed: Vec<(TopicPartition, String)>,
+    /// Connections still open when [`DRAIN_GRACE`] ran out.
+    pub abandoned_connections: usize,
+}
+
+/// Steps 1–4 for one shard, after its listener stopped accepting.
+pub async fn finish(shard: &Rc<Shard>) -> ShardReport {
+    let started = Instant::now();
+    let abandoned_connections = shard.drain_connections(DRAIN_GRACE).await;
+    all_arrive(&DRAINED, shard.count).await;
+    let partitions = shard.owned_partitions();
+    let results = join_all(
+        partitions
+            .iter()
+            .map(|(tp, log)| async move { (tp.clone(), log.shutdown().await) })
+            .collect(),
+    )
+    .await;
+    let failed: Vec<_> = results
+        .into_iter()
+        .filter_map(|(tp, r)| r.err().map(|e| (tp, format!("{e:#}"))))
+        .collect();
+    for (tp, why) in &failed {
+        tracing::error!(partition = %tp, error = %why, "partition did not shut down cleanly");
+    }
+    all_arrive(&CLOSED, shard.count).await;
+    tracing::info!(
+        shard = shard.id.0,
+        partitions = partitions.len(),
+        failed = failed.len(),
+        abandoned_connections,
+        elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        "shard stopped: partitions flushed, fdatasynced and closed"
+    );
+    ShardReport {
+        partitions: partitions.len(),
+        failed,
+        abandoned_connections,
+    }
+}
+
+/// Takes the marker a clean shutdown left (removing it durably, so that a crash from here on is
+/// recovered by scanning); returns whether it was there.
+pub fn take_marker(data_dir: &Path) -> Result<bool> {
+    let marker = data_dir.join(MARKER);
+    match std::fs::remove_file(&marker) {
+        Ok(()) => {
+            sync_dir(data_dir)?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("removing {}", marker.display())),
+    }
+}
+
+/// Writes the clean-shutdown marker durably.
+pub fn write_marker(data_dir: &Path) -> Result<()> {
+    let marker = data_dir.join(MARKER);
+    let file =
+        std::fs::File::create(&marker).with_context(|| format!("creating {}", marker.display()))?;
+    file.sync_all()?;
+    sync_dir(data_dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing directory {}", dir.display()))
+}
