@@ -52,6 +52,47 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Send one record per line of standard input to a topic of any Kafka-compatible cluster.
+    Produce {
+        topic: String,
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        bootstrap: String,
+        /// Split each line into key and value at the first SEP (no SEP: no key).
+        #[arg(long, value_name = "SEP")]
+        key_separator: Option<String>,
+        /// A header added to every record; repeatable.
+        #[arg(long = "header", value_name = "KEY=VALUE")]
+        headers: Vec<String>,
+        /// Send every record to this partition (default: by key, round-robin without one).
+        #[arg(long)]
+        partition: Option<i32>,
+        /// all, 1 or 0.
+        #[arg(long, default_value = "all")]
+        acks: String,
+        /// none, gzip, snappy, lz4 or zstd.
+        #[arg(long, default_value = "none")]
+        compression: String,
+    },
+    /// Print the records of a topic of any Kafka-compatible cluster.
+    Consume {
+        topic: String,
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        bootstrap: String,
+        /// beginning, end, OFFSET (negative: that many before the end) or @TIMESTAMP_MS; with
+        /// --group, only for partitions the group has no committed offset for.
+        #[arg(long, default_value = "beginning", allow_hyphen_values = true)]
+        from: String,
+        /// Consume as a member of this consumer group (sharing partitions, committing offsets).
+        #[arg(long)]
+        group: Option<String>,
+        /// Stop after this many records.
+        #[arg(long)]
+        num: Option<u64>,
+        /// kcat's format: %k key, %v value, %p partition, %o offset, %T timestamp (ms),
+        /// %h headers (k=v,...), and \\n \\t escapes.
+        #[arg(long, default_value = "%v\\n")]
+        format: String,
+    },
     /// Topics of any Kafka-compatible cluster.
     Topic {
         #[command(subcommand)]
@@ -169,6 +210,31 @@ fn main() {
         Some(Command::Serve(args)) => serve(args),
         Some(Command::Group { command }) => group(command),
         Some(Command::Topic { command }) => topic(command),
+        Some(Command::Produce {
+            topic,
+            bootstrap,
+            key_separator,
+            headers,
+            partition,
+            acks,
+            compression,
+        }) => produce(
+            topic,
+            bootstrap,
+            key_separator,
+            &headers,
+            partition,
+            &acks,
+            &compression,
+        ),
+        Some(Command::Consume {
+            topic,
+            bootstrap,
+            from,
+            group,
+            num,
+            format,
+        }) => consume(topic, bootstrap, &from, group, num, format),
         Some(Command::Tune { data_dir, cores }) => tune(&data_dir, cores.as_deref()),
         Some(Command::Bench {
             bootstrap,
@@ -208,6 +274,53 @@ fn bench(
     if let Some(path) = json {
         std::fs::write(path, serde_json::to_string_pretty(&result)? + "\n")?;
     }
+    Ok(())
+}
+
+fn produce(
+    topic: String,
+    bootstrap: String,
+    key_separator: Option<String>,
+    headers: &[String],
+    partition: Option<i32>,
+    acks: &str,
+    compression: &str,
+) -> Result<()> {
+    use strom::client::produce;
+    let options = produce::ProduceOptions {
+        topic,
+        bootstrap,
+        key_separator,
+        headers: produce::parse_headers(headers)?,
+        partition,
+        acks: produce::parse_acks(acks)?,
+        compression: produce::parse_compression(compression)?,
+    };
+    let failed = produce::run(&options)?;
+    if failed > 0 {
+        anyhow::bail!("{failed} records were not acknowledged");
+    }
+    Ok(())
+}
+
+fn consume(
+    topic: String,
+    bootstrap: String,
+    from: &str,
+    group: Option<String>,
+    num: Option<u64>,
+    format: String,
+) -> Result<()> {
+    use strom::client::consume;
+    let options = consume::ConsumeOptions {
+        topic,
+        bootstrap,
+        from: consume::parse_from(from)?,
+        group,
+        num,
+        format,
+    };
+    consume::run(&options)?;
     Ok(())
 }
 

@@ -1,9 +1,14 @@
-//! The small Kafka client the command line uses (`strom group ...`, `strom topic ...`): blocking, one request at a
+//! The small Kafka client the command line uses (`strom produce`, `strom consume`, `strom group ...`,
+//! `strom topic ...`): blocking, one request at a
 //! time, speaking the Kafka protocol to any Kafka-compatible broker. Messages come from the
 //! `kafka-protocol` crate; responses are bounded in size before anything is allocated for them.
 
 pub mod bench;
+pub mod cluster;
+pub mod consume;
 pub mod groups;
+pub mod produce;
+pub mod records;
 pub mod topics;
 
 use std::io::{Read, Write};
@@ -35,6 +40,14 @@ impl Connection {
             correlation_id: 0,
             address: address.to_string(),
         })
+    }
+
+    /// Sends one request that gets no response (Produce with `acks=0`).
+    pub fn send<Req: Encodable>(&mut self, key: ApiKey, version: i16, req: &Req) -> Result<()> {
+        self.correlation_id += 1;
+        let frame = encode_request(key, version, self.correlation_id, req)?;
+        self.stream.write_all(&frame)?;
+        Ok(())
     }
 
     /// Sends one request at `version` and decodes its response.
