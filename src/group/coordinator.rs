@@ -234,6 +234,37 @@ impl Group {
         r
     }
 
+    /// The member list a leader's JoinGroup response carries: ids, instance ids and their
+    /// metadata for the group's protocol.
+    fn join_members(&self, version: i16) -> Vec<JoinGroupResponseMember> {
+        let protocol = self.protocol.clone().unwrap_or_default();
+        self.members
+            .values()
+            .map(|m| {
+                let mut jm = JoinGroupResponseMember::default();
+                jm.member_id = sb(&m.id);
+                if version >= 5 {
+                    jm.group_instance_id = m.instance_id.as_deref().map(sb);
+                }
+                jm.metadata = m
+                    .protocols
+                    .iter()
+                    .find(|(n, _)| *n == protocol)
+                    .map(|(_, b)| b.clone())
+                    .unwrap_or_default();
+                jm
+            })
+            .collect()
+    }
+
+    /// KIP-345 fencing: a request naming a static instance whose current member is another one
+    /// comes from a member that a newer one with the same `group.instance.id` replaced.
+    fn fenced(&self, member_id: &str, instance_id: Option<&str>) -> bool {
+        instance_id
+            .and_then(|i| self.static_members.get(i))
+            .is_some_and(|current| current != member_id)
+    }
+
     fn prepare_rebalance(&mut self, config: &BrokerConfig, now: Instant) {
         if self.state == State::CompletingRebalance {
             for m in self.members.values_mut() {
@@ -729,7 +760,12 @@ impl GroupCoordinator {
                         if let Some(tx) = m.awaiting_sync.take() {
                             let _ = tx.send(Err(ErrorCode::FENCED_INSTANCE_ID));
                         }
-                        let unchanged = m.protocols == protocols;
+                        // Kafka compares only the selected protocol: a restarted member's
+                        // subscription metadata differs (it owns no partitions yet).
+                        let unchanged = group
+                            .protocol
+                            .as_ref()
+                            .is_some_and(|p| protocols.iter().any(|(n, _)| n == p));
                         m.id = new_id.clone();
                         m.protocols = protocols.clone();
                         m.last_heartbeat = now;
@@ -741,8 +777,16 @@ impl GroupCoordinator {
                         if was_leader {
                             group.leader = Some(new_id.clone());
                         }
-                        if group.state == State::Stable && unchanged && !was_leader {
-                            return group.current_join_response(&new_id, version);
+                        if group.state == State::Stable && unchanged {
+                            // No rebalance: the others keep their partitions. A restarted leader
+                            // gets the members with skip_assignment (KIP-814), so it does not
+                            // compute a new assignment; its SyncGroup returns its old one.
+                            let mut r = group.current_join_response(&new_id, version);
+                            if was_leader {
+                                r.members = group.join_members(version);
+                                r.skip_assignment = version >= 9;
+                            }
+                            return r;
                         }
                         new_id
                     }
@@ -757,6 +801,9 @@ impl GroupCoordinator {
                     }
                 }
             } else {
+                if group.fenced(&member_id, instance_id.as_deref()) {
+                    return join_error(ErrorCode::FENCED_INSTANCE_ID, &member_id);
+                }
                 if !group.members.contains_key(&member_id)
                     && group.pending_members.remove(&member_id).is_none()
                 {
@@ -851,6 +898,12 @@ impl GroupCoordinator {
             let Some(group) = groups.get_mut(&group_id) else {
                 return sync_response(Err(ErrorCode::UNKNOWN_MEMBER_ID), None);
             };
+            if group.fenced(
+                &member_id,
+                req.group_instance_id.as_ref().map(|s| s.as_str()),
+            ) {
+                return sync_response(Err(ErrorCode::FENCED_INSTANCE_ID), Some((group, version)));
+            }
             if !group.members.contains_key(&member_id) {
                 return sync_response(Err(ErrorCode::UNKNOWN_MEMBER_ID), Some((group, version)));
             }
@@ -933,6 +986,12 @@ impl GroupCoordinator {
             return ErrorCode::UNKNOWN_MEMBER_ID;
         };
         let member_id = req.member_id.to_string();
+        if group.fenced(
+            &member_id,
+            req.group_instance_id.as_ref().map(|s| s.as_str()),
+        ) {
+            return ErrorCode::FENCED_INSTANCE_ID;
+        }
         let state = group.state;
         let generation = group.generation;
         let Some(m) = group.members.get_mut(&member_id) else {
@@ -1038,7 +1097,12 @@ impl GroupCoordinator {
             let group = groups
                 .entry(group_id.clone())
                 .or_insert_with(|| Group::new(&group_id));
-            if generation < 0 && member_id.is_empty() {
+            if group.fenced(
+                &member_id,
+                req.group_instance_id.as_ref().map(|s| s.as_str()),
+            ) {
+                ErrorCode::FENCED_INSTANCE_ID
+            } else if generation < 0 && member_id.is_empty() {
                 // A simple (standalone) commit: only for a group with no active members.
                 if group.members.is_empty() {
                     ErrorCode::NONE
@@ -1057,12 +1121,23 @@ impl GroupCoordinator {
             }
         };
         let now = now_ms() as i64;
+        let table = shard.topics();
         let mut records = Vec::new();
         let mut results: Vec<(String, Vec<PartitionOutcome>)> = Vec::new();
         for t in &req.topics {
             let topic = t.name.0.to_string();
+            // Kafka refuses offsets of partitions that do not exist.
+            let partitions = table.get(&topic).map_or(0, |t| t.partitions);
             let mut parts = Vec::new();
             for p in &t.partitions {
+                if p.partition_index < 0 || p.partition_index >= partitions {
+                    parts.push((
+                        p.partition_index,
+                        ErrorCode::UNKNOWN_TOPIC_OR_PARTITION,
+                        None,
+                    ));
+                    continue;
+                }
                 let metadata = p
                     .committed_metadata
                     .as_ref()
@@ -1298,14 +1373,21 @@ impl GroupCoordinator {
             let mut groups = self.groups.borrow_mut();
             for g in groups.values_mut() {
                 g.pending_members.retain(|_, expires| *expires > now);
+                // As in Kafka, a member waiting in JoinGroup is kept alive by that wait; any
+                // other whose session ran out is removed, in the join phase too: a member that
+                // vanished mid-rebalance must not hold the group there until the rebalance
+                // timeout (max.poll.interval.ms, five minutes by default).
                 let expired: Vec<String> = match g.state {
-                    State::Stable | State::CompletingRebalance => g
+                    State::Stable | State::CompletingRebalance | State::PreparingRebalance => g
                         .members
                         .values()
-                        .filter(|m| now.duration_since(m.last_heartbeat) > m.session_timeout)
+                        .filter(|m| {
+                            m.awaiting_join.is_none()
+                                && now.duration_since(m.last_heartbeat) > m.session_timeout
+                        })
                         .map(|m| m.id.clone())
                         .collect(),
-                    _ => Vec::new(),
+                    State::Empty => Vec::new(),
                 };
                 let mut persist = false;
                 if !expired.is_empty() {
