@@ -397,6 +397,333 @@ pub const TOPIC_SETTINGS: &[(&str, &str, ConfigType)] = &[
     ("segment.ms", "log.roll.ms", T::Long),
 ];
 
+/// How a stored-only topic config's value is checked.
+#[derive(Clone, Copy, Debug)]
+pub enum Check {
+    Range(i64, i64),
+    Ratio,
+    Bool,
+    OneOf(&'static [&'static str]),
+    /// A list such as `0:1,1:2` or `*` (replication throttles).
+    ReplicaList,
+}
+
+/// A topic config Kafka documents that strom accepts, stores, validates and shows, but does not
+/// act on (yet): flush intervals (strom syncs on `acks=all` instead), replication throttles,
+/// tiered storage, codec levels, timestamp bounds, preallocation, legacy formats.
+pub struct StoredTopicSetting {
+    pub name: &'static str,
+    pub kind: ConfigType,
+    pub default: &'static str,
+    pub check: Check,
+    pub doc: &'static str,
+}
+
+const fn stored(
+    name: &'static str,
+    kind: ConfigType,
+    default: &'static str,
+    check: Check,
+    doc: &'static str,
+) -> StoredTopicSetting {
+    StoredTopicSetting {
+        name,
+        kind,
+        default,
+        check,
+        doc,
+    }
+}
+
+const LONG_MAX: i64 = i64::MAX;
+const INT_MAX: i64 = i32::MAX as i64;
+
+/// Kafka 3.9/4.x topic configs that strom stores without acting on them.
+pub const STORED_TOPIC_SETTINGS: &[StoredTopicSetting] = &[
+    stored(
+        "compression.gzip.level",
+        T::Int,
+        "-1",
+        Check::Range(-1, 9),
+        "Stored, not acted on: strom stores batches as the producer compressed them",
+    ),
+    stored(
+        "compression.lz4.level",
+        T::Int,
+        "9",
+        Check::Range(1, 17),
+        "Stored, not acted on: strom stores batches as the producer compressed them",
+    ),
+    stored(
+        "compression.zstd.level",
+        T::Int,
+        "3",
+        Check::Range(-131_072, 22),
+        "Stored, not acted on: strom stores batches as the producer compressed them",
+    ),
+    stored(
+        "file.delete.delay.ms",
+        T::Long,
+        "60000",
+        Check::Range(0, LONG_MAX),
+        "Stored, not acted on: strom deletes segments at once",
+    ),
+    stored(
+        "flush.messages",
+        T::Long,
+        "9223372036854775807",
+        Check::Range(1, LONG_MAX),
+        "Stored, not acted on: strom fdatasyncs for acks=all and at shutdown",
+    ),
+    stored(
+        "flush.ms",
+        T::Long,
+        "9223372036854775807",
+        Check::Range(0, LONG_MAX),
+        "Stored, not acted on: strom fdatasyncs for acks=all and at shutdown",
+    ),
+    stored(
+        "follower.replication.throttled.replicas",
+        T::List,
+        "",
+        Check::ReplicaList,
+        "Stored, not acted on until replication exists",
+    ),
+    stored(
+        "leader.replication.throttled.replicas",
+        T::List,
+        "",
+        Check::ReplicaList,
+        "Stored, not acted on until replication exists",
+    ),
+    stored(
+        "local.retention.bytes",
+        T::Long,
+        "-2",
+        Check::Range(-2, LONG_MAX),
+        "Stored, not acted on: no tiered storage",
+    ),
+    stored(
+        "local.retention.ms",
+        T::Long,
+        "-2",
+        Check::Range(-2, LONG_MAX),
+        "Stored, not acted on: no tiered storage",
+    ),
+    stored(
+        "max.compaction.lag.ms",
+        T::Long,
+        "9223372036854775807",
+        Check::Range(1, LONG_MAX),
+        "Stored, not acted on: compaction runs by dirty ratio",
+    ),
+    stored(
+        "message.downconversion.enable",
+        T::Boolean,
+        "true",
+        Check::Bool,
+        "Stored, not acted on: strom serves only record batch v2",
+    ),
+    stored(
+        "message.format.version",
+        T::String,
+        "3.0-IV1",
+        Check::OneOf(&[
+            "0.8.0",
+            "0.8.1",
+            "0.8.2",
+            "0.9.0",
+            "0.10.0-IV0",
+            "0.10.0-IV1",
+            "0.10.0",
+            "0.10.1-IV0",
+            "0.10.1-IV1",
+            "0.10.1-IV2",
+            "0.10.1",
+            "0.10.2-IV0",
+            "0.10.2",
+            "0.11.0-IV0",
+            "0.11.0-IV1",
+            "0.11.0-IV2",
+            "0.11.0",
+            "1.0-IV0",
+            "1.0",
+            "1.1-IV0",
+            "1.1",
+            "2.0-IV0",
+            "2.0-IV1",
+            "2.0",
+            "2.1-IV0",
+            "2.1-IV1",
+            "2.1-IV2",
+            "2.1",
+            "2.2-IV0",
+            "2.2-IV1",
+            "2.2",
+            "2.3-IV0",
+            "2.3-IV1",
+            "2.3",
+            "2.4-IV0",
+            "2.4-IV1",
+            "2.4",
+            "2.5-IV0",
+            "2.5",
+            "2.6-IV0",
+            "2.6",
+            "2.7-IV0",
+            "2.7-IV1",
+            "2.7-IV2",
+            "2.7",
+            "2.8-IV0",
+            "2.8-IV1",
+            "2.8",
+            "3.0-IV0",
+            "3.0-IV1",
+            "3.0",
+            "3.1-IV0",
+            "3.1",
+            "3.2-IV0",
+            "3.2",
+            "3.3-IV0",
+            "3.3-IV1",
+            "3.3-IV2",
+            "3.3-IV3",
+            "3.3",
+            "3.4-IV0",
+            "3.4",
+            "3.5-IV0",
+            "3.5-IV1",
+            "3.5-IV2",
+            "3.5",
+            "3.6-IV0",
+            "3.6-IV1",
+            "3.6-IV2",
+            "3.6",
+            "3.7-IV0",
+            "3.7-IV1",
+            "3.7-IV2",
+            "3.7-IV3",
+            "3.7-IV4",
+            "3.7",
+            "3.8-IV0",
+            "3.8",
+            "3.9-IV0",
+            "3.9",
+        ]),
+        "Deprecated in Kafka 3.x; stored, not acted on: strom writes record batch v2",
+    ),
+    stored(
+        "message.timestamp.after.max.ms",
+        T::Long,
+        "9223372036854775807",
+        Check::Range(0, LONG_MAX),
+        "Stored, not acted on: timestamps are not bounded",
+    ),
+    stored(
+        "message.timestamp.before.max.ms",
+        T::Long,
+        "9223372036854775807",
+        Check::Range(0, LONG_MAX),
+        "Stored, not acted on: timestamps are not bounded",
+    ),
+    stored(
+        "message.timestamp.difference.max.ms",
+        T::Long,
+        "9223372036854775807",
+        Check::Range(0, LONG_MAX),
+        "Deprecated; stored, not acted on",
+    ),
+    stored(
+        "preallocate",
+        T::Boolean,
+        "false",
+        Check::Bool,
+        "Stored, not acted on: segments grow as written",
+    ),
+    stored(
+        "remote.log.copy.disable",
+        T::Boolean,
+        "false",
+        Check::Bool,
+        "Stored, not acted on: no tiered storage",
+    ),
+    stored(
+        "remote.log.delete.on.disable",
+        T::Boolean,
+        "false",
+        Check::Bool,
+        "Stored, not acted on: no tiered storage",
+    ),
+    stored(
+        "remote.storage.enable",
+        T::Boolean,
+        "false",
+        Check::OneOf(&["false"]),
+        "Tiered storage is not available: only false is accepted",
+    ),
+    stored(
+        "segment.index.bytes",
+        T::Int,
+        "10485760",
+        Check::Range(4, INT_MAX),
+        "Stored, not acted on: strom's indexes grow as needed",
+    ),
+    stored(
+        "segment.jitter.ms",
+        T::Long,
+        "0",
+        Check::Range(0, LONG_MAX),
+        "Stored, not acted on",
+    ),
+    stored(
+        "unclean.leader.election.enable",
+        T::Boolean,
+        "false",
+        Check::Bool,
+        "Stored, not acted on until replication exists",
+    ),
+];
+
+fn check_stored(s: &StoredTopicSetting, value: &str) -> std::result::Result<(), String> {
+    let ok = match s.check {
+        Check::Range(min, max) => value
+            .trim()
+            .parse::<i64>()
+            .is_ok_and(|v| (min..=max).contains(&v)),
+        Check::Ratio => value
+            .trim()
+            .parse::<f64>()
+            .is_ok_and(|v| (0.0..=1.0).contains(&v)),
+        Check::Bool => matches!(value.trim().to_ascii_lowercase().as_str(), "true" | "false"),
+        Check::OneOf(allowed) => allowed.contains(&value.trim()),
+        Check::ReplicaList => {
+            let v = value.trim();
+            v.is_empty()
+                || v == "*"
+                || v.split(',').all(|pair| {
+                    pair.trim().split_once(':').is_some_and(|(p, b)| {
+                        p.trim().parse::<u32>().is_ok() && b.trim().parse::<u32>().is_ok()
+                    })
+                })
+        }
+    };
+    if ok {
+        Ok(())
+    } else {
+        let expected = match s.check {
+            Check::Range(min, max) => format!("a number in [{min}, {max}]"),
+            Check::Ratio => "a number in [0, 1]".to_string(),
+            Check::Bool => "true or false".to_string(),
+            Check::OneOf(allowed) => format!("one of {}", allowed.join(", ")),
+            Check::ReplicaList => "[PartitionId]:[BrokerId],... or *".to_string(),
+        };
+        Err(format!(
+            "Invalid value {value} for configuration {}: expected {expected}",
+            s.name
+        ))
+    }
+}
+
 /// Every broker-wide setting in force, typed, plus where each explicitly set value came from.
 #[derive(Clone, Debug)]
 pub struct BrokerConfig {
@@ -865,6 +1192,9 @@ pub struct ServeOptions {
 
 /// Checks one topic config; the error text is returned to the client with `INVALID_CONFIG`.
 pub fn validate_topic_setting(name: &str, value: &str) -> std::result::Result<(), String> {
+    if let Some(s) = STORED_TOPIC_SETTINGS.iter().find(|s| s.name == name) {
+        return check_stored(s, value);
+    }
     let Some((_, broker_name, _)) = TOPIC_SETTINGS.iter().find(|(n, _, _)| *n == name) else {
         return Err(format!("Unknown topic config name: {name}"));
     };
@@ -938,10 +1268,13 @@ pub fn describe_topic_setting(
     topic: &BTreeMap<String, String>,
     name: &str,
 ) -> Option<(Option<String>, ConfigSource)> {
-    let (_, broker_name, _) = TOPIC_SETTINGS.iter().find(|(n, _, _)| *n == name)?;
     if let Some(v) = topic.get(name) {
         return Some((Some(v.clone()), ConfigSource::DynamicTopic));
     }
+    if let Some(s) = STORED_TOPIC_SETTINGS.iter().find(|s| s.name == name) {
+        return Some((Some(s.default.to_string()), ConfigSource::Default));
+    }
+    let (_, broker_name, _) = TOPIC_SETTINGS.iter().find(|(n, _, _)| *n == name)?;
     let (_, source) = broker.describe(broker_name)?;
     let effective = match name {
         "retention.ms" => broker.retention_ms.to_string(),
@@ -1022,6 +1355,14 @@ mod tests {
         assert!(validate_topic_setting("cleanup.policy", "shred").is_err());
         assert!(validate_topic_setting("segment.bytes", "1").is_err());
         assert!(validate_topic_setting("no.such.config", "1").is_err());
+        assert!(validate_topic_setting("flush.ms", "1000").is_ok());
+        assert!(validate_topic_setting("flush.ms", "-5").is_err());
+        assert!(validate_topic_setting("message.format.version", "2.8").is_ok());
+        assert!(validate_topic_setting("message.format.version", "banana").is_err());
+        assert!(validate_topic_setting("leader.replication.throttled.replicas", "0:1,1:1").is_ok());
+        for s in STORED_TOPIC_SETTINGS {
+            validate_topic_setting(s.name, s.default).unwrap();
+        }
     }
 
     #[test]

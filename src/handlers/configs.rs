@@ -17,7 +17,8 @@ use kafka_protocol::protocol::StrBytes;
 
 use super::str_bytes;
 use crate::config::{
-    describe_topic_setting, BrokerConfig, ConfigSource, BROKER_SETTINGS, TOPIC_SETTINGS,
+    describe_topic_setting, BrokerConfig, ConfigSource, BROKER_SETTINGS, STORED_TOPIC_SETTINGS,
+    TOPIC_SETTINGS,
 };
 use crate::model::{ErrorCode, ShardId};
 use crate::shard::controller::{ConfigChange, ConfigOp, ConfigResource};
@@ -174,6 +175,38 @@ pub async fn describe(
                             read_only: false,
                             kind: *kind,
                             doc: req.include_documentation.then_some(doc).flatten(),
+                            synonyms: synonyms(syns),
+                        },
+                        version,
+                    ));
+                }
+                for st in STORED_TOPIC_SETTINGS {
+                    if !wanted(st.name) {
+                        continue;
+                    }
+                    let (value, source) = match overrides.get(st.name) {
+                        Some(v) => (Some(v.clone()), ConfigSource::DynamicTopic),
+                        None => (Some(st.default.to_string()), ConfigSource::Default),
+                    };
+                    let syns = overrides
+                        .get(st.name)
+                        .map(|v| {
+                            (
+                                st.name.to_string(),
+                                Some(v.clone()),
+                                ConfigSource::DynamicTopic,
+                            )
+                        })
+                        .into_iter()
+                        .collect();
+                    result.configs.push(entry(
+                        ConfigRow {
+                            name: st.name,
+                            value,
+                            source,
+                            read_only: false,
+                            kind: st.kind,
+                            doc: req.include_documentation.then_some(st.doc),
                             synonyms: synonyms(syns),
                         },
                         version,

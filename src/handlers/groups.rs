@@ -276,10 +276,11 @@ pub async fn describe(
     req: DescribeGroupsRequest,
     version: i16,
 ) -> DescribeGroupsResponse {
+    let include_ops = req.include_authorized_operations;
     let calls = req.groups.iter().map(|g| {
         let group = g.0.to_string();
         async move {
-            match route(
+            let mut d = match route(
                 shard,
                 &group,
                 GroupCall::Describe {
@@ -298,7 +299,11 @@ pub async fn describe(
                     d.error_code = error_of(other).0;
                     d
                 }
+            };
+            if include_ops && version >= 3 && d.error_code == 0 {
+                d.authorized_operations = crate::model::authorized::GROUP;
             }
+            d
         }
     });
     let mut response = DescribeGroupsResponse::default();

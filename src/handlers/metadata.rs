@@ -19,6 +19,8 @@ use crate::shard::{Reply, Request, Shard, TopicSpec};
 
 pub async fn handle(shard: &Rc<Shard>, req: MetadataRequest, version: i16) -> MetadataResponse {
     let node = shard.options.broker.node_id;
+    let req_topic_ops = req.include_topic_authorized_operations;
+    let req_cluster_ops = req.include_cluster_authorized_operations;
     let mut table = shard.topics();
     let wanted: Option<Vec<(Option<String>, uuid::Uuid)>> = match req.topics {
         None => None,
@@ -107,6 +109,18 @@ pub async fn handle(shard: &Rc<Shard>, req: MetadataRequest, version: i16) -> Me
             })
             .collect(),
     };
+    if version >= 8 {
+        if req_topic_ops {
+            for t in &mut response.topics {
+                if t.error_code == 0 {
+                    t.topic_authorized_operations = crate::model::authorized::TOPIC;
+                }
+            }
+        }
+        if req_cluster_ops && version <= 10 {
+            response.cluster_authorized_operations = crate::model::authorized::CLUSTER;
+        }
+    }
     response
 }
 

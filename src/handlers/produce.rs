@@ -5,12 +5,15 @@
 
 use std::rc::Rc;
 
-use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+use kafka_protocol::messages::produce_response::{
+    BatchIndexAndErrorMessage, PartitionProduceResponse, TopicProduceResponse,
+};
 use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
+use kafka_protocol::protocol::StrBytes;
 
 use crate::model::{ErrorCode, TopicPartition};
 use crate::shard::{join_all, Reply, Request, Shard};
-use crate::storage::Appended;
+use crate::storage::{AppendError, Appended};
 
 pub async fn handle(shard: &Rc<Shard>, req: ProduceRequest, version: i16) -> ProduceResponse {
     let acks = req.acks;
@@ -31,13 +34,13 @@ pub async fn handle(shard: &Rc<Shard>, req: ProduceRequest, version: i16) -> Pro
         let tp = TopicPartition::new(name, *index);
         async move {
             if !matches!(acks, -1..=1) {
-                return Err(ErrorCode::INVALID_REQUIRED_ACKS);
+                return Err(ErrorCode::INVALID_REQUIRED_ACKS.into());
             }
             if !known {
-                return Err(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION);
+                return Err(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION.into());
             }
             let Some(records) = records.filter(|r| !r.is_empty()) else {
-                return Err(ErrorCode::CORRUPT_MESSAGE);
+                return Err(ErrorCode::CORRUPT_MESSAGE.into());
             };
             let owner = shard.owner_of(&tp);
             match shard
@@ -45,11 +48,11 @@ pub async fn handle(shard: &Rc<Shard>, req: ProduceRequest, version: i16) -> Pro
                 .await
             {
                 Reply::Append(result) => result,
-                _ => Err(ErrorCode::UNKNOWN_SERVER_ERROR),
+                _ => Err(ErrorCode::UNKNOWN_SERVER_ERROR.into()),
             }
         }
     });
-    let results: Vec<Result<Appended, ErrorCode>> = join_all(calls.collect()).await;
+    let results: Vec<Result<Appended, AppendError>> = join_all(calls.collect()).await;
     let mut response = ProduceResponse::default();
     let mut results = results.into_iter();
     for topic in req.topic_data {
@@ -66,10 +69,25 @@ pub async fn handle(shard: &Rc<Shard>, req: ProduceRequest, version: i16) -> Pro
                         r.log_start_offset = a.log_start_offset.0;
                     }
                 }
-                Err(code) => {
-                    r.error_code = code.0;
+                Err(e) => {
+                    r.error_code = e.code.0;
                     r.base_offset = -1;
                     r.log_append_time_ms = -1;
+                    if version >= 8 {
+                        // KIP-467: which records were refused and why, so a client fails just
+                        // those.
+                        r.error_message = e.message.map(StrBytes::from_string);
+                        r.record_errors = e
+                            .record_errors
+                            .into_iter()
+                            .map(|(index, why)| {
+                                let mut b = BatchIndexAndErrorMessage::default();
+                                b.batch_index = index;
+                                b.batch_index_error_message = Some(StrBytes::from_string(why));
+                                b
+                            })
+                            .collect();
+                    }
                 }
             }
             t.partition_responses.push(r);

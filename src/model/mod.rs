@@ -143,3 +143,34 @@ impl ErrorCode {
         }
     }
 }
+
+/// Kafka's ACL operations as the bit sets `*_authorized_operations` carry (bit n is operation
+/// code n). strom has no ACLs, so every operation Kafka supports on a resource is authorized.
+pub mod authorized {
+    const READ: i32 = 1 << 3;
+    const WRITE: i32 = 1 << 4;
+    const CREATE: i32 = 1 << 5;
+    const DELETE: i32 = 1 << 6;
+    const ALTER: i32 = 1 << 7;
+    const DESCRIBE: i32 = 1 << 8;
+    const CLUSTER_ACTION: i32 = 1 << 9;
+    const DESCRIBE_CONFIGS: i32 = 1 << 10;
+    const ALTER_CONFIGS: i32 = 1 << 11;
+    const IDEMPOTENT_WRITE: i32 = 1 << 12;
+
+    /// What Kafka supports on a topic: READ, WRITE, CREATE, DELETE, ALTER, DESCRIBE,
+    /// DESCRIBE_CONFIGS, ALTER_CONFIGS.
+    pub const TOPIC: i32 =
+        READ | WRITE | CREATE | DELETE | ALTER | DESCRIBE | DESCRIBE_CONFIGS | ALTER_CONFIGS;
+    /// On a group: READ, DESCRIBE, DELETE.
+    pub const GROUP: i32 = READ | DESCRIBE | DELETE;
+    /// On the cluster: CREATE, CLUSTER_ACTION, DESCRIBE_CONFIGS, ALTER_CONFIGS,
+    /// IDEMPOTENT_WRITE, ALTER, DESCRIBE.
+    pub const CLUSTER: i32 = CREATE
+        | CLUSTER_ACTION
+        | DESCRIBE_CONFIGS
+        | ALTER_CONFIGS
+        | IDEMPOTENT_WRITE
+        | ALTER
+        | DESCRIBE;
+}

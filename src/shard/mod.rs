@@ -27,7 +27,7 @@ use crate::config::{BrokerConfig, LogConfig, ServeOptions};
 use crate::group::{GroupCall, GroupCoordinator, GroupReply, OFFSETS_TOPIC};
 use crate::metrics::MetricsHub;
 use crate::model::{ErrorCode, Offset, ShardId, TopicPartition};
-use crate::storage::{Appended, PartitionLog, ReadResult};
+use crate::storage::{AppendError, Appended, PartitionLog, ReadResult};
 
 /// Messages queued per direction between two shards before a sender waits.
 pub const MESH_CHANNEL_CAPACITY: usize = 1024;
@@ -133,7 +133,7 @@ impl Drop for ConnectionGuard {
 pub type TopicResult = Result<Topic, (ErrorCode, String)>;
 
 pub enum Reply {
-    Append(Result<Appended, ErrorCode>),
+    Append(Result<Appended, AppendError>),
     Read(Result<ReadResult, ErrorCode>),
     DataReady,
     ListOffset(Result<Option<(Offset, i64)>, ErrorCode>),
@@ -359,12 +359,12 @@ impl Shard {
         match req {
             Request::Append { tp, records, acks } => {
                 let Some(log) = self.partition(&tp) else {
-                    return Reply::Append(Err(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION));
+                    return Reply::Append(Err(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION.into()));
                 };
                 let durable = acks == -1;
                 if durable && log.config().min_insync_replicas > 1 {
                     // One replica per partition on a single node: the in-sync set is just this one.
-                    return Reply::Append(Err(ErrorCode::NOT_ENOUGH_REPLICAS));
+                    return Reply::Append(Err(ErrorCode::NOT_ENOUGH_REPLICAS.into()));
                 }
                 let appended = match log.append(records, durable) {
                     Ok(a) => a,
@@ -380,7 +380,8 @@ impl Shard {
                 Reply::Append(
                     log.wait_for(appended.end_offset, durable)
                         .await
-                        .map(|()| appended),
+                        .map(|()| appended)
+                        .map_err(AppendError::from),
                 )
             }
             Request::Read {

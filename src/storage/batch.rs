@@ -178,11 +178,13 @@ pub fn check_records(
     }
     let mut expected = 0i64;
     let mut bad: Option<&'static str> = None;
+    let mut keyless = Vec::new();
     let count = codec::for_each_record(batch, header, codec::DECOMPRESSED_BATCH_BYTES_MAX, |r| {
         if r.offset_delta != expected {
             bad = Some("record offset deltas are not 0, 1, 2, ...");
         } else if keys_required && !r.has_key {
-            bad = Some("a compacted topic requires a key on every record");
+            // Every keyless record is named (KIP-467), so keep walking.
+            keyless.push(i32::try_from(expected).unwrap_or(i32::MAX));
         }
         expected += 1;
         bad.is_none()
@@ -196,6 +198,9 @@ pub fn check_records(
             "record count disagrees with the records present",
         ));
     }
+    if !keyless.is_empty() {
+        return Err(RecordsCheck::Keyless(keyless));
+    }
     Ok(())
 }
 
@@ -204,6 +209,8 @@ pub fn check_records(
 pub enum RecordsCheck {
     /// Readable, but the records contradict the header or the topic's rules.
     Invalid(&'static str),
+    /// A compacted topic got records without a key: their indexes in the batch.
+    Keyless(Vec<i32>),
     Unreadable(codec::RecordsError),
 }
 
@@ -212,9 +219,9 @@ impl RecordsCheck {
     /// they cannot be read at all.
     pub fn error_code(&self) -> ErrorCode {
         match self {
-            RecordsCheck::Invalid(_) | RecordsCheck::Unreadable(codec::RecordsError::TooLarge) => {
-                ErrorCode::INVALID_RECORD
-            }
+            RecordsCheck::Invalid(_)
+            | RecordsCheck::Keyless(_)
+            | RecordsCheck::Unreadable(codec::RecordsError::TooLarge) => ErrorCode::INVALID_RECORD,
             RecordsCheck::Unreadable(codec::RecordsError::Corrupt(_)) => ErrorCode::CORRUPT_MESSAGE,
         }
     }
@@ -224,6 +231,11 @@ impl std::fmt::Display for RecordsCheck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RecordsCheck::Invalid(why) => f.write_str(why),
+            RecordsCheck::Keyless(at) => write!(
+                f,
+                "a compacted topic requires a key on every record ({} without)",
+                at.len()
+            ),
             RecordsCheck::Unreadable(e) => write!(f, "{e}"),
         }
     }

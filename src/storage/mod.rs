@@ -26,4 +26,4 @@ pub mod partition;
 pub mod records;
 pub mod segment;
 
-pub use partition::{Appended, PartitionLog, ReadResult};
+pub use partition::{AppendError, Appended, PartitionLog, ReadResult};

@@ -95,6 +95,49 @@ pub struct Appended {
     pub log_start_offset: Offset,
 }
 
+/// Why an append was refused: Kafka's error code, and for records refused one by one (KIP-467)
+/// their indexes in the batch with why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AppendError {
+    pub code: ErrorCode,
+    pub message: Option<String>,
+    pub record_errors: Vec<(i32, String)>,
+}
+
+impl From<ErrorCode> for AppendError {
+    fn from(code: ErrorCode) -> Self {
+        AppendError {
+            code,
+            message: None,
+            record_errors: Vec::new(),
+        }
+    }
+}
+
+impl AppendError {
+    /// Kafka's answer to keyless records in a compacted topic: each one named, and the summary
+    /// message `LogValidator` builds (at most three errors shown).
+    fn keyless(tp: &TopicPartition, indexes: &[i32]) -> AppendError {
+        let why =
+            format!("Compacted topic cannot accept message without key in topic partition {tp}.");
+        let record_errors: Vec<(i32, String)> = indexes.iter().map(|i| (*i, why.clone())).collect();
+        let shown: Vec<String> = record_errors
+            .iter()
+            .take(3)
+            .map(|(i, m)| format!("RecordError(batchIndex={i}, message='{m}')"))
+            .collect();
+        AppendError {
+            code: ErrorCode::INVALID_RECORD,
+            message: Some(format!(
+                "One or more records have been rejected due to {} record errors in total, and only showing the first three errors at most: [{}]",
+                record_errors.len(),
+                shown.join(", ")
+            )),
+            record_errors,
+        }
+    }
+}
+
 /// The answer to a read: batches (possibly none) and the partition's offsets.
 #[derive(Clone, Debug)]
 pub struct ReadResult {
@@ -312,21 +355,22 @@ impl PartitionLog {
 
     /// Validates `records` (one or more batches), deduplicates idempotent retries, assigns offsets
     /// and queues the batches for the flusher. No await: offsets follow call order.
-    pub fn append(&self, records: Bytes, durable: bool) -> Result<Appended, ErrorCode> {
+    pub fn append(&self, records: Bytes, durable: bool) -> Result<Appended, AppendError> {
         let mut st = self.state.borrow_mut();
         if st.failed || st.closed {
-            return Err(ErrorCode::KAFKA_STORAGE_ERROR);
+            return Err(ErrorCode::KAFKA_STORAGE_ERROR.into());
         }
-        let batches = batch::split_batches(&records).map_err(|e| e.error_code())?;
+        let batches =
+            batch::split_batches(&records).map_err(|e| AppendError::from(e.error_code()))?;
         if batches.is_empty() {
-            return Err(ErrorCode::CORRUPT_MESSAGE);
+            return Err(ErrorCode::CORRUPT_MESSAGE.into());
         }
         for (_, h) in &batches {
             if h.size_bytes > st.config.batch_size_bytes_max {
-                return Err(ErrorCode::MESSAGE_TOO_LARGE);
+                return Err(ErrorCode::MESSAGE_TOO_LARGE.into());
             }
             if h.is_transactional() || h.is_control() {
-                return Err(ErrorCode::UNSUPPORTED_FOR_MESSAGE_FORMAT);
+                return Err(ErrorCode::UNSUPPORTED_FOR_MESSAGE_FORMAT.into());
             }
         }
         // Every record is walked (through the bounded decoder) before anything is accepted;
@@ -335,9 +379,15 @@ impl PartitionLog {
             let bytes = records
                 .get(*pos..*pos + h.size_bytes)
                 .ok_or(ErrorCode::CORRUPT_MESSAGE)?;
-            if let Err(e) = batch::check_records(bytes, h, st.config.compact) {
-                tracing::info!(partition = %st.tp, error = %e, "produced batch refused");
-                return Err(e.error_code());
+            match batch::check_records(bytes, h, st.config.compact) {
+                Ok(()) => {}
+                Err(batch::RecordsCheck::Keyless(at)) => {
+                    return Err(AppendError::keyless(&st.tp, &at));
+                }
+                Err(e) => {
+                    tracing::info!(partition = %st.tp, error = %e, "produced batch refused");
+                    return Err(e.error_code().into());
+                }
             }
         }
         // Idempotence: a retry of one of the producer's last five batches is answered with its
@@ -363,7 +413,7 @@ impl PartitionLog {
             }
         } else if batches.iter().any(|(_, h)| h.producer_id >= 0) {
             // Kafka's producers send one batch per partition; more with producer ids is invalid.
-            return Err(ErrorCode::INVALID_RECORD);
+            return Err(ErrorCode::INVALID_RECORD.into());
         }
         let append_time = if st.config.log_append_time {
             now_ms() as i64
@@ -378,7 +428,8 @@ impl PartitionLog {
             if append_time >= 0 {
                 batch::set_log_append_time(&mut bytes, append_time);
             }
-            let header = BatchHeader::parse(&bytes).map_err(|e| e.error_code())?;
+            let header =
+                BatchHeader::parse(&bytes).map_err(|e| AppendError::from(e.error_code()))?;
             assert_eq!(
                 header.base_offset, assigned,
                 "assigned offset must be stored"
