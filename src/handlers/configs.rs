@@ -17,8 +17,8 @@ use kafka_protocol::protocol::StrBytes;
 
 use super::str_bytes;
 use crate::config::{
-    describe_topic_setting, BrokerConfig, ConfigSource, BROKER_SETTINGS, STORED_TOPIC_SETTINGS,
-    TOPIC_SETTINGS,
+    describe_topic_setting, BrokerConfig, ConfigSource, ConfigType, BROKER_SETTINGS,
+    STORED_TOPIC_SETTINGS, TOPIC_SETTINGS,
 };
 use crate::model::{ErrorCode, ShardId};
 use crate::shard::controller::{ConfigChange, ConfigOp, ConfigResource};
@@ -218,9 +218,17 @@ pub async fn describe(
                     if !wanted(d.name) {
                         continue;
                     }
-                    let Some((value, source)) = config.describe(d.name) else {
+                    let Some((mut value, mut source)) = config.describe(d.name) else {
                         continue;
                     };
+                    if d.name == "advertised.listeners" && value.is_none() {
+                        // Unset, it is what the broker derived at start from where it listens.
+                        value = Some(format!(
+                            "PLAINTEXT://{}:{}",
+                            shard.advertised.0, shard.advertised.1
+                        ));
+                        source = ConfigSource::StaticBroker;
+                    }
                     result.configs.push(entry(
                         ConfigRow {
                             name: d.name,
@@ -230,6 +238,46 @@ pub async fn describe(
                             kind: d.kind,
                             doc: req.include_documentation.then_some(d.doc),
                             synonyms: synonyms(broker_synonyms(&config, d.name)),
+                        },
+                        version,
+                    ));
+                }
+                // Fixed when the broker started (command line): read-only static configs.
+                let started_with = [
+                    (
+                        "listeners",
+                        format!("PLAINTEXT://{}", shard.options.listen),
+                        "Where the broker accepts clients (--listen)",
+                    ),
+                    (
+                        "log.dirs",
+                        shard.options.data_dir.display().to_string(),
+                        "Where partitions and metadata are stored (--data-dir)",
+                    ),
+                    (
+                        "process.roles",
+                        "broker,controller".to_string(),
+                        "This node is broker and controller of its single-node cluster",
+                    ),
+                ];
+                for (name, value, doc) in started_with {
+                    if !wanted(name) {
+                        continue;
+                    }
+                    let row = (
+                        name.to_string(),
+                        Some(value.clone()),
+                        ConfigSource::StaticBroker,
+                    );
+                    result.configs.push(entry(
+                        ConfigRow {
+                            name,
+                            value: Some(value),
+                            source: ConfigSource::StaticBroker,
+                            read_only: true,
+                            kind: ConfigType::String,
+                            doc: req.include_documentation.then_some(doc),
+                            synonyms: synonyms(vec![row]),
                         },
                         version,
                     ));

@@ -4,6 +4,7 @@
 //! connection with a log line (ApiVersions instead answers `UNSUPPORTED_VERSION` in its v0 layout,
 //! so that a client can retry lower).
 
+pub mod admin;
 pub mod api_versions;
 pub mod configs;
 pub mod create_partitions;
@@ -228,6 +229,39 @@ pub async fn dispatch(shard: &Rc<Shard>, frame: Bytes, peer: Option<SocketAddr>)
         RequestKind::DeleteRecords(r) => {
             encode_response(key, version, cid, &delete_records::handle(shard, r).await)
         }
+        RequestKind::DescribeCluster(r) => encode_response(
+            key,
+            version,
+            cid,
+            &admin::describe_cluster(shard, r, version),
+        ),
+        RequestKind::DescribeLogDirs(r) => encode_response(
+            key,
+            version,
+            cid,
+            &admin::describe_log_dirs(shard, r, version).await,
+        ),
+        RequestKind::DescribeTopicPartitions(r) => encode_response(
+            key,
+            version,
+            cid,
+            &admin::describe_topic_partitions(shard, r),
+        ),
+        RequestKind::ElectLeaders(r) => {
+            encode_response(key, version, cid, &admin::elect_leaders(shard, r, version))
+        }
+        RequestKind::DescribeProducers(r) => encode_response(
+            key,
+            version,
+            cid,
+            &admin::describe_producers(shard, r).await,
+        ),
+        RequestKind::ListConfigResources(r) => encode_response(
+            key,
+            version,
+            cid,
+            &admin::list_config_resources(shard, r, version).await,
+        ),
         RequestKind::InitProducerId(r) => {
             encode_response(key, version, cid, &init_producer_id::handle(shard, r).await)
         }

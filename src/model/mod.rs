@@ -107,6 +107,10 @@ impl ErrorCode {
     pub const MEMBER_ID_REQUIRED: ErrorCode = ErrorCode(79);
     pub const FENCED_INSTANCE_ID: ErrorCode = ErrorCode(82);
     pub const GROUP_SUBSCRIBED_TO_TOPIC: ErrorCode = ErrorCode(86);
+    pub const ELECTION_NOT_NEEDED: ErrorCode = ErrorCode(84);
+    pub const UNKNOWN_TOPIC_ID: ErrorCode = ErrorCode(100);
+    pub const INCONSISTENT_TOPIC_ID: ErrorCode = ErrorCode(103);
+    pub const UNSUPPORTED_ENDPOINT_TYPE: ErrorCode = ErrorCode(115);
 
     pub fn is_ok(self) -> bool {
         self == ErrorCode::NONE
@@ -128,6 +132,8 @@ impl ErrorCode {
             19 => "NOT_ENOUGH_REPLICAS",
             22 => "ILLEGAL_GENERATION",
             25 => "UNKNOWN_MEMBER_ID",
+            84 => "ELECTION_NOT_NEEDED",
+            100 => "UNKNOWN_TOPIC_ID",
             27 => "REBALANCE_IN_PROGRESS",
             35 => "UNSUPPORTED_VERSION",
             36 => "TOPIC_ALREADY_EXISTS",

@@ -27,7 +27,7 @@ use crate::config::{BrokerConfig, LogConfig, ServeOptions};
 use crate::group::{GroupCall, GroupCoordinator, GroupReply, OFFSETS_TOPIC};
 use crate::metrics::MetricsHub;
 use crate::model::{ErrorCode, Offset, ShardId, TopicPartition};
-use crate::storage::{AppendError, Appended, PartitionLog, ReadResult};
+use crate::storage::{AppendError, Appended, PartitionFacts, PartitionLog, ReadResult};
 
 /// Messages queued per direction between two shards before a sender waits.
 pub const MESH_CHANNEL_CAPACITY: usize = 1024;
@@ -96,6 +96,8 @@ pub enum Request {
         tp: TopicPartition,
         offset: i64,
     },
+    /// Sizes, offsets and producers of partitions this shard owns (None: not here).
+    Facts(Vec<TopicPartition>),
 }
 
 impl Request {
@@ -113,6 +115,7 @@ impl Request {
             Request::AlterConfigs { .. } => "AlterConfigs",
             Request::CreatePartitions { .. } => "CreatePartitions",
             Request::DeleteRecords { .. } => "DeleteRecords",
+            Request::Facts(_) => "Facts",
         }
     }
 }
@@ -127,6 +130,30 @@ impl Drop for ConnectionGuard {
             .connections
             .set(shard.connections.get().saturating_sub(1));
         shard.stop_progress.notify(usize::MAX);
+    }
+}
+
+impl Shard {
+    /// Facts of any partitions, asked of the shards that own them.
+    pub async fn partition_facts(
+        self: &Rc<Self>,
+        tps: Vec<TopicPartition>,
+    ) -> HashMap<TopicPartition, PartitionFacts> {
+        let mut by_owner: HashMap<ShardId, Vec<TopicPartition>> = HashMap::new();
+        for tp in tps {
+            by_owner.entry(self.owner_of(&tp)).or_default().push(tp);
+        }
+        let calls: Vec<_> = by_owner
+            .into_iter()
+            .map(|(owner, tps)| self.call(owner, Request::Facts(tps)))
+            .collect();
+        let mut out = HashMap::new();
+        for reply in join_all(calls).await {
+            if let Reply::Facts(list) = reply {
+                out.extend(list.into_iter().filter_map(|(tp, f)| f.map(|f| (tp, f))));
+            }
+        }
+        out
     }
 }
 
@@ -147,6 +174,7 @@ pub enum Reply {
     Altered(Vec<(ErrorCode, Option<String>)>),
     /// DeleteRecords: the new log start offset.
     LowWatermark(Result<Offset, ErrorCode>),
+    Facts(Vec<(TopicPartition, Option<PartitionFacts>)>),
 }
 
 pub enum Envelope {
@@ -468,6 +496,14 @@ impl Shard {
                 self.controller
                     .create_partitions(self, topics, validate_only)
                     .await,
+            ),
+            Request::Facts(tps) => Reply::Facts(
+                tps.into_iter()
+                    .map(|tp| {
+                        let facts = self.partition(&tp).map(|l| l.facts());
+                        (tp, facts)
+                    })
+                    .collect(),
             ),
             Request::DeleteRecords { tp, offset } => match self.partition(&tp) {
                 Some(log) => Reply::LowWatermark(log.delete_records(offset).await),

@@ -26,4 +26,6 @@ pub mod partition;
 pub mod records;
 pub mod segment;
 
-pub use partition::{AppendError, Appended, PartitionLog, ReadResult};
+pub use partition::{
+    ActiveProducer, AppendError, Appended, PartitionFacts, PartitionLog, ReadResult,
+};

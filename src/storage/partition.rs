@@ -81,6 +81,26 @@ struct ProducerBatch {
 struct ProducerState {
     epoch: i16,
     batches: VecDeque<ProducerBatch>,
+    /// Max timestamp of the producer's last batch (DescribeProducers).
+    last_timestamp: i64,
+}
+
+/// An idempotent producer as DescribeProducers shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ActiveProducer {
+    pub producer_id: i64,
+    pub epoch: i16,
+    pub last_sequence: i32,
+    pub last_timestamp: i64,
+}
+
+/// What an admin API asks of a partition: its bytes on disk, offsets and producers.
+#[derive(Clone, Debug)]
+pub struct PartitionFacts {
+    pub size_bytes: u64,
+    pub high_watermark: Offset,
+    pub log_end: Offset,
+    pub producers: Vec<ActiveProducer>,
 }
 
 /// What a successful append returns: where the batches went, and the offset to wait for.
@@ -626,6 +646,28 @@ impl PartitionLog {
         self.state.borrow_mut().closed = true;
         self.work.notify(usize::MAX);
         self.progress.notify(usize::MAX);
+    }
+
+    /// Size on disk, offsets and idempotent producers (DescribeLogDirs, DescribeProducers).
+    pub fn facts(&self) -> PartitionFacts {
+        let st = self.state.borrow();
+        let mut producers: Vec<ActiveProducer> = st
+            .producers
+            .iter()
+            .map(|(id, p)| ActiveProducer {
+                producer_id: *id,
+                epoch: p.epoch,
+                last_sequence: p.batches.back().map_or(-1, |b| b.last_sequence),
+                last_timestamp: p.last_timestamp,
+            })
+            .collect();
+        producers.sort_by_key(|p| p.producer_id);
+        PartitionFacts {
+            size_bytes: st.segments.iter().map(|s| s.size_bytes).sum(),
+            high_watermark: st.high_watermark,
+            log_end: st.next_offset,
+            producers,
+        }
     }
 
     /// Clean shutdown: writes and fdatasyncs everything accepted, closes the partition, cuts the
@@ -1194,6 +1236,7 @@ pub struct ProducerSnapshot {
 pub struct SnapshotProducer {
     pub producer_id: i64,
     pub epoch: i16,
+    pub last_timestamp: i64,
     /// First and last sequence, base and last offset of each batch, oldest first.
     pub batches: Vec<[i64; 4]>,
 }
@@ -1220,6 +1263,7 @@ fn producer_snapshot(producers: &HashMap<i64, ProducerState>, end: Offset) -> Pr
             SnapshotProducer {
                 producer_id: *id,
                 epoch: p.epoch,
+                last_timestamp: p.last_timestamp,
                 batches,
             }
         })
@@ -1259,6 +1303,7 @@ async fn load_producers(dir: &Path, end: Offset) -> Result<HashMap<i64, Producer
             ProducerState {
                 epoch: p.epoch,
                 batches,
+                last_timestamp: p.last_timestamp,
             },
         );
     }
@@ -1281,7 +1326,9 @@ fn record_producer_batch(producers: &mut HashMap<i64, ProducerState>, h: &BatchH
         .or_insert_with(|| ProducerState {
             epoch: h.producer_epoch,
             batches: VecDeque::new(),
+            last_timestamp: -1,
         });
+    entry.last_timestamp = h.max_timestamp;
     if h.producer_epoch != entry.epoch {
         entry.epoch = h.producer_epoch;
         entry.batches.clear();
