@@ -136,3 +136,21 @@ def test_broker_configs_report_their_sources(broker_factory):
         "log.retention.hours": ("24", "STATIC_BROKER_CONFIG", True),
         "log.segment.bytes": ("1073741824", "DEFAULT_CONFIG", False),
     }
+
+
+def test_strom_topic_describe_shows_the_topic_id_and_its_overrides(broker, admin):
+    import base64
+    import subprocess
+    from conftest import STROM_BIN
+    admin.create_topics([NewTopic("shown", 2, 1, topic_configs={"retention.ms": "60000",
+                                                                 "flush.ms": "1000"})])
+    (t,) = admin.describe_topic_partitions(["shown"])["topics"]
+    kafka_id = base64.urlsafe_b64encode(t["topic_id"].bytes).decode().rstrip("=")
+    out = subprocess.run([STROM_BIN, "topic", "describe", "shown", "--bootstrap", broker.bootstrap],
+                         capture_output=True, check=True, text=True).stdout
+    first = out.splitlines()[0].split("\t")
+    assert first[0] == "Topic: shown"
+    assert first[1] == f"TopicId: {kafka_id}" and kafka_id != "AAAAAAAAAAAAAAAAAAAAAA"
+    assert first[2:4] == ["PartitionCount: 2", "ReplicationFactor: 1"]
+    # Only what differs from the defaults, as kafka-topics --describe shows it.
+    assert sorted(first[4].removeprefix("Configs: ").split(",")) == ["flush.ms=1000", "retention.ms=60000"]

@@ -23,7 +23,8 @@ use kafka_protocol::protocol::StrBytes;
 use super::Connection;
 use crate::model::ErrorCode;
 
-const METADATA_VERSION: i16 = 9;
+/// Version 10 is the first with topic ids.
+const METADATA_VERSION: i16 = 12;
 const RESOURCE_TOPIC: i8 = 2;
 /// ConfigSource ids of values that are not defaults.
 const SOURCE_DYNAMIC_TOPIC: i8 = 1;
@@ -169,7 +170,7 @@ pub fn describe(bootstrap: &str, name: &str) -> Result<String> {
     let replication = t.partitions.first().map_or(0, |p| p.replica_nodes.len());
     let mut out = format!(
         "Topic: {name}\tTopicId: {}\tPartitionCount: {}\tReplicationFactor: {replication}\tConfigs: {}\n",
-        t.topic_id,
+        crate::model::kafka_uuid(*t.topic_id.as_bytes()),
         t.partitions.len(),
         overrides.join(",")
     );

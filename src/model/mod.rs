@@ -180,3 +180,34 @@ pub mod authorized {
         | ALTER
         | DESCRIBE;
 }
+
+/// A UUID as Kafka prints one (`Uuid.toString`): URL-safe base64 of its 16 bytes, no padding.
+pub fn kafka_uuid(bytes: [u8; 16]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(22);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        let chars = chunk.len() + 1;
+        for i in 0..chars {
+            out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod uuid_tests {
+    #[test]
+    fn kafka_uuid_is_url_safe_base64_without_padding() {
+        // Kafka's UuidTest: new Uuid(0, 1) prints "AAAAAAAAAAAAAAAAAAAAAQ".
+        let mut one = [0u8; 16];
+        one[15] = 1;
+        assert_eq!(super::kafka_uuid(one), "AAAAAAAAAAAAAAAAAAAAAQ");
+        assert_eq!(super::kafka_uuid([0xff; 16]), "_____________________w");
+    }
+}
