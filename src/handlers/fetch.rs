@@ -5,6 +5,11 @@
 //! fewer than `min_bytes`, the owners are asked to report when any of the partitions grows, and a
 //! new round runs as soon as one does, or when `max_wait_ms` is up.
 //!
+//! From version 13 the request names topics by id (KIP-516): an id no topic has gets
+//! `UNKNOWN_TOPIC_ID`. Versions 14–17 add nothing a consumer of one node needs (tiered storage
+//! errors, follower replica state and directory ids, new-leader hints with NOT_LEADER errors that
+//! a single node never returns).
+//!
 //! Fetch sessions (KIP-227) are not kept: the response carries session id 0, which clients take as
 //! "send full requests".
 
@@ -25,6 +30,8 @@ struct Wanted {
     tp: TopicPartition,
     offset: Offset,
     max_bytes: usize,
+    /// Fetch v13+ named a topic id that no topic has.
+    unknown_id: bool,
 }
 
 pub async fn handle(shard: &Rc<Shard>, req: FetchRequest, version: i16) -> FetchResponse {
@@ -44,12 +51,19 @@ pub async fn handle(shard: &Rc<Shard>, req: FetchRequest, version: i16) -> Fetch
         .topics
         .iter()
         .flat_map(|t| {
-            t.partitions.iter().map(|p| Wanted {
-                tp: TopicPartition::new(&t.topic.0, p.partition),
+            // Version 13 on names topics by id only (KIP-516).
+            let name = if version >= 13 {
+                shard.topic_by_id(&t.topic_id)
+            } else {
+                Some(std::sync::Arc::from(t.topic.0.as_str()))
+            };
+            t.partitions.iter().map(move |p| Wanted {
+                tp: TopicPartition::new(name.as_deref().unwrap_or_default(), p.partition),
                 offset: Offset(p.fetch_offset),
                 max_bytes: usize::try_from(p.partition_max_bytes.max(0))
                     .unwrap_or(0)
                     .min(max_bytes),
+                unknown_id: name.is_none(),
             })
         })
         .collect();
@@ -85,7 +99,11 @@ async fn read_round(shard: &Rc<Shard>, wanted: &[Wanted]) -> Vec<Result<ReadResu
             max_bytes: w.max_bytes,
         };
         let owner = shard.owner_of(&w.tp);
+        let unknown_id = w.unknown_id;
         async move {
+            if unknown_id {
+                return Err(ErrorCode::UNKNOWN_TOPIC_ID);
+            }
             if !known {
                 return Err(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION);
             }

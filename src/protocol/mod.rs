@@ -24,14 +24,14 @@ use kafka_protocol::messages::{ApiKey, RequestHeader, ResponseHeader};
 use kafka_protocol::protocol::{Decodable, Encodable};
 
 /// The APIs and version ranges strom serves: exactly what ApiVersions advertises. Versions are
-/// those current librdkafka, kafka-python and the Java client negotiate, bounded where a newer
-/// version needs what strom does not have yet (topic ids in Fetch v13+).
+/// Kafka 4.x serves, bounded where a newer version's semantics are not implemented yet (Produce
+/// v12 carries KIP-890 transaction verification; transactions are the next issue).
 pub const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
-    (ApiKey::Produce, 3, 9),
-    (ApiKey::Fetch, 4, 12),
+    (ApiKey::Produce, 3, 11),
+    (ApiKey::Fetch, 4, 17),
     (ApiKey::ListOffsets, 1, 7),
-    (ApiKey::Metadata, 0, 12),
-    (ApiKey::ApiVersions, 0, 3),
+    (ApiKey::Metadata, 0, 13),
+    (ApiKey::ApiVersions, 0, 4),
     (ApiKey::CreateTopics, 2, 7),
     (ApiKey::DeleteTopics, 1, 6),
     (ApiKey::InitProducerId, 0, 4),

@@ -190,6 +190,8 @@ pub struct Shard {
     /// The host and port Metadata advertises.
     pub advertised: (String, u16),
     topics: RefCell<Arc<TopicTable>>,
+    /// Topic ids of the current table, for requests that name topics by id (Fetch v13+).
+    topic_ids: RefCell<Rc<HashMap<[u8; 16], Arc<str>>>>,
     /// Static settings with the dynamic broker configs of the current table applied.
     effective: RefCell<Rc<BrokerConfig>>,
     partitions: RefCell<HashMap<TopicPartition, PartitionLog>>,
@@ -226,6 +228,7 @@ impl Shard {
             count,
             advertised,
             topics: RefCell::new(Arc::new(TopicTable::default())),
+            topic_ids: RefCell::new(Rc::new(HashMap::new())),
             effective: RefCell::new(Rc::new(options.broker.clone())),
             partitions: RefCell::new(HashMap::new()),
             senders,
@@ -375,6 +378,11 @@ impl Shard {
 
     pub fn topics(&self) -> Arc<TopicTable> {
         self.topics.borrow().clone()
+    }
+
+    /// The name of the topic with this id, if it exists.
+    pub fn topic_by_id(&self, id: &uuid::Uuid) -> Option<Arc<str>> {
+        self.topic_ids.borrow().get(id.as_bytes()).cloned()
     }
 
     /// The broker settings in force: static ones with dynamic changes applied.
@@ -598,6 +606,13 @@ impl Shard {
                 log.set_config(config.clone());
             }
         }
+        *self.topic_ids.borrow_mut() = Rc::new(
+            table
+                .topics
+                .values()
+                .map(|t| (t.id, t.name.clone()))
+                .collect(),
+        );
         *self.topics.borrow_mut() = table;
         if let Some(tx) = self.ready.borrow_mut().take() {
             let _ = tx.send(());
