@@ -9,6 +9,7 @@
 //! - [`shard`]: executors, shard table, mesh routing, the single-node controller
 //! - [`storage`]: the partition log: segments, indexes, recovery
 //! - [`cluster`]: topic table and cluster metadata
+//! - [`replication`]: a partition replica: its Raft group (raft-rs), offsets and commit point
 //! - [`group`]: consumer-group coordinator, committed offsets
 //! - [`metrics`]: per-shard histograms and counters, the admin HTTP port
 //! - [`tune`]: `strom tune`, machine readiness checks
@@ -25,6 +26,7 @@ pub mod handlers;
 pub mod metrics;
 pub mod model;
 pub mod protocol;
+pub mod replication;
 pub mod server;
 pub mod shard;
 pub mod storage;

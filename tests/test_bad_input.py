@@ -81,7 +81,7 @@ def test_unsupported_api_versions_version_gets_unsupported_version_with_ranges(b
     assert (cid, err) == (5, 35)
     ranges = {struct.unpack_from(">hhh", resp, 10 + 6 * i)[0]: struct.unpack_from(">hhh", resp, 10 + 6 * i)[1:]
               for i in range(n)}
-    assert ranges[18] == (0, 3)
+    assert ranges[18] == (0, 4)
     assert 0 in ranges and 1 in ranges and 3 in ranges
     assert_still_serves(broker)
 

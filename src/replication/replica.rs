@@ -1,0 +1,268 @@
+//! One partition replica: a raft-rs `RawNode` over a [`ReplicaStore`], the Kafka offsets its
+//! leader assigns, and the high watermark (the Raft commit point in Kafka offsets). See the
+//! module header of [`crate::replication`] for how entries map to offsets.
+//!
+//! The caller drives it: [`Replica::tick`] on its clock, [`Replica::step`] for each message from
+//! a peer, [`Replica::propose`] for a produce at the leader, then [`Replica::drive`], which
+//! persists what Raft asks to persist (before any message that depends on it goes out), returns
+//! the messages to send and the batches that became committed, in order.
+
+use anyhow::{bail, Context, Result};
+use bytes::{Bytes, BytesMut};
+use raft::eraftpb::{Entry, EntryType, HardState, Message, Snapshot};
+use raft::storage::MemStorage;
+use raft::{Config, GetEntriesContext, RawNode, StateRole, Storage};
+
+use crate::model::Offset;
+use crate::storage::batch::{self, BatchHeader};
+
+/// Raft ticks without a leader's heartbeat before a follower stands for election.
+pub const ELECTION_TICKS: usize = 10;
+/// Raft ticks between a leader's heartbeats.
+pub const HEARTBEAT_TICKS: usize = 2;
+
+/// Where a replica's Raft log and state live. `raft::Storage` reads; these write, and each must
+/// be durable when it returns (the caller sends messages that promise it right after).
+pub trait ReplicaStore: Storage {
+    fn persist_entries(&self, entries: &[Entry]) -> raft::Result<()>;
+    fn persist_hard_state(&self, hs: &HardState);
+    fn persist_commit(&self, commit: u64);
+    fn install_snapshot(&self, snapshot: Snapshot) -> raft::Result<()>;
+}
+
+/// raft-rs's own in-memory log: what the seeded simulator runs on (its "disk" survives a
+/// simulated crash; what was never persisted does not).
+impl ReplicaStore for MemStorage {
+    fn persist_entries(&self, entries: &[Entry]) -> raft::Result<()> {
+        self.wl().append(entries)
+    }
+    fn persist_hard_state(&self, hs: &HardState) {
+        self.wl().set_hardstate(hs.clone());
+    }
+    fn persist_commit(&self, commit: u64) {
+        self.wl().mut_hard_state().set_commit(commit);
+    }
+    fn install_snapshot(&self, snapshot: Snapshot) -> raft::Result<()> {
+        self.wl().apply_snapshot(snapshot)
+    }
+}
+
+/// A batch that became committed: its Raft position and its Kafka offsets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    pub index: u64,
+    pub term: u64,
+    pub base_offset: i64,
+    /// One past the batch's last offset.
+    pub end_offset: i64,
+    pub batch: Bytes,
+}
+
+/// Why a produce was not proposed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ProposeError {
+    /// This replica is not the leader: the client gets `NOT_LEADER_OR_FOLLOWER`.
+    NotLeader,
+    /// The bytes are not one record batch.
+    Invalid,
+    /// Raft refused the proposal (leadership is being transferred).
+    Dropped,
+}
+
+pub struct Replica<S: ReplicaStore> {
+    node: RawNode<S>,
+    /// The next offset this replica assigns while it leads in `offsets_term`.
+    next_offset: i64,
+    offsets_term: u64,
+    /// End offset of the last committed batch: the high watermark.
+    high_watermark: i64,
+}
+
+fn logger() -> slog::Logger {
+    slog::Logger::root(slog::Discard, slog::o!())
+}
+
+impl<S: ReplicaStore> Replica<S> {
+    /// Starts (or restarts) replica `id` on `store`. Committed entries are applied again from the
+    /// start of the store, so the caller rebuilds its view of the partition from them.
+    pub fn new(id: u64, store: S) -> Result<Replica<S>> {
+        let config = Config {
+            id,
+            election_tick: ELECTION_TICKS,
+            heartbeat_tick: HEARTBEAT_TICKS,
+            // A partitioned leader steps down, and a node that cannot win does not disturb the
+            // others' term: both matter when links flap.
+            check_quorum: true,
+            pre_vote: true,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            ..Config::default()
+        };
+        config.validate().context("raft config")?;
+        let node = RawNode::new(&config, store, &logger()).context("starting raft node")?;
+        Ok(Replica {
+            node,
+            next_offset: 0,
+            offsets_term: 0,
+            high_watermark: 0,
+        })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.node.raft.id
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.node.raft.state == StateRole::Leader
+    }
+
+    pub fn term(&self) -> u64 {
+        self.node.raft.term
+    }
+
+    pub fn leader_id(&self) -> u64 {
+        self.node.raft.leader_id
+    }
+
+    pub fn high_watermark(&self) -> i64 {
+        self.high_watermark
+    }
+
+    pub fn store(&self) -> &S {
+        self.node.store()
+    }
+
+    pub fn tick(&mut self) {
+        self.node.tick();
+    }
+
+    pub fn step(&mut self, message: Message) -> Result<()> {
+        self.node.step(message).context("raft step")
+    }
+
+    /// Assigns the batch its offsets and this term as its leader epoch, and proposes it. Returns
+    /// its base offset and the term: it is acknowledged (`acks=all`) once [`Replica::drive`]
+    /// returns an [`Applied`] with both.
+    pub fn propose(&mut self, batch_bytes: &[u8]) -> Result<(i64, u64), ProposeError> {
+        if !self.is_leader() {
+            return Err(ProposeError::NotLeader);
+        }
+        let term = self.term();
+        if self.offsets_term != term {
+            // First proposal of this leadership: continue after the last batch in our log.
+            self.next_offset = self.log_end_offset();
+            self.offsets_term = term;
+        }
+        let header = BatchHeader::parse(batch_bytes).map_err(|_| ProposeError::Invalid)?;
+        if header.size_bytes != batch_bytes.len() {
+            return Err(ProposeError::Invalid);
+        }
+        let base = self.next_offset;
+        let epoch = i32::try_from(term).map_err(|_| ProposeError::Invalid)?;
+        let mut bytes = BytesMut::from(batch_bytes);
+        batch::assign(&mut bytes, Offset(base), epoch);
+        self.node
+            .propose(Vec::new(), bytes.to_vec())
+            .map_err(|_| ProposeError::Dropped)?;
+        self.next_offset = base + i64::from(header.last_offset_delta) + 1;
+        Ok((base, term))
+    }
+
+    /// The end offset of the last batch in this replica's log, committed or not.
+    fn log_end_offset(&self) -> i64 {
+        let log = &self.node.raft.raft_log;
+        let mut index = log.last_index();
+        let floor = log.committed.max(log.first_index().saturating_sub(1));
+        while index > floor {
+            if let Ok(entries) = log.entries(index, 1, GetEntriesContext::empty(false)) {
+                if let Some(end) = entries.first().and_then(batch_end) {
+                    return end;
+                }
+            }
+            index -= 1;
+        }
+        // Everything up to the commit point is applied (drive runs before any proposal).
+        self.high_watermark
+    }
+
+    /// Runs one Ready cycle: persists entries and hard state, returns the messages to send (in
+    /// order, after what they depend on is durable) and the batches newly committed.
+    pub fn drive(&mut self) -> Result<(Vec<Message>, Vec<Applied>)> {
+        let mut messages = Vec::new();
+        let mut applied = Vec::new();
+        if !self.node.has_ready() {
+            return Ok((messages, applied));
+        }
+        let mut ready = self.node.ready();
+        // A leader's messages may go out before its own append (Raft allows the leader to
+        // persist in parallel with replication).
+        messages.extend(ready.take_messages());
+        if !ready.snapshot().is_empty() {
+            self.node
+                .store()
+                .install_snapshot(ready.snapshot().clone())
+                .context("installing snapshot")?;
+        }
+        self.apply(ready.take_committed_entries(), &mut applied)?;
+        self.node
+            .store()
+            .persist_entries(ready.entries())
+            .context("persisting raft entries")?;
+        if let Some(hs) = ready.hs() {
+            self.node.store().persist_hard_state(hs);
+        }
+        messages.extend(ready.take_persisted_messages());
+        let mut light = self.node.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.node.store().persist_commit(commit);
+        }
+        messages.extend(light.take_messages());
+        self.apply(light.take_committed_entries(), &mut applied)?;
+        self.node.advance_apply();
+        Ok((messages, applied))
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>, out: &mut Vec<Applied>) -> Result<()> {
+        for e in entries {
+            match e.get_entry_type() {
+                EntryType::EntryNormal if e.get_data().is_empty() => {}
+                EntryType::EntryNormal => {
+                    let header = BatchHeader::parse(e.get_data())
+                        .map_err(|err| anyhow::anyhow!("committed entry is not a batch: {err:?}"))?;
+                    if header.base_offset.0 != self.high_watermark {
+                        bail!(
+                            "committed batch at offset {} does not follow the high watermark {}",
+                            header.base_offset.0,
+                            self.high_watermark
+                        );
+                    }
+                    let end = header.last_offset().0 + 1;
+                    self.high_watermark = end;
+                    out.push(Applied {
+                        index: e.get_index(),
+                        term: e.get_term(),
+                        base_offset: header.base_offset.0,
+                        end_offset: end,
+                        batch: Bytes::copy_from_slice(e.get_data()),
+                    });
+                }
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    // Membership changes arrive with partition reassignment; nothing proposes
+                    // them yet, so one here is a bug, not something to skip.
+                    bail!("committed a membership change, which this replica cannot apply yet");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The end offset of the batch an entry carries (None for entries that are not batches).
+fn batch_end(e: &Entry) -> Option<i64> {
+    if e.get_entry_type() != EntryType::EntryNormal || e.get_data().is_empty() {
+        return None;
+    }
+    BatchHeader::parse(e.get_data())
+        .ok()
+        .map(|h| h.last_offset().0 + 1)
+}
