@@ -227,8 +227,9 @@ impl<S: ReplicaStore> Replica<S> {
             match e.get_entry_type() {
                 EntryType::EntryNormal if e.get_data().is_empty() => {}
                 EntryType::EntryNormal => {
-                    let header = BatchHeader::parse(e.get_data())
-                        .map_err(|err| anyhow::anyhow!("committed entry is not a batch: {err:?}"))?;
+                    let header = BatchHeader::parse(e.get_data()).map_err(|err| {
+                        anyhow::anyhow!("committed entry is not a batch: {err:?}")
+                    })?;
                     if header.base_offset.0 != self.high_watermark {
                         bail!(
                             "committed batch at offset {} does not follow the high watermark {}",
