@@ -32,6 +32,7 @@ struct Wanted {
     max_bytes: usize,
     /// Fetch v13+ named a topic id that no topic has.
     unknown_id: bool,
+    current_leader_epoch: i32,
 }
 
 pub async fn handle(shard: &Rc<Shard>, req: FetchRequest, version: i16) -> FetchResponse {
@@ -64,6 +65,11 @@ pub async fn handle(shard: &Rc<Shard>, req: FetchRequest, version: i16) -> Fetch
                     .unwrap_or(0)
                     .min(max_bytes),
                 unknown_id: name.is_none(),
+                current_leader_epoch: if version >= 9 {
+                    p.current_leader_epoch
+                } else {
+                    -1
+                },
             })
         })
         .collect();
@@ -97,6 +103,7 @@ async fn read_round(shard: &Rc<Shard>, wanted: &[Wanted]) -> Vec<Result<ReadResu
             tp: w.tp.clone(),
             offset: w.offset,
             max_bytes: w.max_bytes,
+            current_leader_epoch: w.current_leader_epoch,
         };
         let owner = shard.owner_of(&w.tp);
         let unknown_id = w.unknown_id;

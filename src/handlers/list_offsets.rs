@@ -1,12 +1,21 @@
 //! ListOffsets: latest (-1, the high watermark), earliest (-2, the log start offset), max
-//! timestamp (-3), or the first record whose timestamp is at or after a given time.
+//! timestamp (-3), earliest local (-4, the log start: no tiered storage), latest tiered (-5: none,
+//! offset -1), or the first record whose timestamp is at or after a given time. A
+//! `current_leader_epoch` that is not the partition's gets FENCED_LEADER_EPOCH or
+//! UNKNOWN_LEADER_EPOCH (KIP-320).
 
 use std::rc::Rc;
 
 use kafka_protocol::messages::list_offsets_response::{
     ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
 };
-use kafka_protocol::messages::{ListOffsetsRequest, ListOffsetsResponse};
+use kafka_protocol::messages::offset_for_leader_epoch_response::{
+    EpochEndOffset, OffsetForLeaderTopicResult,
+};
+use kafka_protocol::messages::{
+    ListOffsetsRequest, ListOffsetsResponse, OffsetForLeaderEpochRequest,
+    OffsetForLeaderEpochResponse,
+};
 
 use crate::model::{ErrorCode, TopicPartition};
 use crate::shard::{join_all, Reply, Request, Shard};
@@ -26,13 +35,25 @@ pub async fn handle(
                 .is_some_and(|t| p.partition_index >= 0 && p.partition_index < t.partitions);
             let shard = shard.clone();
             let timestamp = p.timestamp;
+            let current_leader_epoch = if version >= 4 {
+                p.current_leader_epoch
+            } else {
+                -1
+            };
             calls.push(async move {
                 if !known {
                     return Err(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION);
                 }
                 let owner = shard.owner_of(&tp);
                 match shard
-                    .call(owner, Request::ListOffset { tp, timestamp })
+                    .call(
+                        owner,
+                        Request::ListOffset {
+                            tp,
+                            timestamp,
+                            current_leader_epoch,
+                        },
+                    )
                     .await
                 {
                     Reply::ListOffset(r) => r,
@@ -65,6 +86,68 @@ pub async fn handle(
             t.partitions.push(r);
         }
         response.topics.push(t);
+    }
+    response
+}
+
+/// OffsetForLeaderEpoch (KIP-101/KIP-320): for each partition, the largest epoch at or below the
+/// one asked for and the offset where it ended, so a client (or, with replication, a follower)
+/// can tell whether the log it read from was truncated. Every batch a partition holds carries the
+/// epoch it was written in; the current epoch ends at the log end offset. An epoch above the
+/// current one is unknown here: `-1` and `-1`, as Kafka answers.
+pub async fn offset_for_leader_epoch(
+    shard: &Rc<Shard>,
+    req: OffsetForLeaderEpochRequest,
+) -> OffsetForLeaderEpochResponse {
+    let table = shard.topics();
+    let mut wanted = Vec::new();
+    for t in &req.topics {
+        for p in &t.partitions {
+            let tp = TopicPartition::new(&t.topic.0, p.partition);
+            if table
+                .get(&tp.topic)
+                .is_some_and(|topic| (0..topic.partitions).contains(&p.partition))
+            {
+                wanted.push(tp);
+            }
+        }
+    }
+    let facts = shard.partition_facts(wanted).await;
+    let mut response = OffsetForLeaderEpochResponse::default();
+    for t in req.topics {
+        let mut rt = OffsetForLeaderTopicResult::default();
+        rt.topic = t.topic.clone();
+        for p in t.partitions {
+            let mut e = EpochEndOffset::default();
+            e.partition = p.partition;
+            e.leader_epoch = -1;
+            e.end_offset = -1;
+            let tp = TopicPartition::new(&t.topic.0, p.partition);
+            match facts.get(&tp) {
+                None => e.error_code = ErrorCode::UNKNOWN_TOPIC_OR_PARTITION.0,
+                Some(f)
+                    if p.current_leader_epoch >= 0 && p.current_leader_epoch < f.leader_epoch =>
+                {
+                    e.error_code = ErrorCode::FENCED_LEADER_EPOCH.0;
+                }
+                Some(f) if p.current_leader_epoch > f.leader_epoch => {
+                    e.error_code = ErrorCode::UNKNOWN_LEADER_EPOCH.0;
+                }
+                Some(f) if p.leader_epoch == f.leader_epoch => {
+                    e.leader_epoch = f.leader_epoch;
+                    e.end_offset = f.log_end.0;
+                }
+                // An epoch older than the one every stored batch carries: as Kafka, the epoch
+                // asked for, ending where the next known epoch starts (the log start).
+                Some(f) if p.leader_epoch >= 0 && p.leader_epoch < f.leader_epoch => {
+                    e.leader_epoch = p.leader_epoch;
+                    e.end_offset = f.log_start.0;
+                }
+                Some(_) => {}
+            }
+            rt.partitions.push(e);
+        }
+        response.topics.push(rt);
     }
     response
 }

@@ -229,6 +229,12 @@ pub async fn dispatch(shard: &Rc<Shard>, frame: Bytes, peer: Option<SocketAddr>)
         RequestKind::DeleteRecords(r) => {
             encode_response(key, version, cid, &delete_records::handle(shard, r).await)
         }
+        RequestKind::OffsetForLeaderEpoch(r) => encode_response(
+            key,
+            version,
+            cid,
+            &list_offsets::offset_for_leader_epoch(shard, r).await,
+        ),
         RequestKind::DescribeCluster(r) => encode_response(
             key,
             version,

@@ -108,6 +108,8 @@ impl ErrorCode {
     pub const FENCED_INSTANCE_ID: ErrorCode = ErrorCode(82);
     pub const GROUP_SUBSCRIBED_TO_TOPIC: ErrorCode = ErrorCode(86);
     pub const ELECTION_NOT_NEEDED: ErrorCode = ErrorCode(84);
+    pub const FENCED_LEADER_EPOCH: ErrorCode = ErrorCode(74);
+    pub const UNKNOWN_LEADER_EPOCH: ErrorCode = ErrorCode(75);
     pub const UNKNOWN_TOPIC_ID: ErrorCode = ErrorCode(100);
     pub const INCONSISTENT_TOPIC_ID: ErrorCode = ErrorCode(103);
     pub const UNSUPPORTED_ENDPOINT_TYPE: ErrorCode = ErrorCode(115);
@@ -132,6 +134,8 @@ impl ErrorCode {
             19 => "NOT_ENOUGH_REPLICAS",
             22 => "ILLEGAL_GENERATION",
             25 => "UNKNOWN_MEMBER_ID",
+            74 => "FENCED_LEADER_EPOCH",
+            75 => "UNKNOWN_LEADER_EPOCH",
             84 => "ELECTION_NOT_NEEDED",
             100 => "UNKNOWN_TOPIC_ID",
             27 => "REBALANCE_IN_PROGRESS",

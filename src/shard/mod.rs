@@ -60,6 +60,8 @@ pub enum Request {
         tp: TopicPartition,
         offset: Offset,
         max_bytes: usize,
+        /// The leader epoch the client believes current (-1: unchecked), KIP-320.
+        current_leader_epoch: i32,
     },
     /// Replies once any listed partition's high watermark passes its offset, or after the timeout.
     WaitForData {
@@ -69,6 +71,7 @@ pub enum Request {
     ListOffset {
         tp: TopicPartition,
         timestamp: i64,
+        current_leader_epoch: i32,
     },
     /// Install a new topic table snapshot: open partitions this shard owns, drop deleted ones.
     ApplyTopics(Arc<TopicTable>),
@@ -117,6 +120,17 @@ impl Request {
             Request::DeleteRecords { .. } => "DeleteRecords",
             Request::Facts(_) => "Facts",
         }
+    }
+}
+
+/// KIP-320: a client naming a leader epoch older than the partition's is fenced; one newer than
+/// it knows is ahead of this broker's metadata. -1 skips the check.
+fn check_leader_epoch(log: &PartitionLog, current: i32) -> Result<(), ErrorCode> {
+    let ours = crate::storage::partition::leader_epoch(log).0;
+    match current {
+        c if c < 0 || c == ours => Ok(()),
+        c if c < ours => Err(ErrorCode::FENCED_LEADER_EPOCH),
+        _ => Err(ErrorCode::UNKNOWN_LEADER_EPOCH),
     }
 }
 
@@ -424,8 +438,12 @@ impl Shard {
                 tp,
                 offset,
                 max_bytes,
+                current_leader_epoch,
             } => match self.partition(&tp) {
-                Some(log) => Reply::Read(log.read(offset, max_bytes).await),
+                Some(log) => match check_leader_epoch(&log, current_leader_epoch) {
+                    Ok(()) => Reply::Read(log.read(offset, max_bytes).await),
+                    Err(code) => Reply::Read(Err(code)),
+                },
                 None => Reply::Read(Err(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION)),
             },
             Request::WaitForData {
@@ -458,13 +476,23 @@ impl Shard {
                 .await;
                 Reply::DataReady
             }
-            Request::ListOffset { tp, timestamp } => {
+            Request::ListOffset {
+                tp,
+                timestamp,
+                current_leader_epoch,
+            } => {
                 let Some(log) = self.partition(&tp) else {
                     return Reply::ListOffset(Err(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION));
                 };
+                if let Err(code) = check_leader_epoch(&log, current_leader_epoch) {
+                    return Reply::ListOffset(Err(code));
+                }
                 let result = match timestamp {
                     -1 => Ok(Some((log.high_watermark(), -1))),
-                    -2 => Ok(Some((log.log_start_offset(), -1))),
+                    // -4: earliest local offset (KIP-405); without tiered storage, the log start.
+                    -2 | -4 => Ok(Some((log.log_start_offset(), -1))),
+                    // -5: latest offset in tiered storage (KIP-1005): there is none.
+                    -5 => Ok(Some((crate::model::Offset(-1), -1))),
                     -3 => log.max_timestamp_offset().await,
                     ts => log.offset_for_timestamp(ts).await,
                 };

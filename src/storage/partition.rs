@@ -100,6 +100,8 @@ pub struct PartitionFacts {
     pub size_bytes: u64,
     pub high_watermark: Offset,
     pub log_end: Offset,
+    pub log_start: Offset,
+    pub leader_epoch: i32,
     pub producers: Vec<ActiveProducer>,
 }
 
@@ -666,6 +668,8 @@ impl PartitionLog {
             size_bytes: st.segments.iter().map(|s| s.size_bytes).sum(),
             high_watermark: st.high_watermark,
             log_end: st.next_offset,
+            log_start: st.log_start,
+            leader_epoch: st.meta.leader_epoch,
             producers,
         }
     }
