@@ -275,6 +275,14 @@ pub const BROKER_SETTINGS: &[SettingDef] = &[
         "The most record bytes one Fetch response carries (beyond one first batch)",
     ),
     def(
+        "max.incremental.fetch.session.cache.slots",
+        Some("1000"),
+        T::Int,
+        false,
+        None,
+        "Incremental fetch sessions (KIP-227) kept, least recently used evicted; 0 disables them",
+    ),
+    def(
         "queued.max.request.bytes",
         Some("268435456"),
         T::Long,
@@ -773,6 +781,8 @@ pub struct BrokerConfig {
     pub inflight_requests_max: usize,
     /// `fetch.max.bytes`: caps every Fetch request's `max_bytes`.
     pub fetch_response_bytes_max: usize,
+    /// `max.incremental.fetch.session.cache.slots`: fetch sessions kept by the broker.
+    pub fetch_session_slots: usize,
     /// `queued.max.request.bytes`: request bytes held across all connections (-1: unbounded).
     pub queued_request_bytes_max: i64,
     /// `connections.max.idle.ms`.
@@ -828,6 +838,7 @@ impl Default for BrokerConfig {
             advertised_listener: None,
             inflight_requests_max: 500,
             fetch_response_bytes_max: 57_671_680,
+            fetch_session_slots: 1000,
             queued_request_bytes_max: 256 << 20,
             connection_idle_ms_max: 600_000,
             connections_max: 16_384,
@@ -1002,6 +1013,9 @@ impl BrokerConfig {
             "advertised.listeners" => self.advertised_listener = Some(parse_listener(value)?),
             "queued.max.requests" => {
                 self.inflight_requests_max = parse_in(value, 1, 100_000)? as usize
+            }
+            "max.incremental.fetch.session.cache.slots" => {
+                self.fetch_session_slots = parse_in(value, 0, i32::MAX as i64)? as usize
             }
             "fetch.max.bytes" => {
                 self.fetch_response_bytes_max = parse_in(value, 1024, i32::MAX as i64)? as usize

@@ -10,8 +10,8 @@
 //! errors, follower replica state and directory ids, new-leader hints with NOT_LEADER errors that
 //! a single node never returns).
 //!
-//! Fetch sessions (KIP-227) are not kept: the response carries session id 0, which clients take as
-//! "send full requests".
+//! Fetch sessions (KIP-227) are in [`super::fetch_session`]: a session's request names only what
+//! changed and its response only partitions with news.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -22,6 +22,7 @@ use bytes::Bytes;
 use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
 use kafka_protocol::messages::{FetchRequest, FetchResponse};
 
+use super::fetch_session::Plan;
 use crate::model::{ErrorCode, Offset, ShardId, TopicPartition};
 use crate::shard::{join_all, Reply, Request, Shard};
 use crate::storage::{batch, ReadResult};
@@ -48,29 +49,33 @@ pub async fn handle(shard: &Rc<Shard>, req: FetchRequest, version: i16) -> Fetch
     let max_bytes = usize::try_from(requested.max(0))
         .unwrap_or(0)
         .min(shard.options.broker.fetch_response_bytes_max);
-    let wanted: Vec<Wanted> = req
-        .topics
+    // Version 13 on names topics by id only (KIP-516).
+    let resolve = |name: &kafka_protocol::messages::TopicName, id: &uuid::Uuid| {
+        if version >= 13 {
+            shard.topic_by_id(id).map(|n| n.to_string())
+        } else {
+            Some(name.0.to_string())
+        }
+    };
+    let plan = match shard.fetch_sessions.plan(&req, version, resolve) {
+        Ok(plan) => plan,
+        Err(code) => {
+            let mut response = FetchResponse::default();
+            response.error_code = code.0;
+            return response;
+        }
+    };
+    let wanted: Vec<Wanted> = plan
+        .partitions
         .iter()
-        .flat_map(|t| {
-            // Version 13 on names topics by id only (KIP-516).
-            let name = if version >= 13 {
-                shard.topic_by_id(&t.topic_id)
-            } else {
-                Some(std::sync::Arc::from(t.topic.0.as_str()))
-            };
-            t.partitions.iter().map(move |p| Wanted {
-                tp: TopicPartition::new(name.as_deref().unwrap_or_default(), p.partition),
-                offset: Offset(p.fetch_offset),
-                max_bytes: usize::try_from(p.partition_max_bytes.max(0))
-                    .unwrap_or(0)
-                    .min(max_bytes),
-                unknown_id: name.is_none(),
-                current_leader_epoch: if version >= 9 {
-                    p.current_leader_epoch
-                } else {
-                    -1
-                },
-            })
+        .map(|(tp, p)| Wanted {
+            tp: tp.clone(),
+            offset: p.fetch_offset,
+            max_bytes: usize::try_from(p.max_bytes.max(0))
+                .unwrap_or(0)
+                .min(max_bytes),
+            unknown_id: version >= 13 && tp.topic.is_empty(),
+            current_leader_epoch: p.current_leader_epoch,
         })
         .collect();
     loop {
@@ -82,12 +87,12 @@ pub async fn handle(shard: &Rc<Shard>, req: FetchRequest, version: i16) -> Fetch
         let any_error = results.iter().any(|r| r.is_err());
         let elapsed = started.elapsed();
         if total >= min_bytes.max(1) || any_error || elapsed >= max_wait || wanted.is_empty() {
-            return build_response(&req, results, max_bytes, version);
+            return build_response(shard, &plan, results, max_bytes, version);
         }
         wait_for_data(shard, &wanted, max_wait - elapsed).await;
         if started.elapsed() >= max_wait {
             let results = read_round(shard, &wanted).await;
-            return build_response(&req, results, max_bytes, version);
+            return build_response(shard, &plan, results, max_bytes, version);
         }
     }
 }
@@ -163,52 +168,72 @@ async fn wait_for_data(shard: &Rc<Shard>, wanted: &[Wanted], timeout: Duration) 
 }
 
 fn build_response(
-    req: &FetchRequest,
+    shard: &Rc<Shard>,
+    plan: &Plan,
     results: Vec<Result<ReadResult, ErrorCode>>,
     max_bytes: usize,
     version: i16,
 ) -> FetchResponse {
     let mut response = FetchResponse::default();
-    let mut results = results.into_iter();
+    response.session_id = plan.session_id;
     let mut total = 0usize;
-    for topic in &req.topics {
-        let mut t = FetchableTopicResponse::default();
-        t.topic = topic.topic.clone();
-        t.topic_id = topic.topic_id;
-        for p in &topic.partitions {
-            let mut d = PartitionData::default();
-            d.partition_index = p.partition;
-            d.aborted_transactions = Some(Vec::new());
-            match results.next().expect("one result per partition") {
-                Ok(r) => {
-                    d.high_watermark = r.high_watermark.0;
-                    d.last_stable_offset = r.high_watermark.0;
-                    if version >= 5 {
-                        d.log_start_offset = r.log_start_offset.0;
-                    }
-                    let len = r.records.len();
-                    if len > 0 && total == 0 {
-                        // The first data may hold more than `max_bytes` only by its first batch.
-                        let keep = batch::whole_batches_within(&r.records, max_bytes);
-                        total = keep;
-                        d.records = Some(r.records.slice(..keep));
-                    } else if len > 0 && total + len <= max_bytes {
-                        total += len;
-                        d.records = Some(r.records);
-                    } else {
-                        d.records = Some(Bytes::new());
-                    }
+    for ((tp, p), result) in plan.partitions.iter().zip(results) {
+        let mut d = PartitionData::default();
+        d.partition_index = tp.partition.0;
+        d.aborted_transactions = Some(Vec::new());
+        match result {
+            Ok(r) => {
+                d.high_watermark = r.high_watermark.0;
+                d.last_stable_offset = r.high_watermark.0;
+                if version >= 5 {
+                    d.log_start_offset = r.log_start_offset.0;
                 }
-                Err(code) => {
-                    d.error_code = code.0;
-                    d.high_watermark = -1;
-                    d.last_stable_offset = -1;
+                let len = r.records.len();
+                if len > 0 && total == 0 {
+                    // The first data may hold more than `max_bytes` only by its first batch.
+                    let keep = batch::whole_batches_within(&r.records, max_bytes);
+                    total = keep;
+                    d.records = Some(r.records.slice(..keep));
+                } else if len > 0 && total + len <= max_bytes {
+                    total += len;
+                    d.records = Some(r.records);
+                } else {
                     d.records = Some(Bytes::new());
                 }
             }
+            Err(code) => {
+                d.error_code = code.0;
+                d.high_watermark = -1;
+                d.last_stable_offset = -1;
+                d.records = Some(Bytes::new());
+            }
+        }
+        if plan.session_id != 0 {
+            let offsets = (d.high_watermark, d.last_stable_offset, d.log_start_offset);
+            // An incremental response leaves out partitions with nothing new (KIP-227).
+            let news = d.error_code != 0
+                || d.records.as_ref().is_some_and(|r| !r.is_empty())
+                || p.sent != Some(offsets);
+            if plan.incremental && !news {
+                continue;
+            }
+            shard.fetch_sessions.sent(plan.session_id, tp, offsets);
+        }
+        let same_topic = response
+            .responses
+            .last()
+            .is_some_and(|t: &FetchableTopicResponse| {
+                t.topic == p.topic && t.topic_id == p.topic_id
+            });
+        if !same_topic {
+            let mut t = FetchableTopicResponse::default();
+            t.topic = p.topic.clone();
+            t.topic_id = p.topic_id;
+            response.responses.push(t);
+        }
+        if let Some(t) = response.responses.last_mut() {
             t.partitions.push(d);
         }
-        response.responses.push(t);
     }
     response
 }

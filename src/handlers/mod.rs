@@ -12,6 +12,7 @@ pub mod create_topics;
 pub mod delete_records;
 pub mod delete_topics;
 pub mod fetch;
+pub mod fetch_session;
 pub mod find_coordinator;
 pub mod groups;
 pub mod init_producer_id;

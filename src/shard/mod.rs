@@ -222,6 +222,8 @@ pub struct Shard {
     stop_progress: event_listener::Event,
     /// Client connections open on this shard.
     connections: Cell<usize>,
+    /// Incremental fetch sessions of this shard's connections (KIP-227).
+    pub fetch_sessions: crate::handlers::fetch_session::FetchSessions,
 }
 
 impl Shard {
@@ -237,6 +239,7 @@ impl Shard {
         let id = ShardId(senders.peer_id());
         let count = senders.nr_consumers();
         let (ready_tx, ready_rx) = oneshot::channel();
+        let fetch_session_slots = options.broker.fetch_session_slots;
         let shard = Rc::new(Shard {
             id,
             count,
@@ -256,6 +259,11 @@ impl Shard {
             stopping: Cell::new(false),
             stop_progress: event_listener::Event::new(),
             connections: Cell::new(0),
+            fetch_sessions: crate::handlers::fetch_session::FetchSessions::new(
+                id.0,
+                count,
+                fetch_session_slots,
+            ),
         });
         let mut receivers = receivers;
         for (peer, stream) in receivers.streams() {
