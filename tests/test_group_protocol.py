@@ -180,3 +180,22 @@ def test_offset_commit_for_a_topic_that_does_not_exist(gbroker):
     ok = c.commit(offsets=[TopicPartition("real", 0, 3)], asynchronous=False)
     assert [(tp.topic, tp.partition, tp.offset, tp.error) for tp in ok] == [("real", 0, 3, None)]
     c.close()
+
+
+def test_list_groups_v5_reports_group_types(gbroker):
+    from kafka.protocol.admin.groups import ListGroupsRequest, ListGroupsResponse
+    from test_protocol_versions import call
+    create_topic(gbroker.bootstrap, "typed", 1)
+    c = Consumer({"bootstrap.servers": gbroker.bootstrap, "group.id": "typed-group"})
+    c.commit(offsets=[TopicPartition("typed", 0, 1)], asynchronous=False)
+    c.close()
+
+    def listed(types):
+        req = ListGroupsRequest[5](states_filter=[], types_filter=types)
+        r = call(gbroker.bootstrap, req, ListGroupsResponse, 5)
+        assert r.error_code == 0
+        return [(g.group_id, g.group_type) for g in r.groups]
+
+    assert listed([]) == [("typed-group", "classic")]
+    assert listed(["classic"]) == [("typed-group", "classic")]
+    assert listed(["consumer"]) == []  # no KIP-848 groups

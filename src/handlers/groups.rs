@@ -329,7 +329,13 @@ pub async fn list(shard: &Rc<Shard>, req: ListGroupsRequest, version: i16) -> Li
                         .states_filter
                         .iter()
                         .any(|s| s.eq_ignore_ascii_case(&g.group_state));
-                if !state_ok {
+                // KIP-848 group types: every group here uses the classic protocol.
+                let type_ok = req.types_filter.is_empty()
+                    || req
+                        .types_filter
+                        .iter()
+                        .any(|t| t.eq_ignore_ascii_case(&g.group_type));
+                if !state_ok || !type_ok {
                     continue;
                 }
                 if version < 4 {
