@@ -50,13 +50,7 @@ def fetch_by_id(bootstrap, topic_id, version):
             partition=0, current_leader_epoch=-1, fetch_offset=0, last_fetched_epoch=-1,
             log_start_offset=-1, partition_max_bytes=1 << 20)])],
         forgotten_topics_data=[], rack_id="")
-    req.with_header(correlation_id=7, client_id="strom-test")
-    host, port = bootstrap.split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(req.encode(header=True, framed=True))
-        size = struct.unpack(">i", s.recv(4, socket.MSG_WAITALL))[0]
-        body = s.recv(size, socket.MSG_WAITALL)
-    return FetchResponse.decode(body, version=version, header=True)
+    return call(bootstrap, req, FetchResponse, version)
 
 
 @pytest.mark.parametrize("version", [13, 17])
