@@ -12,13 +12,31 @@
 //!   is the end of the last batch in its own log (committed or not), so offsets are dense along
 //!   every log, and Raft's log matching makes the committed sequence dense.
 //! - Entries without data (the no-op a new leader appends) and configuration changes are not
-//!   records and take no offset. Raft indexes and Kafka offsets are therefore different numbers;
-//!   the replica keeps the correspondence of committed entries (`committed_end` per index).
+//!   records. In the simulator they take no offset. Once stored in the partition log they become
+//!   one-offset control batches (see below). Raft indexes and Kafka offsets are different numbers
+//!   either way: a batch of n records is one entry.
 //! - The high watermark is the end offset of the last committed batch: the Raft commit point.
 //!   Consumers read below it only. `acks=all` is answered once the batch's entry is committed,
 //!   i.e. durable on a majority.
 //! - A new leader's term is the epoch of every batch it proposes (`FENCED_LEADER_EPOCH` /
 //!   `OffsetsForLeaderEpoch` build on this).
+
+//! # Where the Raft log lives (decided; the durable store is the next step)
+//! The partition's segment files are the Raft log: no second copy of the data.
+//! - Every Raft entry is one batch in the log, in index order. A data entry is the Kafka batch as
+//!   proposed. An entry that is not records is written as a Kafka control batch of one record,
+//!   the kinds KRaft already defines: a new leader's empty entry as `LEADER_CHANGE` (control type
+//!   2), membership as `KRAFT_VOTERS` (6). A control batch takes one offset, and Kafka clients
+//!   already skip control batches (as they skip transaction markers), so offsets stay dense.
+//! - The Raft index of a batch is its ordinal in the log: each segment records the Raft index of
+//!   its first batch. A sparse ordinal index (`.raftindex`, like `.index` for offsets) finds a
+//!   batch by Raft index; recovery counts batches to rebuild it.
+//! - The term of an entry is the batch's `partitionLeaderEpoch`. The hard state (term, vote,
+//!   commit) is a checksummed metadata file beside `partition.meta`.
+//! - A follower's conflicting suffix is a truncation of the log at a batch boundary. A snapshot
+//!   (a follower behind retention) moves the log start.
+//!
+//! Until that store exists, the replica runs only under the simulator, on raft-rs's `MemStorage`.
 
 pub mod replica;
 #[cfg(test)]
