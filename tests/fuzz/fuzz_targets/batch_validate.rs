@@ -1,6 +1,7 @@
 //! Record-batch validation as the produce path runs it: split into batches (header and CRC), then
 //! every record walked through the bounded decoder; plus the fetch trimming and the ListOffsets
-//! record search over the same bytes. Errors are expected; panics and unbounded memory are not.
+//! record search over the same bytes, and `strom consume`'s reading of fetched records (a
+//! hostile broker's answer). Errors are expected; panics and unbounded memory are not.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -27,4 +28,9 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let _ = batch::whole_batches_within(bytes, usize::from(*flags) * 64);
+    let _ = strom::client::records::for_each(
+        &bytes::Bytes::copy_from_slice(bytes),
+        i64::from(*flags) - 128,
+        |_| true,
+    );
 });

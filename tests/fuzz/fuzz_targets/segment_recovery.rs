@@ -1,6 +1,7 @@
 //! Segment recovery from arbitrary bytes on disk: a `.log` file (and, for a closed segment, its
 //! `.index` and `.timeindex`) written from the input, then opened the way start-up opens them, as
-//! the active segment (CRC scan and truncation) and as a closed one (index loading and checks).
+//! the active segment (CRC scan and truncation, or after a clean shutdown its indexes trusted and
+//! checked against the file) and as a closed one (index loading and checks).
 //! Whatever is on disk, opening returns a segment or an error, never a panic.
 #![no_main]
 
@@ -29,15 +30,16 @@ fuzz_target!(|data: &[u8]| {
     };
     let (index, rest) = rest.split_at(usize::from(*index_len).min(rest.len()));
     let (time_index, log) = rest.split_at(usize::from(*time_len).min(rest.len()));
-    let base = Offset(i64::from(*flags >> 1));
+    let base = Offset(i64::from(*flags >> 2));
     EXECUTOR.with(|(executor, dir)| {
         let log_path = strom::storage::segment::log_path(dir, base);
         std::fs::write(&log_path, log).expect("write .log");
         std::fs::write(log_path.with_extension("index"), index).expect("write .index");
         std::fs::write(log_path.with_extension("timeindex"), time_index).expect("write .timeindex");
         let active = flags & 1 == 1;
+        let clean = flags & 2 == 2;
         executor.run(async {
-            let _ = Segment::open(dir, base, active, 4096, 0).await;
+            let _ = Segment::open(dir, base, active, clean, 4096, 0).await;
         });
         for entry in std::fs::read_dir(dir).expect("list") {
             let path = entry.expect("entry").path();
