@@ -35,8 +35,19 @@ pub fn for_each(data: &Bytes, from: i64, mut f: impl FnMut(ConsumedRecord) -> bo
         }
         let batch = &rest[..header.size_bytes];
         at += header.size_bytes;
-        next = next.max(header.last_offset().0 + 1);
-        if header.is_control() || header.last_offset().0 < from {
+        let Some(end) = header
+            .base_offset
+            .0
+            .checked_add(i64::from(header.last_offset_delta))
+            .and_then(|last| last.checked_add(1))
+        else {
+            bail!(
+                "batch at offset {} claims offsets past the end of the range",
+                header.base_offset.0
+            );
+        };
+        next = next.max(end);
+        if header.is_control() || end <= from {
             continue;
         }
         let section = codec::records_section(batch, &header, codec::DECOMPRESSED_BATCH_BYTES_MAX)
@@ -122,5 +133,22 @@ impl Reader<'_> {
             value,
             headers,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the batch_validate fuzz target: a fetched batch whose base offset plus its offset
+    /// span passes i64::MAX made `strom consume` overflow. It is an error now.
+    #[test]
+    fn a_batch_claiming_offsets_past_i64_max_is_an_error_not_a_panic() {
+        let mut b = crate::storage::batch::tests::make_batch(0, 3, 1000);
+        b[0..8].copy_from_slice(&(i64::MAX - 1).to_be_bytes());
+        let data = Bytes::from(b.to_vec());
+        assert!(for_each(&data, 0, |_| true).is_err());
+        assert!(crate::storage::batch::BatchHeader::parse(&data)
+            .is_ok_and(|h| h.last_offset().0 == i64::MAX));
     }
 }

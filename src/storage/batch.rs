@@ -109,8 +109,14 @@ impl BatchHeader {
         })
     }
 
+    /// The batch's last offset. A header from the wire or a corrupt file may claim offsets past
+    /// i64::MAX: that saturates (and fails the checks that follow) rather than overflowing.
     pub fn last_offset(&self) -> Offset {
-        Offset(self.base_offset.0 + i64::from(self.last_offset_delta))
+        Offset(
+            self.base_offset
+                .0
+                .saturating_add(i64::from(self.last_offset_delta)),
+        )
     }
 
     pub fn compression(&self) -> i16 {
