@@ -27,9 +27,9 @@ use kafka_protocol::messages::{
 
 use super::{str_bytes, topic_name};
 use crate::cluster::Topic;
-use crate::group::{GroupReply, OFFSETS_TOPIC};
+use crate::group::OFFSETS_TOPIC;
 use crate::model::{authorized, ErrorCode, TopicPartition};
-use crate::shard::{join_all, Reply, Request, Shard};
+use crate::shard::Shard;
 
 /// Kafka's config resource types (ListConfigResources, DescribeConfigs).
 const RESOURCE_TOPIC: i8 = 2;
@@ -371,21 +371,9 @@ pub async fn list_config_resources(
     if wants(RESOURCE_BROKER) {
         push(shard.options.broker.node_id.to_string(), RESOURCE_BROKER);
     }
-    if wants(RESOURCE_GROUP) && shard.topics().get(OFFSETS_TOPIC).is_some() {
-        let calls = (0..shard.count).map(|i| {
-            shard.call(
-                crate::model::ShardId(i),
-                Request::Group(Box::new(crate::group::GroupCall::List)),
-            )
-        });
-        for reply in join_all(calls.collect()).await {
-            if let Reply::Group(reply) = reply {
-                if let GroupReply::List(groups) = *reply {
-                    for g in groups {
-                        push(g.group_id.0.to_string(), RESOURCE_GROUP);
-                    }
-                }
-            }
+    if wants(RESOURCE_GROUP) {
+        for g in super::groups::all_groups(shard).await {
+            push(g.group_id.0.to_string(), RESOURCE_GROUP);
         }
     }
     r

@@ -311,42 +311,50 @@ pub async fn describe(
     response
 }
 
-pub async fn list(shard: &Rc<Shard>, req: ListGroupsRequest, version: i16) -> ListGroupsResponse {
-    let mut response = ListGroupsResponse::default();
+/// Every group of every shard's coordinator (none before `__consumer_offsets` exists).
+pub async fn all_groups(
+    shard: &Rc<Shard>,
+) -> Vec<kafka_protocol::messages::list_groups_response::ListedGroup> {
+    let mut out = Vec::new();
     if shard.topics().get(OFFSETS_TOPIC).is_none() {
-        return response;
+        return out;
     }
     let calls =
         (0..shard.count).map(|i| shard.call(ShardId(i), Request::Group(Box::new(GroupCall::List))));
     for reply in join_all(calls.collect()).await {
         if let Reply::Group(reply) = reply {
-            let GroupReply::List(groups) = *reply else {
-                continue;
-            };
-            for mut g in groups {
-                let state_ok = req.states_filter.is_empty()
-                    || req
-                        .states_filter
-                        .iter()
-                        .any(|s| s.eq_ignore_ascii_case(&g.group_state));
-                // KIP-848 group types: every group here uses the classic protocol.
-                let type_ok = req.types_filter.is_empty()
-                    || req
-                        .types_filter
-                        .iter()
-                        .any(|t| t.eq_ignore_ascii_case(&g.group_type));
-                if !state_ok || !type_ok {
-                    continue;
-                }
-                if version < 4 {
-                    g.group_state = str_bytes("");
-                }
-                if version < 5 {
-                    g.group_type = str_bytes("");
-                }
-                response.groups.push(g);
+            if let GroupReply::List(groups) = *reply {
+                out.extend(groups);
             }
         }
+    }
+    out
+}
+
+pub async fn list(shard: &Rc<Shard>, req: ListGroupsRequest, version: i16) -> ListGroupsResponse {
+    let mut response = ListGroupsResponse::default();
+    for mut g in all_groups(shard).await {
+        let state_ok = req.states_filter.is_empty()
+            || req
+                .states_filter
+                .iter()
+                .any(|s| s.eq_ignore_ascii_case(&g.group_state));
+        // KIP-848 group types: every group here uses the classic protocol.
+        let type_ok = req.types_filter.is_empty()
+            || req
+                .types_filter
+                .iter()
+                .any(|t| t.eq_ignore_ascii_case(&g.group_type));
+        if !state_ok || !type_ok {
+            continue;
+        }
+        if version < 4 {
+            g.group_state = str_bytes("");
+        }
+        if version < 5 {
+            g.group_type = str_bytes("");
+        }
+        response.groups.push(g);
     }
     response
 }
