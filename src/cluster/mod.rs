@@ -1,8 +1,9 @@
 //! Cluster metadata. On a single node the controller role lives on shard 0: it alone changes the
 //! topic table, persists it (rkyv, validated on load) and hands every shard an immutable snapshot.
-//! Replication and the Raft controller group will take this role over; the table is already the
-//! shape a Raft state machine would apply.
+//! In a cluster the table is the state of the metadata Raft group instead ([`metadata`]): every
+//! broker applies the same committed commands, and the group's leader is the controller.
 
+pub mod metadata;
 pub mod topics;
 
 pub use topics::{Topic, TopicTable};

@@ -38,6 +38,9 @@ pub struct Topic {
     pub id: [u8; 16],
     pub partitions: i32,
     pub configs: BTreeMap<String, String>,
+    /// The brokers holding each partition, leader-preferred first (a cluster; empty on a single
+    /// node, where this broker holds everything).
+    pub replicas: Vec<Vec<i32>>,
 }
 
 /// An immutable snapshot of cluster metadata; shards share it behind an `Arc` and replace it whole.
@@ -47,6 +50,8 @@ pub struct TopicTable {
     pub producer_id_block_end: i64,
     pub topics: BTreeMap<Arc<str>, Topic>,
     pub broker_configs: BTreeMap<String, String>,
+    /// A cluster's registered brokers and their client addresses (empty on a single node).
+    pub brokers: BTreeMap<i32, (String, u16)>,
 }
 
 impl TopicTable {
@@ -54,7 +59,7 @@ impl TopicTable {
         self.topics.get(name)
     }
 
-    fn to_record(&self) -> ClusterRecord {
+    pub fn to_record(&self) -> ClusterRecord {
         ClusterRecord {
             cluster_id: self.cluster_id.clone(),
             producer_id_block_end: self.producer_id_block_end,
@@ -80,11 +85,12 @@ impl TopicTable {
         }
     }
 
-    fn from_record(r: ClusterRecord) -> Self {
+    pub fn from_record(r: ClusterRecord) -> Self {
         TopicTable {
             cluster_id: r.cluster_id,
             producer_id_block_end: r.producer_id_block_end,
             broker_configs: r.broker_configs.into_iter().collect(),
+            brokers: BTreeMap::new(),
             topics: r
                 .topics
                 .into_iter()
@@ -95,6 +101,7 @@ impl TopicTable {
                         id: t.id,
                         partitions: t.partitions,
                         configs: t.configs.into_iter().collect(),
+                        replicas: Vec::new(),
                     };
                     (name, topic)
                 })
@@ -119,6 +126,7 @@ impl TopicTable {
             producer_id_block_end: 0,
             topics: BTreeMap::new(),
             broker_configs: BTreeMap::new(),
+            brokers: BTreeMap::new(),
         };
         table.persist(data_dir).await?;
         Ok(table)
@@ -194,6 +202,7 @@ mod tests {
             producer_id_block_end: 2000,
             topics: BTreeMap::new(),
             broker_configs: [("log.retention.ms".to_string(), "5".to_string())].into(),
+            brokers: BTreeMap::new(),
         };
         let name: Arc<str> = Arc::from("t");
         table.topics.insert(
@@ -203,6 +212,7 @@ mod tests {
                 id: [7; 16],
                 partitions: 4,
                 configs: [("retention.ms".to_string(), "1000".to_string())].into(),
+                replicas: Vec::new(),
             },
         );
         let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&table.to_record()).unwrap();

@@ -259,6 +259,22 @@ pub const BROKER_SETTINGS: &[SettingDef] = &[
         "Address in Metadata, e.g. PLAINTEXT://host:9092",
     ),
     def(
+        "controller.quorum.voters",
+        None,
+        T::String,
+        false,
+        None,
+        "The Raft voters: id@host:port,... (a cluster; unset is a single node)",
+    ),
+    def(
+        "inter.broker.listen",
+        None,
+        T::String,
+        false,
+        None,
+        "Broker-to-broker listener host:port (default: this node's voter entry)",
+    ),
+    def(
         "queued.max.requests",
         Some("500"),
         T::Int,
@@ -777,6 +793,11 @@ pub struct BrokerConfig {
     pub compression_type: String,
     /// `advertised.listeners`: the address clients are told to connect to.
     pub advertised_listener: Option<(String, u16)>,
+    /// `controller.quorum.voters`: the cluster's Raft voters (node id, broker-to-broker
+    /// address). Empty: a single node.
+    pub quorum_voters: Vec<(i32, (String, u16))>,
+    /// `inter.broker.listen`: where this broker takes broker-to-broker traffic.
+    pub inter_broker_listen: Option<(String, u16)>,
     /// `queued.max.requests`: requests in flight per connection before reading pauses.
     pub inflight_requests_max: usize,
     /// `fetch.max.bytes`: caps every Fetch request's `max_bytes`.
@@ -836,6 +857,8 @@ impl Default for BrokerConfig {
             min_insync_replicas: 1,
             compression_type: "producer".to_string(),
             advertised_listener: None,
+            quorum_voters: Vec::new(),
+            inter_broker_listen: None,
             inflight_requests_max: 500,
             fetch_response_bytes_max: 57_671_680,
             fetch_session_slots: 1000,
@@ -947,7 +970,7 @@ impl BrokerConfig {
             "num.partitions" => self.num_partitions = parse_in(value, 1, 1_000_000)? as i32,
             "auto.create.topics.enable" => self.auto_create_topics = parse_bool(value)?,
             "default.replication.factor" => {
-                self.default_replication_factor = parse_in(value, 1, 1)? as i16
+                self.default_replication_factor = parse_in(value, 1, i64::from(i16::MAX))? as i16
             }
             "socket.request.max.bytes" => {
                 self.request_size_bytes_max = parse_in(value, 1024, i32::MAX as i64)? as usize
@@ -1011,6 +1034,8 @@ impl BrokerConfig {
                 )?
             }
             "advertised.listeners" => self.advertised_listener = Some(parse_listener(value)?),
+            "controller.quorum.voters" => self.quorum_voters = parse_voters(value)?,
+            "inter.broker.listen" => self.inter_broker_listen = Some(parse_listener(value)?),
             "queued.max.requests" => {
                 self.inflight_requests_max = parse_in(value, 1, 100_000)? as usize
             }
@@ -1153,6 +1178,31 @@ fn parse_listener(value: &str) -> Result<(String, u16)> {
         .ok_or_else(|| anyhow!("'{value}' is not host:port"))?;
     let port: u16 = port.parse().map_err(|_| anyhow!("bad port in '{value}'"))?;
     Ok((host.trim_matches(['[', ']']).to_string(), port))
+}
+
+/// Parses `controller.quorum.voters`: `id@host:port` entries separated by commas, ids unique.
+fn parse_voters(value: &str) -> Result<Vec<(i32, (String, u16))>> {
+    let mut voters = Vec::new();
+    for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (id, address) = entry
+            .split_once('@')
+            .ok_or_else(|| anyhow!("voter '{entry}' is not id@host:port"))?;
+        let id: i32 = id
+            .trim()
+            .parse()
+            .map_err(|_| anyhow!("voter id in '{entry}' is not a number"))?;
+        if id < 0 {
+            bail!("voter id in '{entry}' is negative");
+        }
+        if voters.iter().any(|(v, _)| *v == id) {
+            bail!("voter id {id} appears twice");
+        }
+        voters.push((id, parse_listener(address)?));
+    }
+    if voters.is_empty() {
+        bail!("controller.quorum.voters names no voter");
+    }
+    Ok(voters)
 }
 
 /// Parses a core list such as `0-3`, `0,2,4` or `1-2,5`.

@@ -13,8 +13,8 @@ use kafka_protocol::messages::{BrokerId, MetadataRequest, MetadataResponse};
 use super::{str_bytes, topic_name};
 use crate::cluster::topics::validate_topic_name;
 use crate::cluster::Topic;
-use crate::model::ErrorCode;
-use crate::model::ShardId;
+use crate::model::{ErrorCode, ShardId, TopicPartition};
+use crate::shard::cluster::ClusterNode;
 use crate::shard::{Reply, Request, Shard, TopicSpec};
 
 pub async fn handle(shard: &Rc<Shard>, req: MetadataRequest, version: i16) -> MetadataResponse {
@@ -68,19 +68,33 @@ pub async fn handle(shard: &Rc<Shard>, req: MetadataRequest, version: i16) -> Me
         }
     }
     let mut response = MetadataResponse::default();
-    let mut broker = MetadataResponseBroker::default();
-    broker.node_id = BrokerId(node);
-    broker.host = str_bytes(&shard.advertised.0);
-    broker.port = i32::from(shard.advertised.1);
-    response.brokers = vec![broker];
+    let mut brokers: Vec<(i32, (String, u16))> = table
+        .brokers
+        .iter()
+        .map(|(id, a)| (*id, a.clone()))
+        .collect();
+    if !brokers.iter().any(|(id, _)| *id == node) {
+        brokers.push((node, shard.advertised.clone()));
+    }
+    response.brokers = brokers
+        .into_iter()
+        .map(|(id, (host, port))| {
+            let mut broker = MetadataResponseBroker::default();
+            broker.node_id = BrokerId(id);
+            broker.host = str_bytes(&host);
+            broker.port = i32::from(port);
+            broker
+        })
+        .collect();
     if version >= 2 {
         response.cluster_id = Some(str_bytes(&table.cluster_id));
     }
     if version >= 1 {
-        response.controller_id = BrokerId(node);
+        response.controller_id = BrokerId(controller_id(shard));
     }
+    let describe = |t: &Topic| describe(shard, t, node);
     response.topics = match wanted {
-        None => table.topics.values().map(|t| describe(t, node)).collect(),
+        None => table.topics.values().map(describe).collect(),
         Some(list) => list
             .into_iter()
             .map(|(name, id)| {
@@ -92,7 +106,7 @@ pub async fn handle(shard: &Rc<Shard>, req: MetadataRequest, version: i16) -> Me
                         .find(|t| uuid::Uuid::from_bytes(t.id) == id),
                 };
                 match found {
-                    Some(t) => describe(t, node),
+                    Some(t) => describe(t),
                     None => {
                         let mut t = MetadataResponseTopic::default();
                         let name = name.unwrap_or_default();
@@ -124,7 +138,18 @@ pub async fn handle(shard: &Rc<Shard>, req: MetadataRequest, version: i16) -> Me
     response
 }
 
-fn describe(topic: &Topic, node: i32) -> MetadataResponseTopic {
+/// The controller Metadata names: this node on a single node; in a cluster the leader of the
+/// metadata group (-1 while there is none).
+pub fn controller_id(shard: &Shard) -> i32 {
+    match shard.cluster() {
+        None => shard.options.broker.node_id,
+        Some(c) => c
+            .leader_of(&ClusterNode::metadata_tp())
+            .map_or(-1, |(leader, _)| leader),
+    }
+}
+
+fn describe(shard: &Shard, topic: &Topic, node: i32) -> MetadataResponseTopic {
     let mut t = MetadataResponseTopic::default();
     t.name = Some(topic_name(&topic.name));
     t.topic_id = uuid::Uuid::from_bytes(topic.id);
@@ -133,10 +158,31 @@ fn describe(topic: &Topic, node: i32) -> MetadataResponseTopic {
         .map(|p| {
             let mut part = MetadataResponsePartition::default();
             part.partition_index = p;
-            part.leader_id = BrokerId(node);
-            part.leader_epoch = 0;
-            part.replica_nodes = vec![BrokerId(node)];
-            part.isr_nodes = vec![BrokerId(node)];
+            match shard.cluster() {
+                None => {
+                    part.leader_id = BrokerId(node);
+                    part.leader_epoch = 0;
+                    part.replica_nodes = vec![BrokerId(node)];
+                    part.isr_nodes = vec![BrokerId(node)];
+                }
+                Some(c) => {
+                    let replicas: Vec<BrokerId> = usize::try_from(p)
+                        .ok()
+                        .and_then(|i| topic.replicas.get(i))
+                        .map(|r| r.iter().map(|id| BrokerId(*id)).collect())
+                        .unwrap_or_default();
+                    let tp = TopicPartition::new(&topic.name, p);
+                    let (leader, epoch) = c.leader_of(&tp).unwrap_or((-1, -1));
+                    if leader < 0 {
+                        part.error_code = ErrorCode::LEADER_NOT_AVAILABLE.0;
+                    }
+                    part.leader_id = BrokerId(leader);
+                    part.leader_epoch = epoch;
+                    // The in-sync set is the leader's to know; brokers report the replica set.
+                    part.isr_nodes = replicas.clone();
+                    part.replica_nodes = replicas;
+                }
+            }
             part
         })
         .collect();

@@ -29,9 +29,10 @@ pub enum Counter {
     Fsyncs,
     ConnectionsAccepted,
     ConnectionsClosed,
+    RaftMessagesDropped,
 }
 
-pub const COUNTERS: [(Counter, &str, &str); 9] = [
+pub const COUNTERS: [(Counter, &str, &str); 10] = [
     (Counter::BytesIn, "strom_bytes_in", "Request bytes received"),
     (Counter::BytesOut, "strom_bytes_out", "Response bytes sent"),
     (
@@ -68,6 +69,11 @@ pub const COUNTERS: [(Counter, &str, &str); 9] = [
         Counter::ConnectionsClosed,
         "strom_connections_closed",
         "Client connections closed",
+    ),
+    (
+        Counter::RaftMessagesDropped,
+        "strom_raft_messages_dropped",
+        "Raft messages dropped because a peer's queue was full",
     ),
 ];
 

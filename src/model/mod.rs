@@ -75,6 +75,8 @@ impl ErrorCode {
     pub const CORRUPT_MESSAGE: ErrorCode = ErrorCode(2);
     pub const UNKNOWN_TOPIC_OR_PARTITION: ErrorCode = ErrorCode(3);
     pub const INVALID_FETCH_SIZE: ErrorCode = ErrorCode(4);
+    pub const LEADER_NOT_AVAILABLE: ErrorCode = ErrorCode(5);
+    pub const NOT_LEADER_OR_FOLLOWER: ErrorCode = ErrorCode(6);
     pub const REQUEST_TIMED_OUT: ErrorCode = ErrorCode(7);
     pub const MESSAGE_TOO_LARGE: ErrorCode = ErrorCode(10);
     pub const INVALID_TOPIC_EXCEPTION: ErrorCode = ErrorCode(17);
@@ -96,6 +98,7 @@ impl ErrorCode {
     pub const OFFSET_METADATA_TOO_LARGE: ErrorCode = ErrorCode(12);
     pub const COORDINATOR_NOT_AVAILABLE: ErrorCode = ErrorCode(15);
     pub const NOT_COORDINATOR: ErrorCode = ErrorCode(16);
+    pub const NOT_CONTROLLER: ErrorCode = ErrorCode(41);
     pub const ILLEGAL_GENERATION: ErrorCode = ErrorCode(22);
     pub const INCONSISTENT_GROUP_PROTOCOL: ErrorCode = ErrorCode(23);
     pub const INVALID_GROUP_ID: ErrorCode = ErrorCode(24);
@@ -128,6 +131,9 @@ impl ErrorCode {
             1 => "OFFSET_OUT_OF_RANGE",
             2 => "CORRUPT_MESSAGE",
             3 => "UNKNOWN_TOPIC_OR_PARTITION",
+            5 => "LEADER_NOT_AVAILABLE",
+            6 => "NOT_LEADER_OR_FOLLOWER",
+            41 => "NOT_CONTROLLER",
             7 => "REQUEST_TIMED_OUT",
             10 => "MESSAGE_TOO_LARGE",
             15 => "COORDINATOR_NOT_AVAILABLE",
@@ -146,7 +152,6 @@ impl ErrorCode {
             37 => "INVALID_PARTITIONS",
             38 => "INVALID_REPLICATION_FACTOR",
             40 => "INVALID_CONFIG",
-            41 => "NOT_CONTROLLER",
             42 => "INVALID_REQUEST",
             68 => "NON_EMPTY_GROUP",
             69 => "GROUP_ID_NOT_FOUND",

@@ -38,8 +38,11 @@
 //!
 //! Until that store exists, the replica runs only under the simulator, on raft-rs's `MemStorage`.
 
+pub mod group;
 pub mod replica;
 #[cfg(test)]
 mod sim;
+pub mod transport;
+pub mod wal;
 
 pub use replica::{Applied, ProposeError, Replica, ReplicaStore};

@@ -28,6 +28,8 @@ pub trait ReplicaStore: Storage {
     fn persist_hard_state(&self, hs: &HardState);
     fn persist_commit(&self, commit: u64);
     fn install_snapshot(&self, snapshot: Snapshot) -> raft::Result<()>;
+    /// Makes everything persisted since the last call durable (one sync per Ready cycle).
+    fn sync(&self) -> raft::Result<()>;
 }
 
 /// raft-rs's own in-memory log: what the seeded simulator runs on (its "disk" survives a
@@ -44,6 +46,9 @@ impl ReplicaStore for MemStorage {
     }
     fn install_snapshot(&self, snapshot: Snapshot) -> raft::Result<()> {
         self.wl().apply_snapshot(snapshot)
+    }
+    fn sync(&self) -> raft::Result<()> {
+        Ok(())
     }
 }
 
@@ -76,6 +81,9 @@ pub struct Replica<S: ReplicaStore> {
     offsets_term: u64,
     /// End offset of the last committed batch: the high watermark.
     high_watermark: i64,
+    /// Entries are opaque commands (the metadata group), not record batches: no offsets, and a
+    /// follower's proposal is forwarded to the leader by raft-rs.
+    raw: bool,
 }
 
 fn logger() -> slog::Logger {
@@ -83,9 +91,10 @@ fn logger() -> slog::Logger {
 }
 
 impl<S: ReplicaStore> Replica<S> {
-    /// Starts (or restarts) replica `id` on `store`. Committed entries are applied again from the
-    /// start of the store, so the caller rebuilds its view of the partition from them.
-    pub fn new(id: u64, store: S) -> Result<Replica<S>> {
+    /// Starts (or restarts) replica `id` on `store`, whose partition already holds every batch
+    /// below `applied_end`. Committed entries are replayed from the start of the store; those
+    /// below `applied_end` are skipped, the rest are returned by [`Replica::drive`] to apply.
+    pub fn new(id: u64, store: S, applied_end: i64) -> Result<Replica<S>> {
         let config = Config {
             id,
             election_tick: ELECTION_TICKS,
@@ -104,8 +113,110 @@ impl<S: ReplicaStore> Replica<S> {
             node,
             next_offset: 0,
             offsets_term: 0,
-            high_watermark: 0,
+            high_watermark: applied_end,
+            raw: false,
         })
+    }
+
+    /// A replica whose entries are opaque commands (see the `raw` field); every committed entry
+    /// with data is returned by [`Replica::drive`] as an [`Applied`] without offsets.
+    pub fn new_raw(id: u64, store: S) -> Result<Replica<S>> {
+        let mut r = Replica::new(id, store, 0)?;
+        r.raw = true;
+        Ok(r)
+    }
+
+    /// Proposes an opaque command from any replica (raft-rs forwards it to the leader; it is
+    /// dropped while there is none, and the caller retries).
+    pub fn propose_raw(&mut self, data: Vec<u8>) -> Result<(), ProposeError> {
+        if self.node.raft.leader_id == raft::INVALID_ID {
+            return Err(ProposeError::Dropped);
+        }
+        self.node
+            .propose(Vec::new(), data)
+            .map_err(|_| ProposeError::Dropped)
+    }
+
+    /// While leading: the end offset of what this leader proposed (persisted by the next drive).
+    pub fn proposed_end(&self) -> Option<i64> {
+        (self.is_leader() && self.offsets_term == self.term()).then_some(self.next_offset)
+    }
+
+    pub fn commit_index(&self) -> u64 {
+        self.node.raft.raft_log.committed
+    }
+
+    /// While leading: this replica and the followers that answered within the last election
+    /// timeout (Kafka's in-sync replicas). Empty on a follower.
+    pub fn recent_active(&self) -> Vec<u64> {
+        if !self.is_leader() {
+            return Vec::new();
+        }
+        let me = self.id();
+        let mut ids: Vec<u64> = self
+            .node
+            .raft
+            .prs()
+            .iter()
+            .filter(|(id, p)| **id == me || p.recent_active)
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// While leading: how many entries each follower is behind the leader's log.
+    pub fn follower_lag(&self) -> Vec<(u64, u64)> {
+        if !self.is_leader() {
+            return Vec::new();
+        }
+        let last = self.node.raft.raft_log.last_index();
+        let me = self.id();
+        let mut lags: Vec<(u64, u64)> = self
+            .node
+            .raft
+            .prs()
+            .iter()
+            .filter(|(id, _)| **id != me)
+            .map(|(id, p)| (*id, last.saturating_sub(p.matched)))
+            .collect();
+        lags.sort_unstable();
+        lags
+    }
+
+    /// While leading: the lowest index a follower has (entries a follower still needs are not
+    /// compacted).
+    pub fn min_follower_match(&self) -> Option<u64> {
+        if !self.is_leader() {
+            return None;
+        }
+        let me = self.id();
+        self.node
+            .raft
+            .prs()
+            .iter()
+            .filter(|(id, _)| **id != me)
+            .map(|(_, p)| p.matched + 1)
+            .min()
+    }
+
+    /// Headers of the batches in this replica's log past the commit point.
+    pub fn uncommitted_batches(&self) -> Vec<BatchHeader> {
+        let log = &self.node.raft.raft_log;
+        let (from, to) = (log.committed + 1, log.last_index() + 1);
+        if from >= to {
+            return Vec::new();
+        }
+        log.entries(from, u64::MAX, GetEntriesContext::empty(false))
+            .map(|entries| {
+                entries
+                    .iter()
+                    .take(usize::try_from(to - from).unwrap_or(usize::MAX))
+                    .filter(|e| e.get_entry_type() == EntryType::EntryNormal)
+                    .filter_map(|e| BatchHeader::parse(e.get_data()).ok())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     pub fn id(&self) -> u64 {
@@ -211,6 +322,7 @@ impl<S: ReplicaStore> Replica<S> {
         if let Some(hs) = ready.hs() {
             self.node.store().persist_hard_state(hs);
         }
+        self.node.store().sync().context("syncing raft log")?;
         messages.extend(ready.take_persisted_messages());
         let mut light = self.node.advance(ready);
         if let Some(commit) = light.commit_index() {
@@ -226,10 +338,22 @@ impl<S: ReplicaStore> Replica<S> {
         for e in entries {
             match e.get_entry_type() {
                 EntryType::EntryNormal if e.get_data().is_empty() => {}
+                EntryType::EntryNormal if self.raw => out.push(Applied {
+                    index: e.get_index(),
+                    term: e.get_term(),
+                    base_offset: 0,
+                    end_offset: 0,
+                    batch: Bytes::copy_from_slice(e.get_data()),
+                }),
                 EntryType::EntryNormal => {
                     let header = BatchHeader::parse(e.get_data()).map_err(|err| {
                         anyhow::anyhow!("committed entry is not a batch: {err:?}")
                     })?;
+                    let end = header.last_offset().0 + 1;
+                    if end <= self.high_watermark {
+                        // Already in the partition (applied before a restart).
+                        continue;
+                    }
                     if header.base_offset.0 != self.high_watermark {
                         bail!(
                             "committed batch at offset {} does not follow the high watermark {}",
@@ -237,7 +361,6 @@ impl<S: ReplicaStore> Replica<S> {
                             self.high_watermark
                         );
                     }
-                    let end = header.last_offset().0 + 1;
                     self.high_watermark = end;
                     out.push(Applied {
                         index: e.get_index(),

@@ -111,7 +111,7 @@ impl Sim {
                 .collect();
             let replicas = stores
                 .iter()
-                .map(|s| Some(Replica::new(id, s.clone()).expect("replica starts")))
+                .map(|s| Some(Replica::new(id, s.clone(), 0).expect("replica starts")))
                 .collect();
             all.push(Node {
                 stores,
@@ -162,7 +162,7 @@ impl Sim {
         let id = node as u64 + 1;
         let n = &mut self.nodes[node];
         for (p, store) in n.stores.iter().enumerate() {
-            n.replicas[p] = Some(Replica::new(id, store.clone()).expect("replica restarts"));
+            n.replicas[p] = Some(Replica::new(id, store.clone(), 0).expect("replica restarts"));
         }
         n.down_until = None;
     }

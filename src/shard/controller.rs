@@ -1,21 +1,33 @@
-//! The single-node controller, on shard 0: the only place the topic table changes. Changes are
-//! serialized by a local semaphore (one executor, no lock), persisted before they are announced,
-//! and announced to every shard before the client is answered, so that a Metadata request on any
-//! connection right after CreateTopics sees the topic.
+//! The controller, on shard 0: the only place the topic table changes. Changes are serialized by
+//! a local semaphore (one executor, no lock), persisted before they are announced, and announced
+//! to every shard before the client is answered, so that a Metadata request on any connection
+//! right after CreateTopics sees the topic.
+//!
+//! On a single node "persisted" is `meta/cluster.meta`. In a cluster it is the metadata Raft group
+//! ([`crate::cluster::metadata`]): only the group's leader (the controller Metadata names) changes
+//! topics and configs, others answer `NOT_CONTROLLER`; every broker applies what commits and
+//! announces it to its shards; any broker reserves producer-id blocks and registers its address
+//! through the group.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
+use futures_channel::oneshot;
 use glommio::sync::Semaphore;
 
+use super::cluster::ClusterNode;
 use super::{Shard, TopicResult, TopicSpec};
+use crate::cluster::metadata::{assign_replicas, cluster_id_for, MetadataCommand};
 use crate::cluster::topics::{validate_topic_name, PRODUCER_ID_BLOCK};
 use crate::cluster::{Topic, TopicTable};
 use crate::config::validate_topic_setting;
 use crate::model::ErrorCode;
+use crate::replication::group::Sink;
+use crate::replication::Applied;
 
 /// What a config change applies to.
 #[derive(Clone, Debug)]
@@ -46,10 +58,22 @@ pub struct ConfigChange {
 /// The most partitions one topic may have.
 pub const PARTITIONS_PER_TOPIC_MAX: i32 = 10_000;
 
+/// How long a broker waits for a metadata command it proposed to be applied.
+const METADATA_WAIT: Duration = Duration::from_secs(10);
+
 pub struct Controller {
     table: RefCell<Option<TopicTable>>,
     changes: Semaphore,
     next_producer_id: Cell<i64>,
+    /// The end of this broker's producer-id block (a cluster reserves blocks per broker).
+    producer_block_end: Cell<i64>,
+    /// Metadata commands this broker proposed, by tag, waiting to be applied and announced.
+    waiting: RefCell<HashMap<u64, oneshot::Sender<i64>>>,
+    /// Results of applied commands whose table is not announced to the shards yet.
+    unannounced: RefCell<Vec<(u64, i64)>>,
+    /// Bumped by every applied metadata batch; the announcer runs until it has sent the latest.
+    version: Cell<u64>,
+    announcing: Cell<bool>,
 }
 
 impl Controller {
@@ -58,11 +82,158 @@ impl Controller {
             table: RefCell::new(None),
             changes: Semaphore::new(1),
             next_producer_id: Cell::new(0),
+            producer_block_end: Cell::new(0),
+            waiting: RefCell::new(HashMap::new()),
+            unannounced: RefCell::new(Vec::new()),
+            version: Cell::new(0),
+            announcing: Cell::new(false),
         }
+    }
+
+    /// Cluster start (shard 0): an empty table under the cluster id the voters imply, then the
+    /// metadata group, whose committed log (replayed from its start) rebuilds the table; and a
+    /// task that registers this broker's client address until the table has it.
+    async fn load_cluster(&self, shard: &Rc<Shard>) -> Result<()> {
+        let cluster = shard.cluster().context("not a cluster")?;
+        let table = TopicTable {
+            cluster_id: cluster_id_for(&cluster.voters),
+            ..TopicTable::default()
+        };
+        *self.table.borrow_mut() = Some(table.clone());
+        shard.broadcast_topics(Arc::new(table)).await;
+        let voters: Vec<u64> = cluster
+            .voters
+            .iter()
+            .filter_map(|(id, _)| u64::try_from(*id).ok())
+            .collect();
+        let weak = Rc::downgrade(shard);
+        let sink = Sink::Metadata(Box::new(move |applied| {
+            if let Some(shard) = weak.upgrade() {
+                shard.controller.on_metadata(&shard, applied);
+            }
+        }));
+        let tp = ClusterNode::metadata_tp();
+        let dir = shard.options.data_dir.join(tp.dir_name());
+        shard.open_group(tp, dir, voters, sink, 0).await?;
+        let weak = Rc::downgrade(shard);
+        glommio::spawn_local(async move {
+            loop {
+                let Some(shard) = weak.upgrade() else { return };
+                let node = shard.options.broker.node_id;
+                let (host, port) = shard.advertised.clone();
+                let registered =
+                    shard.controller.current().brokers.get(&node) == Some(&(host.clone(), port));
+                if registered {
+                    tracing::info!(node, %host, port, "broker registered with the cluster");
+                    return;
+                }
+                let cmd = MetadataCommand::Register { node, host, port };
+                if let Err(e) = shard.controller.propose(&shard, &cmd) {
+                    tracing::debug!(error = %format!("{e:#}"), "registration not proposed yet");
+                }
+                drop(shard);
+                glommio::timer::sleep(Duration::from_millis(300)).await;
+            }
+        })
+        .detach();
+        Ok(())
+    }
+
+    fn metadata_group(shard: &Shard) -> Option<Rc<crate::replication::group::Group>> {
+        shard
+            .cluster()
+            .and_then(|c| c.group(&ClusterNode::metadata_tp()))
+    }
+
+    /// In a cluster, this broker is the controller only while it leads the metadata group.
+    fn not_controller(&self, shard: &Shard) -> bool {
+        shard.cluster().is_some() && !Self::metadata_group(shard).is_some_and(|g| g.role().leader)
+    }
+
+    fn propose(&self, shard: &Shard, cmd: &MetadataCommand) -> Result<()> {
+        let group = Self::metadata_group(shard).context("no metadata group")?;
+        group
+            .propose_command(cmd.encode()?)
+            .map_err(|e| anyhow::anyhow!("metadata proposal refused: {e:?}"))
+    }
+
+    /// Proposes a command with a tag and waits until it is applied and announced; returns its
+    /// result (a producer-id block's first id).
+    async fn propose_and_wait(
+        &self,
+        shard: &Shard,
+        tag: u64,
+        cmd: &MetadataCommand,
+    ) -> Result<i64> {
+        let (tx, rx) = oneshot::channel();
+        self.waiting.borrow_mut().insert(tag, tx);
+        if let Err(e) = self.propose(shard, cmd) {
+            self.waiting.borrow_mut().remove(&tag);
+            return Err(e);
+        }
+        match glommio::timer::timeout(METADATA_WAIT, async { Ok(rx.await) }).await {
+            Ok(Ok(v)) => Ok(v),
+            _ => {
+                self.waiting.borrow_mut().remove(&tag);
+                bail!("the metadata change was not committed in time")
+            }
+        }
+    }
+
+    /// Applies committed metadata commands (the metadata group's driver calls this), then has
+    /// the new table announced to every shard, in order, before waiting proposers are answered.
+    fn on_metadata(&self, shard: &Rc<Shard>, applied: Vec<Applied>) {
+        {
+            let mut guard = self.table.borrow_mut();
+            let Some(table) = guard.as_mut() else { return };
+            for a in applied {
+                match MetadataCommand::decode(&a.batch) {
+                    Ok(cmd) => {
+                        if let Some(result) = cmd.apply(table) {
+                            self.unannounced.borrow_mut().push(result);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(index = a.index, error = %format!("{e:#}"), "undecodable metadata entry skipped")
+                    }
+                }
+            }
+        }
+        self.version.set(self.version.get() + 1);
+        if self.announcing.replace(true) {
+            return;
+        }
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            loop {
+                let version = shard.controller.version.get();
+                let table = shard.controller.current();
+                let results: Vec<(u64, i64)> = shard
+                    .controller
+                    .unannounced
+                    .borrow_mut()
+                    .drain(..)
+                    .collect();
+                shard.broadcast_topics(Arc::new(table)).await;
+                for (tag, value) in results {
+                    if let Some(tx) = shard.controller.waiting.borrow_mut().remove(&tag) {
+                        let _ = tx.send(value);
+                    }
+                }
+                if shard.controller.version.get() == version {
+                    shard.controller.announcing.set(false);
+                    return;
+                }
+            }
+        })
+        .detach();
     }
 
     /// Loads the persisted table (shard 0 at start) and announces it to every shard.
     pub async fn load(&self, shard: &Rc<Shard>) -> Result<()> {
+        if shard.cluster().is_some() {
+            return self.load_cluster(shard).await;
+        }
         let table = TopicTable::load_or_init(&shard.options.data_dir).await?;
         tracing::info!(
             cluster_id = %table.cluster_id,
@@ -95,6 +266,17 @@ impl Controller {
         shard: &Rc<Shard>,
         table: TopicTable,
     ) -> Result<Vec<(crate::model::TopicPartition, String)>> {
+        if shard.cluster().is_some() {
+            if self.not_controller(shard) {
+                bail!("this broker is not the controller");
+            }
+            let tag: u64 = rand_tag();
+            self.propose_and_wait(shard, tag, &MetadataCommand::table(tag, &table))
+                .await?;
+            // Partitions open on the brokers that hold them; a failure there is that broker's
+            // (logged, the partition is offline on it), not the whole cluster's.
+            return Ok(Vec::new());
+        }
         table.persist(&shard.options.data_dir).await?;
         *self.table.borrow_mut() = Some(table.clone());
         Ok(shard.broadcast_topics(Arc::new(table)).await)
@@ -109,11 +291,33 @@ impl Controller {
         let Ok(_permit) = self.changes.acquire_permit(1).await else {
             return failed_all(specs.iter().map(|s| s.name.clone()));
         };
+        if self.not_controller(shard) {
+            return specs
+                .into_iter()
+                .map(|s| {
+                    let message = "This broker is not the controller.".to_string();
+                    (s.name, Err((ErrorCode::NOT_CONTROLLER, message)))
+                })
+                .collect();
+        }
         let mut table = self.current();
         let mut results = Vec::with_capacity(specs.len());
         let mut changed = false;
+        let brokers: Vec<i32> = match shard.cluster() {
+            Some(_) => table.brokers.keys().copied().collect(),
+            None => vec![shard.options.broker.node_id],
+        };
         for spec in specs {
-            let result = check_spec(&table, &spec, shard.options.broker.num_partitions);
+            let mut result = check_spec(&table, &spec, &shard.options.broker, &brokers);
+            if let (Ok(topic), Some(_)) = (&mut result, shard.cluster()) {
+                let rf = if spec.replication_factor == -1 {
+                    usize::try_from(shard.options.broker.default_replication_factor).unwrap_or(1)
+                } else {
+                    usize::try_from(spec.replication_factor).unwrap_or(1)
+                };
+                let start = table.topics.len() % brokers.len().max(1);
+                topic.replicas = assign_replicas(&brokers, topic.partitions, rf, start);
+            }
             match result {
                 Ok(topic) => {
                     if !validate_only {
@@ -183,6 +387,12 @@ impl Controller {
                 .map(|n| (n, ErrorCode::UNKNOWN_SERVER_ERROR))
                 .collect();
         };
+        if self.not_controller(shard) {
+            return names
+                .into_iter()
+                .map(|n| (n, ErrorCode::NOT_CONTROLLER))
+                .collect();
+        }
         let mut table = self.current();
         let mut results = Vec::with_capacity(names.len());
         let mut changed = false;
@@ -300,6 +510,7 @@ impl Controller {
                 .collect();
         };
         let mut table = self.current();
+        let table_brokers: Vec<i32> = table.brokers.keys().copied().collect();
         let mut results = Vec::with_capacity(topics.len());
         let mut changed = false;
         for (name, count) in topics {
@@ -328,6 +539,13 @@ impl Controller {
                 continue;
             }
             if !validate_only {
+                if shard.cluster().is_some() {
+                    let brokers: Vec<i32> = table_brokers.clone();
+                    let rf = topic.replicas.first().map_or(1, Vec::len);
+                    let grown = assign_replicas(&brokers, count, rf, 0);
+                    let start = usize::try_from(topic.partitions).unwrap_or(0);
+                    topic.replicas.extend(grown.into_iter().skip(start));
+                }
                 topic.partitions = count;
                 changed = true;
             }
@@ -350,6 +568,22 @@ impl Controller {
         let Ok(_permit) = self.changes.acquire_permit(1).await else {
             return Err(ErrorCode::UNKNOWN_SERVER_ERROR);
         };
+        if shard.cluster().is_some() {
+            if self.next_producer_id.get() >= self.producer_block_end.get() {
+                let tag = rand_tag();
+                let node = shard.options.broker.node_id;
+                let cmd = MetadataCommand::ProducerBlock { node, tag };
+                let start = self.propose_and_wait(shard, tag, &cmd).await.map_err(|e| {
+                    tracing::warn!(error = %format!("{e:#}"), "no producer id block");
+                    ErrorCode::COORDINATOR_NOT_AVAILABLE
+                })?;
+                self.next_producer_id.set(start);
+                self.producer_block_end.set(start + PRODUCER_ID_BLOCK);
+            }
+            let id = self.next_producer_id.get();
+            self.next_producer_id.set(id + 1);
+            return Ok(id);
+        }
         let id = self.next_producer_id.get();
         let mut table = self.current();
         if id >= table.producer_id_block_end {
@@ -415,8 +649,23 @@ fn failed_all(names: impl Iterator<Item = String>) -> Vec<(String, TopicResult)>
         .collect()
 }
 
-/// Validates a topic to create against the table, as Kafka's controller does.
-fn check_spec(table: &TopicTable, spec: &TopicSpec, default_partitions: i32) -> TopicResult {
+/// A tag for a metadata command this broker waits on.
+fn rand_tag() -> u64 {
+    u64::from_le_bytes(
+        uuid::Uuid::new_v4().as_bytes()[..8]
+            .try_into()
+            .unwrap_or_default(),
+    )
+}
+
+/// Validates a topic to create against the table and the brokers, as Kafka's controller does.
+fn check_spec(
+    table: &TopicTable,
+    spec: &TopicSpec,
+    broker: &crate::config::BrokerConfig,
+    brokers: &[i32],
+) -> TopicResult {
+    let default_partitions = broker.num_partitions;
     validate_topic_name(&spec.name).map_err(|m| (ErrorCode::INVALID_TOPIC_EXCEPTION, m))?;
     if table.get(&spec.name).is_some() {
         return Err((
@@ -435,12 +684,17 @@ fn check_spec(table: &TopicTable, spec: &TopicSpec, default_partitions: i32) -> 
             format!("Number of partitions must be between 1 and {PARTITIONS_PER_TOPIC_MAX}."),
         ));
     }
-    if spec.replication_factor != -1 && spec.replication_factor != 1 {
+    let rf = if spec.replication_factor == -1 {
+        broker.default_replication_factor
+    } else {
+        spec.replication_factor
+    };
+    if rf < 1 || usize::try_from(rf).unwrap_or(usize::MAX) > brokers.len().max(1) {
         return Err((
             ErrorCode::INVALID_REPLICATION_FACTOR,
             format!(
-                "Replication factor: {} larger than available brokers: 1.",
-                spec.replication_factor
+                "Replication factor: {rf} larger than available brokers: {}.",
+                brokers.len().max(1)
             ),
         ));
     }
@@ -454,6 +708,7 @@ fn check_spec(table: &TopicTable, spec: &TopicSpec, default_partitions: i32) -> 
         id: *uuid::Uuid::new_v4().as_bytes(),
         partitions,
         configs,
+        replicas: Vec::new(),
     })
 }
 

@@ -7,6 +7,7 @@
 //! The controller role of a single node (changing the topic table, allocating producer ids) lives
 //! on shard 0, which persists the table and hands every shard a snapshot before answering.
 
+pub mod cluster;
 pub mod controller;
 pub mod shutdown;
 pub mod startup;
@@ -101,6 +102,14 @@ pub enum Request {
     },
     /// Sizes, offsets and producers of partitions this shard owns (None: not here).
     Facts(Vec<TopicPartition>),
+    /// Raft messages from other brokers for groups this shard owns.
+    Raft(Vec<(TopicPartition, raft::eraftpb::Message)>),
+    /// A Raft group on this broker has a new leader (or none: -1).
+    Leader {
+        tp: TopicPartition,
+        leader: i32,
+        epoch: i32,
+    },
 }
 
 impl Request {
@@ -119,14 +128,50 @@ impl Request {
             Request::CreatePartitions { .. } => "CreatePartitions",
             Request::DeleteRecords { .. } => "DeleteRecords",
             Request::Facts(_) => "Facts",
+            Request::Raft(_) => "Raft",
+            Request::Leader { .. } => "Leader",
         }
     }
 }
 
-/// KIP-320: a client naming a leader epoch older than the partition's is fenced; one newer than
-/// it knows is ahead of this broker's metadata. -1 skips the check.
-fn check_leader_epoch(log: &PartitionLog, current: i32) -> Result<(), ErrorCode> {
-    let ours = crate::storage::partition::leader_epoch(log).0;
+impl Shard {
+    /// KIP-320 and leadership: in a cluster only the leader serves reads; a client naming a
+    /// leader epoch older than the partition's is fenced, one newer than this broker knows is
+    /// ahead of its metadata. -1 skips the epoch check.
+    fn check_leader_epoch(
+        &self,
+        tp: &TopicPartition,
+        log: &PartitionLog,
+        current: i32,
+    ) -> Result<(), ErrorCode> {
+        let ours = match self.cluster().and_then(|c| c.group(tp)) {
+            Some(group) => {
+                if !group.role().leader {
+                    return Err(ErrorCode::NOT_LEADER_OR_FOLLOWER);
+                }
+                group.leader_epoch()
+            }
+            None => crate::storage::partition::leader_epoch(log).0,
+        };
+        epoch_check(ours, current)
+    }
+
+    /// The error for a partition this shard does not have: in a cluster, an existing partition
+    /// held by other brokers is `NOT_LEADER_OR_FOLLOWER` (the client refreshes its metadata).
+    fn missing_partition_error(&self, tp: &TopicPartition) -> ErrorCode {
+        let exists = self
+            .topics()
+            .get(&tp.topic)
+            .is_some_and(|t| tp.partition.0 >= 0 && tp.partition.0 < t.partitions);
+        if self.cluster.is_some() && exists {
+            ErrorCode::NOT_LEADER_OR_FOLLOWER
+        } else {
+            ErrorCode::UNKNOWN_TOPIC_OR_PARTITION
+        }
+    }
+}
+
+fn epoch_check(ours: i32, current: i32) -> Result<(), ErrorCode> {
     match current {
         c if c < 0 || c == ours => Ok(()),
         c if c < ours => Err(ErrorCode::FENCED_LEADER_EPOCH),
@@ -189,6 +234,7 @@ pub enum Reply {
     /// DeleteRecords: the new log start offset.
     LowWatermark(Result<Offset, ErrorCode>),
     Facts(Vec<(TopicPartition, Option<PartitionFacts>)>),
+    Done,
 }
 
 pub enum Envelope {
@@ -224,6 +270,8 @@ pub struct Shard {
     connections: Cell<usize>,
     /// Incremental fetch sessions of this shard's connections (KIP-227).
     pub fetch_sessions: crate::handlers::fetch_session::FetchSessions,
+    /// Set when this broker is part of a cluster (`controller.quorum.voters`).
+    cluster: Option<cluster::ClusterNode>,
 }
 
 impl Shard {
@@ -240,6 +288,12 @@ impl Shard {
         let count = senders.nr_consumers();
         let (ready_tx, ready_rx) = oneshot::channel();
         let fetch_session_slots = options.broker.fetch_session_slots;
+        let cluster = (!options.broker.quorum_voters.is_empty()).then(|| {
+            cluster::ClusterNode::start(
+                options.broker.node_id,
+                options.broker.quorum_voters.clone(),
+            )
+        });
         let shard = Rc::new(Shard {
             id,
             count,
@@ -264,6 +318,7 @@ impl Shard {
                 count,
                 fetch_session_slots,
             ),
+            cluster,
         });
         let mut receivers = receivers;
         for (peer, stream) in receivers.streams() {
@@ -395,6 +450,10 @@ impl Shard {
     }
 
     pub fn owner_of(&self, tp: &TopicPartition) -> ShardId {
+        if &*tp.topic == crate::cluster::metadata::METADATA_TOPIC {
+            // The metadata group feeds the controller, which lives on shard 0.
+            return ShardId(0);
+        }
         shard_for(tp, self.count)
     }
 
@@ -417,8 +476,19 @@ impl Shard {
         match req {
             Request::Append { tp, records, acks } => {
                 let Some(log) = self.partition(&tp) else {
-                    return Reply::Append(Err(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION.into()));
+                    return Reply::Append(Err(self.missing_partition_error(&tp).into()));
                 };
+                if let Some(group) = self.cluster().and_then(|c| c.group(&tp)) {
+                    let min_insync = log.config().min_insync_replicas;
+                    let appended = group.produce(&log, records, acks, min_insync).await;
+                    if let Ok(a) = &appended {
+                        crate::metrics::add(
+                            crate::metrics::Counter::RecordsProduced,
+                            u64::try_from(a.records).unwrap_or(0),
+                        );
+                    }
+                    return Reply::Append(appended);
+                }
                 let durable = acks == -1;
                 if durable && log.config().min_insync_replicas > 1 {
                     // One replica per partition on a single node: the in-sync set is just this one.
@@ -448,11 +518,11 @@ impl Shard {
                 max_bytes,
                 current_leader_epoch,
             } => match self.partition(&tp) {
-                Some(log) => match check_leader_epoch(&log, current_leader_epoch) {
+                Some(log) => match self.check_leader_epoch(&tp, &log, current_leader_epoch) {
                     Ok(()) => Reply::Read(log.read(offset, max_bytes).await),
                     Err(code) => Reply::Read(Err(code)),
                 },
-                None => Reply::Read(Err(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION)),
+                None => Reply::Read(Err(self.missing_partition_error(&tp))),
             },
             Request::WaitForData {
                 positions,
@@ -490,9 +560,9 @@ impl Shard {
                 current_leader_epoch,
             } => {
                 let Some(log) = self.partition(&tp) else {
-                    return Reply::ListOffset(Err(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION));
+                    return Reply::ListOffset(Err(self.missing_partition_error(&tp)));
                 };
-                if let Err(code) = check_leader_epoch(&log, current_leader_epoch) {
+                if let Err(code) = self.check_leader_epoch(&tp, &log, current_leader_epoch) {
                     return Reply::ListOffset(Err(code));
                 }
                 let result = match timestamp {
@@ -549,11 +619,54 @@ impl Shard {
                     })
                     .collect(),
             ),
+            Request::Raft(messages) => {
+                self.deliver_raft(messages);
+                Reply::Done
+            }
+            Request::Leader { tp, leader, epoch } => {
+                self.record_leader(tp, leader, epoch);
+                Reply::Done
+            }
             Request::DeleteRecords { tp, offset } => match self.partition(&tp) {
                 Some(log) => Reply::LowWatermark(log.delete_records(offset).await),
                 None => Reply::LowWatermark(Err(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION)),
             },
         }
+    }
+
+    /// Whether this broker holds a replica of partition `p` of `topic` (always, on a single node).
+    fn holds_replica(&self, topic: &Topic, p: i32) -> bool {
+        match self.cluster() {
+            None => true,
+            Some(c) => usize::try_from(p)
+                .ok()
+                .and_then(|p| topic.replicas.get(p))
+                .is_some_and(|r| r.contains(&c.node_id)),
+        }
+    }
+
+    async fn open_replica_group(
+        self: &Rc<Self>,
+        tp: &TopicPartition,
+        table: &TopicTable,
+        log: &PartitionLog,
+    ) -> Result<()> {
+        let replicas: Vec<u64> = table
+            .get(&tp.topic)
+            .and_then(|t| t.replicas.get(usize::try_from(tp.partition.0).ok()?))
+            .map(|r| r.iter().filter_map(|id| u64::try_from(*id).ok()).collect())
+            .unwrap_or_default();
+        let dir = self.options.data_dir.join(tp.dir_name());
+        let end = log.log_end_offset().0;
+        self.open_group(
+            tp.clone(),
+            dir,
+            replicas,
+            crate::replication::group::Sink::Log(log.clone()),
+            end,
+        )
+        .await?;
+        Ok(())
     }
 
     pub fn partition(&self, tp: &TopicPartition) -> Option<PartitionLog> {
@@ -574,7 +687,7 @@ impl Shard {
                     topic: topic.name.clone(),
                     partition: crate::model::PartitionId(p),
                 };
-                if self.owner_of(&tp) == self.id {
+                if self.owner_of(&tp) == self.id && self.holds_replica(topic, p) {
                     wanted.insert(tp, (topic, topic.id));
                 }
             }
@@ -595,6 +708,9 @@ impl Shard {
             .collect();
         for (tp, log) in stale {
             self.partitions.borrow_mut().remove(&tp);
+            if let Some(c) = self.cluster() {
+                c.remove_group(&tp);
+            }
             if let Err(e) = log.delete().await {
                 tracing::error!(partition = %tp, error = %format!("{e:#}"), "deleting partition failed");
             }
@@ -624,6 +740,15 @@ impl Shard {
             .await
             {
                 Ok(log) => {
+                    if self.cluster.is_some() {
+                        if let Err(e) = self.open_replica_group(&tp, &table, &log).await {
+                            let why = format!("{e:#}");
+                            tracing::error!(partition = %tp, error = %why, "starting replication failed");
+                            log.close();
+                            failed.push((tp, why));
+                            continue;
+                        }
+                    }
                     if &*tp.topic == OFFSETS_TOPIC {
                         self.groups.load(&log).await;
                     }

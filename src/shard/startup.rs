@@ -36,6 +36,42 @@ pub fn resolve_cores(requested: Option<Vec<usize>>) -> Result<Vec<usize>> {
     }
 }
 
+/// Where this broker takes broker-to-broker traffic: `inter.broker.listen`, else its own entry in
+/// `controller.quorum.voters`; none on a single node.
+fn inter_broker_address(options: &ServeOptions) -> Result<Option<SocketAddr>> {
+    let broker = &options.broker;
+    if broker.quorum_voters.is_empty() {
+        return Ok(None);
+    }
+    let own = broker
+        .quorum_voters
+        .iter()
+        .find(|(id, _)| *id == broker.node_id)
+        .map(|(_, a)| a.clone());
+    if own.is_none() {
+        // A broker outside the quorum (scale-out) needs the controller's broker registration
+        // and replica moves, which are not built yet.
+        bail!(
+            "node.id {} is not in controller.quorum.voters; brokers that are not voters are not supported yet",
+            broker.node_id
+        );
+    }
+    let (host, port) = broker
+        .inter_broker_listen
+        .clone()
+        .or(own)
+        .context("no inter-broker address")?;
+    let address = format!("{host}:{port}");
+    let resolved = std::net::ToSocketAddrs::to_socket_addrs(&address)
+        .with_context(|| format!("resolving inter-broker address {address}"))?
+        .next()
+        .with_context(|| format!("inter-broker address {address} resolves to nothing"))?;
+    if !resolved.ip().is_loopback() && !resolved.ip().is_unspecified() {
+        tracing::info!(%resolved, "inter-broker listener on a non-loopback address");
+    }
+    Ok(Some(resolved))
+}
+
 /// Runs the broker until SIGTERM or SIGINT has shut it down cleanly (see [`shutdown`]).
 /// `on_ready` is called with the bound address once every shard serves.
 pub fn run(mut options: ServeOptions, on_ready: impl FnOnce(SocketAddr, SocketAddr)) -> Result<()> {
@@ -60,6 +96,14 @@ pub fn run(mut options: ServeOptions, on_ready: impl FnOnce(SocketAddr, SocketAd
     let count = options.cores.len();
     let open_files_per_shard = open_files_budget(count);
     let (sockets, bound) = server::bind_listeners(options.listen, count)?;
+    let inter_broker = inter_broker_address(&options)?;
+    let mut peer_sockets: Vec<Option<socket2::Socket>> = match inter_broker {
+        Some(address) => crate::replication::transport::bind(address, count)?
+            .into_iter()
+            .map(Some)
+            .collect(),
+        None => (0..count).map(|_| None).collect(),
+    };
     let advertised = options
         .broker
         .advertised_listener
@@ -76,6 +120,7 @@ pub fn run(mut options: ServeOptions, on_ready: impl FnOnce(SocketAddr, SocketAd
         let advertised = advertised.clone();
         let ready_tx = ready_tx.clone();
         let hub = hub.clone();
+        let peer_socket = peer_sockets.get_mut(i).and_then(Option::take);
         let handle = LocalExecutorBuilder::new(Placement::Fixed(*core))
             .name(&format!("strom-shard-{i}"))
             .io_memory(IO_MEMORY_BYTES_PER_SHARD)
@@ -100,6 +145,9 @@ pub fn run(mut options: ServeOptions, on_ready: impl FnOnce(SocketAddr, SocketAd
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
+                if let Some(socket) = peer_socket {
+                    shard.serve_peers(socket);
+                }
                 let watcher = {
                     let shard = shard.clone();
                     glommio::spawn_local(async move {

@@ -375,15 +375,16 @@ impl PartitionLog {
         self.state.borrow().log_start
     }
 
-    /// Validates `records` (one or more batches), deduplicates idempotent retries, assigns offsets
-    /// and queues the batches for the flusher. No await: offsets follow call order.
-    pub fn append(&self, records: Bytes, durable: bool) -> Result<Appended, AppendError> {
-        let mut st = self.state.borrow_mut();
+    /// Kafka's checks on produced batches, before anything is accepted: sizes, CRC, record
+    /// framing, keys on compacted topics, one batch per request for idempotent producers.
+    /// Returns each batch's position and header.
+    pub fn validate(&self, records: &Bytes) -> Result<Vec<(usize, BatchHeader)>, AppendError> {
+        let st = self.state.borrow();
         if st.failed || st.closed {
             return Err(ErrorCode::KAFKA_STORAGE_ERROR.into());
         }
         let batches =
-            batch::split_batches(&records).map_err(|e| AppendError::from(e.error_code()))?;
+            batch::split_batches(records).map_err(|e| AppendError::from(e.error_code()))?;
         if batches.is_empty() {
             return Err(ErrorCode::CORRUPT_MESSAGE.into());
         }
@@ -412,6 +413,70 @@ impl PartitionLog {
                 }
             }
         }
+        if batches.len() > 1 && batches.iter().any(|(_, h)| h.producer_id >= 0) {
+            // Kafka's producers send one batch per partition; more with producer ids is invalid.
+            return Err(ErrorCode::INVALID_RECORD.into());
+        }
+        Ok(batches)
+    }
+
+    /// Checks an idempotent batch's sequence against the batches in the log: `Ok(Some((base,
+    /// end)))` is a retry of a recent batch, with its offsets.
+    pub fn check_sequence(&self, h: &BatchHeader) -> Result<Option<(Offset, Offset)>, ErrorCode> {
+        Ok(self
+            .state
+            .borrow()
+            .check_sequence(h)?
+            .map(|dup| (dup.base_offset, dup.last_offset.next())))
+    }
+
+    /// Appends a batch that already has its offsets and leader epoch (a replica applying what
+    /// Raft committed): stored byte for byte at the log end, which must be its base offset.
+    pub fn append_replicated(&self, bytes: Bytes) -> Result<(), ErrorCode> {
+        let mut st = self.state.borrow_mut();
+        if st.failed || st.closed {
+            return Err(ErrorCode::KAFKA_STORAGE_ERROR);
+        }
+        let header = BatchHeader::parse(&bytes).map_err(|e| e.error_code())?;
+        if header.base_offset != st.next_offset || header.size_bytes != bytes.len() {
+            tracing::error!(partition = %st.tp, base = header.base_offset.0, log_end = st.next_offset.0, "replicated batch does not start at the log end");
+            return Err(ErrorCode::KAFKA_STORAGE_ERROR);
+        }
+        if header.producer_id >= 0 {
+            record_producer_batch(&mut st.producers, &header);
+        }
+        st.meta.leader_epoch = st.meta.leader_epoch.max(header.leader_epoch);
+        st.next_offset = header.last_offset().next();
+        st.pending.push_back(PendingBatch { header, bytes });
+        drop(st);
+        self.work.notify(1);
+        Ok(())
+    }
+
+    /// Asks the flusher to make everything accepted durable; [`PartitionLog::durable_offset`]
+    /// tells when it is.
+    pub fn request_sync(&self) {
+        let mut st = self.state.borrow_mut();
+        st.sync_wanted = st.sync_wanted.max(st.next_offset);
+        drop(st);
+        self.work.notify(1);
+    }
+
+    /// Every offset below this is written and fdatasynced.
+    pub fn durable_offset(&self) -> Offset {
+        self.state.borrow().durable
+    }
+
+    /// The offset the next batch gets.
+    pub fn log_end_offset(&self) -> Offset {
+        self.state.borrow().next_offset
+    }
+
+    /// Validates `records` (one or more batches), deduplicates idempotent retries, assigns offsets
+    /// and queues the batches for the flusher. No await: offsets follow call order.
+    pub fn append(&self, records: Bytes, durable: bool) -> Result<Appended, AppendError> {
+        let batches = self.validate(&records)?;
+        let mut st = self.state.borrow_mut();
         // Idempotence: a retry of one of the producer's last five batches is answered with its
         // original offsets and not written again.
         if let [(_, h)] = batches.as_slice() {
@@ -433,9 +498,6 @@ impl PartitionLog {
                     });
                 }
             }
-        } else if batches.iter().any(|(_, h)| h.producer_id >= 0) {
-            // Kafka's producers send one batch per partition; more with producer ids is invalid.
-            return Err(ErrorCode::INVALID_RECORD.into());
         }
         let append_time = if st.config.log_append_time {
             now_ms() as i64

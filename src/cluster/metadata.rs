@@ -1,0 +1,195 @@
+//! The cluster metadata log: what the controller's Raft group (`__cluster_metadata`, over the
+//! voters of `controller.quorum.voters`) replicates. Each entry is one rkyv [`MetadataCommand`];
+//! every broker applies the committed commands in order to its copy of the [`TopicTable`], so all
+//! brokers hold the same table. The log is replayed from its start when a broker starts (it holds
+//! metadata only, no records).
+//!
+//! - `Register`: a broker's client address (any broker proposes its own at start).
+//! - `ProducerBlock`: reserves the next block of producer ids for one broker.
+//! - `Table`: the topics (with replica assignments) and dynamic broker configs as the controller
+//!   (the group's leader) computed them from the table it had applied; brokers and producer-id
+//!   blocks are not in it, so a concurrent `Register` or `ProducerBlock` is never overwritten.
+
+use anyhow::Result;
+
+use super::topics::{ClusterRecord, TopicRecord, PRODUCER_ID_BLOCK};
+use super::TopicTable;
+
+/// The Raft group of the cluster metadata; not a Kafka topic (Metadata does not list it).
+pub const METADATA_TOPIC: &str = "__cluster_metadata";
+
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq)]
+pub enum MetadataCommand {
+    Register {
+        node: i32,
+        host: String,
+        port: u16,
+    },
+    ProducerBlock {
+        node: i32,
+        tag: u64,
+    },
+    Table {
+        tag: u64,
+        topics: Vec<TopicRecord>,
+        /// Per topic (same order), per partition: the replicas.
+        replicas: Vec<Vec<Vec<i32>>>,
+        broker_configs: Vec<(String, String)>,
+    },
+}
+
+impl MetadataCommand {
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        Ok(rkyv::to_bytes::<rkyv::rancor::Error>(self)?.into_vec())
+    }
+
+    /// Decodes a committed entry (validated by bytecheck: a bad entry is an error).
+    pub fn decode(bytes: &[u8]) -> Result<MetadataCommand> {
+        let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
+        aligned.extend_from_slice(bytes);
+        Ok(rkyv::from_bytes::<MetadataCommand, rkyv::rancor::Error>(
+            &aligned,
+        )?)
+    }
+
+    /// The `Table` command for `table`.
+    pub fn table(tag: u64, table: &TopicTable) -> MetadataCommand {
+        let ClusterRecord {
+            topics,
+            broker_configs,
+            ..
+        } = table.to_record();
+        let replicas = topics
+            .iter()
+            .map(|t| {
+                table
+                    .get(&t.name)
+                    .map(|topic| topic.replicas.clone())
+                    .unwrap_or_default()
+            })
+            .collect();
+        MetadataCommand::Table {
+            tag,
+            topics,
+            replicas,
+            broker_configs,
+        }
+    }
+
+    /// Applies the command to `table`. Returns the command's tag and its result for the broker
+    /// waiting on it (a producer-id block's first id).
+    pub fn apply(self, table: &mut TopicTable) -> Option<(u64, i64)> {
+        match self {
+            MetadataCommand::Register { node, host, port } => {
+                table.brokers.insert(node, (host, port));
+                None
+            }
+            MetadataCommand::ProducerBlock { tag, .. } => {
+                let start = table.producer_id_block_end;
+                table.producer_id_block_end = start + PRODUCER_ID_BLOCK;
+                Some((tag, start))
+            }
+            MetadataCommand::Table {
+                tag,
+                topics,
+                replicas,
+                broker_configs,
+            } => {
+                let record = ClusterRecord {
+                    cluster_id: table.cluster_id.clone(),
+                    producer_id_block_end: table.producer_id_block_end,
+                    topics,
+                    broker_configs,
+                };
+                let brokers = std::mem::take(&mut table.brokers);
+                let mut next = TopicTable::from_record(record);
+                next.brokers = brokers;
+                for (topic, r) in next.topics.values_mut().zip(replicas) {
+                    topic.replicas = r;
+                }
+                *table = next;
+                Some((tag, 0))
+            }
+        }
+    }
+}
+
+/// The cluster id every voter derives from the same `controller.quorum.voters`: 22 characters of
+/// URL-safe base64 over 16 bytes, the form Kafka's cluster ids take.
+pub fn cluster_id_for(voters: &[(i32, (String, u16))]) -> String {
+    let mut text = String::new();
+    for (id, (host, port)) in voters {
+        text.push_str(&format!("{id}@{host}:{port},"));
+    }
+    let a = u64::from(crc32c::crc32c(text.as_bytes()));
+    let b = u64::from(crc32c::crc32c_append(0x5354_524f, text.as_bytes()));
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&(a << 32 | b).to_be_bytes());
+    bytes[8..].copy_from_slice(&(b << 32 | a).to_be_bytes());
+    crate::model::kafka_uuid(bytes)
+}
+
+/// Spreads `partitions` partitions of `rf` replicas over `brokers` (sorted ids), round robin from
+/// `start`: partition p's first replica (its preferred leader) is broker (start + p) mod n.
+pub fn assign_replicas(brokers: &[i32], partitions: i32, rf: usize, start: usize) -> Vec<Vec<i32>> {
+    let n = brokers.len().max(1);
+    (0..usize::try_from(partitions).unwrap_or(0))
+        .map(|p| {
+            (0..rf)
+                .filter_map(|i| brokers.get((start + p + i) % n).copied())
+                .collect()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_round_trip_and_apply_in_order() {
+        let mut table = TopicTable::default();
+        let cmds = vec![
+            MetadataCommand::Register {
+                node: 2,
+                host: "127.0.0.2".into(),
+                port: 9092,
+            },
+            MetadataCommand::ProducerBlock { node: 2, tag: 7 },
+            MetadataCommand::Table {
+                tag: 9,
+                topics: vec![TopicRecord {
+                    name: "t".into(),
+                    id: [1; 16],
+                    partitions: 2,
+                    configs: vec![],
+                }],
+                replicas: vec![vec![vec![1, 2], vec![2, 1]]],
+                broker_configs: vec![],
+            },
+            MetadataCommand::ProducerBlock { node: 1, tag: 8 },
+        ];
+        let mut results = Vec::new();
+        for c in cmds {
+            let decoded = MetadataCommand::decode(&c.encode().unwrap()).unwrap();
+            assert_eq!(decoded, c);
+            results.push(decoded.apply(&mut table));
+        }
+        assert_eq!(
+            results,
+            vec![None, Some((7, 0)), Some((9, 0)), Some((8, 1000))]
+        );
+        assert_eq!(table.brokers.len(), 1);
+        assert_eq!(
+            table.get("t").unwrap().replicas,
+            vec![vec![1, 2], vec![2, 1]]
+        );
+        assert!(MetadataCommand::decode(b"garbage").is_err());
+    }
+
+    #[test]
+    fn replicas_spread_round_robin() {
+        let r = assign_replicas(&[1, 2, 3], 4, 2, 0);
+        assert_eq!(r, vec![vec![1, 2], vec![2, 3], vec![3, 1], vec![1, 2]]);
+    }
+}

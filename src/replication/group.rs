@@ -1,0 +1,498 @@
+//! One Raft group on its owning shard: the [`Replica`] over its [`WalStore`], the task that drives
+//! it (messages in, ticks, Ready out, committed entries applied), and the produce path at the
+//! leader (Kafka's checks, idempotent-producer sequences including batches proposed but not yet
+//! committed, waiting for the commit point).
+//!
+//! A data group applies committed batches to its partition's segments ([`PartitionLog`]), which
+//! therefore hold committed batches only: the high watermark readers see is the commit point. The
+//! metadata group (`__cluster_metadata`) hands committed commands to the controller instead.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_channel::oneshot;
+use raft::eraftpb::Message;
+
+use super::replica::{Applied, ProposeError, Replica};
+use super::transport::Transport;
+use super::wal::WalStore;
+use crate::model::{ErrorCode, Offset, TopicPartition};
+use crate::storage::batch::{self, BatchHeader};
+use crate::storage::{AppendError, Appended, PartitionLog};
+
+/// One Raft tick. Election timeout: `ELECTION_TICKS` to twice that many ticks (1–2 s).
+pub const TICK: Duration = Duration::from_millis(100);
+/// How long a produce waits for its batch to commit before `REQUEST_TIMED_OUT`.
+const COMMIT_WAIT: Duration = Duration::from_secs(30);
+/// The WAL is compacted once it holds this many bytes beyond what the segments made durable.
+const WAL_COMPACT_BYTES: u64 = 64 * 1024 * 1024;
+
+/// What a group does with committed entries.
+pub enum Sink {
+    /// A data partition: batches go into its segments.
+    Log(PartitionLog),
+    /// The metadata group: commands go to the controller.
+    Metadata(Box<dyn Fn(Vec<Applied>)>),
+}
+
+/// A batch of an idempotent producer proposed by this leader and not yet applied.
+#[derive(Clone, Copy)]
+struct Inflight {
+    epoch: i16,
+    first_sequence: i32,
+    last_sequence: i32,
+    base: i64,
+    end: i64,
+}
+
+/// Leadership as the last Ready left it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Role {
+    pub leader: bool,
+    pub term: u64,
+    pub leader_id: u64,
+}
+
+pub struct Group {
+    pub tp: TopicPartition,
+    replica: RefCell<Replica<WalStore>>,
+    inbox: RefCell<Vec<Message>>,
+    wake: event_listener::Event,
+    /// Notified after every Ready cycle.
+    progress: event_listener::Event,
+    transport: Rc<Transport>,
+    sink: Sink,
+    role: Cell<Role>,
+    /// Offsets below this were proposed and are in this leader's own durable log (`acks=1`).
+    persisted_end: Cell<i64>,
+    /// Produces waiting for their batch to commit, by base offset, with the term proposed in.
+    waiters: RefCell<BTreeMap<i64, (u64, oneshot::Sender<bool>)>>,
+    inflight: RefCell<HashMap<i64, VecDeque<Inflight>>>,
+    /// The raft index and end offset of applied batches not yet known durable in the segments.
+    applied_marks: RefCell<VecDeque<(u64, i64)>>,
+    /// Told about every leadership change (the shard updates Metadata's view).
+    on_role: Box<dyn Fn(Role)>,
+    stopped: Cell<bool>,
+    failed: Cell<bool>,
+}
+
+impl Group {
+    pub fn new(
+        tp: TopicPartition,
+        replica: Replica<WalStore>,
+        transport: Rc<Transport>,
+        sink: Sink,
+        on_role: Box<dyn Fn(Role)>,
+    ) -> Rc<Group> {
+        let group = Rc::new(Group {
+            tp,
+            replica: RefCell::new(replica),
+            inbox: RefCell::new(Vec::new()),
+            wake: event_listener::Event::new(),
+            progress: event_listener::Event::new(),
+            transport,
+            sink,
+            role: Cell::new(Role::default()),
+            persisted_end: Cell::new(0),
+            waiters: RefCell::new(BTreeMap::new()),
+            inflight: RefCell::new(HashMap::new()),
+            applied_marks: RefCell::new(VecDeque::new()),
+            on_role,
+            stopped: Cell::new(false),
+            failed: Cell::new(false),
+        });
+        let driver = group.clone();
+        glommio::spawn_local(async move { driver.run().await }).detach();
+        group
+    }
+
+    pub fn role(&self) -> Role {
+        self.role.get()
+    }
+
+    /// The leader epoch Kafka clients see: the Raft term.
+    pub fn leader_epoch(&self) -> i32 {
+        i32::try_from(self.role.get().term).unwrap_or(i32::MAX)
+    }
+
+    pub fn deliver(&self, message: Message) {
+        self.inbox.borrow_mut().push(message);
+        self.wake.notify(1);
+    }
+
+    pub fn stop(&self) {
+        self.stopped.set(true);
+        self.wake.notify(usize::MAX);
+        self.progress.notify(usize::MAX);
+    }
+
+    /// Replicas that answered the leader within the last election timeout, the leader included:
+    /// Kafka's in-sync replicas. Empty on a follower.
+    pub fn in_sync(&self) -> Vec<i32> {
+        let r = self.replica.borrow();
+        r.recent_active()
+            .into_iter()
+            .filter_map(|id| i32::try_from(id).ok())
+            .collect()
+    }
+
+    /// Follower lag in Raft entries, as the leader tracks it (empty on a follower).
+    pub fn follower_lag(&self) -> Vec<(i32, u64)> {
+        let r = self.replica.borrow();
+        r.follower_lag()
+            .into_iter()
+            .filter_map(|(id, lag)| i32::try_from(id).ok().map(|id| (id, lag)))
+            .collect()
+    }
+
+    /// Proposes an opaque command (the metadata group): from any replica, forwarded to the leader.
+    pub fn propose_command(&self, data: Vec<u8>) -> Result<(), ProposeError> {
+        self.replica.borrow_mut().propose_raw(data)?;
+        self.wake.notify(1);
+        Ok(())
+    }
+
+    pub fn commit_index(&self) -> u64 {
+        self.replica.borrow().commit_index()
+    }
+
+    async fn run(self: Rc<Self>) {
+        let mut next_tick = Instant::now() + TICK;
+        loop {
+            if self.stopped.get() {
+                return;
+            }
+            let listener = self.wake.listen();
+            if self.inbox.borrow().is_empty() {
+                let wait = next_tick.saturating_duration_since(Instant::now());
+                let _ = glommio::timer::timeout(wait, async {
+                    listener.await;
+                    Ok(())
+                })
+                .await;
+            }
+            let now = Instant::now();
+            let result = {
+                let mut r = self.replica.borrow_mut();
+                for m in self.inbox.borrow_mut().drain(..) {
+                    if let Err(e) = r.step(m) {
+                        tracing::debug!(partition = %self.tp, error = %format!("{e:#}"), "raft message refused");
+                    }
+                }
+                if now >= next_tick {
+                    r.tick();
+                    next_tick = now + TICK;
+                }
+                let out = r.drive();
+                let proposed = r.proposed_end();
+                (out, proposed)
+            };
+            let ((messages, applied), proposed) = match result {
+                (Ok(out), proposed) => (out, proposed),
+                (Err(e), _) => {
+                    tracing::error!(partition = %self.tp, error = %format!("{e:#}"), "raft group failed; it stops serving");
+                    self.failed.set(true);
+                    self.stop();
+                    return;
+                }
+            };
+            for m in &messages {
+                self.transport.send(&self.tp, m);
+            }
+            if let Some(p) = proposed {
+                self.persisted_end.set(self.persisted_end.get().max(p));
+            }
+            self.update_role();
+            if !applied.is_empty() {
+                self.apply(applied);
+            }
+            self.maybe_compact();
+            self.progress.notify(usize::MAX);
+        }
+    }
+
+    fn update_role(&self) {
+        let role = {
+            let r = self.replica.borrow();
+            Role {
+                leader: r.is_leader(),
+                term: r.term(),
+                leader_id: r.leader_id(),
+            }
+        };
+        let old = self.role.replace(role);
+        if old == role {
+            return;
+        }
+        tracing::info!(partition = %self.tp, leader = role.leader_id, term = role.term, "raft leadership changed");
+        if role.leader {
+            // Batches a former leader left uncommitted in our log may still commit: a producer's
+            // retry of one of them must be recognised as a duplicate.
+            let pending = self.replica.borrow().uncommitted_batches();
+            let mut inflight = self.inflight.borrow_mut();
+            inflight.clear();
+            for h in pending {
+                if h.producer_id >= 0 {
+                    push_inflight(&mut inflight, &h);
+                }
+            }
+        } else {
+            self.inflight.borrow_mut().clear();
+        }
+        (self.on_role)(role);
+    }
+
+    fn apply(&self, applied: Vec<Applied>) {
+        match &self.sink {
+            Sink::Metadata(f) => f(applied),
+            Sink::Log(log) => {
+                for a in applied {
+                    let end = a.end_offset;
+                    if let Err(code) = log.append_replicated(a.batch) {
+                        tracing::error!(partition = %self.tp, ?code, "applying a committed batch failed; the group stops");
+                        self.failed.set(true);
+                        self.stop();
+                        return;
+                    }
+                    self.applied_marks.borrow_mut().push_back((a.index, end));
+                    // Resolve produces whose offsets this batch covers.
+                    let mut waiters = self.waiters.borrow_mut();
+                    while let Some((&base, _)) = waiters.iter().next() {
+                        if base >= end {
+                            break;
+                        }
+                        let Some((term, tx)) = waiters.remove(&base) else {
+                            break;
+                        };
+                        let _ = tx.send(base == a.base_offset && term == a.term);
+                    }
+                    let mut inflight = self.inflight.borrow_mut();
+                    for q in inflight.values_mut() {
+                        while q.front().is_some_and(|b| b.end <= end) {
+                            q.pop_front();
+                        }
+                    }
+                    inflight.retain(|_, q| !q.is_empty());
+                }
+            }
+        }
+    }
+
+    /// Drops WAL entries whose batches the segments hold durably, once that is most of the WAL.
+    /// A leader keeps what a follower still needs (catch-up from a snapshot is not built yet).
+    fn maybe_compact(&self) {
+        let Sink::Log(log) = &self.sink else { return };
+        let r = self.replica.borrow();
+        if r.store().file_bytes() < WAL_COMPACT_BYTES {
+            return;
+        }
+        let durable = log.durable_offset().0;
+        let mut marks = self.applied_marks.borrow_mut();
+        let mut upto = None;
+        while marks.front().is_some_and(|(_, end)| *end <= durable) {
+            upto = marks.pop_front().map(|(i, _)| i);
+        }
+        let Some(mut index) = upto else {
+            log.request_sync();
+            return;
+        };
+        if let Some(min_match) = r.min_follower_match() {
+            index = index.min(min_match);
+        }
+        if let Err(e) = r.store().compact(index) {
+            tracing::error!(partition = %self.tp, error = %format!("{e:#}"), "raft log compaction failed");
+        }
+    }
+
+    /// Produce at the leader: checks, proposes, and waits for the commit point (`acks=-1`) or this
+    /// leader's own durable append (`acks=0/1`).
+    pub async fn produce(
+        &self,
+        log: &PartitionLog,
+        records: Bytes,
+        acks: i16,
+        min_insync: i32,
+    ) -> Result<Appended, AppendError> {
+        if self.failed.get() {
+            return Err(ErrorCode::KAFKA_STORAGE_ERROR.into());
+        }
+        if !self.role.get().leader {
+            return Err(ErrorCode::NOT_LEADER_OR_FOLLOWER.into());
+        }
+        let batches = log.validate(&records)?;
+        if acks == -1 {
+            let in_sync = self.in_sync().len();
+            if i32::try_from(in_sync).unwrap_or(i32::MAX) < min_insync {
+                return Err(ErrorCode::NOT_ENOUGH_REPLICAS.into());
+            }
+        }
+        if let [(_, h)] = batches.as_slice() {
+            if h.producer_id >= 0 {
+                if let Some((base, end)) = self.duplicate_of(log, h)? {
+                    self.wait_committed(end).await?;
+                    return Ok(Appended {
+                        base_offset: Offset(base),
+                        end_offset: Offset(end),
+                        records: 0,
+                        log_append_time_ms: -1,
+                        log_start_offset: log.log_start_offset(),
+                    });
+                }
+            }
+        }
+        let append_time = if log.config().log_append_time {
+            crate::storage::partition::now_ms() as i64
+        } else {
+            -1
+        };
+        let mut first_base = None;
+        let mut end = 0;
+        let mut term = 0;
+        let mut count = 0i64;
+        let mut receivers = Vec::new();
+        for (pos, h) in &batches {
+            let mut bytes = BytesMut::from(&records[*pos..*pos + h.size_bytes]);
+            if append_time >= 0 {
+                batch::set_log_append_time(&mut bytes, append_time);
+            }
+            let (base, t) = self
+                .replica
+                .borrow_mut()
+                .propose(&bytes)
+                .map_err(|e| match e {
+                    ProposeError::NotLeader | ProposeError::Dropped => {
+                        AppendError::from(ErrorCode::NOT_LEADER_OR_FOLLOWER)
+                    }
+                    ProposeError::Invalid => AppendError::from(ErrorCode::CORRUPT_MESSAGE),
+                })?;
+            let batch_end = base + i64::from(h.last_offset_delta) + 1;
+            first_base.get_or_insert(base);
+            end = batch_end;
+            term = t;
+            count += i64::from(h.record_count);
+            if h.producer_id >= 0 {
+                let mut assigned = *h;
+                assigned.base_offset = Offset(base);
+                push_inflight(&mut self.inflight.borrow_mut(), &assigned);
+            }
+            if acks == -1 {
+                let (tx, rx) = oneshot::channel();
+                self.waiters.borrow_mut().insert(base, (t, tx));
+                receivers.push(rx);
+            }
+        }
+        self.wake.notify(1);
+        let base = first_base.unwrap_or(0);
+        if acks == -1 {
+            for rx in receivers {
+                match glommio::timer::timeout(COMMIT_WAIT, async { Ok(rx.await) }).await {
+                    Ok(Ok(true)) => {}
+                    // Overwritten by another leader's batch, or the group stopped.
+                    Ok(Ok(false)) | Ok(Err(_)) => {
+                        return Err(ErrorCode::NOT_LEADER_OR_FOLLOWER.into())
+                    }
+                    Err(_) => return Err(ErrorCode::REQUEST_TIMED_OUT.into()),
+                }
+            }
+        } else {
+            self.wait_persisted(end, term).await?;
+        }
+        Ok(Appended {
+            base_offset: Offset(base),
+            end_offset: Offset(end),
+            records: count,
+            log_append_time_ms: append_time,
+            log_start_offset: log.log_start_offset(),
+        })
+    }
+
+    /// A retry of a batch in flight or in the log: its offsets. Checks the sequence otherwise.
+    fn duplicate_of(
+        &self,
+        log: &PartitionLog,
+        h: &BatchHeader,
+    ) -> Result<Option<(i64, i64)>, ErrorCode> {
+        let inflight = self.inflight.borrow();
+        let Some(q) = inflight.get(&h.producer_id).filter(|q| !q.is_empty()) else {
+            return Ok(log.check_sequence(h)?.map(|(b, e)| (b.0, e.0)));
+        };
+        if let Some(dup) = q
+            .iter()
+            .find(|b| b.first_sequence == h.base_sequence && b.last_sequence == h.last_sequence())
+        {
+            return Ok(Some((dup.base, dup.end)));
+        }
+        if let Some(dup) = log.check_sequence(h).ok().flatten() {
+            return Ok(Some((dup.0 .0, dup.1 .0)));
+        }
+        let last = q.back().map_or(-1, |b| b.last_sequence);
+        let epoch = q.back().map_or(h.producer_epoch, |b| b.epoch);
+        if h.producer_epoch < epoch {
+            return Err(ErrorCode::INVALID_PRODUCER_EPOCH);
+        }
+        if h.producer_epoch > epoch {
+            return if h.base_sequence == 0 {
+                Ok(None)
+            } else {
+                Err(ErrorCode::OUT_OF_ORDER_SEQUENCE_NUMBER)
+            };
+        }
+        let expected = if last == i32::MAX { 0 } else { last + 1 };
+        if h.base_sequence != expected {
+            return Err(ErrorCode::OUT_OF_ORDER_SEQUENCE_NUMBER);
+        }
+        Ok(None)
+    }
+
+    async fn wait_committed(&self, end: i64) -> Result<(), AppendError> {
+        let deadline = Instant::now() + COMMIT_WAIT;
+        loop {
+            let listener = self.progress.listen();
+            if self.replica.borrow().high_watermark() >= end {
+                return Ok(());
+            }
+            if self.stopped.get() {
+                return Err(ErrorCode::NOT_LEADER_OR_FOLLOWER.into());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ErrorCode::REQUEST_TIMED_OUT.into());
+            }
+            let _ = glommio::timer::timeout(left, async {
+                listener.await;
+                Ok(())
+            })
+            .await;
+        }
+    }
+
+    async fn wait_persisted(&self, end: i64, term: u64) -> Result<(), AppendError> {
+        loop {
+            let listener = self.progress.listen();
+            if self.persisted_end.get() >= end {
+                return Ok(());
+            }
+            if self.stopped.get() || self.role.get().term != term {
+                return Err(ErrorCode::NOT_LEADER_OR_FOLLOWER.into());
+            }
+            listener.await;
+        }
+    }
+}
+
+fn push_inflight(inflight: &mut HashMap<i64, VecDeque<Inflight>>, h: &BatchHeader) {
+    let q = inflight.entry(h.producer_id).or_default();
+    q.push_back(Inflight {
+        epoch: h.producer_epoch,
+        first_sequence: h.base_sequence,
+        last_sequence: h.last_sequence(),
+        base: h.base_offset.0,
+        end: h.last_offset().0 + 1,
+    });
+    while q.len() > 5 {
+        q.pop_front();
+    }
+}

@@ -1,0 +1,295 @@
+//! Broker-to-broker transport for Raft messages: its own listener (`inter.broker.listen`, or this
+//! node's entry in `controller.quorum.voters`), one outgoing connection per peer per shard.
+//!
+//! A frame is `[len u32 BE][header len u16 BE][header][message]`: the header is the rkyv
+//! [`GroupKey`] naming the Raft group (a partition), the message is raft-rs's protobuf `Message`
+//! as raft-rs encodes it. A length above [`FRAME_MAX`] or a header that does not validate closes
+//! the connection with a log line; the body buffer grows only as bytes arrive.
+//!
+//! Sending never waits: a message goes into the peer's queue and a writer task per peer drains
+//! the queue into the socket, all queued frames in one write. When the peer is down the queue is
+//! dropped past [`QUEUE_BYTES_MAX`] and on every failed connection attempt; Raft resends what it
+//! needs (heartbeats, appends after a rejection), so a lost message is a delay, never a loss.
+
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::rc::{Rc, Weak};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+use protobuf::Message as _;
+use raft::eraftpb::Message;
+
+use crate::model::{PartitionId, TopicPartition};
+
+/// The largest frame accepted: one Raft append carries at most `max_size_per_msg` (1 MiB) of
+/// entries beyond the first, and one entry is at most one record batch.
+pub const FRAME_MAX: usize = 128 * 1024 * 1024;
+/// Bytes queued for one peer before new messages are dropped.
+pub const QUEUE_BYTES_MAX: usize = 64 * 1024 * 1024;
+const READ_STEP_BYTES: usize = 64 * 1024;
+
+/// Where received messages go: the shard hands each to the group's owning shard.
+pub type Deliver = Rc<dyn Fn(Vec<(TopicPartition, Message)>)>;
+
+/// Names a Raft group on the wire: the partition it replicates.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq)]
+pub struct GroupKey {
+    pub topic: String,
+    pub partition: i32,
+}
+
+/// Encodes one frame carrying `message` for the group of `tp`.
+pub fn encode_frame(tp: &TopicPartition, message: &Message) -> Result<Vec<u8>> {
+    let key = GroupKey {
+        topic: tp.topic.to_string(),
+        partition: tp.partition.0,
+    };
+    let header = rkyv::to_bytes::<rkyv::rancor::Error>(&key)?;
+    let body = message.write_to_bytes().context("encoding raft message")?;
+    let header_len = u16::try_from(header.len()).context("group key too long")?;
+    let len = u32::try_from(2 + header.len() + body.len()).context("raft message too large")?;
+    let mut out = Vec::with_capacity(4 + len as usize);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&header_len.to_be_bytes());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Decodes a frame's body (after the length prefix).
+pub fn decode_frame(body: &[u8]) -> Result<(TopicPartition, Message)> {
+    let Some(len_bytes) = body.get(0..2) else {
+        bail!("frame shorter than its header length");
+    };
+    let header_len = usize::from(u16::from_be_bytes([len_bytes[0], len_bytes[1]]));
+    let Some(header) = body.get(2..2 + header_len) else {
+        bail!("frame shorter than its header");
+    };
+    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(header.len());
+    aligned.extend_from_slice(header);
+    let key = rkyv::from_bytes::<GroupKey, rkyv::rancor::Error>(&aligned)
+        .context("group key does not validate")?;
+    let message = Message::parse_from_bytes(&body[2 + header_len..])
+        .context("raft message does not decode")?;
+    let tp = TopicPartition {
+        topic: key.topic.into(),
+        partition: PartitionId(key.partition),
+    };
+    Ok((tp, message))
+}
+
+/// One peer's outgoing queue, drained by its writer task.
+struct PeerLink {
+    node: i32,
+    address: String,
+    queue: RefCell<VecDeque<Vec<u8>>>,
+    queued_bytes: Cell<usize>,
+    wake: event_listener::Event,
+}
+
+/// This shard's connections to the other brokers.
+pub struct Transport {
+    peers: HashMap<i32, Rc<PeerLink>>,
+}
+
+impl Transport {
+    /// Starts a writer task per peer on the current executor.
+    pub fn start(peers: &[(i32, (String, u16))]) -> Rc<Transport> {
+        let mut links = HashMap::new();
+        for (node, (host, port)) in peers {
+            let link = Rc::new(PeerLink {
+                node: *node,
+                address: format!("{host}:{port}"),
+                queue: RefCell::new(VecDeque::new()),
+                queued_bytes: Cell::new(0),
+                wake: event_listener::Event::new(),
+            });
+            glommio::spawn_local(writer(Rc::downgrade(&link))).detach();
+            links.insert(*node, link);
+        }
+        Rc::new(Transport { peers: links })
+    }
+
+    /// Queues `message` for its destination (`message.to`); drops it when the peer is unknown or
+    /// its queue is full.
+    pub fn send(&self, tp: &TopicPartition, message: &Message) {
+        let Ok(to) = i32::try_from(message.to) else {
+            return;
+        };
+        let Some(link) = self.peers.get(&to) else {
+            tracing::debug!(to, "raft message for a node that is not a peer; dropped");
+            return;
+        };
+        let frame = match encode_frame(tp, message) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(partition = %tp, error = %format!("{e:#}"), "raft message not sent");
+                return;
+            }
+        };
+        if link.queued_bytes.get() + frame.len() > QUEUE_BYTES_MAX {
+            crate::metrics::add(crate::metrics::Counter::RaftMessagesDropped, 1);
+            return;
+        }
+        link.queued_bytes.set(link.queued_bytes.get() + frame.len());
+        link.queue.borrow_mut().push_back(frame);
+        link.wake.notify(1);
+    }
+}
+
+async fn writer(link: Weak<PeerLink>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let Some(l) = link.upgrade() else { return };
+        let address = l.address.clone();
+        let node = l.node;
+        drop(l);
+        let stream = match TcpStream::connect(address.as_str()).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(peer = node, %address, error = %e, "peer unreachable");
+                if let Some(l) = link.upgrade() {
+                    // Stale messages are worthless to Raft once the peer is back.
+                    l.queue.borrow_mut().clear();
+                    l.queued_bytes.set(0);
+                }
+                glommio::timer::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        tracing::info!(peer = node, %address, "connected to peer");
+        backoff = Duration::from_millis(50);
+        let mut stream = stream;
+        loop {
+            let Some(l) = link.upgrade() else { return };
+            let listener = l.wake.listen();
+            let batch: Vec<u8> = {
+                let mut q = l.queue.borrow_mut();
+                let mut out = Vec::with_capacity(l.queued_bytes.get());
+                for f in q.drain(..) {
+                    out.extend_from_slice(&f);
+                }
+                l.queued_bytes.set(0);
+                out
+            };
+            drop(l);
+            if batch.is_empty() {
+                listener.await;
+                continue;
+            }
+            if let Err(e) = stream.write_all(&batch).await {
+                tracing::info!(peer = node, error = %e, "peer connection lost");
+                break;
+            }
+        }
+    }
+}
+
+/// Accepts broker-to-broker connections until the shard stops; each frame goes to `deliver`.
+pub async fn serve(
+    listener: TcpListener,
+    stopped: impl std::future::Future<Output = ()>,
+    deliver: Deliver,
+) {
+    let stopped = std::pin::pin!(stopped);
+    let mut stopped = stopped;
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            (&mut stopped).await;
+            None
+        })
+        .await;
+        let Some(accepted) = accepted else { return };
+        match accepted {
+            Ok(stream) => {
+                let deliver = deliver.clone();
+                glommio::spawn_local(async move {
+                    let peer = stream.peer_addr().ok();
+                    if let Err(e) = read_frames(stream, deliver).await {
+                        tracing::info!(?peer, error = %format!("{e:#}"), "peer connection closed");
+                    }
+                })
+                .detach();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "inter-broker accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+async fn read_frames(
+    mut stream: TcpStream,
+    deliver: Deliver,
+) -> Result<()> {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; READ_STEP_BYTES];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+        let mut pos = 0usize;
+        let mut out = Vec::new();
+        while let Some(head) = buf.get(pos..pos + 4) {
+            let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+            if len > FRAME_MAX {
+                bail!("frame of {len} bytes is over the {FRAME_MAX}-byte limit");
+            }
+            let Some(body) = buf.get(pos + 4..pos + 4 + len) else {
+                break;
+            };
+            out.push(decode_frame(body)?);
+            pos += 4 + len;
+        }
+        buf.drain(..pos);
+        if !out.is_empty() {
+            deliver(out);
+        }
+    }
+}
+
+/// Binds the inter-broker listener (one socket per shard, `SO_REUSEPORT`).
+pub fn bind(address: SocketAddr, count: usize) -> Result<Vec<socket2::Socket>> {
+    let (sockets, _) = crate::server::bind_listeners(address, count)
+        .with_context(|| format!("binding the inter-broker listener {address}"))?;
+    Ok(sockets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_garbage_is_an_error() {
+        let tp = TopicPartition {
+            topic: "orders".into(),
+            partition: PartitionId(7),
+        };
+        let m = Message {
+            to: 3,
+            term: 9,
+            ..Default::default()
+        };
+        let frame = encode_frame(&tp, &m).unwrap();
+        let (tp2, m2) = decode_frame(&frame[4..]).unwrap();
+        assert_eq!((tp2, m2.to, m2.term), (tp, 3, 9));
+        assert!(decode_frame(&[0, 200, 1, 2]).is_err());
+        assert!(decode_frame(&[0, 2, 1, 2, 3]).is_err());
+    }
+}

@@ -1,0 +1,194 @@
+//! A shard's part in a cluster (`controller.quorum.voters` set): the Raft groups of the partition
+//! replicas it owns, its connections to the other brokers, and the leaders of every group on this
+//! broker as Metadata reports them. Raft messages from other brokers arrive on any shard and are
+//! handed to the owning shard over the mesh ([`Request::Raft`]); a leadership change is told to
+//! every shard ([`Request::Leader`]).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::{Rc, Weak};
+
+use anyhow::{Context, Result};
+use raft::eraftpb::Message;
+
+use super::{join_all, Reply, Request, Shard};
+use crate::cluster::metadata::METADATA_TOPIC;
+use crate::model::{ShardId, TopicPartition};
+use crate::replication::group::{Group, Role, Sink};
+use crate::replication::transport::Transport;
+use crate::replication::wal::WalStore;
+use crate::replication::Replica;
+use crate::storage::files;
+
+pub struct ClusterNode {
+    pub node_id: i32,
+    pub voters: Vec<(i32, (String, u16))>,
+    pub transport: Rc<Transport>,
+    groups: RefCell<HashMap<TopicPartition, Rc<Group>>>,
+    /// Leader and leader epoch of every Raft group on this broker, as last announced.
+    leaders: RefCell<HashMap<TopicPartition, (i32, i32)>>,
+}
+
+impl ClusterNode {
+    pub fn start(node_id: i32, voters: Vec<(i32, (String, u16))>) -> ClusterNode {
+        let peers: Vec<_> = voters
+            .iter()
+            .filter(|(id, _)| *id != node_id)
+            .cloned()
+            .collect();
+        ClusterNode {
+            node_id,
+            transport: Transport::start(&peers),
+            voters,
+            groups: RefCell::new(HashMap::new()),
+            leaders: RefCell::new(HashMap::new()),
+        }
+    }
+
+    pub fn group(&self, tp: &TopicPartition) -> Option<Rc<Group>> {
+        self.groups.borrow().get(tp).cloned()
+    }
+
+    /// The leader (-1: none known) and leader epoch of a partition this broker holds.
+    pub fn leader_of(&self, tp: &TopicPartition) -> Option<(i32, i32)> {
+        self.leaders.borrow().get(tp).copied()
+    }
+
+    pub fn remove_group(&self, tp: &TopicPartition) {
+        if let Some(g) = self.groups.borrow_mut().remove(tp) {
+            g.stop();
+        }
+    }
+
+    pub fn metadata_tp() -> TopicPartition {
+        TopicPartition::new(METADATA_TOPIC, 0)
+    }
+}
+
+impl Shard {
+    pub fn cluster(&self) -> Option<&ClusterNode> {
+        self.cluster.as_ref()
+    }
+
+    /// Opens the Raft group of a partition replica this shard owns, in `dir`, over `voters`.
+    /// `applied_end`: the partition already holds every batch below it.
+    pub async fn open_group(
+        self: &Rc<Self>,
+        tp: TopicPartition,
+        dir: std::path::PathBuf,
+        voters: Vec<u64>,
+        sink: Sink,
+        applied_end: i64,
+    ) -> Result<Rc<Group>> {
+        let cluster = self.cluster().context("not a cluster")?;
+        let id = u64::try_from(cluster.node_id).context("node id")?;
+        let raw = matches!(sink, Sink::Metadata(_));
+        let store = {
+            let target = dir.clone();
+            files::blocking(move || {
+                std::fs::create_dir_all(&target)?;
+                WalStore::open(&target, &voters)
+            })
+            .await
+            .with_context(|| format!("opening the raft log in {}", dir.display()))?
+        };
+        let replica = if raw {
+            Replica::new_raw(id, store)?
+        } else {
+            Replica::new(id, store, applied_end)?
+        };
+        let weak: Weak<Shard> = Rc::downgrade(self);
+        let role_tp = tp.clone();
+        let on_role = Box::new(move |role: Role| {
+            let Some(shard) = weak.upgrade() else { return };
+            let tp = role_tp.clone();
+            glommio::spawn_local(async move { shard.announce_leader(tp, role).await }).detach();
+        });
+        let group = Group::new(
+            tp.clone(),
+            replica,
+            cluster.transport.clone(),
+            sink,
+            on_role,
+        );
+        cluster.groups.borrow_mut().insert(tp, group.clone());
+        Ok(group)
+    }
+
+    async fn announce_leader(self: Rc<Self>, tp: TopicPartition, role: Role) {
+        let leader = if role.leader_id == raft::INVALID_ID {
+            -1
+        } else {
+            i32::try_from(role.leader_id).unwrap_or(-1)
+        };
+        let epoch = i32::try_from(role.term).unwrap_or(i32::MAX);
+        let calls: Vec<_> = (0..self.count)
+            .map(|i| {
+                self.call(
+                    ShardId(i),
+                    Request::Leader {
+                        tp: tp.clone(),
+                        leader,
+                        epoch,
+                    },
+                )
+            })
+            .collect();
+        join_all(calls).await;
+    }
+
+    pub(super) fn record_leader(&self, tp: TopicPartition, leader: i32, epoch: i32) {
+        if let Some(c) = self.cluster() {
+            c.leaders.borrow_mut().insert(tp, (leader, epoch));
+        }
+    }
+
+    /// Accepts broker-to-broker connections on this shard's inter-broker socket.
+    pub fn serve_peers(self: &Rc<Self>, socket: socket2::Socket) {
+        use std::os::unix::io::{FromRawFd, IntoRawFd};
+        // SAFETY: the fd comes from a socket2 listening socket handed over whole (into_raw_fd
+        // gives up ownership), so the glommio listener is its only owner.
+        let listener = unsafe { glommio::net::TcpListener::from_raw_fd(socket.into_raw_fd()) };
+        let weak = Rc::downgrade(self);
+        let deliver: crate::replication::transport::Deliver = Rc::new(move |messages| {
+            if let Some(shard) = weak.upgrade() {
+                shard.deliver_raft(messages);
+            }
+        });
+        let shard = self.clone();
+        glommio::spawn_local(async move {
+            let stopped = {
+                let shard = shard.clone();
+                async move { shard.stopped().await }
+            };
+            crate::replication::transport::serve(listener, stopped, deliver).await;
+        })
+        .detach();
+    }
+
+    /// Hands Raft messages from another broker to the groups they belong to.
+    pub(super) fn deliver_raft(self: &Rc<Self>, messages: Vec<(TopicPartition, Message)>) {
+        let Some(cluster) = self.cluster() else {
+            return;
+        };
+        let mut elsewhere: HashMap<ShardId, Vec<(TopicPartition, Message)>> = HashMap::new();
+        for (tp, m) in messages {
+            let owner = self.owner_of(&tp);
+            if owner == self.id {
+                match cluster.group(&tp) {
+                    Some(g) => g.deliver(m),
+                    None => tracing::debug!(partition = %tp, "raft message for a group not here"),
+                }
+            } else {
+                elsewhere.entry(owner).or_default().push((tp, m));
+            }
+        }
+        for (owner, batch) in elsewhere {
+            let shard = self.clone();
+            glommio::spawn_local(async move {
+                if let Reply::Done = shard.call(owner, Request::Raft(batch)).await {}
+            })
+            .detach();
+        }
+    }
+}
