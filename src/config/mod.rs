@@ -339,6 +339,14 @@ pub const BROKER_SETTINGS: &[SettingDef] = &[
         "Recent-batch cache per shard",
     ),
     def(
+        "offsets.topic.replication.factor",
+        Some("3"),
+        T::Int,
+        false,
+        None,
+        "Replicas of __consumer_offsets in a cluster (at most the brokers there are)",
+    ),
+    def(
         "offsets.topic.num.partitions",
         Some("50"),
         T::Int,
@@ -816,6 +824,8 @@ pub struct BrokerConfig {
     pub cache_size_bytes_per_shard: usize,
     /// `offsets.topic.num.partitions`: partitions of `__consumer_offsets`, fixed once created.
     pub offsets_topic_partitions: i32,
+    /// `offsets.topic.replication.factor`.
+    pub offsets_topic_replication_factor: i16,
     /// `group.initial.rebalance.delay.ms`: how long a new group waits for more members.
     pub group_initial_rebalance_delay_ms: u64,
     /// `group.min.session.timeout.ms` / `group.max.session.timeout.ms`.
@@ -868,6 +878,7 @@ impl Default for BrokerConfig {
             connections_per_ip_max: i32::MAX as usize,
             cache_size_bytes_per_shard: 64 * 1024 * 1024,
             offsets_topic_partitions: 50,
+            offsets_topic_replication_factor: 3,
             group_initial_rebalance_delay_ms: 3000,
             group_session_timeout_ms_min: 6000,
             group_session_timeout_ms_max: 1_800_000,
@@ -1062,6 +1073,10 @@ impl BrokerConfig {
             }
             "strom.cache.bytes.per.shard" => {
                 self.cache_size_bytes_per_shard = parse_in(value, 0, i64::MAX)? as usize
+            }
+            "offsets.topic.replication.factor" => {
+                self.offsets_topic_replication_factor =
+                    parse_in(value, 1, i64::from(i16::MAX))? as i16
             }
             "offsets.topic.num.partitions" => {
                 self.offsets_topic_partitions = parse_in(value, 1, 10_000)? as i32

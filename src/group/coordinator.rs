@@ -101,6 +101,24 @@ pub enum GroupCall {
     },
 }
 
+impl GroupCall {
+    /// The group the call is about (None: every group).
+    pub fn group(&self) -> Option<&str> {
+        match self {
+            GroupCall::Join { req, .. } => Some(&req.group_id.0),
+            GroupCall::Sync { req, .. } => Some(&req.group_id.0),
+            GroupCall::Heartbeat { req } => Some(&req.group_id.0),
+            GroupCall::Leave { req, .. } => Some(&req.group_id.0),
+            GroupCall::Commit { req } => Some(&req.group_id.0),
+            GroupCall::DeleteOffsets { req } => Some(&req.group_id.0),
+            GroupCall::FetchOffsets { group, .. }
+            | GroupCall::Describe { group, .. }
+            | GroupCall::Delete { group } => Some(group),
+            GroupCall::List => None,
+        }
+    }
+}
+
 /// A committed offset as OffsetFetch returns it.
 #[derive(Clone, Debug)]
 pub struct Committed {
@@ -122,6 +140,8 @@ pub enum GroupReply {
     List(Vec<ListedGroup>),
     Delete(ErrorCode),
     DeleteOffsets(OffsetDeleteResponse),
+    /// Not answered here: in a cluster, this shard does not (yet) coordinate the group.
+    Refused(ErrorCode),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -489,6 +509,9 @@ pub struct GroupCoordinator {
     groups: RefCell<HashMap<String, Group>>,
     config: BrokerConfig,
     last_expiry_check: Cell<Instant>,
+    /// In a cluster: the offsets partitions this shard coordinates (it leads them and has loaded
+    /// their groups). A single node coordinates all of its partitions without this.
+    loaded: RefCell<std::collections::HashSet<i32>>,
 }
 
 impl GroupCoordinator {
@@ -497,7 +520,30 @@ impl GroupCoordinator {
             groups: RefCell::new(HashMap::new()),
             config,
             last_expiry_check: Cell::new(Instant::now()),
+            loaded: RefCell::new(std::collections::HashSet::new()),
         }
+    }
+
+    /// In a cluster: whether this shard coordinates the groups of offsets partition `p`.
+    pub fn coordinates(&self, p: i32) -> bool {
+        self.loaded.borrow().contains(&p)
+    }
+
+    /// Forgets the groups of offsets partition `p` (this broker no longer leads it).
+    pub fn unload_partition(&self, p: i32) {
+        self.loaded.borrow_mut().remove(&p);
+        let partitions = self.config.offsets_topic_partitions;
+        self.groups
+            .borrow_mut()
+            .retain(|name, _| partition_for_group(name, partitions) != p);
+    }
+
+    /// Becomes the coordinator of offsets partition `p`: its groups are rebuilt from the log
+    /// (which holds every committed record once the new leader has applied its log).
+    pub async fn take_over(&self, log: &PartitionLog, p: i32) {
+        self.unload_partition(p);
+        self.load(log).await;
+        self.loaded.borrow_mut().insert(p);
     }
 
     /// Starts the periodic check of session timeouts, rebalance deadlines and offset expiry.
@@ -535,6 +581,15 @@ impl GroupCoordinator {
             tracing::error!(error = %format!("{e:#}"), "encoding group records failed");
             ErrorCode::UNKNOWN_SERVER_ERROR
         })?;
+        let tp = log.topic_partition();
+        if let Some(replicated) = shard.cluster().and_then(|c| c.group(&tp)) {
+            // In a cluster the records go through the partition's Raft group like any produce.
+            return replicated
+                .produce(&log, batch, -1, 1)
+                .await
+                .map(|_| ())
+                .map_err(|_| ErrorCode::NOT_COORDINATOR);
+        }
         let appended = log
             .append(batch, true)
             .map_err(|_| ErrorCode::COORDINATOR_NOT_AVAILABLE)?;
@@ -666,6 +721,15 @@ impl GroupCoordinator {
     }
 
     pub async fn handle(&self, shard: &Rc<Shard>, call: GroupCall) -> GroupReply {
+        if shard.cluster().is_some() {
+            if let Some(group) = call.group() {
+                let p = partition_for_group(group, self.config.offsets_topic_partitions);
+                if !self.coordinates(p) {
+                    // Leading the partition but still loading its groups, or not leading it.
+                    return GroupReply::Refused(ErrorCode::COORDINATOR_LOAD_IN_PROGRESS);
+                }
+            }
+        }
         match call {
             GroupCall::Join {
                 req,

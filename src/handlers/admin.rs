@@ -43,9 +43,9 @@ pub fn describe_cluster(
     req: DescribeClusterRequest,
     version: i16,
 ) -> DescribeClusterResponse {
-    let node = shard.options.broker.node_id;
     let mut r = DescribeClusterResponse::default();
-    // Endpoint type 1 is the brokers; 2 (controllers, KIP-919) is the same single node here.
+    // Endpoint type 1 is the brokers; 2 (controllers, KIP-919) is the same set: every voter
+    // is a broker.
     if version >= 1 {
         r.endpoint_type = req.endpoint_type;
         if !matches!(req.endpoint_type, 1 | 2) {
@@ -57,12 +57,17 @@ pub fn describe_cluster(
         }
     }
     r.cluster_id = str_bytes(&shard.topics().cluster_id);
-    r.controller_id = BrokerId(node);
-    let mut b = DescribeClusterBroker::default();
-    b.broker_id = BrokerId(node);
-    b.host = str_bytes(&shard.advertised.0);
-    b.port = i32::from(shard.advertised.1);
-    r.brokers = vec![b];
+    r.controller_id = BrokerId(super::metadata::controller_id(shard));
+    r.brokers = super::metadata::brokers(shard)
+        .into_iter()
+        .map(|(id, (host, port))| {
+            let mut b = DescribeClusterBroker::default();
+            b.broker_id = BrokerId(id);
+            b.host = str_bytes(&host);
+            b.port = i32::from(port);
+            b
+        })
+        .collect();
     r.cluster_authorized_operations = if req.include_cluster_authorized_operations {
         authorized::CLUSTER
     } else {

@@ -1,5 +1,5 @@
 //! FindCoordinator: on a single node this broker coordinates every consumer group (the group's
-//! partition of `__consumer_offsets` lives here). librdkafka also reads this API's presence as the
+//! partition of `__consumer_offsets` lives here); in a cluster the leader of that partition does. librdkafka also reads this API's presence as the
 //! sign that a broker takes LZ4 batches. Transactions are not supported: a transaction key gets
 //! `INVALID_REQUEST` with a message saying so.
 
@@ -10,7 +10,8 @@ use kafka_protocol::messages::{BrokerId, FindCoordinatorRequest, FindCoordinator
 use kafka_protocol::protocol::StrBytes;
 
 use super::str_bytes;
-use crate::model::ErrorCode;
+use crate::group::{partition_for_group, OFFSETS_TOPIC};
+use crate::model::{ErrorCode, TopicPartition};
 use crate::shard::Shard;
 
 const KEY_TYPE_TRANSACTION: i8 = 1;
@@ -20,53 +21,85 @@ pub async fn handle(
     req: FindCoordinatorRequest,
     version: i16,
 ) -> FindCoordinatorResponse {
-    let node = BrokerId(shard.options.broker.node_id);
-    let host = str_bytes(&shard.advertised.0);
-    let port = i32::from(shard.advertised.1);
-    let mut refused = req.key_type == KEY_TYPE_TRANSACTION;
-    let mut code = if refused {
-        ErrorCode::INVALID_REQUEST.0
-    } else {
-        ErrorCode::NONE.0
-    };
-    if !refused {
+    let transaction = req.key_type == KEY_TYPE_TRANSACTION;
+    let mut refused = transaction.then_some(ErrorCode::INVALID_REQUEST);
+    if refused.is_none() {
         if let Err(e) = super::groups::ensure_offsets_topic(shard).await {
-            refused = true;
-            code = e.0;
+            refused = Some(e);
         }
     }
-    let message = (req.key_type == KEY_TYPE_TRANSACTION)
-        .then(|| str_bytes("transactions are not supported by this broker"));
+    let message = transaction.then(|| str_bytes("transactions are not supported by this broker"));
+    let keys: Vec<StrBytes> = if version >= 4 {
+        req.coordinator_keys
+    } else {
+        vec![req.key]
+    };
+    let found: Vec<(StrBytes, Result<(i32, (String, u16)), ErrorCode>)> = keys
+        .into_iter()
+        .map(|key| {
+            let result = match refused {
+                Some(code) => Err(code),
+                None => coordinator_of(shard, &key),
+            };
+            (key, result)
+        })
+        .collect();
     let mut response = FindCoordinatorResponse::default();
     if version >= 4 {
-        response.coordinators = req
-            .coordinator_keys
+        response.coordinators = found
             .into_iter()
-            .map(|key: StrBytes| {
+            .map(|(key, result)| {
                 let mut c = Coordinator::default();
                 c.key = key;
-                c.error_code = code;
                 c.error_message = message.clone();
-                if !refused {
-                    c.node_id = node;
-                    c.host = host.clone();
-                    c.port = port;
+                match result {
+                    Ok((node, (host, port))) => {
+                        c.node_id = BrokerId(node);
+                        c.host = str_bytes(&host);
+                        c.port = i32::from(port);
+                    }
+                    Err(code) => {
+                        c.error_code = code.0;
+                        c.node_id = BrokerId(-1);
+                    }
                 }
                 c
             })
             .collect();
         return response;
     }
-    response.error_code = code;
     if version >= 1 {
         response.error_message = message;
     }
-    if refused {
-        response.node_id = BrokerId(-1);
-    } else {
-        response.node_id = node;
-        response.host = host;
-        response.port = port;
+    match found.into_iter().next().map(|(_, r)| r) {
+        Some(Ok((node, (host, port)))) => {
+            response.node_id = BrokerId(node);
+            response.host = str_bytes(&host);
+            response.port = i32::from(port);
+        }
+        Some(Err(code)) => {
+            response.error_code = code.0;
+            response.node_id = BrokerId(-1);
+        }
+        None => response.node_id = BrokerId(-1),
     }
     response
+}
+
+/// The broker coordinating a group: this one on a single node; in a cluster the leader of the
+/// group's partition of `__consumer_offsets`.
+fn coordinator_of(shard: &Shard, group: &str) -> Result<(i32, (String, u16)), ErrorCode> {
+    let Some(cluster) = shard.cluster() else {
+        return Ok((shard.options.broker.node_id, shard.advertised.clone()));
+    };
+    let p = partition_for_group(group, shard.options.broker.offsets_topic_partitions);
+    let leader = cluster
+        .leader_of(&TopicPartition::new(OFFSETS_TOPIC, p))
+        .map(|(l, _)| l)
+        .filter(|l| *l >= 0)
+        .ok_or(ErrorCode::COORDINATOR_NOT_AVAILABLE)?;
+    super::metadata::brokers(shard)
+        .into_iter()
+        .find(|(id, _)| *id == leader)
+        .ok_or(ErrorCode::COORDINATOR_NOT_AVAILABLE)
 }

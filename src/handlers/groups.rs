@@ -23,17 +23,31 @@ use crate::group::{partition_for_group, ClientInfo, GroupCall, GroupReply, OFFSE
 use crate::model::{ErrorCode, ShardId, TopicPartition};
 use crate::shard::{join_all, Reply, Request, Shard, TopicSpec};
 
+/// `__consumer_offsets` as the controller creates it: compacted, `offsets.topic.num.partitions`,
+/// and in a cluster `offsets.topic.replication.factor` replicas (at most the brokers there are).
+pub fn offsets_topic_spec(shard: &Shard) -> TopicSpec {
+    let broker = &shard.options.broker;
+    let replication_factor = match shard.cluster() {
+        None => 1,
+        Some(_) => {
+            let brokers = i16::try_from(shard.topics().brokers.len()).unwrap_or(i16::MAX);
+            broker.offsets_topic_replication_factor.min(brokers.max(1))
+        }
+    };
+    TopicSpec {
+        name: OFFSETS_TOPIC.to_string(),
+        partitions: broker.offsets_topic_partitions,
+        replication_factor,
+        configs: vec![("cleanup.policy".to_string(), "compact".to_string())],
+    }
+}
+
 /// Creates `__consumer_offsets` (compacted, `offsets.topic.num.partitions`) if it does not exist.
 pub async fn ensure_offsets_topic(shard: &Rc<Shard>) -> Result<(), ErrorCode> {
     if shard.topics().get(OFFSETS_TOPIC).is_some() {
         return Ok(());
     }
-    let spec = TopicSpec {
-        name: OFFSETS_TOPIC.to_string(),
-        partitions: shard.options.broker.offsets_topic_partitions,
-        replication_factor: 1,
-        configs: vec![("cleanup.policy".to_string(), "compact".to_string())],
-    };
+    let spec = offsets_topic_spec(shard);
     let reply = shard
         .call(
             ShardId(0),
@@ -60,6 +74,15 @@ fn coordinator_for(shard: &Shard, group: &str) -> ShardId {
 
 async fn route(shard: &Rc<Shard>, group: &str, call: GroupCall) -> Result<GroupReply, ErrorCode> {
     ensure_offsets_topic(shard).await?;
+    if let Some(cluster) = shard.cluster() {
+        // The coordinator is the leader of the group's offsets partition.
+        let p = partition_for_group(group, shard.options.broker.offsets_topic_partitions);
+        match cluster.leader_of(&TopicPartition::new(OFFSETS_TOPIC, p)) {
+            Some((leader, _)) if leader == cluster.node_id => {}
+            Some((leader, _)) if leader > 0 => return Err(ErrorCode::NOT_COORDINATOR),
+            _ => return Err(ErrorCode::COORDINATOR_NOT_AVAILABLE),
+        }
+    }
     match shard
         .call(
             coordinator_for(shard, group),
@@ -67,7 +90,10 @@ async fn route(shard: &Rc<Shard>, group: &str, call: GroupCall) -> Result<GroupR
         )
         .await
     {
-        Reply::Group(reply) => Ok(*reply),
+        Reply::Group(reply) => match *reply {
+            GroupReply::Refused(code) => Err(code),
+            reply => Ok(reply),
+        },
         _ => Err(ErrorCode::UNKNOWN_SERVER_ERROR),
     }
 }

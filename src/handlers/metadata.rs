@@ -68,15 +68,7 @@ pub async fn handle(shard: &Rc<Shard>, req: MetadataRequest, version: i16) -> Me
         }
     }
     let mut response = MetadataResponse::default();
-    let mut brokers: Vec<(i32, (String, u16))> = table
-        .brokers
-        .iter()
-        .map(|(id, a)| (*id, a.clone()))
-        .collect();
-    if !brokers.iter().any(|(id, _)| *id == node) {
-        brokers.push((node, shard.advertised.clone()));
-    }
-    response.brokers = brokers
+    response.brokers = brokers(shard)
         .into_iter()
         .map(|(id, (host, port))| {
             let mut broker = MetadataResponseBroker::default();
@@ -136,6 +128,22 @@ pub async fn handle(shard: &Rc<Shard>, req: MetadataRequest, version: i16) -> Me
         }
     }
     response
+}
+
+/// The brokers Metadata and DescribeCluster list: the cluster's registered brokers, this one
+/// always included (a single node is only itself).
+pub fn brokers(shard: &Shard) -> Vec<(i32, (String, u16))> {
+    let node = shard.options.broker.node_id;
+    let mut brokers: Vec<(i32, (String, u16))> = shard
+        .topics()
+        .brokers
+        .iter()
+        .map(|(id, a)| (*id, a.clone()))
+        .collect();
+    if !brokers.iter().any(|(id, _)| *id == node) {
+        brokers.push((node, shard.advertised.clone()));
+    }
+    brokers
 }
 
 /// The controller Metadata names: this node on a single node; in a cluster the leader of the

@@ -96,6 +96,7 @@ impl ErrorCode {
     pub const KAFKA_STORAGE_ERROR: ErrorCode = ErrorCode(56);
     pub const INVALID_RECORD: ErrorCode = ErrorCode(87);
     pub const OFFSET_METADATA_TOO_LARGE: ErrorCode = ErrorCode(12);
+    pub const COORDINATOR_LOAD_IN_PROGRESS: ErrorCode = ErrorCode(14);
     pub const COORDINATOR_NOT_AVAILABLE: ErrorCode = ErrorCode(15);
     pub const NOT_COORDINATOR: ErrorCode = ErrorCode(16);
     pub const NOT_CONTROLLER: ErrorCode = ErrorCode(41);
@@ -132,6 +133,7 @@ impl ErrorCode {
             2 => "CORRUPT_MESSAGE",
             3 => "UNKNOWN_TOPIC_OR_PARTITION",
             5 => "LEADER_NOT_AVAILABLE",
+            14 => "COORDINATOR_LOAD_IN_PROGRESS",
             6 => "NOT_LEADER_OR_FOLLOWER",
             41 => "NOT_CONTROLLER",
             7 => "REQUEST_TIMED_OUT",

@@ -155,6 +155,19 @@ impl Group {
         Ok(())
     }
 
+    /// Completes once this replica has applied every entry its log held when called (a new
+    /// leader: everything any former leader committed), or the group stopped.
+    pub async fn caught_up(&self) {
+        let target = self.replica.borrow().last_index();
+        loop {
+            let listener = self.progress.listen();
+            if self.replica.borrow().applied_index() >= target || self.stopped.get() {
+                return;
+            }
+            listener.await;
+        }
+    }
+
     pub fn commit_index(&self) -> u64 {
         self.replica.borrow().commit_index()
     }

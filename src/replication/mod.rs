@@ -21,22 +21,29 @@
 //! - A new leader's term is the epoch of every batch it proposes (`FENCED_LEADER_EPOCH` /
 //!   `OffsetsForLeaderEpoch` build on this).
 
-//! # Where the Raft log lives (decided; the durable store is the next step)
-//! The partition's segment files are the Raft log: no second copy of the data.
-//! - Every Raft entry is one batch in the log, in index order. A data entry is the Kafka batch as
-//!   proposed. An entry that is not records is written as a Kafka control batch of one record,
-//!   the kinds KRaft already defines: a new leader's empty entry as `LEADER_CHANGE` (control type
-//!   2), membership as `KRAFT_VOTERS` (6). A control batch takes one offset, and Kafka clients
-//!   already skip control batches (as they skip transaction markers), so offsets stay dense.
-//! - The Raft index of a batch is its ordinal in the log: each segment records the Raft index of
-//!   its first batch. A sparse ordinal index (`.raftindex`, like `.index` for offsets) finds a
-//!   batch by Raft index; recovery counts batches to rebuild it.
-//! - The term of an entry is the batch's `partitionLeaderEpoch`. The hard state (term, vote,
-//!   commit) is a checksummed metadata file beside `partition.meta`.
-//! - A follower's conflicting suffix is a truncation of the log at a batch boundary. A snapshot
-//!   (a follower behind retention) moves the log start.
+//! # Where the Raft log lives
+//! Today: each replica has its own Raft log, `raft.wal` in the partition directory ([`wal`]).
+//! Entries are replayed into memory at start, because raft-rs reads its log synchronously. Once a
+//! batch commits it is appended to the segments ([`crate::storage::PartitionLog`]), which
+//! therefore hold committed batches only. The WAL drops entries the segments hold durably, and a
+//! leader keeps what a follower still lacks. This costs a second write of every batch, and the
+//! WAL fdatasync runs on the shard's thread. Both are accepted for the first end-to-end path and
+//! are the next step:
+//! - The target is that the segment files are the Raft log, with no second copy.
+//!   - Every Raft entry is one batch in the log, in index order. A data entry is the Kafka batch
+//!     as proposed.
+//!   - An entry that is not records becomes a Kafka control batch of one record, of the kinds
+//!     KRaft already defines: a new leader's empty entry as `LEADER_CHANGE` (control type 2),
+//!     membership as `KRAFT_VOTERS` (6). Clients already skip control batches, so offsets stay
+//!     dense.
+//!   - The Raft index of a batch is its ordinal in the log, found through a sparse `.raftindex`.
+//!     The term of an entry is the batch's `partitionLeaderEpoch`.
+//!   - A follower's conflicting suffix is truncated at a batch boundary.
+//!   - A snapshot (a follower behind retention) moves the log start.
+//! - Writes go through io_uring, with the shard's groups sharing one sync per round (issue 11).
 //!
-//! Until that store exists, the replica runs only under the simulator, on raft-rs's `MemStorage`.
+//! The metadata group (the controller) uses the same replica in its raw mode: its entries are
+//! rkyv commands, not batches ([`crate::cluster::metadata`]).
 
 pub mod group;
 pub mod replica;

@@ -146,6 +146,15 @@ impl<S: ReplicaStore> Replica<S> {
         self.node.raft.raft_log.committed
     }
 
+    pub fn last_index(&self) -> u64 {
+        self.node.raft.raft_log.last_index()
+    }
+
+    /// Entries up to here were returned by [`Replica::drive`] as applied.
+    pub fn applied_index(&self) -> u64 {
+        self.node.raft.raft_log.applied
+    }
+
     /// While leading: this replica and the followers that answered within the last election
     /// timeout (Kafka's in-sync replicas). Empty on a follower.
     pub fn recent_active(&self) -> Vec<u64> {

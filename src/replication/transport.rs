@@ -232,10 +232,7 @@ pub async fn serve(
     }
 }
 
-async fn read_frames(
-    mut stream: TcpStream,
-    deliver: Deliver,
-) -> Result<()> {
+async fn read_frames(mut stream: TcpStream, deliver: Deliver) -> Result<()> {
     let mut buf: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; READ_STEP_BYTES];
     loop {

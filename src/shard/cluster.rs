@@ -13,6 +13,7 @@ use raft::eraftpb::Message;
 
 use super::{join_all, Reply, Request, Shard};
 use crate::cluster::metadata::METADATA_TOPIC;
+use crate::group::OFFSETS_TOPIC;
 use crate::model::{ShardId, TopicPartition};
 use crate::replication::group::{Group, Role, Sink};
 use crate::replication::transport::Transport;
@@ -137,10 +138,34 @@ impl Shard {
         join_all(calls).await;
     }
 
-    pub(super) fn record_leader(&self, tp: TopicPartition, leader: i32, epoch: i32) {
-        if let Some(c) = self.cluster() {
-            c.leaders.borrow_mut().insert(tp, (leader, epoch));
+    pub(super) fn record_leader(self: &Rc<Self>, tp: TopicPartition, leader: i32, epoch: i32) {
+        let Some(c) = self.cluster() else { return };
+        c.leaders.borrow_mut().insert(tp.clone(), (leader, epoch));
+        if &*tp.topic != OFFSETS_TOPIC || self.owner_of(&tp) != self.id {
+            return;
         }
+        // The group coordinator follows the leadership of its offsets partition.
+        let p = tp.partition.0;
+        if leader != c.node_id {
+            self.groups.unload_partition(p);
+            return;
+        }
+        let (Some(group), Some(log)) = (c.group(&tp), self.partition(&tp)) else {
+            return;
+        };
+        let shard = self.clone();
+        glommio::spawn_local(async move {
+            group.caught_up().await;
+            let still = shard
+                .cluster()
+                .and_then(|c| c.leader_of(&tp))
+                .is_some_and(|(l, e)| l == leader && e == epoch);
+            if still {
+                shard.groups.take_over(&log, p).await;
+                tracing::info!(partition = %tp, epoch, "coordinating the groups of this partition");
+            }
+        })
+        .detach();
     }
 
     /// Accepts broker-to-broker connections on this shard's inter-broker socket.

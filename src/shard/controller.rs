@@ -125,6 +125,8 @@ impl Controller {
                     shard.controller.current().brokers.get(&node) == Some(&(host.clone(), port));
                 if registered {
                     tracing::info!(node, %host, port, "broker registered with the cluster");
+                    drop(shard);
+                    create_offsets_topic(weak).await;
                     return;
                 }
                 let cmd = MetadataCommand::Register { node, host, port };
@@ -647,6 +649,35 @@ fn failed_all(names: impl Iterator<Item = String>) -> Vec<(String, TopicResult)>
             )
         })
         .collect()
+}
+
+/// The controller creates `__consumer_offsets` once the voters have registered (or after 30 s
+/// with those that have), so that FindCoordinator finds it at any broker.
+async fn create_offsets_topic(weak: std::rc::Weak<Shard>) {
+    let since = std::time::Instant::now();
+    loop {
+        let Some(shard) = weak.upgrade() else { return };
+        let table = shard.controller.current();
+        if table.get(crate::group::OFFSETS_TOPIC).is_some() {
+            return;
+        }
+        let voters = shard.cluster().map_or(0, |c| c.voters.len());
+        let ready = table.brokers.len() >= voters || since.elapsed() > Duration::from_secs(30);
+        if ready && !shard.controller.not_controller(&shard) {
+            let spec = crate::handlers::groups::offsets_topic_spec(&shard);
+            for (name, result) in shard
+                .controller
+                .create_topics(&shard, vec![spec], false)
+                .await
+            {
+                if let Err((code, message)) = result {
+                    tracing::debug!(topic = %name, ?code, %message, "offsets topic not created yet");
+                }
+            }
+        }
+        drop(shard);
+        glommio::timer::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// A tag for a metadata command this broker waits on.

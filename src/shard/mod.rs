@@ -749,7 +749,8 @@ impl Shard {
                             continue;
                         }
                     }
-                    if &*tp.topic == OFFSETS_TOPIC {
+                    // In a cluster the coordinator loads a partition's groups when it leads it.
+                    if &*tp.topic == OFFSETS_TOPIC && self.cluster.is_none() {
                         self.groups.load(&log).await;
                     }
                     self.partitions.borrow_mut().insert(tp, log);

@@ -1,0 +1,320 @@
+"""A three-broker cluster on 127.0.0.1, 127.0.0.2 and 127.0.0.3: real `strom` processes joined by
+`controller.quorum.voters`, driven by confluent-kafka (idempotent, acks=all) and kafka-python.
+
+Each fault scenario prints one line: acknowledged, read back, lost, duplicated. The short version
+runs in CI; STROM_CLUSTER_FULL=1 runs more records per scenario. STROM_CLUSTER_SEED fixes the seed.
+"""
+
+import os
+import pathlib
+import random
+import re
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from kafka.admin import KafkaAdminClient, NewTopic
+
+from conftest import STROM_BIN
+
+FULL = os.environ.get("STROM_CLUSTER_FULL") == "1"
+RECORDS_PER_PHASE = 20000 if FULL else 3000
+PARTITIONS = 6
+
+
+class Node:
+    def __init__(self, node_id, data_dir, port, voters, extra=()):
+        self.node_id = node_id
+        self.host = f"127.0.0.{node_id}"
+        self.port = port
+        self.data_dir = pathlib.Path(data_dir)
+        self.voters = voters
+        self.extra = list(extra)
+        self.proc = None
+        self.log_path = self.data_dir.parent / f"node{node_id}.log"
+
+    @property
+    def bootstrap(self):
+        return f"{self.host}:{self.port}"
+
+    def start(self):
+        args = [STROM_BIN, "serve", "--listen", self.bootstrap, "--data-dir", str(self.data_dir),
+                "--admin-listen", f"{self.host}:0", "--cores", "0-1",
+                "--set", f"node.id={self.node_id}",
+                "--set", f"controller.quorum.voters={self.voters}"] + self.extra
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log,
+                                     env=dict(os.environ, RUST_LOG="info"))
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            line = self.proc.stdout.readline()
+            if line.startswith(b"strom listening on"):
+                return self
+            if self.proc.poll() is not None:
+                break
+        raise RuntimeError(f"node {self.node_id} did not start:\n{self.log_path.read_text()}")
+
+    def kill9(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            if self.proc.poll() is None:
+                try:
+                    self.proc.send_signal(signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    port = random.Random().randrange(20000, 40000, 2)
+    voters = ",".join(f"{i}@127.0.0.{i}:{port + 1}" for i in (1, 2, 3))
+    nodes = [Node(i, tmp_path / f"node{i}", port, voters) for i in (1, 2, 3)]
+    for n in nodes:
+        n.start()
+    yield nodes
+    for n in nodes:
+        n.stop()
+
+
+def bootstrap(nodes):
+    return ",".join(n.bootstrap for n in nodes)
+
+
+def wait_for_leaders(nodes, topic, partitions, timeout=30):
+    """Every partition has a leader in the metadata of some live broker; returns {partition: id}."""
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        for n in nodes:
+            if n.proc.poll() is not None:
+                continue
+            out = subprocess.run(["kcat", "-b", n.bootstrap, "-L", "-t", topic, "-m", "3"],
+                                 capture_output=True, text=True).stdout
+            leaders = {int(p): int(l) for p, l in re.findall(r"partition (\d+), leader (-?\d+)", out)}
+            last = out
+            if len(leaders) == partitions and all(l > 0 for l in leaders.values()):
+                return leaders
+        time.sleep(0.3)
+    raise AssertionError(f"partitions without a leader:\n{last}")
+
+
+def create_topic(nodes, name, partitions=PARTITIONS, rf=3, configs=None):
+    deadline = time.time() + 30
+    while True:
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap(nodes), request_timeout_ms=10000)
+            admin.create_topics([NewTopic(name, partitions, rf, topic_configs=configs or {})])
+            admin.close()
+            break
+        except Exception:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+    return wait_for_leaders(nodes, name, partitions)
+
+
+class Load:
+    """An idempotent acks=all producer writing numbered values until stopped."""
+
+    def __init__(self, nodes, topic, seed):
+        self.rng = random.Random(seed)
+        self.topic = topic
+        self.producer = Producer({"bootstrap.servers": bootstrap(nodes), "enable.idempotence": True,
+                                  "acks": "all", "linger.ms": 2, "message.timeout.ms": 60000,
+                                  "request.timeout.ms": 5000})
+        self.acked = {}  # value -> (partition, offset)
+        self.errors = []
+        self.next = 0
+
+    def produce(self, count):
+        def cb(err, msg):
+            if err:
+                self.errors.append(str(err))
+            else:
+                self.acked[msg.value().decode()] = (msg.partition(), msg.offset())
+        for _ in range(count):
+            value = f"v{self.next}"
+            self.next += 1
+            key = str(self.rng.randrange(1000)).encode()
+            while True:
+                try:
+                    self.producer.produce(self.topic, key=key, value=value.encode(), on_delivery=cb)
+                    break
+                except BufferError:
+                    self.producer.poll(0.1)
+            self.producer.poll(0)
+
+    def flush(self):
+        left = self.producer.flush(90)
+        assert left == 0, f"{left} records never answered"
+
+
+def read_all(nodes, topic, partitions=PARTITIONS, expect=0, timeout=60):
+    consumer = Consumer({"bootstrap.servers": bootstrap(nodes), "group.id": "reader",
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    got = []
+    deadline = time.time() + timeout
+    idle_since = time.time()
+    while time.time() < deadline:
+        m = consumer.poll(0.5)
+        if m is None:
+            if len(got) >= expect and time.time() - idle_since > 3:
+                break
+            continue
+        if m.error():
+            continue
+        idle_since = time.time()
+        got.append((m.partition(), m.offset(), m.value().decode()))
+    consumer.close()
+    return got
+
+
+def check(name, load, got, seed):
+    counts = {}
+    for _, _, v in got:
+        counts[v] = counts.get(v, 0) + 1
+    lost = [v for v in load.acked if v not in counts]
+    duplicated = [v for v, c in counts.items() if c > 1]
+    print(f"scenario {name}: seed {seed} acknowledged {len(load.acked)} read back {len(got)} "
+          f"lost {len(lost)} duplicated {len(duplicated)}")
+    assert not lost, f"lost acknowledged records, e.g. {lost[:5]}"
+    assert not duplicated, f"duplicated records, e.g. {duplicated[:5]}"
+    # Acknowledged offsets are where the records are.
+    where = {v: (p, o) for p, o, v in got}
+    wrong = [v for v, po in load.acked.items() if where.get(v) != po]
+    assert not wrong, f"records not at their acknowledged offsets, e.g. {wrong[:5]}"
+    # Per partition, offsets are dense and values from the one producer keep their order.
+    by_partition = {}
+    for p, o, v in got:
+        by_partition.setdefault(p, []).append((o, int(v[1:])))
+    for p, items in by_partition.items():
+        items.sort()
+        values = [v for _, v in items]
+        assert values == sorted(values), f"partition {p}: order differs from the producer's"
+
+
+def segment_bytes(data_dir, topic, partition):
+    d = pathlib.Path(data_dir) / f"{topic}-{partition}"
+    out = b"".join(f.read_bytes() for f in sorted(d.glob("*.log")))
+    return out.rstrip(b"\0")
+
+
+def check_replicas_identical(nodes, topic, partitions=PARTITIONS):
+    """The replicas' segment files agree: each is a prefix of the longest (followers may lag)."""
+    for p in range(partitions):
+        logs = [segment_bytes(n.data_dir, topic, p) for n in nodes]
+        longest = max(logs, key=len)
+        for n, log in zip(nodes, logs):
+            assert longest.startswith(log), f"node {n.node_id} partition {p} diverged"
+
+
+def test_cluster_forms_and_replicates(cluster):
+    nodes = cluster
+    leaders = create_topic(nodes, "basic")
+    out = subprocess.run(["kcat", "-b", nodes[1].bootstrap, "-L"], capture_output=True, text=True).stdout
+    assert "3 brokers" in out, out
+    for i in (1, 2, 3):
+        assert f"broker {i} at 127.0.0.{i}:" in out, out
+    assert "(controller)" in out
+    assert set(leaders.values()) <= {1, 2, 3}
+    admin = KafkaAdminClient(bootstrap_servers=nodes[0].bootstrap, request_timeout_ms=10000)
+    described = admin.describe_cluster()
+    admin.close()
+    assert sorted(b["node_id"] for b in described["brokers"]) == [1, 2, 3], described
+    assert described["controller_id"] in (1, 2, 3), described
+    seed = int(os.environ.get("STROM_CLUSTER_SEED", random.randrange(1 << 30)))
+    load = Load(nodes, "basic", seed)
+    load.produce(2000)
+    load.flush()
+    assert not load.errors, load.errors[:3]
+    check("steady", load, read_all(nodes, "basic", expect=len(load.acked)), seed)
+    time.sleep(1)
+    check_replicas_identical(nodes, "basic")
+    for n in nodes:
+        for p in range(PARTITIONS):
+            assert segment_bytes(n.data_dir, "basic", p), f"node {n.node_id} has no data for {p}"
+
+
+def test_cluster_failover_keeps_every_acknowledged_record(cluster):
+    nodes = cluster
+    seed = int(os.environ.get("STROM_CLUSTER_SEED", random.randrange(1 << 30)))
+    rng = random.Random(seed)
+    leaders = create_topic(nodes, "orders")
+    load = Load(nodes, "orders", seed)
+    load.produce(RECORDS_PER_PHASE)
+    load.flush()
+
+    # (1) kill -9 the leader of a partition, keep producing, restart it.
+    victim = next(n for n in nodes if n.node_id == leaders[rng.randrange(PARTITIONS)])
+    victim.kill9()
+    load.produce(RECORDS_PER_PHASE)
+    load.flush()
+    victim.start()
+    wait_for_leaders(nodes, "orders", PARTITIONS)
+    load.produce(RECORDS_PER_PHASE)
+    load.flush()
+    check("kill -9 leader", load, read_all(nodes, "orders", expect=len(load.acked)), seed)
+
+    # (2) pause a leader past the election timeout, produce, resume: it steps down.
+    leaders = wait_for_leaders(nodes, "orders", PARTITIONS)
+    paused = next(n for n in nodes if n.node_id == leaders[rng.randrange(PARTITIONS)])
+    paused.proc.send_signal(signal.SIGSTOP)
+    time.sleep(3)
+    load.produce(RECORDS_PER_PHASE)
+    load.flush()
+    paused.proc.send_signal(signal.SIGCONT)
+    wait_for_leaders(nodes, "orders", PARTITIONS)
+    load.produce(RECORDS_PER_PHASE)
+    load.flush()
+    check("SIGSTOP leader", load, read_all(nodes, "orders", expect=len(load.acked)), seed)
+
+    # (4) all three killed together and restarted.
+    for n in nodes:
+        n.kill9()
+    for n in nodes:
+        n.start()
+    wait_for_leaders(nodes, "orders", PARTITIONS)
+    load.produce(RECORDS_PER_PHASE)
+    load.flush()
+    check("kill -9 all", load, read_all(nodes, "orders", expect=len(load.acked)), seed)
+    assert not [e for e in load.errors if "Fatal" in e], load.errors[:3]
+    time.sleep(2)
+    check_replicas_identical(nodes, "orders")
+
+
+def test_a_follower_refuses_fetch_with_not_leader_or_follower(cluster):
+    import socket
+    import struct
+    from kafka.protocol.consumer.fetch import FetchRequest, FetchResponse
+    ft = FetchRequest.FetchTopic
+    fp = ft.FetchPartition
+    nodes = cluster
+    leaders = create_topic(nodes, "lead", partitions=1)
+    follower = next(n for n in nodes if n.node_id != leaders[0])
+    req = FetchRequest[12](
+        replica_id=-1, max_wait_ms=0, min_bytes=0, max_bytes=1 << 20, isolation_level=0,
+        session_id=0, session_epoch=-1,
+        topics=[ft(topic="lead", partitions=[fp(
+            partition=0, current_leader_epoch=-1, fetch_offset=0, last_fetched_epoch=-1,
+            log_start_offset=-1, partition_max_bytes=1 << 20)])],
+        forgotten_topics_data=[], rack_id="")
+    req.with_header(correlation_id=1, client_id="strom-test")
+    with socket.create_connection((follower.host, follower.port), timeout=10) as s:
+        s.sendall(req.encode(header=True, framed=True))
+        size = struct.unpack(">i", s.recv(4, socket.MSG_WAITALL))[0]
+        r = FetchResponse.decode(s.recv(size, socket.MSG_WAITALL), version=12, header=True)
+    code = r.responses[0].partitions[0].error_code
+    assert code == 6, f"expected NOT_LEADER_OR_FOLLOWER (6) from a follower, got {code}"
