@@ -16,6 +16,9 @@ use crate::shard::Shard;
 
 const KEY_TYPE_TRANSACTION: i8 = 1;
 
+/// A broker's id and client address.
+type BrokerAddress = (i32, (String, u16));
+
 pub async fn handle(
     shard: &Rc<Shard>,
     req: FindCoordinatorRequest,
@@ -34,7 +37,7 @@ pub async fn handle(
     } else {
         vec![req.key]
     };
-    let found: Vec<(StrBytes, Result<(i32, (String, u16)), ErrorCode>)> = keys
+    let found: Vec<(StrBytes, Result<BrokerAddress, ErrorCode>)> = keys
         .into_iter()
         .map(|key| {
             let result = match refused {
@@ -88,7 +91,7 @@ pub async fn handle(
 
 /// The broker coordinating a group: this one on a single node; in a cluster the leader of the
 /// group's partition of `__consumer_offsets`.
-fn coordinator_of(shard: &Shard, group: &str) -> Result<(i32, (String, u16)), ErrorCode> {
+fn coordinator_of(shard: &Shard, group: &str) -> Result<BrokerAddress, ErrorCode> {
     let Some(cluster) = shard.cluster() else {
         return Ok((shard.options.broker.node_id, shard.advertised.clone()));
     };
