@@ -10,6 +10,7 @@ import pathlib
 import random
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -63,11 +64,7 @@ class Node:
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
-            if self.proc.poll() is None:
-                try:
-                    self.proc.send_signal(signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
+            self.proc.send_signal(signal.SIGCONT)
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=15)
@@ -76,16 +73,112 @@ class Node:
                 self.proc.wait()
 
 
+class LinkProxy:
+    """A fault-injecting proxy in front of one broker's inter-broker listener. Brokers connect
+    from their own 127.0.0.x address, so the proxy knows which broker is calling; `cut` drops
+    every connection from or to the named brokers and refuses new ones until `heal`."""
+
+    def __init__(self, host, port, target):
+        self.host = host
+        self.target = target
+        self.blocked = set()
+        self.conns = []
+        self.lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(64)
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                client, (src, _) = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                if src in self.blocked or self.host in self.blocked:
+                    client.close()
+                    continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=2)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.conns.append((src, client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a, b):
+        try:
+            while True:
+                data = a.recv(65536)
+                if not data:
+                    break
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self, hosts):
+        with self.lock:
+            self.blocked |= set(hosts)
+            keep = []
+            for src, c, u in self.conns:
+                if src in self.blocked or self.host in self.blocked:
+                    for s in (c, u):
+                        try:
+                            s.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+                else:
+                    keep.append((src, c, u))
+            self.conns = keep
+
+    def heal(self):
+        with self.lock:
+            self.blocked.clear()
+
+    def close(self):
+        self.closed = True
+        self.sock.close()
+        self.cut({self.host})
+
+
 @pytest.fixture
 def cluster(tmp_path):
-    port = random.Random().randrange(20000, 40000, 2)
-    voters = ",".join(f"{i}@127.0.0.{i}:{port + 1}" for i in (1, 2, 3))
-    nodes = [Node(i, tmp_path / f"node{i}", port, voters) for i in (1, 2, 3)]
+    """Three brokers; each one's broker-to-broker traffic passes through a LinkProxy."""
+    port = random.Random().randrange(20000, 40000, 4)
+    voters = ",".join(f"{i}@127.0.0.{i}:{port + 2}" for i in (1, 2, 3))
+    proxies = [LinkProxy(f"127.0.0.{i}", port + 2, (f"127.0.0.{i}", port + 1)) for i in (1, 2, 3)]
+    nodes = [Node(i, tmp_path / f"node{i}", port, voters,
+                  extra=["--set", f"inter.broker.listen=127.0.0.{i}:{port + 1}"]) for i in (1, 2, 3)]
     for n in nodes:
+        n.proxies = proxies
         n.start()
     yield nodes
     for n in nodes:
         n.stop()
+    for p in proxies:
+        p.close()
+
+
+def isolate(nodes, victim):
+    """Cuts every link between `victim` and the other brokers (clients still reach it)."""
+    for p in nodes[0].proxies:
+        p.cut({victim.host})
+
+
+def heal(nodes):
+    for p in nodes[0].proxies:
+        p.heal()
 
 
 def bootstrap(nodes):
@@ -104,10 +197,17 @@ def wait_for_leaders(nodes, topic, partitions, timeout=30):
                                  capture_output=True, text=True).stdout
             leaders = {int(p): int(l) for p, l in re.findall(r"partition (\d+), leader (-?\d+)", out)}
             last = out
-            if len(leaders) == partitions and all(l > 0 for l in leaders.values()):
+            if len(leaders) == partitions and all(l in (1, 2, 3) for l in leaders.values()):
                 return leaders
+            assert all(l in (-1, 1, 2, 3) for l in leaders.values()), out
         time.sleep(0.3)
     raise AssertionError(f"partitions without a leader:\n{last}")
+
+
+def node_leading(nodes, leaders, rng):
+    """The broker leading a partition chosen by the seeded generator."""
+    leader = leaders[rng.randrange(len(leaders))]
+    return next(n for n in nodes if n.node_id == leader)
 
 
 def create_topic(nodes, name, partitions=PARTITIONS, rf=3, configs=None):
@@ -133,7 +233,9 @@ class Load:
         self.topic = topic
         self.producer = Producer({"bootstrap.servers": bootstrap(nodes), "enable.idempotence": True,
                                   "acks": "all", "linger.ms": 2, "message.timeout.ms": 60000,
-                                  "request.timeout.ms": 5000})
+                                  "request.timeout.ms": 5000,
+                                  # A paused leader answers nothing: refresh leaders often.
+                                  "topic.metadata.refresh.interval.ms": 2000})
         self.acked = {}  # value -> (partition, offset)
         self.errors = []
         self.next = 0
@@ -188,8 +290,10 @@ def check(name, load, got, seed):
         counts[v] = counts.get(v, 0) + 1
     lost = [v for v in load.acked if v not in counts]
     duplicated = [v for v, c in counts.items() if c > 1]
+    kinds = sorted({e.split(":")[0] for e in load.errors})
     print(f"scenario {name}: seed {seed} acknowledged {len(load.acked)} read back {len(got)} "
-          f"lost {len(lost)} duplicated {len(duplicated)}")
+          f"lost {len(lost)} duplicated {len(duplicated)} "
+          f"(not acknowledged so far: {load.next - len(load.acked)} {kinds})")
     assert not lost, f"lost acknowledged records, e.g. {lost[:5]}"
     assert not duplicated, f"duplicated records, e.g. {duplicated[:5]}"
     # Acknowledged offsets are where the records are.
@@ -204,6 +308,41 @@ def check(name, load, got, seed):
         items.sort()
         values = [v for _, v in items]
         assert values == sorted(values), f"partition {p}: order differs from the producer's"
+
+
+class GroupAudit:
+    """A consumer group that reads a share of the records after each fault and commits; its
+    committed offsets must never go backwards."""
+
+    def __init__(self, nodes, topic):
+        self.nodes = nodes
+        self.topic = topic
+        self.committed = {}
+
+    def step(self, count=500):
+        c = Consumer({"bootstrap.servers": bootstrap(self.nodes), "group.id": "audit",
+                      "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+        c.subscribe([self.topic])
+        n = 0
+        deadline = time.time() + 60
+        while n < count and time.time() < deadline:
+            m = c.poll(0.5)
+            if m is not None and not m.error():
+                n += 1
+        for _ in range(20):
+            try:
+                c.commit(asynchronous=False)
+                break
+            except KafkaException:
+                time.sleep(0.5)
+        got = c.committed([TopicPartition(self.topic, p) for p in range(PARTITIONS)], timeout=30)
+        c.close()
+        now = {tp.partition: tp.offset for tp in got}
+        for p, before in self.committed.items():
+            assert now.get(p, -1) >= before, f"committed offset of {p} went back: {before} -> {now}"
+        self.committed = {p: o for p, o in now.items() if o >= 0}
+        assert n > 0, "the group read nothing"
+        return n
 
 
 def segment_bytes(data_dir, topic, partition):
@@ -233,7 +372,7 @@ def test_cluster_forms_and_replicates(cluster):
     admin = KafkaAdminClient(bootstrap_servers=nodes[0].bootstrap, request_timeout_ms=10000)
     described = admin.describe_cluster()
     admin.close()
-    assert sorted(b["node_id"] for b in described["brokers"]) == [1, 2, 3], described
+    assert sorted(b["broker_id"] for b in described["brokers"]) == [1, 2, 3], described
     assert described["controller_id"] in (1, 2, 3), described
     seed = int(os.environ.get("STROM_CLUSTER_SEED", random.randrange(1 << 30)))
     load = Load(nodes, "basic", seed)
@@ -254,11 +393,13 @@ def test_cluster_failover_keeps_every_acknowledged_record(cluster):
     rng = random.Random(seed)
     leaders = create_topic(nodes, "orders")
     load = Load(nodes, "orders", seed)
+    audit = GroupAudit(nodes, "orders")
     load.produce(RECORDS_PER_PHASE)
     load.flush()
+    audit.step()
 
     # (1) kill -9 the leader of a partition, keep producing, restart it.
-    victim = next(n for n in nodes if n.node_id == leaders[rng.randrange(PARTITIONS)])
+    victim = node_leading(nodes, leaders, rng)
     victim.kill9()
     load.produce(RECORDS_PER_PHASE)
     load.flush()
@@ -267,10 +408,11 @@ def test_cluster_failover_keeps_every_acknowledged_record(cluster):
     load.produce(RECORDS_PER_PHASE)
     load.flush()
     check("kill -9 leader", load, read_all(nodes, "orders", expect=len(load.acked)), seed)
+    audit.step()
 
     # (2) pause a leader past the election timeout, produce, resume: it steps down.
     leaders = wait_for_leaders(nodes, "orders", PARTITIONS)
-    paused = next(n for n in nodes if n.node_id == leaders[rng.randrange(PARTITIONS)])
+    paused = node_leading(nodes, leaders, rng)
     paused.proc.send_signal(signal.SIGSTOP)
     time.sleep(3)
     load.produce(RECORDS_PER_PHASE)
@@ -280,6 +422,22 @@ def test_cluster_failover_keeps_every_acknowledged_record(cluster):
     load.produce(RECORDS_PER_PHASE)
     load.flush()
     check("SIGSTOP leader", load, read_all(nodes, "orders", expect=len(load.acked)), seed)
+    audit.step()
+
+    # (3) one broker cut off from the others (clients still reach it), then healed.
+    leaders = wait_for_leaders(nodes, "orders", PARTITIONS)
+    cut = node_leading(nodes, leaders, rng)
+    isolate(nodes, cut)
+    time.sleep(3)
+    load.produce(RECORDS_PER_PHASE)
+    load.flush()
+    heal(nodes)
+    time.sleep(3)
+    wait_for_leaders(nodes, "orders", PARTITIONS)
+    load.produce(RECORDS_PER_PHASE)
+    load.flush()
+    check("broker cut off", load, read_all(nodes, "orders", expect=len(load.acked)), seed)
+    audit.step()
 
     # (4) all three killed together and restarted.
     for n in nodes:
@@ -290,6 +448,7 @@ def test_cluster_failover_keeps_every_acknowledged_record(cluster):
     load.produce(RECORDS_PER_PHASE)
     load.flush()
     check("kill -9 all", load, read_all(nodes, "orders", expect=len(load.acked)), seed)
+    audit.step()
     assert not [e for e in load.errors if "Fatal" in e], load.errors[:3]
     time.sleep(2)
     check_replicas_identical(nodes, "orders")

@@ -20,7 +20,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
@@ -38,6 +38,8 @@ pub const FRAME_MAX: usize = 128 * 1024 * 1024;
 /// Bytes queued for one peer before new messages are dropped.
 pub const QUEUE_BYTES_MAX: usize = 64 * 1024 * 1024;
 const READ_STEP_BYTES: usize = 64 * 1024;
+/// A peer that does not accept within this is treated as down until the next attempt.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Where received messages go: the shard hands each to the group's owning shard.
 pub type Deliver = Rc<dyn Fn(Vec<(TopicPartition, Message)>)>;
@@ -93,6 +95,9 @@ pub fn decode_frame(body: &[u8]) -> Result<(TopicPartition, Message)> {
 struct PeerLink {
     node: i32,
     address: String,
+    /// The source address of connections to the peer: this broker's inter-broker host, so that
+    /// the peer (and anything between) sees which broker is connecting.
+    local: Option<IpAddr>,
     queue: RefCell<VecDeque<Vec<u8>>>,
     queued_bytes: Cell<usize>,
     wake: event_listener::Event,
@@ -105,12 +110,13 @@ pub struct Transport {
 
 impl Transport {
     /// Starts a writer task per peer on the current executor.
-    pub fn start(peers: &[(i32, (String, u16))]) -> Rc<Transport> {
+    pub fn start(peers: &[(i32, (String, u16))], local: Option<IpAddr>) -> Rc<Transport> {
         let mut links = HashMap::new();
         for (node, (host, port)) in peers {
             let link = Rc::new(PeerLink {
                 node: *node,
                 address: format!("{host}:{port}"),
+                local,
                 queue: RefCell::new(VecDeque::new()),
                 queued_bytes: Cell::new(0),
                 wake: event_listener::Event::new(),
@@ -154,8 +160,9 @@ async fn writer(link: Weak<PeerLink>) {
         let Some(l) = link.upgrade() else { return };
         let address = l.address.clone();
         let node = l.node;
+        let local = l.local;
         drop(l);
-        let stream = match TcpStream::connect(address.as_str()).await {
+        let stream = match connect(address.clone(), local).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(peer = node, %address, error = %e, "peer unreachable");
@@ -170,8 +177,8 @@ async fn writer(link: Weak<PeerLink>) {
             }
         };
         let _ = stream.set_nodelay(true);
-        tracing::info!(peer = node, %address, "connected to peer");
-        backoff = Duration::from_millis(50);
+        tracing::debug!(peer = node, %address, "connected to peer");
+        let connected_at = std::time::Instant::now();
         let mut stream = stream;
         loop {
             let Some(l) = link.upgrade() else { return };
@@ -191,11 +198,46 @@ async fn writer(link: Weak<PeerLink>) {
                 continue;
             }
             if let Err(e) = stream.write_all(&batch).await {
-                tracing::info!(peer = node, error = %e, "peer connection lost");
+                tracing::debug!(peer = node, error = %e, "peer connection lost");
                 break;
             }
         }
+        // A link that drops right after connecting (a peer that accepts and closes, a proxy
+        // cutting it) is retried with the same backoff as one that refuses: no reconnect storm.
+        if connected_at.elapsed() >= Duration::from_secs(1) {
+            backoff = Duration::from_millis(50);
+        } else {
+            glommio::timer::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
     }
+}
+
+/// Connects to `address` from `local` (any port). The connect runs on a blocking thread (it is
+/// instant on a reachable peer and bounded by [`CONNECT_TIMEOUT`] otherwise); the socket then
+/// joins this executor.
+async fn connect(address: String, local: Option<IpAddr>) -> Result<TcpStream> {
+    let socket = crate::storage::files::blocking(move || -> Result<socket2::Socket> {
+        let target: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(address.as_str())?
+            .next()
+            .with_context(|| format!("{address} resolves to nothing"))?;
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(target),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        if let Some(ip) = local.filter(|ip| ip.is_ipv4() == target.is_ipv4()) {
+            socket.bind(&SocketAddr::new(ip, 0).into())?;
+        }
+        socket.connect_timeout(&target.into(), CONNECT_TIMEOUT)?;
+        socket.set_nonblocking(true)?;
+        Ok(socket)
+    })
+    .await?;
+    use std::os::unix::io::{FromRawFd, IntoRawFd};
+    // SAFETY: the fd is a connected socket we own and hand over whole (into_raw_fd gives up
+    // ownership), so the glommio stream is its only owner.
+    Ok(unsafe { TcpStream::from_raw_fd(socket.into_raw_fd()) })
 }
 
 /// Accepts broker-to-broker connections until the shard stops; each frame goes to `deliver`.

@@ -31,15 +31,24 @@ pub struct ClusterNode {
 }
 
 impl ClusterNode {
-    pub fn start(node_id: i32, voters: Vec<(i32, (String, u16))>) -> ClusterNode {
+    pub fn start(
+        node_id: i32,
+        voters: Vec<(i32, (String, u16))>,
+        inter_broker: Option<&(String, u16)>,
+    ) -> ClusterNode {
         let peers: Vec<_> = voters
             .iter()
             .filter(|(id, _)| *id != node_id)
             .cloned()
             .collect();
+        // Connections to peers leave from this broker's own inter-broker host.
+        let own = voters.iter().find(|(id, _)| *id == node_id).map(|(_, a)| a);
+        let local = inter_broker
+            .or(own)
+            .and_then(|(host, _)| host.parse::<std::net::IpAddr>().ok());
         ClusterNode {
             node_id,
-            transport: Transport::start(&peers),
+            transport: Transport::start(&peers, local),
             voters,
             groups: RefCell::new(HashMap::new()),
             leaders: RefCell::new(HashMap::new()),

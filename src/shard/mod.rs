@@ -292,6 +292,7 @@ impl Shard {
             cluster::ClusterNode::start(
                 options.broker.node_id,
                 options.broker.quorum_voters.clone(),
+                options.broker.inter_broker_listen.as_ref(),
             )
         });
         let shard = Rc::new(Shard {
