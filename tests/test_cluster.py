@@ -477,3 +477,83 @@ def test_a_follower_refuses_fetch_with_not_leader_or_follower(cluster):
         r = FetchResponse.decode(s.recv(size, socket.MSG_WAITALL), version=12, header=True)
     code = r.responses[0].partitions[0].error_code
     assert code == 6, f"expected NOT_LEADER_OR_FOLLOWER (6) from a follower, got {code}"
+
+
+def raw_produce(node, topic, partition, acks=-1):
+    """One Produce v7 request with one record straight to `node`; returns the error code."""
+    import struct
+    from kafka.protocol.producer.produce import ProduceRequest, ProduceResponse
+    from kafka.record.memory_records import MemoryRecordsBuilder
+    builder = MemoryRecordsBuilder(magic=2, compression_type=0, batch_size=1 << 20)
+    builder.append(timestamp=None, key=b"k", value=b"raw", headers=[])
+    builder.close()
+    tpd = ProduceRequest.TopicProduceData
+    req = ProduceRequest[7](
+        transactional_id=None, acks=acks, timeout_ms=10000,
+        topic_data=[tpd(name=topic, partition_data=[tpd.PartitionProduceData(
+            index=partition, records=bytes(builder.buffer()))])])
+    req.with_header(correlation_id=1, client_id="strom-test")
+    with socket.create_connection((node.host, node.port), timeout=30) as s:
+        s.sendall(req.encode(header=True, framed=True))
+        size = struct.unpack(">i", s.recv(4, socket.MSG_WAITALL))[0]
+        r = ProduceResponse.decode(s.recv(size, socket.MSG_WAITALL), version=7, header=True)
+    return r.responses[0].partition_responses[0].error_code
+
+
+def test_min_insync_replicas_refuses_acks_all_and_loses_nothing(cluster):
+    nodes = cluster
+    seed = int(os.environ.get("STROM_CLUSTER_SEED", random.randrange(1 << 30)))
+    leaders = create_topic(nodes, "safe", partitions=1, configs={"min.insync.replicas": "3"})
+    load = Load(nodes, "safe", seed)
+    load.produce(500)
+    load.flush()
+    leader = next(n for n in nodes if n.node_id == leaders[0])
+    followers = [n for n in nodes if n is not leader]
+    # One replica down, three required: the leader refuses acks=all, takes acks=1.
+    followers[0].kill9()
+    time.sleep(3)
+    assert raw_produce(leader, "safe", 0, acks=-1) == 19  # NOT_ENOUGH_REPLICAS
+    assert raw_produce(leader, "safe", 0, acks=1) == 0
+    # Two replicas down: nobody can commit; acks=all is refused, never acknowledged.
+    followers[1].kill9()
+    time.sleep(4)
+    assert raw_produce(leader, "safe", 0, acks=-1) == 19
+    for n in followers:
+        n.start()
+    wait_for_leaders(nodes, "safe", 1)
+    load.produce(500)
+    load.flush()
+    got = [g for g in read_all(nodes, "safe", partitions=1, expect=len(load.acked) + 1)
+           if g[2] != "raw"]
+    check("two of three down", load, got, seed)
+
+
+def test_a_consumer_reading_through_a_leader_change_misses_and_repeats_nothing(cluster):
+    """One consumer keeps fetching while the partition's leader is killed: it follows the new
+    leader (validating its position with OffsetForLeaderEpoch, KIP-320) and sees every
+    acknowledged record once."""
+    nodes = cluster
+    seed = int(os.environ.get("STROM_CLUSTER_SEED", random.randrange(1 << 30)))
+    leaders = create_topic(nodes, "follow", partitions=1)
+    load = Load(nodes, "follow", seed)
+    consumer = Consumer({"bootstrap.servers": bootstrap(nodes), "group.id": "follow",
+                         "enable.auto.commit": False, "topic.metadata.refresh.interval.ms": 2000})
+    consumer.assign([TopicPartition("follow", 0, 0)])
+    seen = []
+
+    def poll_for(seconds):
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            m = consumer.poll(0.2)
+            if m is not None and not m.error():
+                seen.append((0, m.offset(), m.value().decode()))
+
+    load.produce(1000)
+    load.flush()
+    poll_for(3)
+    node_leading(nodes, leaders, random.Random(seed)).kill9()
+    load.produce(1000)
+    load.flush()
+    poll_for(8)
+    consumer.close()
+    check("consumer across a leader change", load, seen, seed)

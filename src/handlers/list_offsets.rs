@@ -124,7 +124,11 @@ pub async fn offset_for_leader_epoch(
             e.end_offset = -1;
             let tp = TopicPartition::new(&t.topic.0, p.partition);
             match facts.get(&tp) {
+                None if shard.cluster().is_some() => {
+                    e.error_code = ErrorCode::NOT_LEADER_OR_FOLLOWER.0
+                }
                 None => e.error_code = ErrorCode::UNKNOWN_TOPIC_OR_PARTITION.0,
+                Some(f) if !f.leading => e.error_code = ErrorCode::NOT_LEADER_OR_FOLLOWER.0,
                 Some(f)
                     if p.current_leader_epoch >= 0 && p.current_leader_epoch < f.leader_epoch =>
                 {
@@ -137,11 +141,21 @@ pub async fn offset_for_leader_epoch(
                     e.leader_epoch = f.leader_epoch;
                     e.end_offset = f.log_end.0;
                 }
-                // An epoch older than the one every stored batch carries: as Kafka, the epoch
-                // asked for, ending where the next known epoch starts (the log start).
+                // An older epoch. On a single node no batch carries one (every batch has the
+                // partition's epoch): as Kafka, it ends where the known epochs start, the log
+                // start. In a cluster the segments hold committed batches only, and Raft never
+                // changes a committed batch, so what a consumer read under an older epoch is a
+                // prefix of this log and there is never anything to truncate. The answer is the
+                // log end, which a client's validation (KIP-320) compares with its position and
+                // accepts. Kafka answers the start of the next epoch; strom keeps no epoch cache
+                // yet, and no client of a committed-only log needs the difference.
                 Some(f) if p.leader_epoch >= 0 && p.leader_epoch < f.leader_epoch => {
                     e.leader_epoch = p.leader_epoch;
-                    e.end_offset = f.log_start.0;
+                    e.end_offset = if shard.cluster().is_some() {
+                        f.log_end.0
+                    } else {
+                        f.log_start.0
+                    };
                 }
                 Some(_) => {}
             }

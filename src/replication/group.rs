@@ -66,6 +66,9 @@ pub struct Group {
     transport: Rc<Transport>,
     sink: Sink,
     role: Cell<Role>,
+    /// This replica led and stepped down because it stopped hearing from a quorum, and no new
+    /// leader is known: the partition has fewer live replicas than it needs.
+    lost_quorum: Cell<bool>,
     /// Offsets below this were proposed and are in this leader's own durable log (`acks=1`).
     persisted_end: Cell<i64>,
     /// Produces waiting for their batch to commit, by base offset, with the term proposed in.
@@ -96,6 +99,7 @@ impl Group {
             transport,
             sink,
             role: Cell::new(Role::default()),
+            lost_quorum: Cell::new(false),
             persisted_end: Cell::new(0),
             waiters: RefCell::new(BTreeMap::new()),
             inflight: RefCell::new(HashMap::new()),
@@ -240,6 +244,11 @@ impl Group {
         if old == role {
             return;
         }
+        if old.leader && !role.leader && role.leader_id == raft::INVALID_ID {
+            self.lost_quorum.set(true);
+        } else if role.leader_id != raft::INVALID_ID {
+            self.lost_quorum.set(false);
+        }
         tracing::info!(partition = %self.tp, leader = role.leader_id, term = role.term, "raft leadership changed");
         if role.leader {
             // Batches a former leader left uncommitted in our log may still commit: a producer's
@@ -333,6 +342,10 @@ impl Group {
             return Err(ErrorCode::KAFKA_STORAGE_ERROR.into());
         }
         if !self.role.get().leader {
+            // Kafka's answer when too few replicas are in sync for acks=all.
+            if acks == -1 && self.lost_quorum.get() {
+                return Err(ErrorCode::NOT_ENOUGH_REPLICAS.into());
+            }
             return Err(ErrorCode::NOT_LEADER_OR_FOLLOWER.into());
         }
         let batches = log.validate(&records)?;

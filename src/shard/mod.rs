@@ -615,7 +615,13 @@ impl Shard {
             Request::Facts(tps) => Reply::Facts(
                 tps.into_iter()
                     .map(|tp| {
-                        let facts = self.partition(&tp).map(|l| l.facts());
+                        let mut facts = self.partition(&tp).map(|l| l.facts());
+                        if let (Some(f), Some(g)) =
+                            (facts.as_mut(), self.cluster().and_then(|c| c.group(&tp)))
+                        {
+                            f.leader_epoch = g.leader_epoch();
+                            f.leading = g.role().leader;
+                        }
                         (tp, facts)
                     })
                     .collect(),

@@ -103,6 +103,9 @@ pub struct PartitionFacts {
     pub log_start: Offset,
     pub leader_epoch: i32,
     pub producers: Vec<ActiveProducer>,
+    /// This broker serves the partition's reads and writes (always on a single node; in a
+    /// cluster, while it leads the partition's Raft group).
+    pub leading: bool,
 }
 
 /// What a successful append returns: where the batches went, and the offset to wait for.
@@ -733,6 +736,7 @@ impl PartitionLog {
             log_start: st.log_start,
             leader_epoch: st.meta.leader_epoch,
             producers,
+            leading: true,
         }
     }
 
