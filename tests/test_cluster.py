@@ -52,6 +52,8 @@ class Node:
         deadline = time.time() + 30
         while time.time() < deadline:
             line = self.proc.stdout.readline()
+            if line.startswith(b"strom admin on"):
+                self.admin = line.strip().split(b" on ")[1].decode()
             if line.startswith(b"strom listening on"):
                 return self
             if self.proc.poll() is not None:
@@ -385,6 +387,19 @@ def test_cluster_forms_and_replicates(cluster):
     for n in nodes:
         for p in range(PARTITIONS):
             assert segment_bytes(n.data_dir, "basic", p), f"node {n.node_id} has no data for {p}"
+    # The operator's view: every broker reports each group's Raft state; leaders their followers.
+    import urllib.request
+    time.sleep(1.5)
+    leading = 0
+    for n in nodes:
+        text = urllib.request.urlopen(f"http://{n.admin}/metrics", timeout=10).read().decode()
+        terms = re.findall(r'strom_raft_term\{partition="basic-(\d+)"\} (\d+)', text)
+        assert len(terms) == PARTITIONS, text[-2000:]
+        assert all(int(t) >= 1 for _, t in terms)
+        lags = re.findall(r'strom_raft_follower_lag_entries\{partition="basic-\d+",follower="\d"\} (\d+)', text)
+        leading += len(lags) // 2
+        assert all(int(l) == 0 for l in lags), lags
+    assert leading == PARTITIONS
 
 
 def test_cluster_failover_keeps_every_acknowledged_record(cluster):

@@ -216,8 +216,24 @@ struct Layout {
     leaders: BTreeMap<String, BTreeMap<i32, String>>,
 }
 
+/// The controller's address (CreateTopics goes there, as Kafka's admin clients send it).
+fn controller_address(conn: &mut Connection) -> Result<Option<String>> {
+    let mut md_req = MetadataRequest::default();
+    md_req.topics = Some(Vec::new());
+    let md: MetadataResponse = conn.call(ApiKey::Metadata, 9, &md_req)?;
+    Ok(md
+        .brokers
+        .iter()
+        .find(|b| b.node_id == md.controller_id)
+        .map(|b| format!("{}:{}", b.host, b.port)))
+}
+
 fn create_topics(bootstrap: &str, w: &Workload, names: &[String]) -> Result<Layout> {
     let mut conn = Connection::connect(bootstrap)?;
+    let mut admin = match controller_address(&mut conn)? {
+        Some(address) => Connection::connect(&address)?,
+        None => Connection::connect(bootstrap)?,
+    };
     let mut req = CreateTopicsRequest::default();
     req.timeout_ms = 30_000;
     req.topics = names
@@ -230,7 +246,7 @@ fn create_topics(bootstrap: &str, w: &Workload, names: &[String]) -> Result<Layo
             t
         })
         .collect();
-    let resp: CreateTopicsResponse = conn.call(ApiKey::CreateTopics, 4, &req)?;
+    let resp: CreateTopicsResponse = admin.call(ApiKey::CreateTopics, 4, &req)?;
     for t in resp.topics {
         if t.error_code != 0 {
             bail!(

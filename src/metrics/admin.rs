@@ -193,10 +193,83 @@ pub fn render(hub: &MetricsHub) -> Result<String> {
             series: partitions,
         },
     );
+    register_raft(&mut registry, &snapshots);
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &registry)
         .map_err(|e| anyhow!("encoding metrics: {e}"))?;
     Ok(out)
+}
+
+/// Per Raft group: term, commit index, leader; on the leader, in-sync replicas and follower lag.
+fn register_raft(registry: &mut Registry, snapshots: &[crate::metrics::ShardSnapshot]) {
+    let groups: Vec<&crate::metrics::RaftGauge> = snapshots.iter().flat_map(|s| &s.raft).collect();
+    if groups.is_empty() {
+        return;
+    }
+    let label = |g: &crate::metrics::RaftGauge| vec![("partition".to_string(), g.group.clone())];
+    let gauge = |f: &dyn Fn(&crate::metrics::RaftGauge) -> f64| -> Vec<_> {
+        groups
+            .iter()
+            .map(|g| (label(g), GaugeValue(f(g))))
+            .collect()
+    };
+    for (name, help, series) in [
+        (
+            "strom_raft_term",
+            "Raft term (the leader epoch)",
+            gauge(&|g| g.term as f64),
+        ),
+        (
+            "strom_raft_commit_index",
+            "Raft commit index",
+            gauge(&|g| g.commit_index as f64),
+        ),
+        (
+            "strom_raft_leader",
+            "Leader's node id (-1: none known)",
+            gauge(&|g| f64::from(g.leader)),
+        ),
+    ] {
+        registry.register(
+            name,
+            help,
+            Series {
+                kind: MetricType::Gauge,
+                series,
+            },
+        );
+    }
+    let leading: Vec<_> = groups.iter().filter(|g| g.in_sync > 0).collect();
+    let in_sync = leading
+        .iter()
+        .map(|g| (label(g), GaugeValue(g.in_sync as f64)))
+        .collect();
+    registry.register(
+        "strom_raft_in_sync_replicas",
+        "On the leader: replicas heard from within the election timeout, the leader included",
+        Series {
+            kind: MetricType::Gauge,
+            series: in_sync,
+        },
+    );
+    let lag = leading
+        .iter()
+        .flat_map(|g| {
+            g.follower_lag.iter().map(|(follower, lag)| {
+                let mut l = label(g);
+                l.push(("follower".to_string(), follower.to_string()));
+                (l, GaugeValue(*lag as f64))
+            })
+        })
+        .collect();
+    registry.register(
+        "strom_raft_follower_lag_entries",
+        "On the leader: Raft entries each follower is behind",
+        Series {
+            kind: MetricType::Gauge,
+            series: lag,
+        },
+    );
 }
 
 fn status_json(hub: &MetricsHub) -> String {

@@ -102,6 +102,20 @@ pub struct ShardSnapshot {
     pub apis: BTreeMap<i16, ApiStats>,
     pub counters: [u64; COUNTERS.len()],
     pub partitions: u64,
+    /// The Raft groups this shard drives (a cluster).
+    pub raft: Vec<RaftGauge>,
+}
+
+/// One Raft group's state as `/metrics` shows it.
+#[derive(Clone, Debug, Default)]
+pub struct RaftGauge {
+    pub group: String,
+    pub leader: i32,
+    pub term: u64,
+    pub commit_index: u64,
+    /// On the leader: the replicas in sync (itself included) and each follower's lag in entries.
+    pub in_sync: usize,
+    pub follower_lag: Vec<(i32, u64)>,
 }
 
 thread_local! {
@@ -174,9 +188,10 @@ impl MetricsHub {
     }
 
     /// Copies this shard's thread-local numbers into its slot (called about once a second).
-    pub fn publish(&self, shard: usize, partitions: u64) {
+    pub fn publish(&self, shard: usize, partitions: u64, raft: Vec<RaftGauge>) {
         let mut snapshot = LOCAL.with(|m| m.borrow().clone());
         snapshot.partitions = partitions;
+        snapshot.raft = raft;
         if let Some(slot) = self.slots.get(shard) {
             if let Ok(mut s) = slot.lock() {
                 *s = snapshot;

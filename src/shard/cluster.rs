@@ -70,6 +70,29 @@ impl ClusterNode {
         }
     }
 
+    /// Every group's Raft state, for `/metrics`.
+    pub fn gauges(&self) -> Vec<crate::metrics::RaftGauge> {
+        self.groups
+            .borrow()
+            .iter()
+            .map(|(tp, g)| {
+                let role = g.role();
+                crate::metrics::RaftGauge {
+                    group: tp.to_string(),
+                    leader: if role.leader_id == raft::INVALID_ID {
+                        -1
+                    } else {
+                        i32::try_from(role.leader_id).unwrap_or(-1)
+                    },
+                    term: role.term,
+                    commit_index: g.commit_index(),
+                    in_sync: g.in_sync().len(),
+                    follower_lag: g.follower_lag(),
+                }
+            })
+            .collect()
+    }
+
     pub fn metadata_tp() -> TopicPartition {
         TopicPartition::new(METADATA_TOPIC, 0)
     }

@@ -919,7 +919,8 @@ fn start_metrics_publisher(shard: &Rc<Shard>) {
         loop {
             let Some(shard) = weak.upgrade() else { return };
             let partitions = shard.partitions.borrow().len() as u64;
-            shard.metrics.publish(shard.id.0, partitions);
+            let raft = shard.cluster().map(|c| c.gauges()).unwrap_or_default();
+            shard.metrics.publish(shard.id.0, partitions, raft);
             if shard.id.0 == 0 {
                 let table = shard.topics();
                 if let Ok(mut status) = shard.metrics.status.lock() {
