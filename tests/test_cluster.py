@@ -572,3 +572,19 @@ def test_a_consumer_reading_through_a_leader_change_misses_and_repeats_nothing(c
     poll_for(8)
     consumer.close()
     check("consumer across a leader change", load, seen, seed)
+
+
+def test_every_broker_names_leaders_of_partitions_it_does_not_hold(cluster):
+    """Replication factor 1 on three brokers: each partition lives on one broker, and the others
+    learn its leader through the controller, so Metadata from any broker is complete."""
+    nodes = cluster
+    create_topic(nodes, "single", partitions=6, rf=1)
+    for n in nodes:
+        leaders = wait_for_leaders([n], "single", 6)
+        assert set(leaders.values()) == {1, 2, 3}, leaders
+    load = Load(nodes, "single", 7)
+    load.produce(600)
+    load.flush()
+    assert not load.errors, load.errors[:3]
+    check("replication factor 1", load, read_all(nodes, "single", partitions=6,
+                                                  expect=len(load.acked)), 7)

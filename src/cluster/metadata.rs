@@ -6,6 +6,7 @@
 //!
 //! - `Register`: a broker's client address (any broker proposes its own at start).
 //! - `ProducerBlock`: reserves the next block of producer ids for one broker.
+//! - `Leader`: a partition's new leader and epoch, as its Raft group elected it.
 //! - `Table`: the topics (with replica assignments) and dynamic broker configs as the controller
 //!   (the group's leader) computed them from the table it had applied; brokers and producer-id
 //!   blocks are not in it, so a concurrent `Register` or `ProducerBlock` is never overwritten.
@@ -28,6 +29,14 @@ pub enum MetadataCommand {
     ProducerBlock {
         node: i32,
         tag: u64,
+    },
+    /// A partition's Raft group elected a leader (proposed by the new leader); brokers that do
+    /// not hold the partition learn its leader from this.
+    Leader {
+        topic: String,
+        partition: i32,
+        leader: i32,
+        epoch: i32,
     },
     Table {
         tag: u64,
@@ -84,6 +93,18 @@ impl MetadataCommand {
                 table.brokers.insert(node, (host, port));
                 None
             }
+            MetadataCommand::Leader {
+                topic,
+                partition,
+                leader,
+                epoch,
+            } => {
+                let known = table.leaders.entry((topic, partition)).or_insert((-1, -1));
+                if epoch >= known.1 {
+                    *known = (leader, epoch);
+                }
+                None
+            }
             MetadataCommand::ProducerBlock { tag, .. } => {
                 let start = table.producer_id_block_end;
                 table.producer_id_block_end = start + PRODUCER_ID_BLOCK;
@@ -102,8 +123,11 @@ impl MetadataCommand {
                     broker_configs,
                 };
                 let brokers = std::mem::take(&mut table.brokers);
+                let mut leaders = std::mem::take(&mut table.leaders);
                 let mut next = TopicTable::from_record(record);
+                leaders.retain(|(t, _), _| next.topics.contains_key(t.as_str()));
                 next.brokers = brokers;
+                next.leaders = leaders;
                 for (topic, r) in next.topics.values_mut().zip(replicas) {
                     topic.replicas = r;
                 }

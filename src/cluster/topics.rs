@@ -52,6 +52,8 @@ pub struct TopicTable {
     pub broker_configs: BTreeMap<String, String>,
     /// A cluster's registered brokers and their client addresses (empty on a single node).
     pub brokers: BTreeMap<i32, (String, u16)>,
+    /// A cluster's partition leaders and leader epochs as last reported through the controller.
+    pub leaders: BTreeMap<(String, i32), (i32, i32)>,
 }
 
 impl TopicTable {
@@ -91,6 +93,7 @@ impl TopicTable {
             producer_id_block_end: r.producer_id_block_end,
             broker_configs: r.broker_configs.into_iter().collect(),
             brokers: BTreeMap::new(),
+            leaders: BTreeMap::new(),
             topics: r
                 .topics
                 .into_iter()
@@ -127,6 +130,7 @@ impl TopicTable {
             topics: BTreeMap::new(),
             broker_configs: BTreeMap::new(),
             brokers: BTreeMap::new(),
+            leaders: BTreeMap::new(),
         };
         table.persist(data_dir).await?;
         Ok(table)
@@ -203,6 +207,7 @@ mod tests {
             topics: BTreeMap::new(),
             broker_configs: [("log.retention.ms".to_string(), "5".to_string())].into(),
             brokers: BTreeMap::new(),
+            leaders: BTreeMap::new(),
         };
         let name: Arc<str> = Arc::from("t");
         table.topics.insert(

@@ -98,6 +98,10 @@ fn coordinator_of(shard: &Shard, group: &str) -> Result<BrokerAddress, ErrorCode
     let p = partition_for_group(group, shard.options.broker.offsets_topic_partitions);
     let leader = cluster
         .leader_of(&TopicPartition::new(OFFSETS_TOPIC, p))
+        .or_else(|| {
+            let key = (OFFSETS_TOPIC.to_string(), p);
+            shard.topics().leaders.get(&key).copied()
+        })
         .map(|(l, _)| l)
         .filter(|l| *l >= 0)
         .ok_or(ErrorCode::COORDINATOR_NOT_AVAILABLE)?;

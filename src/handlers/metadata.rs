@@ -158,6 +158,8 @@ pub fn controller_id(shard: &Shard) -> i32 {
 }
 
 fn describe(shard: &Shard, topic: &Topic, node: i32) -> MetadataResponseTopic {
+    let table = shard.topics();
+    let leaders = &table.leaders;
     let mut t = MetadataResponseTopic::default();
     t.name = Some(topic_name(&topic.name));
     t.topic_id = uuid::Uuid::from_bytes(topic.id);
@@ -179,8 +181,13 @@ fn describe(shard: &Shard, topic: &Topic, node: i32) -> MetadataResponseTopic {
                         .and_then(|i| topic.replicas.get(i))
                         .map(|r| r.iter().map(|id| BrokerId(*id)).collect())
                         .unwrap_or_default();
+                    // This broker's own view for partitions it holds (the freshest); the
+                    // controller's record for the others.
                     let tp = TopicPartition::new(&topic.name, p);
-                    let (leader, epoch) = c.leader_of(&tp).unwrap_or((-1, -1));
+                    let (leader, epoch) = c
+                        .leader_of(&tp)
+                        .or_else(|| leaders.get(&(topic.name.to_string(), p)).copied())
+                        .unwrap_or((-1, -1));
                     if leader < 0 {
                         part.error_code = ErrorCode::LEADER_NOT_AVAILABLE.0;
                     }

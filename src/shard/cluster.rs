@@ -173,6 +173,18 @@ impl Shard {
     pub(super) fn record_leader(self: &Rc<Self>, tp: TopicPartition, leader: i32, epoch: i32) {
         let Some(c) = self.cluster() else { return };
         c.leaders.borrow_mut().insert(tp.clone(), (leader, epoch));
+        if self.id.0 == 0 && leader == c.node_id && &*tp.topic != METADATA_TOPIC {
+            // Tell the brokers that do not hold the partition, through the controller.
+            let cmd = crate::cluster::metadata::MetadataCommand::Leader {
+                topic: tp.topic.to_string(),
+                partition: tp.partition.0,
+                leader,
+                epoch,
+            };
+            let shard = self.clone();
+            glommio::spawn_local(async move { shard.controller.report(&shard, cmd).await })
+                .detach();
+        }
         if &*tp.topic != OFFSETS_TOPIC || self.owner_of(&tp) != self.id {
             return;
         }

@@ -152,6 +152,31 @@ impl Controller {
         shard.cluster().is_some() && !Self::metadata_group(shard).is_some_and(|g| g.role().leader)
     }
 
+    /// Proposes a command until the table shows it applied or a newer fact replaced it (a
+    /// leader report: retried while the metadata group has no leader).
+    pub async fn report(&self, shard: &Rc<Shard>, cmd: MetadataCommand) {
+        let MetadataCommand::Leader {
+            topic,
+            partition,
+            epoch,
+            ..
+        } = &cmd
+        else {
+            return;
+        };
+        let key = (topic.clone(), *partition);
+        for _ in 0..100 {
+            let known = self.current().leaders.get(&key).map_or(-1, |(_, e)| *e);
+            if known >= *epoch {
+                return;
+            }
+            if let Err(e) = self.propose(shard, &cmd) {
+                tracing::debug!(error = %format!("{e:#}"), "leader report not proposed yet");
+            }
+            glommio::timer::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     fn propose(&self, shard: &Shard, cmd: &MetadataCommand) -> Result<()> {
         let group = Self::metadata_group(shard).context("no metadata group")?;
         group
