@@ -406,64 +406,39 @@ def test_cluster_failover_keeps_every_acknowledged_record(cluster):
     nodes = cluster
     seed = int(os.environ.get("STROM_CLUSTER_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
-    leaders = create_topic(nodes, "orders")
+    create_topic(nodes, "orders")
     load = Load(nodes, "orders", seed)
     audit = GroupAudit(nodes, "orders")
     load.produce(RECORDS_PER_PHASE)
     load.flush()
     audit.step()
 
+    def fault(name, inject, recover, settle=0, during=True):
+        """Inject a fault, produce through it (unless nothing can serve), recover, produce
+        again, then check everything."""
+        leader = node_leading(nodes, wait_for_leaders(nodes, "orders", PARTITIONS), rng)
+        inject(leader)
+        time.sleep(settle)
+        if during:
+            load.produce(RECORDS_PER_PHASE)
+            load.flush()
+        recover(leader)
+        wait_for_leaders(nodes, "orders", PARTITIONS)
+        load.produce(RECORDS_PER_PHASE)
+        load.flush()
+        check(name, load, read_all(nodes, "orders", expect=len(load.acked)), seed)
+        audit.step()
+
     # (1) kill -9 the leader of a partition, keep producing, restart it.
-    victim = node_leading(nodes, leaders, rng)
-    victim.kill9()
-    load.produce(RECORDS_PER_PHASE)
-    load.flush()
-    victim.start()
-    wait_for_leaders(nodes, "orders", PARTITIONS)
-    load.produce(RECORDS_PER_PHASE)
-    load.flush()
-    check("kill -9 leader", load, read_all(nodes, "orders", expect=len(load.acked)), seed)
-    audit.step()
-
+    fault("kill -9 leader", Node.kill9, Node.start)
     # (2) pause a leader past the election timeout, produce, resume: it steps down.
-    leaders = wait_for_leaders(nodes, "orders", PARTITIONS)
-    paused = node_leading(nodes, leaders, rng)
-    paused.proc.send_signal(signal.SIGSTOP)
-    time.sleep(3)
-    load.produce(RECORDS_PER_PHASE)
-    load.flush()
-    paused.proc.send_signal(signal.SIGCONT)
-    wait_for_leaders(nodes, "orders", PARTITIONS)
-    load.produce(RECORDS_PER_PHASE)
-    load.flush()
-    check("SIGSTOP leader", load, read_all(nodes, "orders", expect=len(load.acked)), seed)
-    audit.step()
-
+    fault("SIGSTOP leader", lambda n: n.proc.send_signal(signal.SIGSTOP),
+          lambda n: n.proc.send_signal(signal.SIGCONT), settle=3)
     # (3) one broker cut off from the others (clients still reach it), then healed.
-    leaders = wait_for_leaders(nodes, "orders", PARTITIONS)
-    cut = node_leading(nodes, leaders, rng)
-    isolate(nodes, cut)
-    time.sleep(3)
-    load.produce(RECORDS_PER_PHASE)
-    load.flush()
-    heal(nodes)
-    time.sleep(3)
-    wait_for_leaders(nodes, "orders", PARTITIONS)
-    load.produce(RECORDS_PER_PHASE)
-    load.flush()
-    check("broker cut off", load, read_all(nodes, "orders", expect=len(load.acked)), seed)
-    audit.step()
-
+    fault("broker cut off", lambda n: isolate(nodes, n), lambda n: heal(nodes), settle=3)
     # (4) all three killed together and restarted.
-    for n in nodes:
-        n.kill9()
-    for n in nodes:
-        n.start()
-    wait_for_leaders(nodes, "orders", PARTITIONS)
-    load.produce(RECORDS_PER_PHASE)
-    load.flush()
-    check("kill -9 all", load, read_all(nodes, "orders", expect=len(load.acked)), seed)
-    audit.step()
+    fault("kill -9 all", lambda n: [m.kill9() for m in nodes],
+          lambda n: [m.start() for m in nodes], during=False)
     assert not [e for e in load.errors if "Fatal" in e], load.errors[:3]
     time.sleep(2)
     check_replicas_identical(nodes, "orders")
