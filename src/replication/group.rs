@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_channel::oneshot;
 use raft::eraftpb::Message;
 
@@ -380,14 +380,15 @@ impl Group {
         let mut count = 0i64;
         let mut receivers = Vec::new();
         for (pos, h) in &batches {
-            let mut bytes = BytesMut::from(&records[*pos..*pos + h.size_bytes]);
+            // The one copy of the produce path: out of the request into the Raft entry.
+            let mut bytes = records[*pos..*pos + h.size_bytes].to_vec();
             if append_time >= 0 {
                 batch::set_log_append_time(&mut bytes, append_time);
             }
             let (base, t) = self
                 .replica
                 .borrow_mut()
-                .propose(&bytes)
+                .propose(bytes)
                 .map_err(|e| match e {
                     ProposeError::NotLeader | ProposeError::Dropped => {
                         AppendError::from(ErrorCode::NOT_LEADER_OR_FOLLOWER)

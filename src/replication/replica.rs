@@ -8,7 +8,7 @@
 //! the messages to send and the batches that became committed, in order.
 
 use anyhow::{bail, Context, Result};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use raft::eraftpb::{Entry, EntryType, HardState, Message, Snapshot};
 use raft::storage::MemStorage;
 use raft::{Config, GetEntriesContext, RawNode, StateRole, Storage};
@@ -263,7 +263,7 @@ impl<S: ReplicaStore> Replica<S> {
     /// Assigns the batch its offsets and this term as its leader epoch, and proposes it. Returns
     /// its base offset and the term: it is acknowledged (`acks=all`) once [`Replica::drive`]
     /// returns an [`Applied`] with both.
-    pub fn propose(&mut self, batch_bytes: &[u8]) -> Result<(i64, u64), ProposeError> {
+    pub fn propose(&mut self, mut batch: Vec<u8>) -> Result<(i64, u64), ProposeError> {
         if !self.is_leader() {
             return Err(ProposeError::NotLeader);
         }
@@ -273,16 +273,15 @@ impl<S: ReplicaStore> Replica<S> {
             self.next_offset = self.log_end_offset();
             self.offsets_term = term;
         }
-        let header = BatchHeader::parse(batch_bytes).map_err(|_| ProposeError::Invalid)?;
-        if header.size_bytes != batch_bytes.len() {
+        let header = BatchHeader::parse(&batch).map_err(|_| ProposeError::Invalid)?;
+        if header.size_bytes != batch.len() {
             return Err(ProposeError::Invalid);
         }
         let base = self.next_offset;
         let epoch = i32::try_from(term).map_err(|_| ProposeError::Invalid)?;
-        let mut bytes = BytesMut::from(batch_bytes);
-        batch::assign(&mut bytes, Offset(base), epoch);
+        batch::assign(&mut batch, Offset(base), epoch);
         self.node
-            .propose(Vec::new(), bytes.to_vec())
+            .propose(Vec::new(), batch)
             .map_err(|_| ProposeError::Dropped)?;
         self.next_offset = base + i64::from(header.last_offset_delta) + 1;
         Ok((base, term))
@@ -344,7 +343,7 @@ impl<S: ReplicaStore> Replica<S> {
     }
 
     fn apply(&mut self, entries: Vec<Entry>, out: &mut Vec<Applied>) -> Result<()> {
-        for e in entries {
+        for mut e in entries {
             match e.get_entry_type() {
                 EntryType::EntryNormal if e.get_data().is_empty() => {}
                 EntryType::EntryNormal if self.raw => out.push(Applied {
@@ -352,7 +351,7 @@ impl<S: ReplicaStore> Replica<S> {
                     term: e.get_term(),
                     base_offset: 0,
                     end_offset: 0,
-                    batch: Bytes::copy_from_slice(e.get_data()),
+                    batch: std::mem::take(&mut e.data),
                 }),
                 EntryType::EntryNormal => {
                     let header = BatchHeader::parse(e.get_data()).map_err(|err| {
@@ -376,7 +375,7 @@ impl<S: ReplicaStore> Replica<S> {
                         term: e.get_term(),
                         base_offset: header.base_offset.0,
                         end_offset: end,
-                        batch: Bytes::copy_from_slice(e.get_data()),
+                        batch: std::mem::take(&mut e.data),
                     });
                 }
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {

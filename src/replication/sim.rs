@@ -218,7 +218,7 @@ impl Sim {
                 let batch = make_batch(0, records, self.next_record_id);
                 self.next_record_id += 1;
                 let replica = self.nodes[node].replicas[p].as_mut().expect("leader runs");
-                if let Ok(position) = replica.propose(&batch) {
+                if let Ok(position) = replica.propose(batch.to_vec()) {
                     self.pending.push((p, node, position));
                 }
             }

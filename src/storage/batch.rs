@@ -3,7 +3,7 @@
 //! live outside the CRC, so assigning them needs no recompute. Only `LogAppendTime` rewrites a
 //! CRC-covered field (the max timestamp) and recomputes the CRC.
 
-use bytes::{Buf, BytesMut};
+use bytes::Buf;
 
 use super::codec;
 use crate::model::{ErrorCode, Offset};
@@ -277,14 +277,14 @@ pub fn whole_batches_within(bytes: &[u8], limit_bytes: usize) -> usize {
 }
 
 /// Writes the broker-assigned base offset and leader epoch into a batch (outside the CRC).
-pub fn assign(batch: &mut BytesMut, base_offset: Offset, leader_epoch: i32) {
+pub fn assign(batch: &mut [u8], base_offset: Offset, leader_epoch: i32) {
     batch[0..8].copy_from_slice(&base_offset.0.to_be_bytes());
     batch[12..16].copy_from_slice(&leader_epoch.to_be_bytes());
 }
 
 /// For `message.timestamp.type=LogAppendTime`: sets the timestamp type bit and the max timestamp
 /// to the broker's clock, then recomputes the CRC those fields are covered by.
-pub fn set_log_append_time(batch: &mut BytesMut, now_ms: i64) {
+pub fn set_log_append_time(batch: &mut [u8], now_ms: i64) {
     let attributes = i16::from_be_bytes([batch[21], batch[22]]) | ATTR_TIMESTAMP_TYPE;
     batch[21..23].copy_from_slice(&attributes.to_be_bytes());
     batch[35..43].copy_from_slice(&now_ms.to_be_bytes());
@@ -295,7 +295,7 @@ pub fn set_log_append_time(batch: &mut BytesMut, now_ms: i64) {
 #[cfg(test)]
 pub mod tests {
     use super::*;
-    use bytes::BufMut;
+    use bytes::{BufMut, BytesMut};
 
     /// Builds a valid uncompressed batch of `count` records with small values, for tests.
     pub fn make_batch(base_offset: i64, count: i32, timestamp: i64) -> BytesMut {
