@@ -157,19 +157,47 @@ class LinkProxy:
 @pytest.fixture
 def cluster(tmp_path):
     """Three brokers; each one's broker-to-broker traffic passes through a LinkProxy."""
-    port = random.Random().randrange(20000, 40000, 4)
-    voters = ",".join(f"{i}@127.0.0.{i}:{port + 2}" for i in (1, 2, 3))
-    proxies = [LinkProxy(f"127.0.0.{i}", port + 2, (f"127.0.0.{i}", port + 1)) for i in (1, 2, 3)]
+    for attempt in range(5):
+        # Below the kernel's ephemeral range (32768 up), so no outgoing connection holds the port.
+        port = random.Random().randrange(20000, 32000, 4)
+        voters = ",".join(f"{i}@127.0.0.{i}:{port + 2}" for i in (1, 2, 3))
+        proxies = []
+        try:
+            for i in (1, 2, 3):
+                proxies.append(LinkProxy(f"127.0.0.{i}", port + 2, (f"127.0.0.{i}", port + 1)))
+        except OSError:  # another test's port: pick again
+            for p in proxies:
+                p.close()
+            continue
+        break
     nodes = [Node(i, tmp_path / f"node{i}", port, voters,
                   extra=["--set", f"inter.broker.listen=127.0.0.{i}:{port + 1}"]) for i in (1, 2, 3)]
     for n in nodes:
         n.proxies = proxies
         n.start()
+    wait_formed(nodes)
     yield nodes
     for n in nodes:
         n.stop()
     for p in proxies:
         p.close()
+
+
+def wait_formed(nodes, timeout=30):
+    """Every broker names all three brokers and a controller, as an operator checks with kcat -L
+    before creating topics: replicas go to the brokers registered when a topic is created."""
+    deadline = time.time() + timeout
+    pending = list(nodes)
+    while pending and time.time() < deadline:
+        out = subprocess.run(["kcat", "-b", pending[0].bootstrap, "-L", "-m", "3"],
+                             capture_output=True, text=True).stdout
+        if " 3 brokers:" in out and "(controller)" in out:
+            pending.pop(0)
+        else:
+            time.sleep(0.2)
+    logs = "\n".join(f"--- node {n.node_id}:\n" + "\n".join(n.log_path.read_text().splitlines()[-15:])
+                     for n in nodes)
+    assert not pending, f"cluster not formed in {timeout} s: {out}\n{logs}"
 
 
 def isolate(nodes, victim):

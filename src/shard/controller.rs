@@ -61,6 +61,10 @@ pub const PARTITIONS_PER_TOPIC_MAX: i32 = 10_000;
 /// How long a broker waits for a metadata command it proposed to be applied.
 const METADATA_WAIT: Duration = Duration::from_secs(10);
 
+/// How long a newly elected controller waits to apply what its predecessors committed before it
+/// answers a change with `NOT_CONTROLLER` (retriable) instead.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
+
 pub struct Controller {
     table: RefCell<Option<TopicTable>>,
     changes: Semaphore,
@@ -150,6 +154,30 @@ impl Controller {
     /// In a cluster, this broker is the controller only while it leads the metadata group.
     fn not_controller(&self, shard: &Shard) -> bool {
         shard.cluster().is_some() && !Self::metadata_group(shard).is_some_and(|g| g.role().leader)
+    }
+
+    /// Whether this broker may decide on the table now. A freshly elected leader of the metadata
+    /// group has not yet applied what former controllers committed (it learns the commit point
+    /// only when an entry of its own term commits), so it waits for that first: a decision on the
+    /// lagging table would assign replicas from a broker list still empty, or write back a table
+    /// that drops a topic created a moment earlier.
+    async fn acting(&self, shard: &Shard) -> bool {
+        if shard.cluster().is_none() {
+            return true;
+        }
+        let Some(group) = Self::metadata_group(shard) else {
+            return false;
+        };
+        if !group.role().leader {
+            return false;
+        }
+        let caught_up = glommio::timer::timeout(CATCH_UP_WAIT, async {
+            group.caught_up().await;
+            Ok(())
+        })
+        .await
+        .is_ok();
+        caught_up && group.role().leader
     }
 
     /// Proposes a command until the table shows it applied or a newer fact replaced it (a
@@ -318,7 +346,7 @@ impl Controller {
         let Ok(_permit) = self.changes.acquire_permit(1).await else {
             return failed_all(specs.iter().map(|s| s.name.clone()));
         };
-        if self.not_controller(shard) {
+        if !self.acting(shard).await {
             return specs
                 .into_iter()
                 .map(|s| {
@@ -414,7 +442,7 @@ impl Controller {
                 .map(|n| (n, ErrorCode::UNKNOWN_SERVER_ERROR))
                 .collect();
         };
-        if self.not_controller(shard) {
+        if !self.acting(shard).await {
             return names
                 .into_iter()
                 .map(|n| (n, ErrorCode::NOT_CONTROLLER))
@@ -456,6 +484,13 @@ impl Controller {
                 .map(|_| (ErrorCode::UNKNOWN_SERVER_ERROR, None))
                 .collect();
         };
+        if !self.acting(shard).await {
+            let message = Some("This broker is not the controller.".to_string());
+            return changes
+                .iter()
+                .map(|_| (ErrorCode::NOT_CONTROLLER, message.clone()))
+                .collect();
+        }
         let mut table = self.current();
         let mut results = Vec::with_capacity(changes.len());
         let mut changed = false;
@@ -536,6 +571,13 @@ impl Controller {
                 .map(|_| (ErrorCode::UNKNOWN_SERVER_ERROR, None))
                 .collect();
         };
+        if !self.acting(shard).await {
+            let message = Some("This broker is not the controller.".to_string());
+            return topics
+                .iter()
+                .map(|_| (ErrorCode::NOT_CONTROLLER, message.clone()))
+                .collect();
+        }
         let mut table = self.current();
         let table_brokers: Vec<i32> = table.brokers.keys().copied().collect();
         let mut results = Vec::with_capacity(topics.len());
@@ -745,12 +787,12 @@ fn check_spec(
     } else {
         spec.replication_factor
     };
-    if rf < 1 || usize::try_from(rf).unwrap_or(usize::MAX) > brokers.len().max(1) {
+    if rf < 1 || usize::try_from(rf).unwrap_or(usize::MAX) > brokers.len() {
         return Err((
             ErrorCode::INVALID_REPLICATION_FACTOR,
             format!(
                 "Replication factor: {rf} larger than available brokers: {}.",
-                brokers.len().max(1)
+                brokers.len()
             ),
         ));
     }
