@@ -103,6 +103,21 @@ enum Command {
         #[command(subcommand)]
         command: GroupCommand,
     },
+    /// The brokers and partition health of a cluster.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Brokers (live or not), the controller, leaders per broker, under-replicated and offline
+    /// partitions.
+    Status {
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        bootstrap: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -210,6 +225,9 @@ fn main() {
         Some(Command::Serve(args)) => serve(args),
         Some(Command::Group { command }) => group(command),
         Some(Command::Topic { command }) => topic(command),
+        Some(Command::Cluster {
+            command: ClusterCommand::Status { bootstrap },
+        }) => strom::client::status::status(&bootstrap).map(|out| print!("{out}")),
         Some(Command::Produce {
             topic,
             bootstrap,

@@ -157,6 +157,18 @@ class LinkProxy:
 @pytest.fixture
 def cluster(tmp_path):
     """Three brokers; each one's broker-to-broker traffic passes through a LinkProxy."""
+    yield from start_cluster(tmp_path)
+
+
+@pytest.fixture
+def quick_cluster(tmp_path):
+    """Three brokers that fence a silent broker and shrink the ISR after 4 s (Kafka's defaults
+    are 9 s and 30 s)."""
+    yield from start_cluster(tmp_path, ["--set", "broker.session.timeout.ms=4000",
+                                        "--set", "replica.lag.time.max.ms=4000"])
+
+
+def start_cluster(tmp_path, settings=()):
     for attempt in range(5):
         # Below the kernel's ephemeral range (32768 up), so no outgoing connection holds the port.
         port = random.Random().randrange(20000, 32000, 4)
@@ -171,7 +183,8 @@ def cluster(tmp_path):
             continue
         break
     nodes = [Node(i, tmp_path / f"node{i}", port, voters,
-                  extra=["--set", f"inter.broker.listen=127.0.0.{i}:{port + 1}"]) for i in (1, 2, 3)]
+                  extra=["--set", f"inter.broker.listen=127.0.0.{i}:{port + 1}", *settings])
+             for i in (1, 2, 3)]
     for n in nodes:
         n.proxies = proxies
         n.start()
@@ -518,8 +531,21 @@ def raw_produce(node, topic, partition, acks=-1):
     return r.responses[0].partition_responses[0].error_code
 
 
-def test_min_insync_replicas_refuses_acks_all_and_loses_nothing(cluster):
-    nodes = cluster
+def until_refused(node, topic, timeout=20):
+    """acks=all at `node` until it answers NOT_ENOUGH_REPLICAS (19): a dead follower stays in the
+    ISR for replica.lag.time.max.ms, as in Kafka."""
+    deadline = time.time() + timeout
+    code = None
+    while time.time() < deadline:
+        code = raw_produce(node, topic, 0, acks=-1)
+        if code == 19:
+            return code
+        time.sleep(0.5)
+    return code
+
+
+def test_min_insync_replicas_refuses_acks_all_and_loses_nothing(quick_cluster):
+    nodes = quick_cluster
     seed = int(os.environ.get("STROM_CLUSTER_SEED", random.randrange(1 << 30)))
     leaders = create_topic(nodes, "safe", partitions=1, configs={"min.insync.replicas": "3"})
     load = Load(nodes, "safe", seed)
@@ -529,13 +555,11 @@ def test_min_insync_replicas_refuses_acks_all_and_loses_nothing(cluster):
     followers = [n for n in nodes if n is not leader]
     # One replica down, three required: the leader refuses acks=all, takes acks=1.
     followers[0].kill9()
-    time.sleep(3)
-    assert raw_produce(leader, "safe", 0, acks=-1) == 19  # NOT_ENOUGH_REPLICAS
+    assert until_refused(leader, "safe") == 19  # NOT_ENOUGH_REPLICAS once the ISR shrank
     assert raw_produce(leader, "safe", 0, acks=1) == 0
     # Two replicas down: nobody can commit; acks=all is refused, never acknowledged.
     followers[1].kill9()
-    time.sleep(4)
-    assert raw_produce(leader, "safe", 0, acks=-1) == 19
+    assert until_refused(leader, "safe") == 19
     for n in followers:
         n.start()
     wait_for_leaders(nodes, "safe", 1)
@@ -591,3 +615,66 @@ def test_every_broker_names_leaders_of_partitions_it_does_not_hold(cluster):
     assert not load.errors, load.errors[:3]
     check("replication factor 1", load, read_all(nodes, "single", partitions=6,
                                                   expect=len(load.acked)), 7)
+
+
+def cluster_status(node):
+    return subprocess.run([STROM_BIN, "cluster", "status", "--bootstrap", node.bootstrap],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def health(node, topic):
+    """(brokers listed, {partition: (replicas, isr)}) from kcat -L at `node`."""
+    out = subprocess.run(["kcat", "-b", node.bootstrap, "-L", "-t", topic, "-m", "3"],
+                         capture_output=True, text=True).stdout
+    brokers = sorted(int(b) for b in re.findall(r"broker (\d+) at", out))
+    parts = {int(p): (r, i) for p, r, i in
+             re.findall(r"partition (\d+), leader -?\d+, replicas: ([\d,]*), isrs: ([\d,]*)", out)}
+    return brokers, parts, out
+
+
+def wait_health(node, topic, want, timeout=40):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        brokers, parts, out = health(node, topic)
+        if want(brokers, parts):
+            return brokers, parts
+        time.sleep(0.5)
+    raise AssertionError(f"cluster health not reached in {timeout} s:\n{out}\n{cluster_status(node)}")
+
+
+def test_dead_broker_is_fenced_and_leaves_the_isr_then_rejoins(quick_cluster):
+    """kill -9 of a broker: after the session timeout Metadata stops listing it and its replicas
+    leave the ISR, `strom cluster status` shows it not live and the partitions under-replicated;
+    restarted, it is listed again and rejoins every ISR."""
+    nodes = quick_cluster
+    create_topic(nodes, "health", partitions=3, rf=3)
+    load = Load(nodes, "health", 11)
+    load.produce(300)
+    load.flush()
+    full = wait_health(nodes[0], "health", lambda b, parts: b == [1, 2, 3] and all(
+        i.split(",") == ["1", "2", "3"] for _, i in parts.values()) and len(parts) == 3)
+    status = cluster_status(nodes[0])
+    assert "Brokers: 3 live, 0 not live" in status and "Under-replicated: 0" in status, status
+
+    victim = nodes[2]
+    victim.kill9()
+    watcher = nodes[0]
+    brokers, parts = wait_health(watcher, "health", lambda b, parts: b == [1, 2] and len(parts) == 3
+                                 and all("3" not in i.split(",") for _, i in parts.values()))
+    assert all(r.split(",") and "3" in r.split(",") for r, _ in parts.values()), parts
+    status = cluster_status(watcher)
+    assert "Brokers: 2 live, 1 not live" in status and "\tBroker: 3\t-\tnot live" in status, status
+    assert sum(line.startswith("\tUnder-replicated: health-") for line in status.splitlines()) == 3, status
+    # Writes go on with two of three in sync.
+    load.produce(300)
+    load.flush()
+
+    victim.start()
+    wait_health(watcher, "health", lambda b, parts: b == [1, 2, 3] and len(parts) == 3 and all(
+        i.split(",") == ["1", "2", "3"] for _, i in parts.values()))
+    status = cluster_status(watcher)
+    assert "Brokers: 3 live, 0 not live" in status, status
+    assert not any(line.startswith("\tUnder-replicated: health-") for line in status.splitlines()), status
+    assert not load.errors, load.errors[:3]
+    check("fenced broker rejoins", load, read_all(nodes, "health", partitions=3,
+                                                  expect=len(load.acked)), 11)

@@ -9,6 +9,7 @@ pub mod consume;
 pub mod groups;
 pub mod produce;
 pub mod records;
+pub mod status;
 pub mod topics;
 
 use std::io::{Read, Write};

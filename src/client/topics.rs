@@ -44,7 +44,10 @@ fn check(code: i16, message: Option<&StrBytes>, what: &str) -> Result<()> {
     }
 }
 
-fn metadata(conn: &mut Connection, topics: Option<Vec<&str>>) -> Result<MetadataResponse> {
+pub(super) fn metadata(
+    conn: &mut Connection,
+    topics: Option<Vec<&str>>,
+) -> Result<MetadataResponse> {
     let mut req = MetadataRequest::default();
     req.topics = topics.map(|ts| {
         ts.into_iter()

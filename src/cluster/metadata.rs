@@ -7,6 +7,9 @@
 //! - `Register`: a broker's client address (any broker proposes its own at start).
 //! - `ProducerBlock`: reserves the next block of producer ids for one broker.
 //! - `Leader`: a partition's new leader and epoch, as its Raft group elected it.
+//! - `Isr`: a partition's in-sync replicas, as its leader (of that epoch) saw them change.
+//! - `Fence`: the controller stopped (or started again) hearing from a broker within
+//!   `broker.session.timeout.ms`; Metadata lists unfenced brokers only.
 //! - `Table`: the topics (with replica assignments) and dynamic broker configs as the controller
 //!   (the group's leader) computed them from the table it had applied; brokers and producer-id
 //!   blocks are not in it, so a concurrent `Register` or `ProducerBlock` is never overwritten.
@@ -37,6 +40,18 @@ pub enum MetadataCommand {
         partition: i32,
         leader: i32,
         epoch: i32,
+    },
+    /// A partition leader's in-sync replica set changed.
+    Isr {
+        topic: String,
+        partition: i32,
+        epoch: i32,
+        isr: Vec<i32>,
+    },
+    /// The controller fences a broker it stopped hearing from, or unfences one it hears again.
+    Fence {
+        node: i32,
+        fenced: bool,
     },
     Table {
         tag: u64,
@@ -105,6 +120,29 @@ impl MetadataCommand {
                 }
                 None
             }
+            MetadataCommand::Isr {
+                topic,
+                partition,
+                epoch,
+                isr,
+            } => {
+                let known = table
+                    .isr
+                    .entry((topic, partition))
+                    .or_insert((-1, Vec::new()));
+                if epoch >= known.0 {
+                    *known = (epoch, isr);
+                }
+                None
+            }
+            MetadataCommand::Fence { node, fenced } => {
+                if fenced {
+                    table.fenced.insert(node);
+                } else {
+                    table.fenced.remove(&node);
+                }
+                None
+            }
             MetadataCommand::ProducerBlock { tag, .. } => {
                 let start = table.producer_id_block_end;
                 table.producer_id_block_end = start + PRODUCER_ID_BLOCK;
@@ -122,12 +160,15 @@ impl MetadataCommand {
                     topics,
                     broker_configs,
                 };
-                let brokers = std::mem::take(&mut table.brokers);
-                let mut leaders = std::mem::take(&mut table.leaders);
                 let mut next = TopicTable::from_record(record);
-                leaders.retain(|(t, _), _| next.topics.contains_key(t.as_str()));
-                next.brokers = brokers;
-                next.leaders = leaders;
+                next.brokers = std::mem::take(&mut table.brokers);
+                next.fenced = std::mem::take(&mut table.fenced);
+                next.leaders = std::mem::take(&mut table.leaders);
+                next.isr = std::mem::take(&mut table.isr);
+                let topics = &next.topics;
+                next.leaders
+                    .retain(|(t, _), _| topics.contains_key(t.as_str()));
+                next.isr.retain(|(t, _), _| topics.contains_key(t.as_str()));
                 for (topic, r) in next.topics.values_mut().zip(replicas) {
                     topic.replicas = r;
                 }
@@ -209,6 +250,57 @@ mod tests {
             vec![vec![1, 2], vec![2, 1]]
         );
         assert!(MetadataCommand::decode(b"garbage").is_err());
+    }
+
+    #[test]
+    fn isr_reports_follow_leader_epochs_and_fencing_survives_a_table() {
+        let mut table = TopicTable::default();
+        let isr = |epoch, isr: &[i32]| MetadataCommand::Isr {
+            topic: "t".into(),
+            partition: 0,
+            epoch,
+            isr: isr.to_vec(),
+        };
+        let table_cmd = |tag, topics: Vec<TopicRecord>| MetadataCommand::Table {
+            tag,
+            replicas: topics.iter().map(|_| vec![vec![1, 2, 3]]).collect(),
+            topics,
+            broker_configs: vec![],
+        };
+        let t = TopicRecord {
+            name: "t".into(),
+            id: [1; 16],
+            partitions: 1,
+            configs: vec![],
+        };
+        for c in [
+            table_cmd(1, vec![t.clone()]),
+            isr(3, &[1, 2, 3]),
+            isr(3, &[1, 2]),
+            // A report of a former leader (older epoch) arriving late changes nothing.
+            isr(2, &[1, 2, 3]),
+            MetadataCommand::Fence {
+                node: 3,
+                fenced: true,
+            },
+            table_cmd(2, vec![t.clone()]),
+        ] {
+            MetadataCommand::decode(&c.encode().unwrap())
+                .unwrap()
+                .apply(&mut table);
+        }
+        let key = ("t".to_string(), 0);
+        assert_eq!(table.isr.get(&key), Some(&(3, vec![1, 2])));
+        assert!(table.fenced.contains(&3));
+        MetadataCommand::Fence {
+            node: 3,
+            fenced: false,
+        }
+        .apply(&mut table);
+        assert!(table.fenced.is_empty());
+        // Deleting the topic drops its ISR.
+        table_cmd(3, vec![]).apply(&mut table);
+        assert!(table.isr.is_empty());
     }
 
     #[test]

@@ -54,6 +54,11 @@ pub struct TopicTable {
     pub brokers: BTreeMap<i32, (String, u16)>,
     /// A cluster's partition leaders and leader epochs as last reported through the controller.
     pub leaders: BTreeMap<(String, i32), (i32, i32)>,
+    /// A cluster's in-sync replicas per partition, with the leader epoch of the leader that
+    /// reported them.
+    pub isr: BTreeMap<(String, i32), (i32, Vec<i32>)>,
+    /// Registered brokers the controller has not heard from within `broker.session.timeout.ms`.
+    pub fenced: std::collections::BTreeSet<i32>,
 }
 
 impl TopicTable {
@@ -92,8 +97,6 @@ impl TopicTable {
             cluster_id: r.cluster_id,
             producer_id_block_end: r.producer_id_block_end,
             broker_configs: r.broker_configs.into_iter().collect(),
-            brokers: BTreeMap::new(),
-            leaders: BTreeMap::new(),
             topics: r
                 .topics
                 .into_iter()
@@ -109,6 +112,7 @@ impl TopicTable {
                     (name, topic)
                 })
                 .collect(),
+            ..TopicTable::default()
         }
     }
 
@@ -129,8 +133,7 @@ impl TopicTable {
             producer_id_block_end: 0,
             topics: BTreeMap::new(),
             broker_configs: BTreeMap::new(),
-            brokers: BTreeMap::new(),
-            leaders: BTreeMap::new(),
+            ..TopicTable::default()
         };
         table.persist(data_dir).await?;
         Ok(table)
@@ -206,8 +209,7 @@ mod tests {
             producer_id_block_end: 2000,
             topics: BTreeMap::new(),
             broker_configs: [("log.retention.ms".to_string(), "5".to_string())].into(),
-            brokers: BTreeMap::new(),
-            leaders: BTreeMap::new(),
+            ..TopicTable::default()
         };
         let name: Arc<str> = Arc::from("t");
         table.topics.insert(

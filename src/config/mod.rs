@@ -347,6 +347,22 @@ pub const BROKER_SETTINGS: &[SettingDef] = &[
         "Replicas of __consumer_offsets in a cluster (at most the brokers there are)",
     ),
     def(
+        "replica.lag.time.max.ms",
+        Some("30000"),
+        T::Long,
+        false,
+        None,
+        "A follower that has not caught up with the leader's log end for this long leaves the ISR",
+    ),
+    def(
+        "broker.session.timeout.ms",
+        Some("9000"),
+        T::Int,
+        false,
+        None,
+        "A broker the controller has not heard from for this long is fenced: Metadata stops listing it",
+    ),
+    def(
         "offsets.topic.num.partitions",
         Some("50"),
         T::Int,
@@ -826,6 +842,11 @@ pub struct BrokerConfig {
     pub offsets_topic_partitions: i32,
     /// `offsets.topic.replication.factor`.
     pub offsets_topic_replication_factor: i16,
+    /// `replica.lag.time.max.ms`: how long a follower may go without catching up and stay in sync.
+    pub replica_lag_time_max_ms: u64,
+    /// `broker.session.timeout.ms`: how long the controller waits to hear from a broker before
+    /// it fences it.
+    pub broker_session_timeout_ms: u64,
     /// `group.initial.rebalance.delay.ms`: how long a new group waits for more members.
     pub group_initial_rebalance_delay_ms: u64,
     /// `group.min.session.timeout.ms` / `group.max.session.timeout.ms`.
@@ -879,6 +900,8 @@ impl Default for BrokerConfig {
             cache_size_bytes_per_shard: 64 * 1024 * 1024,
             offsets_topic_partitions: 50,
             offsets_topic_replication_factor: 3,
+            replica_lag_time_max_ms: 30_000,
+            broker_session_timeout_ms: 9_000,
             group_initial_rebalance_delay_ms: 3000,
             group_session_timeout_ms_min: 6000,
             group_session_timeout_ms_max: 1_800_000,
@@ -1077,6 +1100,12 @@ impl BrokerConfig {
             "offsets.topic.replication.factor" => {
                 self.offsets_topic_replication_factor =
                     parse_in(value, 1, i64::from(i16::MAX))? as i16
+            }
+            "replica.lag.time.max.ms" => {
+                self.replica_lag_time_max_ms = parse_in(value, 1, i64::MAX)? as u64
+            }
+            "broker.session.timeout.ms" => {
+                self.broker_session_timeout_ms = parse_in(value, 1, i32::MAX as i64)? as u64
             }
             "offsets.topic.num.partitions" => {
                 self.offsets_topic_partitions = parse_in(value, 1, 10_000)? as i32

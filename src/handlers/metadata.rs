@@ -134,10 +134,12 @@ pub async fn handle(shard: &Rc<Shard>, req: MetadataRequest, version: i16) -> Me
 /// always included (a single node is only itself).
 pub fn brokers(shard: &Shard) -> Vec<(i32, (String, u16))> {
     let node = shard.options.broker.node_id;
-    let mut brokers: Vec<(i32, (String, u16))> = shard
-        .topics()
+    let table = shard.topics();
+    // Fenced brokers (the controller stopped hearing from them) are not offered to clients.
+    let mut brokers: Vec<(i32, (String, u16))> = table
         .brokers
         .iter()
+        .filter(|(id, _)| !table.fenced.contains(id))
         .map(|(id, a)| (*id, a.clone()))
         .collect();
     if !brokers.iter().any(|(id, _)| *id == node) {
@@ -188,13 +190,34 @@ fn describe(shard: &Shard, topic: &Topic, node: i32) -> MetadataResponseTopic {
                         .leader_of(&tp)
                         .or_else(|| leaders.get(&(topic.name.to_string(), p)).copied())
                         .unwrap_or((-1, -1));
+                    // A fenced broker's partitions are offline until another replica leads.
+                    let leader = if table.fenced.contains(&leader) && c.leader_of(&tp).is_none() {
+                        -1
+                    } else {
+                        leader
+                    };
                     if leader < 0 {
                         part.error_code = ErrorCode::LEADER_NOT_AVAILABLE.0;
                     }
                     part.leader_id = BrokerId(leader);
                     part.leader_epoch = epoch;
-                    // The in-sync set is the leader's to know; brokers report the replica set.
-                    part.isr_nodes = replicas.clone();
+                    // The in-sync set is the leader's to know: its own view where it leads
+                    // here, else what it last reported through the controller.
+                    let key = (topic.name.to_string(), p);
+                    let isr = c
+                        .group(&tp)
+                        .map(|g| g.in_sync())
+                        .filter(|isr| !isr.is_empty())
+                        .or_else(|| table.isr.get(&key).map(|(_, isr)| isr.clone()));
+                    part.isr_nodes = match isr {
+                        Some(isr) => isr.into_iter().map(BrokerId).collect(),
+                        None => replicas.clone(),
+                    };
+                    part.offline_replicas = replicas
+                        .iter()
+                        .filter(|id| table.fenced.contains(&id.0))
+                        .copied()
+                        .collect();
                     part.replica_nodes = replicas;
                 }
             }

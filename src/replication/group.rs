@@ -78,8 +78,26 @@ pub struct Group {
     applied_marks: RefCell<VecDeque<(u64, i64)>>,
     /// Told about every leadership change (the shard updates Metadata's view).
     on_role: Box<dyn Fn(Role)>,
+    /// While leading: when each follower last caught up with the log end (Kafka's ISR rule).
+    followers: RefCell<HashMap<u64, Follower>>,
+    /// When each peer was last heard from (any Raft message), leader or not.
+    heard: RefCell<HashMap<u64, Instant>>,
+    /// `replica.lag.time.max.ms`.
+    lag_max: Duration,
     stopped: Cell<bool>,
     failed: Cell<bool>,
+}
+
+/// Kafka's in-sync test for one follower: the leader notes its log end (`mark`) and when; once the
+/// follower's log reaches that mark, it had caught up as of then.
+#[derive(Clone, Copy)]
+struct Follower {
+    /// When this replica started tracking it (its leadership began): it counts as heard from
+    /// then.
+    since: Instant,
+    mark_index: u64,
+    mark_time: Instant,
+    caught_up: Instant,
 }
 
 impl Group {
@@ -89,6 +107,7 @@ impl Group {
         transport: Rc<Transport>,
         sink: Sink,
         on_role: Box<dyn Fn(Role)>,
+        lag_max: Duration,
     ) -> Rc<Group> {
         let group = Rc::new(Group {
             tp,
@@ -105,6 +124,9 @@ impl Group {
             inflight: RefCell::new(HashMap::new()),
             applied_marks: RefCell::new(VecDeque::new()),
             on_role,
+            followers: RefCell::new(HashMap::new()),
+            heard: RefCell::new(HashMap::new()),
+            lag_max,
             stopped: Cell::new(false),
             failed: Cell::new(false),
         });
@@ -133,14 +155,72 @@ impl Group {
         self.progress.notify(usize::MAX);
     }
 
-    /// Replicas that answered the leader within the last election timeout, the leader included:
-    /// Kafka's in-sync replicas. Empty on a follower.
+    /// Kafka's in-sync replicas, the leader included: followers whose log reached the leader's
+    /// log end within the last `replica.lag.time.max.ms`. Empty on a follower. Sorted.
     pub fn in_sync(&self) -> Vec<i32> {
         let r = self.replica.borrow();
-        r.recent_active()
-            .into_iter()
+        if !r.is_leader() {
+            return Vec::new();
+        }
+        let now = Instant::now();
+        let followers = self.followers.borrow();
+        let heard = self.heard.borrow();
+        let recent = |at: Instant| now.saturating_duration_since(at) < self.lag_max;
+        let mut ids: Vec<i32> = std::iter::once(r.id())
+            .chain(
+                followers
+                    .iter()
+                    .filter(|(id, f)| {
+                        let heard = heard.get(id).map_or(f.since, |at| (*at).max(f.since));
+                        recent(f.caught_up) && recent(heard)
+                    })
+                    .map(|(id, _)| *id),
+            )
             .filter_map(|id| i32::try_from(id).ok())
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// How long ago each peer was last heard from (any Raft message of this group).
+    pub fn heard(&self) -> Vec<(i32, Duration)> {
+        let now = Instant::now();
+        self.heard
+            .borrow()
+            .iter()
+            .filter_map(|(id, at)| {
+                Some((i32::try_from(*id).ok()?, now.saturating_duration_since(*at)))
+            })
             .collect()
+    }
+
+    /// Moves each follower's caught-up time on (once per tick while leading).
+    fn track_followers(&self, now: Instant) {
+        let (matches, last) = {
+            let r = self.replica.borrow();
+            (r.follower_matches(), r.last_index())
+        };
+        let mut followers = self.followers.borrow_mut();
+        if matches.is_empty() {
+            followers.clear();
+            return;
+        }
+        followers.retain(|id, _| matches.iter().any(|(m, _)| m == id));
+        for (id, matched) in matches {
+            // A new leader counts its followers in sync from the start, as Kafka's new leader
+            // keeps the ISR it inherits until they fall behind.
+            let f = followers.entry(id).or_insert(Follower {
+                since: now,
+                mark_index: last,
+                mark_time: now,
+                caught_up: now,
+            });
+            if matched >= f.mark_index {
+                f.caught_up = f.mark_time;
+                f.mark_index = last;
+                f.mark_time = now;
+            }
+        }
     }
 
     /// Follower lag in Raft entries, as the leader tracks it (empty on a follower).
@@ -194,22 +274,30 @@ impl Group {
             let now = Instant::now();
             let result = {
                 let mut r = self.replica.borrow_mut();
+                let mut heard = self.heard.borrow_mut();
                 for m in self.inbox.borrow_mut().drain(..) {
+                    heard.insert(m.from, now);
                     if let Err(e) = r.step(m) {
                         tracing::debug!(partition = %self.tp, error = %format!("{e:#}"), "raft message refused");
                     }
                 }
-                if now >= next_tick {
+                let ticked = now >= next_tick;
+                if ticked {
                     r.tick();
                     next_tick = now + TICK;
                 }
                 let out = r.drive();
                 let proposed = r.proposed_end();
-                (out, proposed)
+                (out, proposed, ticked)
             };
             let ((messages, applied), proposed) = match result {
-                (Ok(out), proposed) => (out, proposed),
-                (Err(e), _) => {
+                (Ok(out), proposed, ticked) => {
+                    if ticked {
+                        self.track_followers(now);
+                    }
+                    (out, proposed)
+                }
+                (Err(e), _, _) => {
                     tracing::error!(partition = %self.tp, error = %format!("{e:#}"), "raft group failed; it stops serving");
                     self.failed.set(true);
                     self.stop();
@@ -250,6 +338,7 @@ impl Group {
             self.lost_quorum.set(false);
         }
         tracing::info!(partition = %self.tp, leader = role.leader_id, term = role.term, "raft leadership changed");
+        self.track_followers(Instant::now());
         if role.leader {
             // Batches a former leader left uncommitted in our log may still commit: a producer's
             // retry of one of them must be recognised as a duplicate.

@@ -174,6 +174,21 @@ impl<S: ReplicaStore> Replica<S> {
         ids
     }
 
+    /// While leading: each follower's highest index known to be in its log.
+    pub fn follower_matches(&self) -> Vec<(u64, u64)> {
+        if !self.is_leader() {
+            return Vec::new();
+        }
+        let me = self.id();
+        self.node
+            .raft
+            .prs()
+            .iter()
+            .filter(|(id, _)| **id != me)
+            .map(|(id, p)| (*id, p.matched))
+            .collect()
+    }
+
     /// While leading: how many entries each follower is behind the leader's log.
     pub fn follower_lag(&self) -> Vec<(u64, u64)> {
         if !self.is_leader() {

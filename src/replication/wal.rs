@@ -53,7 +53,7 @@ pub struct WalStore {
 }
 
 /// Appends one frame to `out`.
-fn frame(out: &mut Vec<u8>, kind: u8, payload: &[u8]) {
+pub fn frame(out: &mut Vec<u8>, kind: u8, payload: &[u8]) {
     let len = u32::try_from(payload.len() + 1).expect("frame under 4 GiB");
     let mut crc = crc32c::crc32c(&[kind]);
     crc = crc32c::crc32c_append(crc, payload);
@@ -108,6 +108,16 @@ impl WalStore {
         let fresh = valid == 0;
         for (kind, payload) in frames {
             replay(&mem, kind, payload).with_context(|| format!("replaying {}", path.display()))?;
+        }
+        // raft-rs stops the process on a commit point outside the log; a damaged file is an
+        // error for this replica instead.
+        let commit = mem.initial_state()?.hard_state.commit;
+        let (first, last) = (Storage::first_index(&mem)?, Storage::last_index(&mem)?);
+        if commit + 1 < first || commit > last {
+            bail!(
+                "{}: commit index {commit} outside the log held ({first}..={last}); the file is damaged",
+                path.display()
+            );
         }
         if valid < bytes.len() {
             tracing::warn!(
@@ -428,6 +438,23 @@ mod tests {
             .unwrap();
         assert_eq!(got.len(), 12);
         assert_eq!(&got[11].data[..], b"x");
+    }
+
+    /// Found by the `raft_inputs` fuzz target: a hard state committing past the log's end
+    /// made raft-rs panic when the replica started.
+    #[test]
+    fn a_commit_point_past_the_log_is_an_error_not_a_panic() {
+        let dir = tempdir("commit");
+        let mut bytes = Vec::new();
+        frame(&mut bytes, KIND_HARD_STATE, &[0x18, 0x02]); // commit: 2, no entries
+        std::fs::write(dir.join(WAL_FILE), &bytes).unwrap();
+        let e = WalStore::open(&dir, &[1])
+            .err()
+            .expect("a damaged log must not open");
+        assert!(
+            format!("{e:#}").contains("commit index 2 outside the log"),
+            "{e:#}"
+        );
     }
 
     #[test]

@@ -7,12 +7,13 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::{Rc, Weak};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use raft::eraftpb::Message;
 
 use super::{join_all, Reply, Request, Shard};
-use crate::cluster::metadata::METADATA_TOPIC;
+use crate::cluster::metadata::{MetadataCommand, METADATA_TOPIC};
 use crate::group::OFFSETS_TOPIC;
 use crate::model::{ShardId, TopicPartition};
 use crate::replication::group::{Group, Role, Sink};
@@ -143,6 +144,7 @@ impl Shard {
             cluster.transport.clone(),
             sink,
             on_role,
+            Duration::from_millis(self.options.broker.replica_lag_time_max_ms),
         );
         cluster.groups.borrow_mut().insert(tp, group.clone());
         Ok(group)
@@ -233,6 +235,33 @@ impl Shard {
             crate::replication::transport::serve(listener, stopped, deliver).await;
         })
         .detach();
+        glommio::spawn_local(watch(Rc::downgrade(self))).detach();
+    }
+
+    /// The ISR changes of the partitions this shard leads that the table does not show yet.
+    fn isr_changes(&self) -> Vec<MetadataCommand> {
+        let Some(cluster) = self.cluster() else {
+            return Vec::new();
+        };
+        let table = self.topics();
+        let groups = cluster.groups.borrow();
+        groups
+            .iter()
+            .filter(|(tp, g)| &*tp.topic != METADATA_TOPIC && g.role().leader)
+            .filter_map(|(tp, g)| {
+                let (epoch, isr) = (g.leader_epoch(), g.in_sync());
+                let key = (tp.topic.to_string(), tp.partition.0);
+                if table.isr.get(&key) == Some(&(epoch, isr.clone())) {
+                    return None;
+                }
+                Some(MetadataCommand::Isr {
+                    topic: key.0,
+                    partition: key.1,
+                    epoch,
+                    isr,
+                })
+            })
+            .collect()
     }
 
     /// Hands Raft messages from another broker to the groups they belong to.
@@ -258,6 +287,30 @@ impl Shard {
                 if let Reply::Done = shard.call(owner, Request::Raft(batch)).await {}
             })
             .detach();
+        }
+    }
+}
+
+/// How often leaders compare their in-sync replicas with the table, and the controller checks
+/// its brokers' liveness.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Per shard in a cluster: reports ISR changes of the partitions it leads through the controller
+/// (repeated until the table shows them, so a lost proposal is made good a second later); on
+/// shard 0 also fences and unfences brokers.
+async fn watch(weak: Weak<Shard>) {
+    loop {
+        glommio::timer::sleep(WATCH_INTERVAL).await;
+        let Some(shard) = weak.upgrade() else { return };
+        if shard.is_stopping() {
+            return;
+        }
+        let changes = shard.isr_changes();
+        if !changes.is_empty() {
+            shard.call(ShardId(0), Request::Propose(changes)).await;
+        }
+        if shard.id.0 == 0 {
+            shard.controller.watch_brokers(&shard);
         }
     }
 }

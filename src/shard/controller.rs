@@ -78,6 +78,8 @@ pub struct Controller {
     /// Bumped by every applied metadata batch; the announcer runs until it has sent the latest.
     version: Cell<u64>,
     announcing: Cell<bool>,
+    /// Since when this broker leads the metadata group (as `watch_brokers` last saw).
+    leading_since: Cell<Option<std::time::Instant>>,
 }
 
 impl Controller {
@@ -91,6 +93,7 @@ impl Controller {
             unannounced: RefCell::new(Vec::new()),
             version: Cell::new(0),
             announcing: Cell::new(false),
+            leading_since: Cell::new(None),
         }
     }
 
@@ -202,6 +205,64 @@ impl Controller {
                 tracing::debug!(error = %format!("{e:#}"), "leader report not proposed yet");
             }
             glommio::timer::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Proposes a command that its proposer repeats until the table shows it (an ISR report):
+    /// a refusal is only logged.
+    pub fn propose_once(&self, shard: &Shard, cmd: &MetadataCommand) {
+        if let Err(e) = self.propose(shard, cmd) {
+            tracing::debug!(error = %format!("{e:#}"), "metadata report not proposed yet");
+        }
+    }
+
+    /// The controller fences brokers it has not heard from within `broker.session.timeout.ms`
+    /// and unfences them when it hears from them again (KRaft's broker heartbeats; here any Raft
+    /// message of the metadata group counts). Called about once a second on shard 0.
+    pub fn watch_brokers(&self, shard: &Shard) {
+        let Some(group) = Self::metadata_group(shard) else {
+            return;
+        };
+        if self.not_controller(shard) {
+            self.leading_since.set(None);
+            return;
+        }
+        let now = std::time::Instant::now();
+        let since = self.leading_since.get().unwrap_or(now);
+        self.leading_since.set(Some(since));
+        let timeout = Duration::from_millis(shard.options.broker.broker_session_timeout_ms);
+        let heard: HashMap<i32, Duration> = group.heard().into_iter().collect();
+        let table = self.current();
+        for &node in table.brokers.keys() {
+            let silent = if node == shard.options.broker.node_id {
+                Duration::ZERO
+            } else {
+                // A new controller gives every broker a full session from its election.
+                let since_leading = now.saturating_duration_since(since);
+                heard
+                    .get(&node)
+                    .copied()
+                    .unwrap_or(since_leading)
+                    .min(since_leading)
+            };
+            let fenced = table.fenced.contains(&node);
+            if silent >= timeout && !fenced {
+                tracing::warn!(
+                    node,
+                    silent_ms = silent.as_millis() as u64,
+                    "fencing a broker the controller no longer hears from"
+                );
+                self.propose_once(shard, &MetadataCommand::Fence { node, fenced: true });
+            } else if silent < timeout && fenced {
+                tracing::info!(node, "unfencing a broker the controller hears from again");
+                self.propose_once(
+                    shard,
+                    &MetadataCommand::Fence {
+                        node,
+                        fenced: false,
+                    },
+                );
+            }
         }
     }
 

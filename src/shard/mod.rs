@@ -110,6 +110,8 @@ pub enum Request {
         leader: i32,
         epoch: i32,
     },
+    /// Metadata commands for shard 0 to propose to the controller (ISR changes).
+    Propose(Vec<crate::cluster::metadata::MetadataCommand>),
 }
 
 impl Request {
@@ -130,6 +132,7 @@ impl Request {
             Request::Facts(_) => "Facts",
             Request::Raft(_) => "Raft",
             Request::Leader { .. } => "Leader",
+            Request::Propose(_) => "Propose",
         }
     }
 }
@@ -407,6 +410,10 @@ impl Shard {
         self.stop_progress.notify(usize::MAX);
     }
 
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.get()
+    }
+
     /// Completes once this shard is stopping.
     pub async fn stopped(&self) {
         loop {
@@ -632,6 +639,12 @@ impl Shard {
             }
             Request::Leader { tp, leader, epoch } => {
                 self.record_leader(tp, leader, epoch);
+                Reply::Done
+            }
+            Request::Propose(commands) => {
+                for cmd in &commands {
+                    self.controller.propose_once(self, cmd);
+                }
                 Reply::Done
             }
             Request::DeleteRecords { tp, offset } => match self.partition(&tp) {
