@@ -21,6 +21,7 @@ use super::transport::Transport;
 use super::wal::WalStore;
 use crate::model::{ErrorCode, Offset, TopicPartition};
 use crate::storage::batch::{self, BatchHeader};
+use crate::storage::files;
 use crate::storage::{AppendError, Appended, PartitionLog};
 
 /// One Raft tick. Election timeout: `ELECTION_TICKS` to twice that many ticks (1–2 s).
@@ -263,7 +264,8 @@ impl Group {
                 return;
             }
             let listener = self.wake.listen();
-            if self.inbox.borrow().is_empty() {
+            // A proposal or a persisted cycle leaves Raft work ready: no waiting for it.
+            if self.inbox.borrow().is_empty() && !self.replica.borrow().has_ready() {
                 let wait = next_tick.saturating_duration_since(Instant::now());
                 let _ = glommio::timer::timeout(wait, async {
                     listener.await;
@@ -272,7 +274,7 @@ impl Group {
                 .await;
             }
             let now = Instant::now();
-            let result = {
+            let begun = {
                 let mut r = self.replica.borrow_mut();
                 let mut heard = self.heard.borrow_mut();
                 for m in self.inbox.borrow_mut().drain(..) {
@@ -286,37 +288,52 @@ impl Group {
                     r.tick();
                     next_tick = now + TICK;
                 }
-                let out = r.drive();
-                let proposed = r.proposed_end();
-                (out, proposed, ticked)
+                // What this leader proposed so far is in this cycle's entries.
+                r.begin().map(|cycle| (cycle, r.proposed_end(), ticked))
             };
-            let ((messages, applied), proposed) = match result {
-                (Ok(out), proposed, ticked) => {
+            let (cycle, proposed) = match begun {
+                Ok((cycle, proposed, ticked)) => {
                     if ticked {
                         self.track_followers(now);
                     }
-                    (out, proposed)
+                    (cycle, proposed)
                 }
-                (Err(e), _, _) => {
-                    tracing::error!(partition = %self.tp, error = %format!("{e:#}"), "raft group failed; it stops serving");
-                    self.failed.set(true);
-                    self.stop();
-                    return;
-                }
+                Err(e) => return self.fail(&e),
             };
-            for m in &messages {
-                self.transport.send(&self.tp, m);
-            }
-            if let Some(p) = proposed {
-                self.persisted_end.set(self.persisted_end.get().max(p));
-            }
             self.update_role();
-            if !applied.is_empty() {
-                self.apply(applied);
+            if let Some(cycle) = cycle {
+                for m in &cycle.messages {
+                    self.transport.send(&self.tp, m);
+                }
+                if !cycle.applied.is_empty() {
+                    self.apply(cycle.applied);
+                }
+                // The write and fdatasync run on a blocking thread: the shard goes on serving
+                // its other partitions and clients meanwhile.
+                let job = self.replica.borrow().store().take_flush();
+                if let Some(job) = job {
+                    match files::blocking(job).await {
+                        Ok(written) => self.replica.borrow().store().flushed(written),
+                        Err(e) => return self.fail(&e),
+                    }
+                }
+                let durable = self.replica.borrow_mut().persisted(cycle.durable);
+                for m in &durable {
+                    self.transport.send(&self.tp, m);
+                }
+                if let Some(p) = proposed {
+                    self.persisted_end.set(self.persisted_end.get().max(p));
+                }
             }
             self.maybe_compact();
             self.progress.notify(usize::MAX);
         }
+    }
+
+    fn fail(&self, e: &anyhow::Error) {
+        tracing::error!(partition = %self.tp, error = %format!("{e:#}"), "raft group failed; it stops serving");
+        self.failed.set(true);
+        self.stop();
     }
 
     fn update_role(&self) {

@@ -3,9 +3,11 @@
 //! module header of [`crate::replication`] for how entries map to offsets.
 //!
 //! The caller drives it: [`Replica::tick`] on its clock, [`Replica::step`] for each message from
-//! a peer, [`Replica::propose`] for a produce at the leader, then [`Replica::drive`], which
-//! persists what Raft asks to persist (before any message that depends on it goes out), returns
-//! the messages to send and the batches that became committed, in order.
+//! a peer, [`Replica::propose`] for a produce at the leader, then a Ready cycle:
+//! [`Replica::begin`] hands the store what to persist and returns the messages that may go out
+//! at once and the batches that became committed, in order; once the store is durable,
+//! [`Replica::persisted`] returns the messages that promised it. [`Replica::drive`] does both with
+//! the store's `sync` in between.
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
@@ -319,24 +321,42 @@ impl<S: ReplicaStore> Replica<S> {
         self.high_watermark
     }
 
-    /// Runs one Ready cycle: persists entries and hard state, returns the messages to send (in
-    /// order, after what they depend on is durable) and the batches newly committed.
+    /// Runs one Ready cycle with the store's `sync` in line: [`Replica::begin`], `sync`,
+    /// [`Replica::persisted`]. Returns the messages to send and the batches newly committed.
     pub fn drive(&mut self) -> Result<(Vec<Message>, Vec<Applied>)> {
-        let mut messages = Vec::new();
-        let mut applied = Vec::new();
+        let Some(mut cycle) = self.begin()? else {
+            return Ok((Vec::new(), Vec::new()));
+        };
+        self.node.store().sync().context("syncing raft log")?;
+        let later = self.persisted(cycle.durable);
+        cycle.messages.extend(later);
+        Ok((cycle.messages, cycle.applied))
+    }
+
+    /// Whether Raft has work for a Ready cycle (messages, entries to persist or to apply).
+    pub fn has_ready(&self) -> bool {
+        self.node.has_ready()
+    }
+
+    /// The first half of a Ready cycle: hands the store what Raft asks to persist (the store
+    /// buffers it; it is not durable yet), applies the entries that committed, and returns the
+    /// messages that may go out now (a leader's appends: Raft lets the leader persist in
+    /// parallel with replication). The caller makes the store durable, off this thread if it
+    /// likes, then calls [`Replica::persisted`] with `durable`; steps, ticks and proposals may
+    /// come in between (raft-rs's asynchronous Ready).
+    pub fn begin(&mut self) -> Result<Option<Cycle>> {
         if !self.node.has_ready() {
-            return Ok((messages, applied));
+            return Ok(None);
         }
         let mut ready = self.node.ready();
-        // A leader's messages may go out before its own append (Raft allows the leader to
-        // persist in parallel with replication).
-        messages.extend(ready.take_messages());
+        let messages = ready.take_messages();
         if !ready.snapshot().is_empty() {
             self.node
                 .store()
                 .install_snapshot(ready.snapshot().clone())
                 .context("installing snapshot")?;
         }
+        let mut applied = Vec::new();
         self.apply(ready.take_committed_entries(), &mut applied)?;
         self.node
             .store()
@@ -345,16 +365,25 @@ impl<S: ReplicaStore> Replica<S> {
         if let Some(hs) = ready.hs() {
             self.node.store().persist_hard_state(hs);
         }
-        self.node.store().sync().context("syncing raft log")?;
-        messages.extend(ready.take_persisted_messages());
-        let mut light = self.node.advance(ready);
-        if let Some(commit) = light.commit_index() {
-            self.node.store().persist_commit(commit);
-        }
-        messages.extend(light.take_messages());
-        self.apply(light.take_committed_entries(), &mut applied)?;
+        let durable = Durable {
+            number: ready.number(),
+            messages: ready.take_persisted_messages(),
+        };
+        self.node.advance_append_async(ready);
         self.node.advance_apply();
-        Ok((messages, applied))
+        Ok(Some(Cycle {
+            messages,
+            applied,
+            durable,
+        }))
+    }
+
+    /// The second half of a Ready cycle, once the store made it durable: Raft counts this
+    /// replica's own append (a leader's commit point may move) and the messages that promised
+    /// durability (votes, append acknowledgements) may go out.
+    pub fn persisted(&mut self, durable: Durable) -> Vec<Message> {
+        self.node.on_persist_ready(durable.number);
+        durable.messages
     }
 
     fn apply(&mut self, entries: Vec<Entry>, out: &mut Vec<Applied>) -> Result<()> {
@@ -402,6 +431,19 @@ impl<S: ReplicaStore> Replica<S> {
         }
         Ok(())
     }
+}
+
+/// One Ready cycle in flight: what may go out now, what committed, and what waits for the store.
+pub struct Cycle {
+    pub messages: Vec<Message>,
+    pub applied: Vec<Applied>,
+    pub durable: Durable,
+}
+
+/// The part of a Ready cycle that waits until the store is durable.
+pub struct Durable {
+    number: u64,
+    messages: Vec<Message>,
 }
 
 /// The end offset of the batch an entry carries (None for entries that are not batches).

@@ -23,6 +23,7 @@ use std::cell::{Cell, RefCell};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use protobuf::Message as _;
@@ -45,7 +46,8 @@ const KIND_COMPACTED: u8 = 4;
 pub struct WalStore {
     mem: MemStorage,
     path: PathBuf,
-    file: RefCell<File>,
+    /// Shared with the blocking thread that writes and syncs it ([`WalStore::take_flush`]).
+    file: RefCell<Arc<File>>,
     /// Frames persisted by this Ready cycle, written by `sync`.
     buf: RefCell<Vec<u8>>,
     /// Bytes in the file: compaction is worth it once most of them are dropped entries.
@@ -140,7 +142,7 @@ impl WalStore {
         let store = WalStore {
             mem,
             path,
-            file: RefCell::new(file),
+            file: RefCell::new(Arc::new(file)),
             buf: RefCell::new(Vec::new()),
             file_bytes: Cell::new(valid as u64),
         };
@@ -222,24 +224,41 @@ impl WalStore {
         }
         let mut file = OpenOptions::new().append(true).open(&self.path)?;
         std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0))?;
-        *self.file.borrow_mut() = file;
+        *self.file.borrow_mut() = Arc::new(file);
         self.file_bytes.set(out.len() as u64);
         Ok(())
     }
 
     fn flush(&self) -> Result<()> {
-        let mut buf = self.buf.borrow_mut();
-        if buf.is_empty() {
-            return Ok(());
+        if let Some(job) = self.take_flush() {
+            let written = job()?;
+            self.flushed(written);
         }
-        let mut file = self.file.borrow_mut();
-        file.write_all(&buf)
-            .and_then(|()| file.sync_data())
-            .with_context(|| format!("writing {}", self.path.display()))?;
-        self.file_bytes
-            .set(self.file_bytes.get() + buf.len() as u64);
-        buf.clear();
         Ok(())
+    }
+
+    /// Takes the frames persisted since the last flush as a job for a blocking thread, which
+    /// writes them and syncs the file and returns the bytes written (hand them to
+    /// [`WalStore::flushed`]); `None` when there is nothing to write. One flush at a time: the
+    /// group's driver awaits each before its next Ready cycle.
+    pub fn take_flush(&self) -> Option<impl FnOnce() -> Result<usize> + Send + 'static> {
+        let buf = std::mem::take(&mut *self.buf.borrow_mut());
+        if buf.is_empty() {
+            return None;
+        }
+        let file = self.file.borrow().clone();
+        let path = self.path.clone();
+        Some(move || {
+            (&*file)
+                .write_all(&buf)
+                .and_then(|()| file.sync_data())
+                .with_context(|| format!("writing {}", path.display()))?;
+            Ok(buf.len())
+        })
+    }
+
+    pub fn flushed(&self, bytes: usize) {
+        self.file_bytes.set(self.file_bytes.get() + bytes as u64);
     }
 }
 
