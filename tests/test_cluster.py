@@ -678,3 +678,54 @@ def test_dead_broker_is_fenced_and_leaves_the_isr_then_rejoins(quick_cluster):
     assert not load.errors, load.errors[:3]
     check("fenced broker rejoins", load, read_all(nodes, "health", partitions=3,
                                                   expect=len(load.acked)), 11)
+
+
+def raw_admin(node, request_class, response_class, version, **fields):
+    """One admin request straight to `node` (kafka-python's message classes); returns the
+    decoded response."""
+    import struct
+    req = request_class[version](**fields)
+    req.with_header(correlation_id=9, client_id="strom-test")
+    with socket.create_connection((node.host, node.port), timeout=60) as s:
+        s.sendall(req.encode(header=True, framed=True))
+        size = struct.unpack(">i", s.recv(4, socket.MSG_WAITALL))[0]
+        return response_class.decode(s.recv(size, socket.MSG_WAITALL), version=version, header=True)
+
+
+def test_brokers_that_are_not_the_controller_forward_metadata_changes(cluster):
+    """Kafka's admin clients send AlterConfigs and IncrementalAlterConfigs to any broker (KIP-590
+    forwarding); CreateTopics sent to a broker that is not the controller works as well."""
+    from kafka.protocol.admin import (CreateTopicsRequest, CreateTopicsResponse,
+                                      IncrementalAlterConfigsRequest,
+                                      IncrementalAlterConfigsResponse)
+    nodes = cluster
+    out = subprocess.run(["kcat", "-b", nodes[0].bootstrap, "-L", "-m", "3"],
+                         capture_output=True, text=True).stdout
+    controller = int(re.search(r"broker (\d+) at \S+ \(controller\)", out).group(1))
+    others = [n for n in nodes if n.node_id != controller]
+    ct = CreateTopicsRequest[4].CreatableTopic
+    r = raw_admin(others[0], CreateTopicsRequest, CreateTopicsResponse, 4, timeout_ms=30000,
+                  validate_only=False,
+                  topics=[ct(name="fwd", num_partitions=2, replication_factor=3, assignments=[],
+                             configs=[])])
+    assert r.topics[0].error_code == 0, r
+    wait_for_leaders(nodes, "fwd", 2)
+    res = IncrementalAlterConfigsRequest[1].AlterConfigsResource
+    for i, node in enumerate(others):
+        r = raw_admin(node, IncrementalAlterConfigsRequest, IncrementalAlterConfigsResponse, 1,
+                      validate_only=False,
+                      resources=[res(resource_type=2, resource_name="fwd", configs=[
+                          res.AlterableConfig(name="retention.ms", config_operation=0,
+                                              value=str(60000 + i))])])
+        assert r.responses[0].error_code == 0, r
+        # Every broker's copy of the table shows the change (followers apply it a moment later).
+        for n in nodes:
+            deadline = time.time() + 10
+            while True:
+                described = subprocess.run([STROM_BIN, "topic", "describe", "fwd",
+                                            "--bootstrap", n.bootstrap],
+                                           capture_output=True, text=True, check=True).stdout
+                if f"retention.ms={60000 + i}" in described or time.time() > deadline:
+                    break
+                time.sleep(0.2)
+            assert f"retention.ms={60000 + i}" in described, described

@@ -14,6 +14,7 @@ pub mod delete_topics;
 pub mod fetch;
 pub mod fetch_session;
 pub mod find_coordinator;
+pub mod forward;
 pub mod groups;
 pub mod init_producer_id;
 pub mod list_offsets;
@@ -105,6 +106,9 @@ pub fn decode_request(mut frame: Bytes) -> Result<Decoded, DecodeError> {
 }
 
 pub async fn dispatch(shard: &Rc<Shard>, frame: Bytes, peer: Option<SocketAddr>) -> Outcome {
+    if let Some(answer) = forward::to_controller(shard, &frame).await {
+        return Outcome::Respond(answer);
+    }
     let Decoded {
         key,
         version,

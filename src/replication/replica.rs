@@ -193,18 +193,11 @@ impl<S: ReplicaStore> Replica<S> {
 
     /// While leading: how many entries each follower is behind the leader's log.
     pub fn follower_lag(&self) -> Vec<(u64, u64)> {
-        if !self.is_leader() {
-            return Vec::new();
-        }
         let last = self.node.raft.raft_log.last_index();
-        let me = self.id();
         let mut lags: Vec<(u64, u64)> = self
-            .node
-            .raft
-            .prs()
-            .iter()
-            .filter(|(id, _)| **id != me)
-            .map(|(id, p)| (*id, last.saturating_sub(p.matched)))
+            .follower_matches()
+            .into_iter()
+            .map(|(id, matched)| (id, last.saturating_sub(matched)))
             .collect();
         lags.sort_unstable();
         lags
@@ -213,16 +206,9 @@ impl<S: ReplicaStore> Replica<S> {
     /// While leading: the lowest index a follower has (entries a follower still needs are not
     /// compacted).
     pub fn min_follower_match(&self) -> Option<u64> {
-        if !self.is_leader() {
-            return None;
-        }
-        let me = self.id();
-        self.node
-            .raft
-            .prs()
-            .iter()
-            .filter(|(id, _)| **id != me)
-            .map(|(_, p)| p.matched + 1)
+        self.follower_matches()
+            .into_iter()
+            .map(|(_, matched)| matched + 1)
             .min()
     }
 

@@ -111,9 +111,12 @@ impl WalStore {
         for (kind, payload) in frames {
             replay(&mem, kind, payload).with_context(|| format!("replaying {}", path.display()))?;
         }
-        // raft-rs stops the process on a commit point outside the log; a damaged file is an
-        // error for this replica instead.
-        let commit = mem.initial_state()?.hard_state.commit;
+        // raft-rs stops the process on a commit point outside the log or a membership it
+        // cannot restore; a damaged file is an error for this replica instead.
+        let state = mem.initial_state()?;
+        check_membership(&state.conf_state)
+            .with_context(|| format!("{}: the file is damaged", path.display()))?;
+        let commit = state.hard_state.commit;
         let (first, last) = (Storage::first_index(&mem)?, Storage::last_index(&mem)?);
         if commit + 1 < first || commit > last {
             bail!(
@@ -260,6 +263,21 @@ impl WalStore {
     pub fn flushed(&self, bytes: usize) {
         self.file_bytes.set(self.file_bytes.get() + bytes as u64);
     }
+}
+
+/// A membership strom can restore: simple (strom proposes no joint configurations), ids valid
+/// and unique, voters and learners apart.
+fn check_membership(cs: &ConfState) -> Result<()> {
+    if !cs.voters_outgoing.is_empty() || !cs.learners_next.is_empty() || cs.auto_leave {
+        bail!("membership {cs:?} is a joint configuration, which strom never writes");
+    }
+    let mut seen = std::collections::HashSet::new();
+    for id in cs.voters.iter().chain(&cs.learners) {
+        if *id == raft::INVALID_ID || !seen.insert(*id) {
+            bail!("membership {cs:?} names replica {id} twice or an invalid id");
+        }
+    }
+    Ok(())
 }
 
 /// Applies one replayed frame to the in-memory log.
@@ -474,6 +492,33 @@ mod tests {
             format!("{e:#}").contains("commit index 2 outside the log"),
             "{e:#}"
         );
+    }
+
+    /// Found by `raft_inputs`: a membership raft-rs cannot restore (auto-leave without a joint
+    /// configuration) made it panic.
+    #[test]
+    fn a_membership_raft_cannot_restore_is_an_error_not_a_panic() {
+        let dir = tempdir("membership");
+        let mut cs = ConfState::from((vec![1], Vec::new()));
+        cs.auto_leave = true;
+        let mut bytes = Vec::new();
+        frame(&mut bytes, KIND_CONF_STATE, &encode(&cs));
+        std::fs::write(dir.join(WAL_FILE), &bytes).unwrap();
+        let e = WalStore::open(&dir, &[1])
+            .err()
+            .expect("a damaged log must not open");
+        assert!(format!("{e:#}").contains("joint configuration"), "{e:#}");
+        let mut cs = ConfState::from((vec![1, 1], Vec::new()));
+        bytes.clear();
+        frame(&mut bytes, KIND_CONF_STATE, &encode(&cs));
+        std::fs::write(dir.join(WAL_FILE), &bytes).unwrap();
+        assert!(WalStore::open(&dir, &[1]).is_err());
+        cs.voters = vec![1];
+        cs.learners = vec![1];
+        bytes.clear();
+        frame(&mut bytes, KIND_CONF_STATE, &encode(&cs));
+        std::fs::write(dir.join(WAL_FILE), &bytes).unwrap();
+        assert!(WalStore::open(&dir, &[1]).is_err());
     }
 
     #[test]

@@ -159,6 +159,25 @@ impl Controller {
         shard.cluster().is_some() && !Self::metadata_group(shard).is_some_and(|g| g.role().leader)
     }
 
+    /// Takes the right to change the table (one change at a time), if this broker may decide
+    /// now; else the error to answer: `NOT_CONTROLLER` (retriable) or, if the change queue is
+    /// gone, `UNKNOWN_SERVER_ERROR`.
+    async fn begin_change(
+        &self,
+        shard: &Shard,
+    ) -> Result<glommio::sync::Permit<'_>, (ErrorCode, &'static str)> {
+        let Ok(permit) = self.changes.acquire_permit(1).await else {
+            return Err((ErrorCode::UNKNOWN_SERVER_ERROR, "The broker is stopping."));
+        };
+        if !self.acting(shard).await {
+            return Err((
+                ErrorCode::NOT_CONTROLLER,
+                "This broker is not the controller.",
+            ));
+        }
+        Ok(permit)
+    }
+
     /// Whether this broker may decide on the table now. A freshly elected leader of the metadata
     /// group has not yet applied what former controllers committed (it learns the commit point
     /// only when an entry of its own term commits), so it waits for that first: a decision on the
@@ -404,18 +423,15 @@ impl Controller {
         specs: Vec<TopicSpec>,
         validate_only: bool,
     ) -> Vec<(String, TopicResult)> {
-        let Ok(_permit) = self.changes.acquire_permit(1).await else {
-            return failed_all(specs.iter().map(|s| s.name.clone()));
+        let _permit = match self.begin_change(shard).await {
+            Ok(permit) => permit,
+            Err((code, message)) => {
+                return specs
+                    .into_iter()
+                    .map(|s| (s.name, Err((code, message.to_string()))))
+                    .collect()
+            }
         };
-        if !self.acting(shard).await {
-            return specs
-                .into_iter()
-                .map(|s| {
-                    let message = "This broker is not the controller.".to_string();
-                    (s.name, Err((ErrorCode::NOT_CONTROLLER, message)))
-                })
-                .collect();
-        }
         let mut table = self.current();
         let mut results = Vec::with_capacity(specs.len());
         let mut changed = false;
@@ -497,18 +513,10 @@ impl Controller {
         shard: &Rc<Shard>,
         names: Vec<String>,
     ) -> Vec<(String, ErrorCode)> {
-        let Ok(_permit) = self.changes.acquire_permit(1).await else {
-            return names
-                .into_iter()
-                .map(|n| (n, ErrorCode::UNKNOWN_SERVER_ERROR))
-                .collect();
+        let _permit = match self.begin_change(shard).await {
+            Ok(permit) => permit,
+            Err((code, _)) => return names.into_iter().map(|n| (n, code)).collect(),
         };
-        if !self.acting(shard).await {
-            return names
-                .into_iter()
-                .map(|n| (n, ErrorCode::NOT_CONTROLLER))
-                .collect();
-        }
         let mut table = self.current();
         let mut results = Vec::with_capacity(names.len());
         let mut changed = false;
@@ -539,19 +547,15 @@ impl Controller {
         changes: Vec<ConfigChange>,
         validate_only: bool,
     ) -> Vec<(ErrorCode, Option<String>)> {
-        let Ok(_permit) = self.changes.acquire_permit(1).await else {
-            return changes
-                .iter()
-                .map(|_| (ErrorCode::UNKNOWN_SERVER_ERROR, None))
-                .collect();
+        let _permit = match self.begin_change(shard).await {
+            Ok(permit) => permit,
+            Err((code, message)) => {
+                return changes
+                    .iter()
+                    .map(|_| (code, Some(message.to_string())))
+                    .collect()
+            }
         };
-        if !self.acting(shard).await {
-            let message = Some("This broker is not the controller.".to_string());
-            return changes
-                .iter()
-                .map(|_| (ErrorCode::NOT_CONTROLLER, message.clone()))
-                .collect();
-        }
         let mut table = self.current();
         let mut results = Vec::with_capacity(changes.len());
         let mut changed = false;
@@ -626,19 +630,15 @@ impl Controller {
         topics: Vec<(String, i32)>,
         validate_only: bool,
     ) -> Vec<(ErrorCode, Option<String>)> {
-        let Ok(_permit) = self.changes.acquire_permit(1).await else {
-            return topics
-                .iter()
-                .map(|_| (ErrorCode::UNKNOWN_SERVER_ERROR, None))
-                .collect();
+        let _permit = match self.begin_change(shard).await {
+            Ok(permit) => permit,
+            Err((code, message)) => {
+                return topics
+                    .iter()
+                    .map(|_| (code, Some(message.to_string())))
+                    .collect()
+            }
         };
-        if !self.acting(shard).await {
-            let message = Some("This broker is not the controller.".to_string());
-            return topics
-                .iter()
-                .map(|_| (ErrorCode::NOT_CONTROLLER, message.clone()))
-                .collect();
-        }
         let mut table = self.current();
         let table_brokers: Vec<i32> = table.brokers.keys().copied().collect();
         let mut results = Vec::with_capacity(topics.len());
