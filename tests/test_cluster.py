@@ -65,14 +65,22 @@ class Node:
         self.proc.wait(timeout=10)
 
     def stop(self):
+        """SIGTERM; returns a complaint if the broker did not stop cleanly (None if it did or was
+        not running)."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=15)
+                code = self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+                return f"node {self.node_id} did not stop within 15 s of SIGTERM"
+            if code != 0:
+                return f"node {self.node_id} exited with {code} on SIGTERM"
+        if "panicked" in self.log_path.read_text():
+            return f"node {self.node_id} panicked (see {self.log_path})"
+        return None
 
 
 class LinkProxy:
@@ -190,10 +198,10 @@ def start_cluster(tmp_path, settings=()):
         n.start()
     wait_formed(nodes)
     yield nodes
-    for n in nodes:
-        n.stop()
+    complaints = [c for c in (n.stop() for n in nodes) if c]
     for p in proxies:
         p.close()
+    assert not complaints, complaints
 
 
 def wait_formed(nodes, timeout=30):

@@ -86,6 +86,8 @@ pub struct Group {
     /// `replica.lag.time.max.ms`.
     lag_max: Duration,
     stopped: Cell<bool>,
+    /// The driver task has returned (no sync of it is in flight any more).
+    exited: Cell<bool>,
     failed: Cell<bool>,
 }
 
@@ -129,6 +131,7 @@ impl Group {
             heard: RefCell::new(HashMap::new()),
             lag_max,
             stopped: Cell::new(false),
+            exited: Cell::new(false),
             failed: Cell::new(false),
         });
         let driver = group.clone();
@@ -244,9 +247,14 @@ impl Group {
     /// leader: everything any former leader committed), or the group stopped.
     pub async fn caught_up(&self) {
         let target = self.replica.borrow().last_index();
+        self.applied_through(target).await;
+    }
+
+    /// Completes once this replica has applied every entry up to `index`, or the group stopped.
+    pub async fn applied_through(&self, index: u64) {
         loop {
             let listener = self.progress.listen();
-            if self.replica.borrow().applied_index() >= target || self.stopped.get() {
+            if self.replica.borrow().applied_index() >= index || self.stopped.get() {
                 return;
             }
             listener.await;
@@ -258,6 +266,25 @@ impl Group {
     }
 
     async fn run(self: Rc<Self>) {
+        self.drive_loop().await;
+        self.exited.set(true);
+        self.progress.notify(usize::MAX);
+    }
+
+    /// Stops the group and waits until its driver has returned, so that no WAL sync of it is
+    /// still running on the blocking thread (a clean shutdown closes the partition after this).
+    pub async fn stop_and_wait(&self) {
+        self.stop();
+        loop {
+            let listener = self.progress.listen();
+            if self.exited.get() {
+                return;
+            }
+            listener.await;
+        }
+    }
+
+    async fn drive_loop(&self) {
         let mut next_tick = Instant::now() + TICK;
         loop {
             if self.stopped.get() {

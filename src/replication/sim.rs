@@ -19,7 +19,7 @@ use raft::eraftpb::{ConfState, Message};
 use raft::storage::MemStorage;
 use raft::Storage;
 
-use super::replica::{Applied, Replica};
+use super::replica::{Applied, Durable, Replica};
 use crate::storage::batch::tests::make_batch;
 
 /// SplitMix64: small, seedable, good enough to schedule faults.
@@ -78,6 +78,9 @@ struct Node {
     down_until: Option<u64>,
     /// Commit index on disk per partition, at its highest so far.
     disk_commit: Vec<u64>,
+    /// A Ready cycle whose store sync is still "in flight" (as the broker's blocking-thread
+    /// fdatasync is): messages are stepped and proposals made meanwhile, as in production.
+    durable: Vec<Option<Durable>>,
 }
 
 struct Flight {
@@ -119,6 +122,7 @@ impl Sim {
                 committed: vec![BTreeMap::new(); partitions],
                 down_until: None,
                 disk_commit: vec![0; partitions],
+                durable: (0..partitions).map(|_| None).collect(),
             });
         }
         Sim {
@@ -150,6 +154,8 @@ impl Sim {
         let n = &mut self.nodes[node];
         n.replicas.iter_mut().for_each(|r| *r = None);
         n.committed.iter_mut().for_each(BTreeMap::clear);
+        // A sync in flight never completes: what it promised is never sent.
+        n.durable.iter_mut().for_each(|d| *d = None);
         n.down_until = Some(until);
         // Messages in flight to it are lost with it; its unacknowledged proposals are not
         // acknowledged (they may still commit through a later leader, which is allowed).
@@ -252,12 +258,29 @@ impl Sim {
         // Ready cycles.
         for node in 0..count {
             for p in 0..self.partitions {
+                let pending = self.nodes[node].durable[p].take();
                 let Some(r) = self.nodes[node].replicas[p].as_mut() else {
                     continue;
                 };
                 let before = r.high_watermark();
-                let (messages, applied) = match r.drive() {
-                    Ok(x) => x,
+                // The cycle before completes first (the broker awaits its sync before the
+                // next), then this one either completes at once or stays in flight for a step.
+                let mut messages = match pending {
+                    Some(d) => r.persisted(d),
+                    None => Vec::new(),
+                };
+                let mut in_flight = None;
+                let applied = match r.begin() {
+                    Ok(Some(cycle)) => {
+                        messages.extend(cycle.messages);
+                        if self.rng.chance(500) {
+                            messages.extend(r.persisted(cycle.durable));
+                        } else {
+                            in_flight = Some(cycle.durable);
+                        }
+                        cycle.applied
+                    }
+                    Ok(None) => Vec::new(),
                     Err(e) => self.fail(format!("node {} partition {p}: {e:#}", node + 1)),
                 };
                 let after = r.high_watermark();
@@ -276,6 +299,7 @@ impl Sim {
                     ));
                 }
                 self.nodes[node].disk_commit[p] = disk_commit;
+                self.nodes[node].durable[p] = in_flight;
                 for msg in messages {
                     if self.rng.chance(faults.loss_per_mille) {
                         continue;

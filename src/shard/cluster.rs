@@ -71,6 +71,12 @@ impl ClusterNode {
         }
     }
 
+    /// Stops every Raft group on this shard and waits for their drivers (clean shutdown).
+    pub async fn stop_groups(&self) {
+        let groups: Vec<Rc<Group>> = self.groups.borrow_mut().drain().map(|(_, g)| g).collect();
+        join_all(groups.iter().map(|g| g.stop_and_wait()).collect()).await;
+    }
+
     /// Every group's Raft state, for `/metrics`.
     pub fn gauges(&self) -> Vec<crate::metrics::RaftGauge> {
         self.groups
@@ -159,7 +165,7 @@ impl Shard {
         let epoch = i32::try_from(role.term).unwrap_or(i32::MAX);
         let calls: Vec<_> = (0..self.count)
             .map(|i| {
-                self.call(
+                self.try_call(
                     ShardId(i),
                     Request::Leader {
                         tp: tp.clone(),
@@ -307,7 +313,14 @@ async fn watch(weak: Weak<Shard>) {
         }
         let changes = shard.isr_changes();
         if !changes.is_empty() {
-            shard.call(ShardId(0), Request::Propose(changes)).await;
+            // Shard 0 gone means the broker is stopping.
+            if shard
+                .try_call(ShardId(0), Request::Propose(changes))
+                .await
+                .is_none()
+            {
+                return;
+            }
         }
         if shard.id.0 == 0 {
             shard.controller.watch_brokers(&shard);

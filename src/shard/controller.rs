@@ -78,6 +78,8 @@ pub struct Controller {
     /// Bumped by every applied metadata batch; the announcer runs until it has sent the latest.
     version: Cell<u64>,
     announcing: Cell<bool>,
+    /// The committed metadata log has been replayed at start: tables may be announced.
+    loaded: Cell<bool>,
     /// Since when this broker leads the metadata group (as `watch_brokers` last saw).
     leading_since: Cell<Option<std::time::Instant>>,
 }
@@ -93,6 +95,7 @@ impl Controller {
             unannounced: RefCell::new(Vec::new()),
             version: Cell::new(0),
             announcing: Cell::new(false),
+            loaded: Cell::new(false),
             leading_since: Cell::new(None),
         }
     }
@@ -106,8 +109,7 @@ impl Controller {
             cluster_id: cluster_id_for(&cluster.voters),
             ..TopicTable::default()
         };
-        *self.table.borrow_mut() = Some(table.clone());
-        shard.broadcast_topics(Arc::new(table)).await;
+        *self.table.borrow_mut() = Some(table);
         let voters: Vec<u64> = cluster
             .voters
             .iter()
@@ -121,7 +123,13 @@ impl Controller {
         }));
         let tp = ClusterNode::metadata_tp();
         let dir = shard.options.data_dir.join(tp.dir_name());
-        shard.open_group(tp, dir, voters, sink, 0).await?;
+        let group = shard.open_group(tp, dir, voters, sink, 0).await?;
+        // The shards serve clients once they have a table: the one this broker's log held
+        // committed when it stopped, replayed whole first (else a client would hear of unknown
+        // topics from a broker that is still replaying, and a Kafka producer gives up on those).
+        group.applied_through(group.commit_index()).await;
+        self.loaded.set(true);
+        shard.broadcast_topics(Arc::new(self.current())).await;
         let weak = Rc::downgrade(shard);
         glommio::spawn_local(async move {
             loop {
@@ -335,7 +343,7 @@ impl Controller {
             }
         }
         self.version.set(self.version.get() + 1);
-        if self.announcing.replace(true) {
+        if !self.loaded.get() || self.announcing.replace(true) {
             return;
         }
         let shard = shard.clone();

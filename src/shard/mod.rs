@@ -377,8 +377,17 @@ impl Shard {
 
     /// Runs `req` on shard `target`: directly when that is this shard, else over the mesh.
     pub async fn call(self: &Rc<Self>, target: ShardId, req: Request) -> Reply {
+        match self.try_call(target, req).await {
+            Some(reply) => reply,
+            None => panic!("shard {} is unreachable over the mesh", target.0),
+        }
+    }
+
+    /// [`Shard::call`] for background work that may still run while the shards stop: `None`
+    /// when the target shard is gone instead of a panic.
+    pub async fn try_call(self: &Rc<Self>, target: ShardId, req: Request) -> Option<Reply> {
         if target == self.id {
-            return self.handle(req).await;
+            return Some(self.handle(req).await);
         }
         tracing::debug!(
             from = self.id.0,
@@ -398,10 +407,9 @@ impl Shard {
         };
         if self.senders.send_to(target.0, envelope).await.is_err() {
             self.waiting.borrow_mut().remove(&id);
-            panic!("shard {} is unreachable over the mesh", target.0);
+            return None;
         }
-        rx.await
-            .unwrap_or_else(|_| panic!("shard {} dropped a reply", target.0))
+        rx.await.ok()
     }
 
     /// Begins a clean shutdown on this shard (see [`shutdown`]).

@@ -73,6 +73,11 @@ pub async fn finish(shard: &Rc<Shard>) -> ShardReport {
     let started = Instant::now();
     let abandoned_connections = shard.drain_connections(DRAIN_GRACE).await;
     all_arrive(&DRAINED, shard.count).await;
+    // Raft groups stop before their partitions close: nothing is applied to a closed log, and
+    // no WAL sync is left running on the blocking thread.
+    if let Some(cluster) = shard.cluster() {
+        cluster.stop_groups().await;
+    }
     let partitions = shard.owned_partitions();
     let results = join_all(
         partitions
