@@ -48,7 +48,7 @@ class Node:
                 "--set", f"controller.quorum.voters={self.voters}"] + self.extra
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log,
-                                     env=dict(os.environ, RUST_LOG="info"))
+                                     env=dict(os.environ, RUST_LOG=os.environ.get("STROM_CLUSTER_LOG", "info")))
         deadline = time.time() + 30
         while time.time() < deadline:
             line = self.proc.stdout.readline()
@@ -204,10 +204,13 @@ def start_cluster(tmp_path, settings=()):
     assert not complaints, complaints
 
 
-def wait_formed(nodes, timeout=30):
+def wait_formed(nodes, timeout=90):
     """Every broker names all three brokers and a controller, as an operator checks with kcat -L
-    before creating topics: replicas go to the brokers registered when a topic is created."""
-    deadline = time.time() + timeout
+    before creating topics: replicas go to the brokers registered when a topic is created.
+    (Formation takes about a second; twice in many runs the first election came only after
+    ~30 s, not understood yet, hence the generous timeout and the printed time.)"""
+    started = time.time()
+    deadline = started + timeout
     pending = list(nodes)
     while pending and time.time() < deadline:
         out = subprocess.run(["kcat", "-b", pending[0].bootstrap, "-L", "-m", "3"],
@@ -219,6 +222,7 @@ def wait_formed(nodes, timeout=30):
     logs = "\n".join(f"--- node {n.node_id}:\n" + "\n".join(n.log_path.read_text().splitlines()[-15:])
                      for n in nodes)
     assert not pending, f"cluster not formed in {timeout} s: {out}\n{logs}"
+    print(f"cluster formed in {time.time() - started:.1f} s")
 
 
 def isolate(nodes, victim):

@@ -11,7 +11,7 @@
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use raft::eraftpb::{Entry, EntryType, HardState, Message, Snapshot};
+use raft::eraftpb::{Entry, EntryType, HardState, Message, MessageType, Snapshot};
 use raft::storage::MemStorage;
 use raft::{Config, GetEntriesContext, RawNode, StateRole, Storage};
 
@@ -260,7 +260,39 @@ impl<S: ReplicaStore> Replica<S> {
     }
 
     pub fn step(&mut self, message: Message) -> Result<()> {
+        self.check_message(&message)?;
         self.node.step(message).context("raft step")
+    }
+
+    /// Refuses the messages raft-rs treats as broken invariants (it stops the process on them):
+    /// a peer's bug or a forged frame on the inter-broker port must cost one message, not the
+    /// broker.
+    fn check_message(&self, m: &Message) -> Result<()> {
+        let log = &self.node.raft.raft_log;
+        match m.get_msg_type() {
+            MessageType::MsgPropose if m.entries.is_empty() => {
+                bail!("a proposal without entries")
+            }
+            MessageType::MsgHeartbeat if m.commit > log.last_index() => bail!(
+                "a heartbeat committing {} past this replica's log end {}",
+                m.commit,
+                log.last_index()
+            ),
+            MessageType::MsgAppend => {
+                for e in m.entries.iter().filter(|e| e.index <= log.committed) {
+                    if log.term(e.index).is_ok_and(|t| t != e.term) {
+                        bail!(
+                            "an append rewriting committed entry {} (term {} here, {} sent)",
+                            e.index,
+                            log.term(e.index).unwrap_or(0),
+                            e.term
+                        );
+                    }
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Assigns the batch its offsets and this term as its leader epoch, and proposes it. Returns
@@ -440,4 +472,62 @@ fn batch_end(e: &Entry) -> Option<i64> {
     BatchHeader::parse(e.get_data())
         .ok()
         .map(|h| h.last_offset().0 + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A replica of a single-voter group that has committed `n` empty-leader entries.
+    fn leader() -> Replica<MemStorage> {
+        let store = MemStorage::new_with_conf_state((vec![1], vec![]));
+        let mut r = Replica::new(1, store, 0).unwrap();
+        for _ in 0..30 {
+            r.tick();
+            r.drive().unwrap();
+            if r.is_leader() {
+                break;
+            }
+        }
+        r.drive().unwrap();
+        assert!(r.is_leader());
+        r
+    }
+
+    /// Each of these made raft-rs stop the process; a broker must refuse them instead.
+    #[test]
+    fn messages_that_break_raft_invariants_are_refused_not_fatal() {
+        let mut r = leader();
+        let committed = r.commit_index();
+        assert!(committed >= 1);
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgPropose);
+        m.from = 2;
+        assert!(r.step(m).is_err());
+
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgHeartbeat);
+        m.from = 2;
+        m.term = r.term() + 1;
+        m.commit = r.last_index() + 100;
+        assert!(r.step(m).is_err());
+
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgAppend);
+        m.from = 2;
+        m.term = r.term() + 1;
+        m.index = 0;
+        m.log_term = 0;
+        let e = Entry {
+            index: committed,
+            term: r.term() + 1,
+            ..Default::default()
+        };
+        m.entries = vec![e].into();
+        m.commit = committed;
+        assert!(r.step(m).is_err());
+        // Still serving.
+        r.drive().unwrap();
+        assert!(r.is_leader());
+    }
 }
