@@ -28,7 +28,6 @@ pub const HEARTBEAT_TICKS: usize = 2;
 pub trait ReplicaStore: Storage {
     fn persist_entries(&self, entries: &[Entry]) -> raft::Result<()>;
     fn persist_hard_state(&self, hs: &HardState);
-    fn persist_commit(&self, commit: u64);
     fn install_snapshot(&self, snapshot: Snapshot) -> raft::Result<()>;
     /// Makes everything persisted since the last call durable (one sync per Ready cycle).
     fn sync(&self) -> raft::Result<()>;
@@ -42,9 +41,6 @@ impl ReplicaStore for MemStorage {
     }
     fn persist_hard_state(&self, hs: &HardState) {
         self.wl().set_hardstate(hs.clone());
-    }
-    fn persist_commit(&self, commit: u64) {
-        self.wl().mut_hard_state().set_commit(commit);
     }
     fn install_snapshot(&self, snapshot: Snapshot) -> raft::Result<()> {
         self.wl().apply_snapshot(snapshot)
@@ -155,25 +151,6 @@ impl<S: ReplicaStore> Replica<S> {
     /// Entries up to here were returned by [`Replica::drive`] as applied.
     pub fn applied_index(&self) -> u64 {
         self.node.raft.raft_log.applied
-    }
-
-    /// While leading: this replica and the followers that answered within the last election
-    /// timeout (Kafka's in-sync replicas). Empty on a follower.
-    pub fn recent_active(&self) -> Vec<u64> {
-        if !self.is_leader() {
-            return Vec::new();
-        }
-        let me = self.id();
-        let mut ids: Vec<u64> = self
-            .node
-            .raft
-            .prs()
-            .iter()
-            .filter(|(id, p)| **id == me || p.recent_active)
-            .map(|(id, _)| *id)
-            .collect();
-        ids.sort_unstable();
-        ids
     }
 
     /// While leading: each follower's highest index known to be in its log.

@@ -365,13 +365,6 @@ impl ReplicaStore for WalStore {
         self.mem.wl().set_hardstate(hs.clone());
         frame(&mut self.buf.borrow_mut(), KIND_HARD_STATE, &encode(hs));
     }
-    fn persist_commit(&self, commit: u64) {
-        let mut state = self.mem.wl();
-        state.mut_hard_state().set_commit(commit);
-        let hs = state.hard_state().clone();
-        drop(state);
-        frame(&mut self.buf.borrow_mut(), KIND_HARD_STATE, &encode(&hs));
-    }
     fn install_snapshot(&self, snapshot: Snapshot) -> raft::Result<()> {
         // A follower behind the leader's compaction point: its segments would need the data the
         // snapshot stands for, which is not transferred yet. Refuse rather than open a gap.
@@ -456,7 +449,11 @@ mod tests {
         let s = WalStore::open(&dir, &[1]).unwrap();
         let entries: Vec<Entry> = (1..=100).map(|i| entry(i, 1, &[i as u8; 100])).collect();
         s.persist_entries(&entries).unwrap();
-        s.persist_commit(100);
+        s.persist_hard_state(&HardState {
+            term: 1,
+            commit: 100,
+            ..Default::default()
+        });
         s.sync().unwrap();
         let before = s.file_bytes();
         s.compact(90).unwrap();
