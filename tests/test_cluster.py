@@ -244,6 +244,7 @@ def wait_for_leaders(nodes, topic, partitions, timeout=30):
     """Every partition has a leader in the metadata of some live broker; returns {partition: id}."""
     deadline = time.time() + timeout
     last = None
+    ids = {1, 2, 3} | {n.node_id for n in nodes}
     while time.time() < deadline:
         for n in nodes:
             if n.proc.poll() is not None:
@@ -252,9 +253,9 @@ def wait_for_leaders(nodes, topic, partitions, timeout=30):
                                  capture_output=True, text=True).stdout
             leaders = {int(p): int(l) for p, l in re.findall(r"partition (\d+), leader (-?\d+)", out)}
             last = out
-            if len(leaders) == partitions and all(l in (1, 2, 3) for l in leaders.values()):
+            if len(leaders) == partitions and all(l in ids for l in leaders.values()):
                 return leaders
-            assert all(l in (-1, 1, 2, 3) for l in leaders.values()), out
+            assert all(l in ids | {-1} for l in leaders.values()), out
         time.sleep(0.3)
     raise AssertionError(f"partitions without a leader:\n{last}")
 

@@ -10,6 +10,9 @@
 //! - `Isr`: a partition's in-sync replicas, as its leader (of that epoch) saw them change.
 //! - `Fence`: the controller stopped (or started again) hearing from a broker within
 //!   `broker.session.timeout.ms`; Metadata lists unfenced brokers only.
+//! - `Join`: a broker outside the voters (scale-out) announces its client and inter-broker
+//!   addresses; the controller then adds it to the metadata group as a learner, so it receives
+//!   this log, and assigns it replicas like any broker.
 //! - `Table`: the topics (with replica assignments) and dynamic broker configs as the controller
 //!   (the group's leader) computed them from the table it had applied; brokers and producer-id
 //!   blocks are not in it, so a concurrent `Register` or `ProducerBlock` is never overwritten.
@@ -60,6 +63,15 @@ pub enum MetadataCommand {
         replicas: Vec<Vec<Vec<i32>>>,
         broker_configs: Vec<(String, String)>,
     },
+    /// A broker that is not a voter joins (new variants go last: the archived form of the
+    /// others, in logs written before, stays as it was).
+    Join {
+        node: i32,
+        host: String,
+        port: u16,
+        peer_host: String,
+        peer_port: u16,
+    },
 }
 
 impl MetadataCommand {
@@ -106,6 +118,17 @@ impl MetadataCommand {
         match self {
             MetadataCommand::Register { node, host, port } => {
                 table.brokers.insert(node, (host, port));
+                None
+            }
+            MetadataCommand::Join {
+                node,
+                host,
+                port,
+                peer_host,
+                peer_port,
+            } => {
+                table.brokers.insert(node, (host, port));
+                table.peers.insert(node, (peer_host, peer_port));
                 None
             }
             MetadataCommand::Leader {
@@ -162,6 +185,7 @@ impl MetadataCommand {
                 };
                 let mut next = TopicTable::from_record(record);
                 next.brokers = std::mem::take(&mut table.brokers);
+                next.peers = std::mem::take(&mut table.peers);
                 next.fenced = std::mem::take(&mut table.fenced);
                 next.leaders = std::mem::take(&mut table.leaders);
                 next.isr = std::mem::take(&mut table.isr);

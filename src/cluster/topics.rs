@@ -57,6 +57,9 @@ pub struct TopicTable {
     /// A cluster's in-sync replicas per partition, with the leader epoch of the leader that
     /// reported them.
     pub isr: BTreeMap<(String, i32), (i32, Vec<i32>)>,
+    /// The inter-broker addresses of brokers that joined outside the voters (the voters' are in
+    /// `controller.quorum.voters`).
+    pub peers: BTreeMap<i32, (String, u16)>,
     /// Registered brokers the controller has not heard from within `broker.session.timeout.ms`.
     pub fenced: std::collections::BTreeSet<i32>,
 }

@@ -275,6 +275,22 @@ pub const BROKER_SETTINGS: &[SettingDef] = &[
         "Broker-to-broker listener host:port (default: this node's voter entry)",
     ),
     def(
+        "auto.leader.rebalance.enable",
+        Some("true"),
+        T::Boolean,
+        false,
+        None,
+        "Leaders hand leadership back to a partition's preferred replica once it is in sync",
+    ),
+    def(
+        "leader.imbalance.check.interval.seconds",
+        Some("300"),
+        T::Long,
+        false,
+        None,
+        "How long a leader that is not the preferred replica keeps leading before handing back",
+    ),
+    def(
         "queued.max.requests",
         Some("500"),
         T::Int,
@@ -842,6 +858,10 @@ pub struct BrokerConfig {
     pub offsets_topic_partitions: i32,
     /// `offsets.topic.replication.factor`.
     pub offsets_topic_replication_factor: i16,
+    /// `auto.leader.rebalance.enable`.
+    pub auto_leader_rebalance: bool,
+    /// `leader.imbalance.check.interval.seconds`.
+    pub leader_imbalance_check_s: u64,
     /// `replica.lag.time.max.ms`: how long a follower may go without catching up and stay in sync.
     pub replica_lag_time_max_ms: u64,
     /// `broker.session.timeout.ms`: how long the controller waits to hear from a broker before
@@ -901,6 +921,8 @@ impl Default for BrokerConfig {
             offsets_topic_partitions: 50,
             offsets_topic_replication_factor: 3,
             replica_lag_time_max_ms: 30_000,
+            auto_leader_rebalance: true,
+            leader_imbalance_check_s: 300,
             broker_session_timeout_ms: 9_000,
             group_initial_rebalance_delay_ms: 3000,
             group_session_timeout_ms_min: 6000,
@@ -1100,6 +1122,10 @@ impl BrokerConfig {
             "offsets.topic.replication.factor" => {
                 self.offsets_topic_replication_factor =
                     parse_in(value, 1, i64::from(i16::MAX))? as i16
+            }
+            "auto.leader.rebalance.enable" => self.auto_leader_rebalance = parse_bool(value)?,
+            "leader.imbalance.check.interval.seconds" => {
+                self.leader_imbalance_check_s = parse_in(value, 1, i64::MAX)? as u64
             }
             "replica.lag.time.max.ms" => {
                 self.replica_lag_time_max_ms = parse_in(value, 1, i64::MAX)? as u64

@@ -70,6 +70,8 @@ pub struct Group {
     /// This replica led and stepped down because it stopped hearing from a quorum, and no new
     /// leader is known: the partition has fewer live replicas than it needs.
     lost_quorum: Cell<bool>,
+    /// Since when this replica leads (None while it follows).
+    leading_since: Cell<Option<Instant>>,
     /// Offsets below this were proposed and are in this leader's own durable log (`acks=1`).
     persisted_end: Cell<i64>,
     /// Produces waiting for their batch to commit, by base offset, with the term proposed in.
@@ -122,6 +124,7 @@ impl Group {
             sink,
             role: Cell::new(Role::default()),
             lost_quorum: Cell::new(false),
+            leading_since: Cell::new(None),
             persisted_end: Cell::new(0),
             waiters: RefCell::new(BTreeMap::new()),
             inflight: RefCell::new(HashMap::new()),
@@ -241,6 +244,56 @@ impl Group {
         self.replica.borrow_mut().propose_raw(data)?;
         self.wake.notify(1);
         Ok(())
+    }
+
+    /// The group's membership: voters and learners.
+    pub fn membership(&self) -> (Vec<u64>, Vec<u64>) {
+        self.replica.borrow().membership()
+    }
+
+    /// Proposes one membership change (at the leader; it takes effect once committed).
+    pub fn propose_membership(
+        &self,
+        change: raft::eraftpb::ConfChangeType,
+        node: u64,
+    ) -> Result<(), ProposeError> {
+        self.replica.borrow_mut().propose_membership(change, node)?;
+        self.wake.notify(1);
+        Ok(())
+    }
+
+    /// A new partition's preferred replica stands at once, so that leadership starts where the
+    /// assignment spread it (the others would stand only after an election timeout).
+    pub fn campaign_if_new(&self) {
+        let mut r = self.replica.borrow_mut();
+        if r.is_new() {
+            if let Err(e) = r.campaign() {
+                tracing::debug!(partition = %self.tp, error = %format!("{e:#}"), "no campaign");
+            }
+            drop(r);
+            self.wake.notify(1);
+        }
+    }
+
+    /// How long this replica has led (None while it follows).
+    pub fn leading_for(&self) -> Option<Duration> {
+        self.leading_since.get().map(|at| at.elapsed())
+    }
+
+    /// The commit point in Kafka offsets.
+    pub fn high_watermark(&self) -> i64 {
+        self.replica.borrow().high_watermark()
+    }
+
+    /// Hands leadership to `to` (Kafka's preferred leader election) once it has caught up.
+    pub fn transfer_leader(&self, to: u64) {
+        self.replica.borrow_mut().transfer_leader(to);
+        self.wake.notify(1);
+    }
+
+    /// Sends a message this replica built itself (a broker outside the group asking to join).
+    pub fn send_raw(&self, message: &Message) {
+        self.transport.send(&self.tp, message);
     }
 
     /// Completes once this replica has applied every entry its log held when called (a new
@@ -382,6 +435,7 @@ impl Group {
             self.lost_quorum.set(false);
         }
         tracing::info!(partition = %self.tp, leader = role.leader_id, term = role.term, "raft leadership changed");
+        self.leading_since.set(role.leader.then(Instant::now));
         self.track_followers(Instant::now());
         if role.leader {
             // Batches a former leader left uncommitted in our log may still commit: a producer's

@@ -11,7 +11,11 @@
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use raft::eraftpb::{Entry, EntryType, HardState, Message, MessageType, Snapshot};
+use protobuf::Message as _;
+use raft::eraftpb::{
+    ConfChange, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, MessageType,
+    Snapshot,
+};
 use raft::storage::MemStorage;
 use raft::{Config, GetEntriesContext, RawNode, StateRole, Storage};
 
@@ -29,6 +33,11 @@ pub trait ReplicaStore: Storage {
     fn persist_entries(&self, entries: &[Entry]) -> raft::Result<()>;
     fn persist_hard_state(&self, hs: &HardState);
     fn install_snapshot(&self, snapshot: Snapshot) -> raft::Result<()>;
+    /// The membership after a committed configuration change.
+    fn persist_conf_state(&self, cs: &ConfState);
+    /// The partition holds every committed batch below `end_offset` (the high watermark): a
+    /// snapshot this store hands out stands for the records below it.
+    fn note_applied_end(&self, _end_offset: i64) {}
     /// Makes everything persisted since the last call durable (one sync per Ready cycle).
     fn sync(&self) -> raft::Result<()>;
 }
@@ -44,6 +53,9 @@ impl ReplicaStore for MemStorage {
     }
     fn install_snapshot(&self, snapshot: Snapshot) -> raft::Result<()> {
         self.wl().apply_snapshot(snapshot)
+    }
+    fn persist_conf_state(&self, cs: &ConfState) {
+        self.wl().set_conf_state(cs.clone());
     }
     fn sync(&self) -> raft::Result<()> {
         Ok(())
@@ -345,14 +357,24 @@ impl<S: ReplicaStore> Replica<S> {
         }
         let mut ready = self.node.ready();
         let messages = ready.take_messages();
+        let mut snapshot_end = None;
         if !ready.snapshot().is_empty() {
+            // The leader no longer holds the entries this replica lacks: the snapshot stands for
+            // the records below its end offset, which the caller copies from the leader's
+            // partition before anything of this cycle is made durable or acknowledged.
+            let end = snapshot_end_offset(ready.snapshot())?;
             self.node
                 .store()
                 .install_snapshot(ready.snapshot().clone())
                 .context("installing snapshot")?;
+            if !self.raw && end > self.high_watermark {
+                self.high_watermark = end;
+                snapshot_end = Some(end);
+            }
         }
         let mut applied = Vec::new();
         self.apply(ready.take_committed_entries(), &mut applied)?;
+        self.node.store().note_applied_end(self.high_watermark);
         self.node
             .store()
             .persist_entries(ready.entries())
@@ -370,6 +392,7 @@ impl<S: ReplicaStore> Replica<S> {
             messages,
             applied,
             durable,
+            snapshot_end,
         }))
     }
 
@@ -417,14 +440,72 @@ impl<S: ReplicaStore> Replica<S> {
                         batch: std::mem::take(&mut e.data),
                     });
                 }
-                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    // Membership changes arrive with partition reassignment; nothing proposes
-                    // them yet, so one here is a bug, not something to skip.
-                    bail!("committed a membership change, which this replica cannot apply yet");
+                EntryType::EntryConfChange => {
+                    let cc = ConfChange::parse_from_bytes(e.get_data())
+                        .context("decoding a membership change")?;
+                    let cs = self.node.apply_conf_change(&cc);
+                    self.persist_membership(cs)?;
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let cc = ConfChangeV2::parse_from_bytes(e.get_data())
+                        .context("decoding a membership change")?;
+                    let cs = self.node.apply_conf_change(&cc);
+                    self.persist_membership(cs)?;
                 }
             }
         }
         Ok(())
+    }
+}
+
+impl<S: ReplicaStore> Replica<S> {
+    /// Persists the membership a committed change left (raft-rs applied it). Replaying a
+    /// log on restart applies its changes again over the membership persisted last; each is
+    /// idempotent there (adding a learner or voter that is one, removing one that is gone).
+    fn persist_membership(&mut self, cs: raft::Result<ConfState>) -> Result<()> {
+        let cs = cs.context("applying a membership change")?;
+        self.node.store().persist_conf_state(&cs);
+        Ok(())
+    }
+
+    /// The current membership: voters and learners.
+    pub fn membership(&self) -> (Vec<u64>, Vec<u64>) {
+        let cs = self.node.raft.prs().conf().to_conf_state();
+        (cs.voters, cs.learners)
+    }
+
+    /// Whether this replica has never seen a term (a new partition's group, before any election).
+    pub fn is_new(&self) -> bool {
+        self.node.raft.term == 0 && self.node.raft.raft_log.last_index() == 0
+    }
+
+    /// Stands for election now rather than after an election timeout.
+    pub fn campaign(&mut self) -> Result<()> {
+        self.node.campaign().context("campaign")
+    }
+
+    /// Hands leadership to `to` once its log has caught up (raft-rs's leader transfer).
+    pub fn transfer_leader(&mut self, to: u64) {
+        if self.is_leader() {
+            self.node.transfer_leader(to);
+        }
+    }
+
+    /// Proposes one simple membership change (at the leader).
+    pub fn propose_membership(
+        &mut self,
+        change: raft::eraftpb::ConfChangeType,
+        node: u64,
+    ) -> Result<(), ProposeError> {
+        if !self.is_leader() {
+            return Err(ProposeError::NotLeader);
+        }
+        let mut cc = ConfChange::default();
+        cc.set_change_type(change);
+        cc.node_id = node;
+        self.node
+            .propose_conf_change(Vec::new(), cc)
+            .map_err(|_| ProposeError::Dropped)
     }
 }
 
@@ -433,6 +514,26 @@ pub struct Cycle {
     pub messages: Vec<Message>,
     pub applied: Vec<Applied>,
     pub durable: Durable,
+    /// A snapshot was installed: the partition must hold every record below this offset (copied
+    /// from the leader) before the committed batches of this cycle are applied.
+    pub snapshot_end: Option<i64>,
+}
+
+/// A snapshot's data is the end offset of the records it stands for (8 bytes, big endian); an
+/// empty one (the metadata group's, or a simulator's) stands for none.
+pub fn snapshot_end_offset(snapshot: &Snapshot) -> Result<i64> {
+    let data = snapshot.get_data();
+    if data.is_empty() {
+        return Ok(0);
+    }
+    let bytes: [u8; 8] = data
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("snapshot data of {} bytes, not 8", data.len()))?;
+    let end = i64::from_be_bytes(bytes);
+    if end < 0 {
+        bail!("snapshot end offset {end} is negative");
+    }
+    Ok(end)
 }
 
 /// The part of a Ready cycle that waits until the store is durable.

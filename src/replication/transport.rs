@@ -103,28 +103,51 @@ struct PeerLink {
     wake: event_listener::Event,
 }
 
-/// This shard's connections to the other brokers.
+/// This shard's connections to the other brokers: the voters from the start, brokers that join
+/// later (scale-out) as the cluster metadata names them.
 pub struct Transport {
-    peers: HashMap<i32, Rc<PeerLink>>,
+    peers: RefCell<HashMap<i32, Rc<PeerLink>>>,
+    local: Option<IpAddr>,
 }
 
 impl Transport {
     /// Starts a writer task per peer on the current executor.
     pub fn start(peers: &[(i32, (String, u16))], local: Option<IpAddr>) -> Rc<Transport> {
-        let mut links = HashMap::new();
+        let transport = Rc::new(Transport {
+            peers: RefCell::new(HashMap::new()),
+            local,
+        });
         for (node, (host, port)) in peers {
-            let link = Rc::new(PeerLink {
-                node: *node,
-                address: format!("{host}:{port}"),
-                local,
-                queue: RefCell::new(VecDeque::new()),
-                queued_bytes: Cell::new(0),
-                wake: event_listener::Event::new(),
-            });
-            glommio::spawn_local(writer(Rc::downgrade(&link))).detach();
-            links.insert(*node, link);
+            transport.add_peer(*node, host, *port);
         }
-        Rc::new(Transport { peers: links })
+        transport
+    }
+
+    /// Connects to a peer at `host:port` from now on (a broker that joined, or one that moved:
+    /// its link is replaced). Nothing changes when the peer is known at that address.
+    pub fn add_peer(&self, node: i32, host: &str, port: u16) {
+        let address = format!("{host}:{port}");
+        if self
+            .peers
+            .borrow()
+            .get(&node)
+            .is_some_and(|l| l.address == address)
+        {
+            return;
+        }
+        let link = Rc::new(PeerLink {
+            node,
+            address,
+            local: self.local,
+            queue: RefCell::new(VecDeque::new()),
+            queued_bytes: Cell::new(0),
+            wake: event_listener::Event::new(),
+        });
+        glommio::spawn_local(writer(Rc::downgrade(&link))).detach();
+        // The replaced link's writer ends once its last reference (this map's) is gone.
+        if let Some(old) = self.peers.borrow_mut().insert(node, link) {
+            old.wake.notify(usize::MAX);
+        }
     }
 
     /// Queues `message` for its destination (`message.to`); drops it when the peer is unknown or
@@ -133,7 +156,7 @@ impl Transport {
         let Ok(to) = i32::try_from(message.to) else {
             return;
         };
-        let Some(link) = self.peers.get(&to) else {
+        let Some(link) = self.peers.borrow().get(&to).cloned() else {
             tracing::debug!(to, "raft message for a node that is not a peer; dropped");
             return;
         };

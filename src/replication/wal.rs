@@ -52,6 +52,8 @@ pub struct WalStore {
     buf: RefCell<Vec<u8>>,
     /// Bytes in the file: compaction is worth it once most of them are dropped entries.
     file_bytes: Cell<u64>,
+    /// The partition's high watermark as the replica last applied (a snapshot's data).
+    applied_end: Cell<i64>,
 }
 
 /// Appends one frame to `out`.
@@ -148,6 +150,7 @@ impl WalStore {
             file: RefCell::new(Arc::new(file)),
             buf: RefCell::new(Vec::new()),
             file_bytes: Cell::new(valid as u64),
+            applied_end: Cell::new(0),
         };
         if fresh {
             let cs = ConfState::from((voters.to_vec(), Vec::new()));
@@ -345,7 +348,11 @@ impl Storage for WalStore {
         Storage::last_index(&self.mem)
     }
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
-        self.mem.snapshot(request_index, to)
+        // At the commit point (what raft-rs's log store gives) with the records below the high
+        // watermark: the follower copies those from the leader's partition.
+        let mut snapshot = self.mem.snapshot(request_index, to)?;
+        snapshot.data = self.applied_end.get().to_be_bytes().to_vec().into();
+        Ok(snapshot)
     }
 }
 
@@ -366,12 +373,27 @@ impl ReplicaStore for WalStore {
         frame(&mut self.buf.borrow_mut(), KIND_HARD_STATE, &encode(hs));
     }
     fn install_snapshot(&self, snapshot: Snapshot) -> raft::Result<()> {
-        // A follower behind the leader's compaction point: its segments would need the data the
-        // snapshot stands for, which is not transferred yet. Refuse rather than open a gap.
-        let index = snapshot.get_metadata().index;
-        Err(raft::Error::Store(raft::StorageError::Other(
-            format!("snapshot at index {index} cannot be installed: catch-up from a snapshot is not built yet").into(),
-        )))
+        // The log restarts after the snapshot point with the snapshot's membership; the frames
+        // go out with this cycle's, once the partition holds the records (the group copies them
+        // first), so a crash before that replays the log as it was.
+        let meta = snapshot.get_metadata().clone();
+        check_membership(meta.get_conf_state())
+            .map_err(|e| raft::Error::Store(raft::StorageError::Other(format!("{e:#}").into())))?;
+        self.mem.wl().apply_snapshot(snapshot)?;
+        let mut buf = self.buf.borrow_mut();
+        frame(&mut buf, KIND_CONF_STATE, &encode(meta.get_conf_state()));
+        let mut point = Vec::with_capacity(16);
+        point.extend_from_slice(&meta.index.to_le_bytes());
+        point.extend_from_slice(&meta.term.to_le_bytes());
+        frame(&mut buf, KIND_COMPACTED, &point);
+        Ok(())
+    }
+    fn note_applied_end(&self, end_offset: i64) {
+        self.applied_end.set(end_offset);
+    }
+    fn persist_conf_state(&self, cs: &ConfState) {
+        self.mem.wl().set_conf_state(cs.clone());
+        frame(&mut self.buf.borrow_mut(), KIND_CONF_STATE, &encode(cs));
     }
     fn sync(&self) -> raft::Result<()> {
         self.flush()

@@ -56,6 +56,20 @@ impl ClusterNode {
         }
     }
 
+    /// Whether this broker votes in the controller quorum (else it joined as a learner).
+    pub fn is_voter(&self) -> bool {
+        self.voters.iter().any(|(id, _)| *id == self.node_id)
+    }
+
+    /// Connects to the brokers that joined outside the voters, as the table names them.
+    pub fn connect_joined(&self, table: &crate::cluster::TopicTable) {
+        for (node, (host, port)) in &table.peers {
+            if *node != self.node_id {
+                self.transport.add_peer(*node, host, *port);
+            }
+        }
+    }
+
     pub fn group(&self, tp: &TopicPartition) -> Option<Rc<Group>> {
         self.groups.borrow().get(tp).cloned()
     }
@@ -270,6 +284,47 @@ impl Shard {
             .collect()
     }
 
+    /// Kafka's preferred leader election (`auto.leader.rebalance.enable`): a leader that is not
+    /// its partition's preferred replica (the first in the assignment) hands leadership to it
+    /// once the preferred replica is in sync, at once while the partition holds no records yet
+    /// (a new topic's first election is a race) and otherwise after leading for
+    /// `leader.imbalance.check.interval.seconds` (a broker back from a restart gets its
+    /// leadership back, not at the first moment it is in sync).
+    fn prefer_leaders(&self) {
+        let Some(cluster) = self.cluster() else {
+            return;
+        };
+        let broker = self.effective.borrow().clone();
+        if !broker.auto_leader_rebalance {
+            return;
+        }
+        let settle = Duration::from_secs(broker.leader_imbalance_check_s);
+        let table = self.topics();
+        let groups: Vec<(TopicPartition, Rc<Group>)> = cluster
+            .groups
+            .borrow()
+            .iter()
+            .filter(|(tp, g)| &*tp.topic != METADATA_TOPIC && g.role().leader)
+            .map(|(tp, g)| (tp.clone(), g.clone()))
+            .collect();
+        for (tp, g) in groups {
+            let preferred = table
+                .get(&tp.topic)
+                .and_then(|t| t.replicas.get(usize::try_from(tp.partition.0).ok()?))
+                .and_then(|r| r.first().copied());
+            let Some(preferred) = preferred.filter(|p| *p != cluster.node_id) else {
+                continue;
+            };
+            let due = g.high_watermark() == 0 || g.leading_for().is_some_and(|d| d >= settle);
+            if due && g.in_sync().contains(&preferred) {
+                tracing::info!(partition = %tp, to = preferred, "handing leadership to the preferred replica");
+                if let Ok(id) = u64::try_from(preferred) {
+                    g.transfer_leader(id);
+                }
+            }
+        }
+    }
+
     /// Hands Raft messages from another broker to the groups they belong to.
     pub(super) fn deliver_raft(self: &Rc<Self>, messages: Vec<(TopicPartition, Message)>) {
         let Some(cluster) = self.cluster() else {
@@ -279,6 +334,16 @@ impl Shard {
         for (tp, m) in messages {
             let owner = self.owner_of(&tp);
             if owner == self.id {
+                if m.get_msg_type() == raft::eraftpb::MessageType::MsgPropose
+                    && &*tp.topic == METADATA_TOPIC
+                    && !self.controller.admits(self, m.from, &m.entries)
+                {
+                    tracing::warn!(
+                        from = m.from,
+                        "metadata proposal from a broker that has not joined refused"
+                    );
+                    continue;
+                }
                 match cluster.group(&tp) {
                     Some(g) => g.deliver(m),
                     None => tracing::debug!(partition = %tp, "raft message for a group not here"),
@@ -311,6 +376,7 @@ async fn watch(weak: Weak<Shard>) {
         if shard.is_stopping() {
             return;
         }
+        shard.prefer_leaders();
         let changes = shard.isr_changes();
         if !changes.is_empty() {
             // Shard 0 gone means the broker is stopping.

@@ -124,6 +124,9 @@ impl Controller {
         let tp = ClusterNode::metadata_tp();
         let dir = shard.options.data_dir.join(tp.dir_name());
         let group = shard.open_group(tp, dir, voters, sink, 0).await?;
+        if !cluster.is_voter() {
+            self.join(shard, &group).await;
+        }
         // The shards serve clients once they have a table: the one this broker's log held
         // committed when it stopped, replayed whole first (else a client would hear of unknown
         // topics from a broker that is still replaying, and a Kafka producer gives up on those).
@@ -154,6 +157,99 @@ impl Controller {
         })
         .detach();
         Ok(())
+    }
+
+    /// A broker outside the voters asks the metadata group to take it in: it sends a `Join`
+    /// proposal to every voter (a follower hands it on to the leader) until the table it receives
+    /// as a learner shows it joined. Until then it has no table and serves no client.
+    async fn join(&self, shard: &Rc<Shard>, group: &crate::replication::group::Group) {
+        let node = shard.options.broker.node_id;
+        let (host, port) = shard.advertised.clone();
+        let Some((peer_host, peer_port)) = shard.options.broker.inter_broker_listen.clone() else {
+            return;
+        };
+        let cmd = MetadataCommand::Join {
+            node,
+            host,
+            port,
+            peer_host,
+            peer_port,
+        };
+        let Ok(data) = cmd.encode() else { return };
+        let voters: Vec<i32> = shard
+            .cluster()
+            .map(|c| c.voters.iter().map(|(id, _)| *id).collect())
+            .unwrap_or_default();
+        let mut attempts = 0u32;
+        while !self.current().peers.contains_key(&node) {
+            if shard.is_stopping() {
+                return;
+            }
+            for voter in &voters {
+                let mut m = raft::eraftpb::Message::default();
+                m.set_msg_type(raft::eraftpb::MessageType::MsgPropose);
+                m.to = u64::try_from(*voter).unwrap_or_default();
+                m.from = u64::try_from(node).unwrap_or_default();
+                m.mut_entries().push(raft::eraftpb::Entry {
+                    data: data.clone().into(),
+                    ..Default::default()
+                });
+                group.send_raw(&m);
+            }
+            attempts += 1;
+            if attempts % 20 == 1 {
+                tracing::info!(node, "asking the controller quorum to join the cluster");
+            }
+            glommio::timer::sleep(Duration::from_millis(500)).await;
+        }
+        tracing::info!(
+            node,
+            "joined the cluster as a broker outside the controller quorum"
+        );
+    }
+
+    /// Whether a proposal for the metadata group that arrived from another broker may go in: any
+    /// from a voter or a broker that joined; from any other node only its own `Join` (the
+    /// inter-broker port is not a way to write arbitrary cluster metadata).
+    pub fn admits(&self, shard: &Shard, from: u64, entries: &[raft::eraftpb::Entry]) -> bool {
+        let Ok(from) = i32::try_from(from) else {
+            return false;
+        };
+        let known = shard
+            .cluster()
+            .is_some_and(|c| c.voters.iter().any(|(id, _)| *id == from))
+            || self.current().peers.contains_key(&from);
+        known
+            || entries.iter().all(|e| {
+                matches!(MetadataCommand::decode(e.get_data()),
+                    Ok(MetadataCommand::Join { node, .. }) if node == from)
+            })
+    }
+
+    /// The controller takes every joined broker into the metadata group as a learner (it
+    /// receives the log, it does not vote). Called about once a second on shard 0; a change
+    /// lost with a leader change is proposed again.
+    fn admit_learners(&self, group: &crate::replication::group::Group) {
+        let (voters, learners) = group.membership();
+        for &node in self.current().peers.keys() {
+            let Ok(id) = u64::try_from(node) else {
+                continue;
+            };
+            if voters.contains(&id) || learners.contains(&id) {
+                continue;
+            }
+            tracing::info!(
+                node,
+                "adding a joined broker to the metadata group as a learner"
+            );
+            if let Err(e) =
+                group.propose_membership(raft::eraftpb::ConfChangeType::AddLearnerNode, id)
+            {
+                tracing::debug!(node, error = ?e, "learner not proposed yet");
+            }
+            // One membership change at a time: raft-rs refuses a second one pending.
+            return;
+        }
     }
 
     fn metadata_group(shard: &Shard) -> Option<Rc<crate::replication::group::Group>> {
@@ -254,6 +350,7 @@ impl Controller {
             self.leading_since.set(None);
             return;
         }
+        self.admit_learners(&group);
         let now = std::time::Instant::now();
         let since = self.leading_since.get().unwrap_or(now);
         self.leading_since.set(Some(since));

@@ -286,6 +286,7 @@ impl Shard {
         senders: Senders<Envelope>,
         receivers: Receivers<Envelope>,
         metrics: Arc<MetricsHub>,
+        peer_socket: Option<socket2::Socket>,
     ) -> Result<Rc<Shard>> {
         let id = ShardId(senders.peer_id());
         let count = senders.nr_consumers();
@@ -338,6 +339,11 @@ impl Shard {
         GroupCoordinator::start_ticker(&shard);
         start_log_cleaner(&shard);
         start_metrics_publisher(&shard);
+        // Raft traffic flows before the table is loaded: a broker joining the cluster receives
+        // the metadata log this way.
+        if let Some(socket) = peer_socket {
+            shard.serve_peers(socket);
+        }
         if id.0 == 0 {
             shard.controller.load(&shard).await?;
         }
@@ -686,14 +692,20 @@ impl Shard {
             .unwrap_or_default();
         let dir = self.options.data_dir.join(tp.dir_name());
         let end = log.log_end_offset().0;
-        self.open_group(
-            tp.clone(),
-            dir,
-            replicas,
-            crate::replication::group::Sink::Log(log.clone()),
-            end,
-        )
-        .await?;
+        let preferred = replicas.first().copied();
+        let group = self
+            .open_group(
+                tp.clone(),
+                dir,
+                replicas,
+                crate::replication::group::Sink::Log(log.clone()),
+                end,
+            )
+            .await?;
+        let me = self.cluster().and_then(|c| u64::try_from(c.node_id).ok());
+        if preferred.is_some() && preferred == me {
+            group.campaign_if_new();
+        }
         Ok(())
     }
 
@@ -742,6 +754,9 @@ impl Shard {
             if let Err(e) = log.delete().await {
                 tracing::error!(partition = %tp, error = %format!("{e:#}"), "deleting partition failed");
             }
+        }
+        if let Some(c) = self.cluster() {
+            c.connect_joined(&table);
         }
         let effective = Rc::new(self.options.broker.with_dynamic(&table.broker_configs));
         *self.effective.borrow_mut() = effective.clone();

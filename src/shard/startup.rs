@@ -48,11 +48,10 @@ fn inter_broker_address(options: &ServeOptions) -> Result<Option<SocketAddr>> {
         .iter()
         .find(|(id, _)| *id == broker.node_id)
         .map(|(_, a)| a.clone());
-    if own.is_none() {
-        // A broker outside the quorum (scale-out) needs the controller's broker registration
-        // and replica moves, which are not built yet.
+    if own.is_none() && broker.inter_broker_listen.is_none() {
+        // A broker outside the quorum (scale-out) has no entry to listen on.
         bail!(
-            "node.id {} is not in controller.quorum.voters; brokers that are not voters are not supported yet",
+            "node.id {} is not in controller.quorum.voters: a broker outside the quorum needs --set inter.broker.listen=HOST:PORT",
             broker.node_id
         );
     }
@@ -137,17 +136,17 @@ pub fn run(mut options: ServeOptions, on_ready: impl FnOnce(SocketAddr, SocketAd
                     let _ = ready_tx.send(Err(format!("{e:#}")));
                     return None;
                 }
-                let shard = match Shard::start(options, advertised, senders, receivers, hub).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(format!("{e:#}")));
-                        return None;
-                    }
-                };
+                let shard =
+                    match Shard::start(options, advertised, senders, receivers, hub, peer_socket)
+                        .await
+                    {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(format!("{e:#}")));
+                            return None;
+                        }
+                    };
                 let _ = ready_tx.send(Ok(()));
-                if let Some(socket) = peer_socket {
-                    shard.serve_peers(socket);
-                }
                 let watcher = {
                     let shard = shard.clone();
                     glommio::spawn_local(async move {
