@@ -118,6 +118,15 @@ enum ClusterCommand {
         #[arg(long, default_value = "127.0.0.1:9092")]
         bootstrap: String,
     },
+    /// Spread replicas and leaders evenly over the live brokers (AlterPartitionReassignments)
+    /// and wait until the moves are done.
+    Rebalance {
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        bootstrap: String,
+        /// How long to wait for the moves, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -228,6 +237,12 @@ fn main() {
         Some(Command::Cluster {
             command: ClusterCommand::Status { bootstrap },
         }) => strom::client::status::status(&bootstrap).map(|out| print!("{out}")),
+        Some(Command::Cluster {
+            command: ClusterCommand::Rebalance { bootstrap, timeout },
+        }) => {
+            strom::client::rebalance::rebalance(&bootstrap, std::time::Duration::from_secs(timeout))
+                .map(|out| print!("{out}"))
+        }
         Some(Command::Produce {
             topic,
             bootstrap,

@@ -8,27 +8,36 @@ import os
 import random
 import re
 import subprocess
+import threading
 import time
 
 import pytest
 
 from conftest import STROM_BIN
+from confluent_kafka import Consumer
+
 from test_cluster import (Load, Node, bootstrap, check, check_replicas_identical, cluster_status,
-                          create_topic, read_all, start_cluster)
+                          create_topic, read_all, segment_bytes, start_cluster)
 
 
 @pytest.fixture
-def four(tmp_path):
-    """Three voters and a fourth broker that joins them."""
+def growing(tmp_path):
+    """Three voters, and `join()` to start a fourth broker that joins them."""
     gen = start_cluster(tmp_path)
     nodes = next(gen)
     port = nodes[0].port
     fourth = Node(4, tmp_path / "node4", port, nodes[0].voters,
                   extra=["--set", f"inter.broker.listen=127.0.0.4:{port + 1}"])
     fourth.proxies = nodes[0].proxies
-    fourth.start()
+
+    def join():
+        fourth.start()
+        nodes.append(fourth)
+        for n in nodes:
+            wait_brokers(n, [1, 2, 3, 4])
+        return fourth
     try:
-        yield nodes + [fourth]
+        yield nodes, join
     finally:
         complaint = fourth.stop()
         for _ in gen:
@@ -59,11 +68,9 @@ def replicas_of(node, topic):
             re.findall(r"partition (\d+), leader (-?\d+), replicas: ([\d,]*)", out)}
 
 
-def test_a_fourth_broker_joins_and_takes_replicas_of_new_topics(four):
-    nodes = four
-    fourth = nodes[3]
-    for n in nodes:
-        wait_brokers(n, [1, 2, 3, 4])
+def test_a_fourth_broker_joins_and_takes_replicas_of_new_topics(growing):
+    nodes, join = growing
+    fourth = join()
     status = cluster_status(nodes[0])
     assert "Brokers: 4 live, 0 not live" in status, status
     # Round robin over four brokers: every broker holds 3 of 4 partitions, and leads one.
@@ -91,3 +98,85 @@ def test_a_fourth_broker_joins_and_takes_replicas_of_new_topics(four):
                                                 expect=len(load.acked)), seed)
     time.sleep(1)
     check_replicas_identical(nodes, "wide", partitions=4)
+
+
+def leaders_and_replicas(nodes, topic, partitions):
+    parts = replicas_of(nodes[0], topic)
+    assert len(parts) == partitions, parts
+    return parts
+
+
+def test_rebalance_moves_replicas_onto_a_new_broker_while_clients_run(growing):
+    """A topic on three brokers; a fourth joins; `strom cluster rebalance` moves replicas onto
+    it (Raft learner, then voter, then the old replica removed) while an idempotent acks=all
+    producer and a consumer run. Afterwards every broker holds and leads a fair share, nothing
+    acknowledged is lost or duplicated, and each partition's replicas hold the same bytes."""
+    nodes, join = growing
+    partitions = 6
+    create_topic(nodes, "moving", partitions=partitions, rf=3)
+    seed = int(os.environ.get("STROM_CLUSTER_SEED", random.randrange(1 << 30)))
+    load = Load(nodes, "moving", seed)
+    load.produce(3000)
+    load.flush()
+    fourth = join()
+    consumed = []
+    stop = threading.Event()
+
+    def produce():
+        while not stop.is_set():
+            load.produce(100)
+            load.producer.poll(0.05)
+
+    def consume():
+        c = Consumer({"bootstrap.servers": bootstrap(nodes), "group.id": "mover",
+                      "auto.offset.reset": "earliest", "enable.auto.commit": True})
+        c.subscribe(["moving"])
+        while not stop.is_set():
+            m = c.poll(0.2)
+            if m is not None and not m.error():
+                consumed.append(m.value())
+        c.close()
+    threads = [threading.Thread(target=produce), threading.Thread(target=consume)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1)
+        started = time.time()
+        out = subprocess.run([STROM_BIN, "cluster", "rebalance", "--bootstrap", nodes[0].bootstrap,
+                              "--timeout", "180"], capture_output=True, text=True, timeout=240)
+        print(out.stdout, out.stderr)
+        assert out.returncode == 0, out
+        print(f"rebalance took {time.time() - started:.1f} s")
+        time.sleep(2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    load.flush()
+    assert not load.errors, load.errors[:3]
+    assert consumed, "the consumer read nothing while replicas moved"
+    # Fair shares: 18 replicas over 4 brokers (4 or 5 each), 6 leaders (1 or 2 each).
+    deadline = time.time() + 60
+    while True:
+        parts = leaders_and_replicas(nodes, "moving", partitions)
+        held = {b: sum(b in r for _, r in parts.values()) for b in (1, 2, 3, 4)}
+        led = {b: sum(l == b for l, _ in parts.values()) for b in (1, 2, 3, 4)}
+        fair = all(4 <= c <= 5 for c in held.values()) and all(1 <= c <= 2 for c in led.values())
+        if fair or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert fair, (parts, held, led)
+    check("rebalance onto a fourth broker", load,
+          read_all(nodes, "moving", partitions=partitions, expect=len(load.acked)), seed)
+    time.sleep(1)
+    for p, (_, replicas) in parts.items():
+        holders = [n for n in nodes if n.node_id in replicas]
+        logs = [segment_bytes(n.data_dir, "moving", p) for n in holders]
+        longest = max(logs, key=len)
+        assert all(longest.startswith(log) for log in logs), f"partition {p} replicas differ"
+        assert len(longest) > 0
+    # Replicas that moved away were deleted from the brokers that gave them up.
+    for n in nodes:
+        for p, (_, replicas) in parts.items():
+            if n.node_id not in replicas:
+                assert not (n.data_dir / f"moving-{p}").exists(), f"node {n.node_id} kept moving-{p}"

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod consume;
 pub mod groups;
 pub mod produce;
+pub mod rebalance;
 pub mod records;
 pub mod status;
 pub mod topics;

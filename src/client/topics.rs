@@ -62,7 +62,7 @@ pub(super) fn metadata(
 }
 
 /// Connects to the controller the bootstrap broker names.
-fn controller(bootstrap: &str) -> Result<Connection> {
+pub(super) fn controller(bootstrap: &str) -> Result<Connection> {
     let mut conn = Connection::connect(bootstrap)?;
     let md = metadata(&mut conn, Some(Vec::new()))?;
     let Some(b) = md.brokers.iter().find(|b| b.node_id == md.controller_id) else {

@@ -72,6 +72,20 @@ pub enum MetadataCommand {
         peer_host: String,
         peer_port: u16,
     },
+    /// A replica reassignment (AlterPartitionReassignments) begins: the partition's leader moves
+    /// its Raft membership to `target`; an empty target cancels (back to the replicas).
+    Reassign {
+        tag: u64,
+        topic: String,
+        partition: i32,
+        target: Vec<i32>,
+    },
+    /// The partition's membership reached the target: the target becomes its replicas.
+    Reassigned {
+        topic: String,
+        partition: i32,
+        replicas: Vec<i32>,
+    },
 }
 
 impl MetadataCommand {
@@ -158,6 +172,41 @@ impl MetadataCommand {
                 }
                 None
             }
+            MetadataCommand::Reassign {
+                tag,
+                topic,
+                partition,
+                target,
+            } => {
+                let key = (topic, partition);
+                if target.is_empty() {
+                    table.reassigning.remove(&key);
+                } else if table
+                    .get(&key.0)
+                    .is_some_and(|t| (0..t.partitions).contains(&partition))
+                {
+                    table.reassigning.insert(key, target);
+                }
+                Some((tag, 0))
+            }
+            MetadataCommand::Reassigned {
+                topic,
+                partition,
+                replicas,
+            } => {
+                let key = (topic, partition);
+                if table.reassigning.get(&key) == Some(&replicas) {
+                    table.reassigning.remove(&key);
+                    let slot = table
+                        .topics
+                        .get_mut(key.0.as_str())
+                        .and_then(|t| t.replicas.get_mut(usize::try_from(partition).ok()?));
+                    if let Some(slot) = slot {
+                        *slot = replicas;
+                    }
+                }
+                None
+            }
             MetadataCommand::Fence { node, fenced } => {
                 if fenced {
                     table.fenced.insert(node);
@@ -193,6 +242,9 @@ impl MetadataCommand {
                 next.leaders
                     .retain(|(t, _), _| topics.contains_key(t.as_str()));
                 next.isr.retain(|(t, _), _| topics.contains_key(t.as_str()));
+                next.reassigning = std::mem::take(&mut table.reassigning);
+                next.reassigning
+                    .retain(|(t, _), _| topics.contains_key(t.as_str()));
                 for (topic, r) in next.topics.values_mut().zip(replicas) {
                     topic.replicas = r;
                 }

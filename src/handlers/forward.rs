@@ -31,6 +31,7 @@ fn forwarded(key: i16) -> bool {
         ApiKey::CreatePartitions,
         ApiKey::AlterConfigs,
         ApiKey::IncrementalAlterConfigs,
+        ApiKey::AlterPartitionReassignments,
     ]
     .iter()
     .any(|k| *k as i16 == key)

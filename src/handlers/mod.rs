@@ -20,6 +20,7 @@ pub mod init_producer_id;
 pub mod list_offsets;
 pub mod metadata;
 pub mod produce;
+pub mod reassign;
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -231,6 +232,12 @@ pub async fn dispatch(shard: &Rc<Shard>, frame: Bytes, peer: Option<SocketAddr>)
             cid,
             &create_partitions::handle(shard, r).await,
         ),
+        RequestKind::AlterPartitionReassignments(r) => {
+            encode_response(key, version, cid, &reassign::alter(shard, r).await)
+        }
+        RequestKind::ListPartitionReassignments(r) => {
+            encode_response(key, version, cid, &reassign::list(shard, r))
+        }
         RequestKind::DeleteRecords(r) => {
             encode_response(key, version, cid, &delete_records::handle(shard, r).await)
         }

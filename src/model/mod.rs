@@ -112,6 +112,8 @@ impl ErrorCode {
     pub const FENCED_INSTANCE_ID: ErrorCode = ErrorCode(82);
     pub const GROUP_SUBSCRIBED_TO_TOPIC: ErrorCode = ErrorCode(86);
     pub const ELECTION_NOT_NEEDED: ErrorCode = ErrorCode(84);
+    pub const INVALID_REPLICA_ASSIGNMENT: ErrorCode = ErrorCode(39);
+    pub const NO_REASSIGNMENT_IN_PROGRESS: ErrorCode = ErrorCode(85);
     pub const FETCH_SESSION_ID_NOT_FOUND: ErrorCode = ErrorCode(70);
     pub const INVALID_FETCH_SESSION_EPOCH: ErrorCode = ErrorCode(71);
     pub const FENCED_LEADER_EPOCH: ErrorCode = ErrorCode(74);
@@ -147,6 +149,8 @@ impl ErrorCode {
             74 => "FENCED_LEADER_EPOCH",
             75 => "UNKNOWN_LEADER_EPOCH",
             84 => "ELECTION_NOT_NEEDED",
+            39 => "INVALID_REPLICA_ASSIGNMENT",
+            85 => "NO_REASSIGNMENT_IN_PROGRESS",
             100 => "UNKNOWN_TOPIC_ID",
             27 => "REBALANCE_IN_PROGRESS",
             35 => "UNSUPPORTED_VERSION",

@@ -39,6 +39,12 @@ pub enum Sink {
     Metadata(Box<dyn Fn(Vec<Applied>)>),
 }
 
+/// Copies records the leader's partition holds from `from` on (Kafka Fetch from the leader's
+/// client listener): the record batches of one response, in order. What a snapshot stands for.
+pub type Copier = Rc<
+    dyn Fn(u64, i64) -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<Bytes>>>>,
+>;
+
 /// A batch of an idempotent producer proposed by this leader and not yet applied.
 #[derive(Clone, Copy)]
 struct Inflight {
@@ -87,6 +93,8 @@ pub struct Group {
     heard: RefCell<HashMap<u64, Instant>>,
     /// `replica.lag.time.max.ms`.
     lag_max: Duration,
+    /// How a snapshot's records are copied from the leader (data groups in a cluster).
+    copier: RefCell<Option<Copier>>,
     stopped: Cell<bool>,
     /// The driver task has returned (no sync of it is in flight any more).
     exited: Cell<bool>,
@@ -133,6 +141,7 @@ impl Group {
             followers: RefCell::new(HashMap::new()),
             heard: RefCell::new(HashMap::new()),
             lag_max,
+            copier: RefCell::new(None),
             stopped: Cell::new(false),
             exited: Cell::new(false),
             failed: Cell::new(false),
@@ -170,6 +179,8 @@ impl Group {
             return Vec::new();
         }
         let now = Instant::now();
+        // Learners (replicas being added) are not in sync until they vote.
+        let (voters, _) = r.membership();
         let followers = self.followers.borrow();
         let heard = self.heard.borrow();
         let recent = |at: Instant| now.saturating_duration_since(at) < self.lag_max;
@@ -177,6 +188,7 @@ impl Group {
             .chain(
                 followers
                     .iter()
+                    .filter(|(id, _)| voters.contains(id))
                     .filter(|(id, f)| {
                         let heard = heard.get(id).map_or(f.since, |at| (*at).max(f.since));
                         recent(f.caught_up) && recent(heard)
@@ -260,6 +272,124 @@ impl Group {
         self.replica.borrow_mut().propose_membership(change, node)?;
         self.wake.notify(1);
         Ok(())
+    }
+
+    pub fn set_copier(&self, copier: Copier) {
+        *self.copier.borrow_mut() = Some(copier);
+    }
+
+    /// The leader's log entries each peer (voter or learner) is known to hold.
+    pub fn follower_matches(&self) -> Vec<(u64, u64)> {
+        self.replica.borrow().follower_matches()
+    }
+
+    pub fn last_index(&self) -> u64 {
+        self.replica.borrow().last_index()
+    }
+
+    /// Before a replica is added: makes the leader's log start past its first entry, so that the
+    /// new replica (which has no membership) is sent a snapshot rather than the log from its
+    /// start. Returns whether that holds; if not, it has moved towards it (an empty entry to
+    /// compact to, a segment sync) and the caller asks again later.
+    pub fn ready_to_add_replica(&self) -> bool {
+        let mut r = self.replica.borrow_mut();
+        if r.store().first_index() >= 2 {
+            return true;
+        }
+        if !r.is_leader() {
+            return false;
+        }
+        let applied = r.applied_index();
+        if applied < 2 {
+            if r.last_index() < 2 {
+                let _ = r.propose_empty();
+                drop(r);
+                self.wake.notify(1);
+            }
+            return false;
+        }
+        let Sink::Log(log) = &self.sink else {
+            return true;
+        };
+        // Entries leave the log only once the segments hold their batches durably: compact up
+        // to the first applied batch that is not durable yet (producers keep writing).
+        let durable = log.durable_offset().0;
+        log.request_sync();
+        let point = self
+            .applied_marks
+            .borrow()
+            .iter()
+            .find(|(_, end)| *end > durable)
+            .map_or(applied, |(index, _)| *index);
+        if point < 2 {
+            return false;
+        }
+        if let Err(e) = r.store().compact(point) {
+            tracing::error!(partition = %self.tp, error = %format!("{e:#}"), "raft log compaction failed");
+            return false;
+        }
+        self.applied_marks
+            .borrow_mut()
+            .retain(|(index, _)| *index >= point);
+        r.store().first_index() >= 2
+    }
+
+    /// A snapshot was installed: copies the records below `end` from the leader into the
+    /// partition and waits until they are durable, retrying (the leader may change) until done
+    /// or the group stops.
+    async fn copy_snapshot(&self, end: i64) -> bool {
+        let Sink::Log(log) = &self.sink else {
+            return true;
+        };
+        let Some(copier) = self.copier.borrow().clone() else {
+            return false;
+        };
+        tracing::info!(partition = %self.tp, from = log.log_end_offset().0, end, "copying a snapshot's records from the leader");
+        while log.log_end_offset().0 < end {
+            if self.stopped.get() {
+                return false;
+            }
+            let leader = self.replica.borrow().leader_id();
+            let from = log.log_end_offset().0;
+            let fetched = copier(leader, from).await;
+            let bytes = match fetched {
+                Ok(b) if !b.is_empty() => b,
+                Ok(_) => {
+                    glommio::timer::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::info!(partition = %self.tp, leader, error = %format!("{e:#}"), "snapshot copy failed; retrying");
+                    glommio::timer::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            let mut pos = 0usize;
+            while pos < bytes.len() {
+                let Ok(h) = BatchHeader::parse(&bytes[pos..]) else {
+                    break;
+                };
+                if h.size_bytes == 0 || pos + h.size_bytes > bytes.len() {
+                    break;
+                }
+                let batch = bytes.slice(pos..pos + h.size_bytes);
+                pos += h.size_bytes;
+                let batch_end = h.last_offset().0 + 1;
+                if batch_end <= log.log_end_offset().0 {
+                    continue;
+                }
+                // Beyond the snapshot the batches come through Raft.
+                if batch_end > end {
+                    break;
+                }
+                if let Err(code) = log.append_replicated(batch) {
+                    tracing::error!(partition = %self.tp, ?code, "a snapshot's batch does not fit the partition");
+                    return false;
+                }
+            }
+        }
+        log.request_sync();
+        log.wait_for(Offset(end), true).await.is_ok()
     }
 
     /// A new partition's preferred replica stands at once, so that leadership starts where the
@@ -384,6 +514,19 @@ impl Group {
             if let Some(cycle) = cycle {
                 for m in &cycle.messages {
                     self.transport.send(&self.tp, m);
+                    if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+                        self.replica.borrow_mut().snapshot_sent(m.to);
+                    }
+                }
+                if let Some(end) = cycle.snapshot_end {
+                    if !self.copy_snapshot(end).await {
+                        if !self.stopped.get() {
+                            self.fail(&anyhow::anyhow!(
+                                "the snapshot's records could not be copied"
+                            ));
+                        }
+                        return;
+                    }
                 }
                 if !cycle.applied.is_empty() {
                     self.apply(cycle.applied);

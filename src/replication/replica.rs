@@ -267,6 +267,14 @@ impl<S: ReplicaStore> Replica<S> {
                 m.commit,
                 log.last_index()
             ),
+            MessageType::MsgAppend
+                if m.index == 0 && !m.entries.is_empty() && self.awaits_snapshot() =>
+            {
+                // A replica added to a group starts without a membership: the log from its
+                // start would give it a wrong one. Only a snapshot (with the membership) may
+                // begin its log; the leader compacts before adding it so that it sends one.
+                bail!("a replica without a membership takes a snapshot first, not entries from the log's start")
+            }
             MessageType::MsgAppend => {
                 for e in m.entries.iter().filter(|e| e.index <= log.committed) {
                     if log.term(e.index).is_ok_and(|t| t != e.term) {
@@ -382,12 +390,18 @@ impl<S: ReplicaStore> Replica<S> {
         if let Some(hs) = ready.hs() {
             self.node.store().persist_hard_state(hs);
         }
+        // raft-rs counts a snapshot applied only once it is persisted.
+        let snapshot_index =
+            (!ready.snapshot().is_empty()).then(|| ready.snapshot().get_metadata().index);
         let durable = Durable {
             number: ready.number(),
             messages: ready.take_persisted_messages(),
+            snapshot_index,
         };
         self.node.advance_append_async(ready);
-        self.node.advance_apply();
+        if snapshot_index.is_none() {
+            self.node.advance_apply();
+        }
         Ok(Some(Cycle {
             messages,
             applied,
@@ -401,6 +415,9 @@ impl<S: ReplicaStore> Replica<S> {
     /// durability (votes, append acknowledgements) may go out.
     pub fn persisted(&mut self, durable: Durable) -> Vec<Message> {
         self.node.on_persist_ready(durable.number);
+        if let Some(index) = durable.snapshot_index {
+            self.node.advance_apply_to(index);
+        }
         durable.messages
     }
 
@@ -468,10 +485,33 @@ impl<S: ReplicaStore> Replica<S> {
         Ok(())
     }
 
+    /// A replica added to a running group that has no membership and no log yet.
+    pub fn awaits_snapshot(&self) -> bool {
+        let (voters, learners) = self.membership();
+        voters.is_empty() && learners.is_empty() && self.node.raft.raft_log.last_index() == 0
+    }
+
     /// The current membership: voters and learners.
     pub fn membership(&self) -> (Vec<u64>, Vec<u64>) {
         let cs = self.node.raft.prs().conf().to_conf_state();
         (cs.voters, cs.learners)
+    }
+
+    /// Proposes an entry that carries nothing (it moves the log on, e.g. so that there is a point
+    /// to compact to before a new replica is added).
+    pub fn propose_empty(&mut self) -> Result<(), ProposeError> {
+        if !self.is_leader() {
+            return Err(ProposeError::NotLeader);
+        }
+        self.node
+            .propose(Vec::new(), Vec::new())
+            .map_err(|_| ProposeError::Dropped)
+    }
+
+    /// The leader sent a snapshot to `to`: it goes on probing (a lost snapshot is sent again
+    /// when the follower's reply shows it still lacks it).
+    pub fn snapshot_sent(&mut self, to: u64) {
+        self.node.report_snapshot(to, raft::SnapshotStatus::Finish);
     }
 
     /// Whether this replica has never seen a term (a new partition's group, before any election).
@@ -540,6 +580,8 @@ pub fn snapshot_end_offset(snapshot: &Snapshot) -> Result<i64> {
 pub struct Durable {
     number: u64,
     messages: Vec<Message>,
+    /// The cycle installed a snapshot at this index: applied once durable.
+    snapshot_index: Option<u64>,
 }
 
 /// The end offset of the batch an entry carries (None for entries that are not batches).

@@ -29,6 +29,9 @@ pub struct ClusterNode {
     groups: RefCell<HashMap<TopicPartition, Rc<Group>>>,
     /// Leader and leader epoch of every Raft group on this broker, as last announced.
     leaders: RefCell<HashMap<TopicPartition, (i32, i32)>>,
+    /// Each partition's replicas as this broker last saw them, and since when (a reassignment
+    /// that completed hands leadership to its preferred replica without waiting).
+    assigned: RefCell<HashMap<TopicPartition, (Vec<i32>, std::time::Instant)>>,
 }
 
 impl ClusterNode {
@@ -53,6 +56,7 @@ impl ClusterNode {
             voters,
             groups: RefCell::new(HashMap::new()),
             leaders: RefCell::new(HashMap::new()),
+            assigned: RefCell::new(HashMap::new()),
         }
     }
 
@@ -284,6 +288,126 @@ impl Shard {
             .collect()
     }
 
+    /// How a replica of `tp` copies a snapshot's records: a Kafka Fetch (as a consumer: up to the
+    /// high watermark) from the leader's client listener, on a blocking thread (rare, and the
+    /// group waits for it anyway). Returns the records of one response.
+    pub fn snapshot_copier(
+        self: &Rc<Self>,
+        tp: TopicPartition,
+    ) -> crate::replication::group::Copier {
+        let weak = Rc::downgrade(self);
+        Rc::new(move |leader: u64, from: i64| {
+            let address = weak.upgrade().and_then(|shard| {
+                let leader = i32::try_from(leader).ok()?;
+                let (host, port) = shard.topics().brokers.get(&leader)?.clone();
+                Some(format!("{host}:{port}"))
+            });
+            let tp = tp.clone();
+            Box::pin(async move {
+                let address = address.context("the leader's address is not known")?;
+                files::blocking(move || fetch_records(&address, &tp, from)).await
+            })
+        })
+    }
+
+    /// Moves the Raft membership of every partition this shard leads towards its target: the
+    /// reassignment's target replicas, else (none, or cancelled) its replicas. One change at a
+    /// time, each committed before the next: a new replica joins as a learner (the leader first
+    /// compacts so that it is sent a snapshot), becomes a voter once it has caught up, then the
+    /// replicas that are not in the target are removed (the leader hands leadership to an
+    /// in-sync target replica before removing itself). Once the membership is the target, the
+    /// completion goes through the controller and the target becomes the replicas. Returns the
+    /// completions to propose.
+    fn drive_reassignments(&self) -> Vec<MetadataCommand> {
+        let Some(cluster) = self.cluster() else {
+            return Vec::new();
+        };
+        let table = self.topics();
+        let me = cluster.node_id;
+        let groups: Vec<(TopicPartition, Rc<Group>)> = cluster
+            .groups
+            .borrow()
+            .iter()
+            .filter(|(tp, g)| &*tp.topic != METADATA_TOPIC && g.role().leader)
+            .map(|(tp, g)| (tp.clone(), g.clone()))
+            .collect();
+        let mut done = Vec::new();
+        for (tp, g) in groups {
+            let key = (tp.topic.to_string(), tp.partition.0);
+            let target = table.reassigning.get(&key);
+            let replicas = table
+                .get(&tp.topic)
+                .and_then(|t| t.replicas.get(usize::try_from(tp.partition.0).ok()?));
+            let Some(desired) = target.or(replicas) else {
+                continue;
+            };
+            let desired: Vec<u64> = desired
+                .iter()
+                .filter_map(|id| u64::try_from(*id).ok())
+                .collect();
+            let (voters, learners) = g.membership();
+            let change = |kind, node: u64| {
+                tracing::info!(partition = %tp, ?kind, node, "replica membership change");
+                if let Err(e) = g.propose_membership(kind, node) {
+                    tracing::debug!(partition = %tp, error = ?e, "membership change not proposed yet");
+                }
+            };
+            use raft::eraftpb::ConfChangeType::{AddLearnerNode, AddNode, RemoveNode};
+            if let Some(&new) = desired
+                .iter()
+                .find(|n| !voters.contains(n) && !learners.contains(n))
+            {
+                if g.ready_to_add_replica() {
+                    change(AddLearnerNode, new);
+                }
+                continue;
+            }
+            let last = g.last_index();
+            let matches = g.follower_matches();
+            let caught_up = |n: u64| matches.iter().any(|(id, m)| *id == n && m + 1 >= last);
+            if let Some(&learner) = learners
+                .iter()
+                .find(|n| desired.contains(n) && caught_up(**n))
+            {
+                change(AddNode, learner);
+                continue;
+            }
+            if learners.iter().any(|n| desired.contains(n)) {
+                continue;
+            }
+            let mine = u64::try_from(me).unwrap_or_default();
+            if let Some(&gone) = voters
+                .iter()
+                .chain(learners.iter())
+                .find(|n| !desired.contains(n))
+            {
+                if gone == mine {
+                    if let Some(&next) = desired.iter().find(|n| caught_up(**n)) {
+                        tracing::info!(partition = %tp, to = next, "leaving the replicas: handing leadership over first");
+                        g.transfer_leader(next);
+                    }
+                } else {
+                    change(RemoveNode, gone);
+                }
+                continue;
+            }
+            if let Some(target) = target {
+                done.push(MetadataCommand::Reassigned {
+                    topic: key.0,
+                    partition: key.1,
+                    replicas: target.clone(),
+                });
+                // The target's first replica is the preferred leader.
+                if let Some(&first) = desired.first().filter(|f| **f != mine) {
+                    if caught_up(first) {
+                        g.transfer_leader(first);
+                    }
+                }
+            }
+        }
+        done
+    }
+
     /// Kafka's preferred leader election (`auto.leader.rebalance.enable`): a leader that is not
     /// its partition's preferred replica (the first in the assignment) hands leadership to it
     /// once the preferred replica is in sync, at once while the partition holds no records yet
@@ -304,18 +428,43 @@ impl Shard {
             .groups
             .borrow()
             .iter()
-            .filter(|(tp, g)| &*tp.topic != METADATA_TOPIC && g.role().leader)
+            .filter(|(tp, _)| &*tp.topic != METADATA_TOPIC)
             .map(|(tp, g)| (tp.clone(), g.clone()))
             .collect();
+        let now = std::time::Instant::now();
+        let mut assigned = cluster.assigned.borrow_mut();
+        assigned.retain(|tp, _| groups.iter().any(|(t, _)| t == tp));
         for (tp, g) in groups {
-            let preferred = table
+            let replicas = table
                 .get(&tp.topic)
                 .and_then(|t| t.replicas.get(usize::try_from(tp.partition.0).ok()?))
-                .and_then(|r| r.first().copied());
+                .cloned()
+                .unwrap_or_default();
+            // Replicas seen for the first time count as settled; a change is recent.
+            let seen = assigned
+                .entry(tp.clone())
+                .or_insert_with(|| (replicas.clone(), now.checked_sub(settle).unwrap_or(now)));
+            if seen.0 != replicas {
+                *seen = (replicas.clone(), now);
+            }
+            let reassigned = now.saturating_duration_since(seen.1) < REASSIGNED_LEADER_WINDOW;
+            if !g.role().leader {
+                continue;
+            }
+            let preferred = replicas.first().copied();
             let Some(preferred) = preferred.filter(|p| *p != cluster.node_id) else {
                 continue;
             };
-            let due = g.high_watermark() == 0 || g.leading_for().is_some_and(|d| d >= settle);
+            // A reassignment in progress decides leadership itself.
+            if table
+                .reassigning
+                .contains_key(&(tp.topic.to_string(), tp.partition.0))
+            {
+                continue;
+            }
+            let due = g.high_watermark() == 0
+                || reassigned
+                || g.leading_for().is_some_and(|d| d >= settle);
             if due && g.in_sync().contains(&preferred) {
                 tracing::info!(partition = %tp, to = preferred, "handing leadership to the preferred replica");
                 if let Ok(id) = u64::try_from(preferred) {
@@ -362,6 +511,47 @@ impl Shard {
     }
 }
 
+/// One Fetch of `tp` from `from` at `address`; the records bytes (possibly empty).
+fn fetch_records(address: &str, tp: &TopicPartition, from: i64) -> Result<bytes::Bytes> {
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    use kafka_protocol::messages::{ApiKey, BrokerId, FetchRequest, FetchResponse, TopicName};
+    let mut conn = crate::client::Connection::connect(address)?;
+    let mut req = FetchRequest::default();
+    req.replica_id = BrokerId(-1);
+    req.max_wait_ms = 100;
+    req.min_bytes = 1;
+    req.max_bytes = 8 << 20;
+    req.session_epoch = -1;
+    let mut ft = FetchTopic::default();
+    ft.topic = TopicName(tp.topic.to_string().into());
+    let mut fp = FetchPartition::default();
+    fp.partition = tp.partition.0;
+    fp.fetch_offset = from;
+    fp.partition_max_bytes = 4 << 20;
+    fp.current_leader_epoch = -1;
+    fp.log_start_offset = -1;
+    ft.partitions = vec![fp];
+    req.topics = vec![ft];
+    let resp: FetchResponse = conn.call(ApiKey::Fetch, 11, &req)?;
+    let pd = resp
+        .responses
+        .into_iter()
+        .flat_map(|t| t.partitions)
+        .next()
+        .context("the fetch answered no partition")?;
+    if pd.error_code != 0 {
+        anyhow::bail!(
+            "the leader answered {}",
+            crate::model::ErrorCode(pd.error_code).name()
+        );
+    }
+    Ok(pd.records.unwrap_or_default())
+}
+
+/// For this long after a partition's replicas changed (a reassignment completed), its leader
+/// hands leadership to the preferred replica as soon as that one is in sync.
+const REASSIGNED_LEADER_WINDOW: Duration = Duration::from_secs(60);
+
 /// How often leaders compare their in-sync replicas with the table, and the controller checks
 /// its brokers' liveness.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -377,7 +567,8 @@ async fn watch(weak: Weak<Shard>) {
             return;
         }
         shard.prefer_leaders();
-        let changes = shard.isr_changes();
+        let mut changes = shard.isr_changes();
+        changes.extend(shard.drive_reassignments());
         if !changes.is_empty() {
             // Shard 0 gone means the broker is stopping.
             if shard

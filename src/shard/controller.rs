@@ -798,6 +798,87 @@ impl Controller {
         results
     }
 
+    /// Starts (or, with `None`, cancels) replica reassignments, as Kafka's controller does for
+    /// AlterPartitionReassignments: each target is checked (the partition exists, replicas are
+    /// distinct registered brokers, the replication factor stays unless allowed to change) and
+    /// committed; the partition's leader then moves its Raft membership there.
+    pub async fn reassign(
+        &self,
+        shard: &Rc<Shard>,
+        items: Vec<(String, i32, Option<Vec<i32>>)>,
+        allow_rf_change: bool,
+    ) -> Vec<(ErrorCode, Option<String>)> {
+        let _permit = match self.begin_change(shard).await {
+            Ok(permit) => permit,
+            Err((code, message)) => {
+                return items
+                    .iter()
+                    .map(|_| (code, Some(message.to_string())))
+                    .collect()
+            }
+        };
+        let mut results = Vec::with_capacity(items.len());
+        for (topic, partition, target) in items {
+            let table = self.current();
+            let replicas = table
+                .get(&topic)
+                .and_then(|t| t.replicas.get(usize::try_from(partition).ok()?).cloned());
+            let Some(replicas) = replicas else {
+                results.push((
+                    ErrorCode::UNKNOWN_TOPIC_OR_PARTITION,
+                    Some(format!("Partition {topic}-{partition} does not exist")),
+                ));
+                continue;
+            };
+            let key = (topic.clone(), partition);
+            let target = match target {
+                None if !table.reassigning.contains_key(&key) => {
+                    results.push((
+                        ErrorCode::NO_REASSIGNMENT_IN_PROGRESS,
+                        Some(format!(
+                            "No reassignment of {topic}-{partition} is in progress"
+                        )),
+                    ));
+                    continue;
+                }
+                None => Vec::new(),
+                Some(t) => {
+                    let mut seen = std::collections::BTreeSet::new();
+                    let bad = if t.is_empty() || !t.iter().all(|b| seen.insert(*b)) {
+                        Some("The replica list is empty or names a broker twice".to_string())
+                    } else if let Some(b) = t.iter().find(|b| !table.brokers.contains_key(b)) {
+                        Some(format!("Broker {b} is not registered"))
+                    } else if !allow_rf_change && t.len() != replicas.len() {
+                        Some(format!(
+                            "The replication factor would change from {} to {}",
+                            replicas.len(),
+                            t.len()
+                        ))
+                    } else {
+                        None
+                    };
+                    if let Some(message) = bad {
+                        results.push((ErrorCode::INVALID_REPLICA_ASSIGNMENT, Some(message)));
+                        continue;
+                    }
+                    t
+                }
+            };
+            let tag = rand_tag();
+            let cmd = MetadataCommand::Reassign {
+                tag,
+                topic,
+                partition,
+                target,
+            };
+            match self.propose_and_wait(shard, tag, &cmd).await {
+                Ok(_) => results.push((ErrorCode::NONE, None)),
+                Err(e) => results.push((ErrorCode::REQUEST_TIMED_OUT, Some(format!("{e:#}")))),
+            }
+        }
+        results
+    }
+
     /// Hands out a producer id never used before, persisting a new block when one runs out.
     pub async fn allocate_producer_id(&self, shard: &Rc<Shard>) -> Result<i64, ErrorCode> {
         let Ok(_permit) = self.changes.acquire_permit(1).await else {

@@ -91,6 +91,11 @@ pub enum Request {
         validate_only: bool,
     },
     /// Controller: grow topics to new partition counts.
+    /// AlterPartitionReassignments at the controller: (topic, partition, target or cancel).
+    Reassign {
+        items: Vec<(String, i32, Option<Vec<i32>>)>,
+        allow_rf_change: bool,
+    },
     CreatePartitions {
         topics: Vec<(String, i32)>,
         validate_only: bool,
@@ -128,6 +133,7 @@ impl Request {
             Request::Group(_) => "Group",
             Request::AlterConfigs { .. } => "AlterConfigs",
             Request::CreatePartitions { .. } => "CreatePartitions",
+            Request::Reassign { .. } => "Reassign",
             Request::DeleteRecords { .. } => "DeleteRecords",
             Request::Facts(_) => "Facts",
             Request::Raft(_) => "Raft",
@@ -625,6 +631,10 @@ impl Shard {
                     .alter_configs(self, changes, validate_only)
                     .await,
             ),
+            Request::Reassign {
+                items,
+                allow_rf_change,
+            } => Reply::Altered(self.controller.reassign(self, items, allow_rf_change).await),
             Request::CreatePartitions {
                 topics,
                 validate_only,
@@ -668,14 +678,21 @@ impl Shard {
         }
     }
 
-    /// Whether this broker holds a replica of partition `p` of `topic` (always, on a single node).
-    fn holds_replica(&self, topic: &Topic, p: i32) -> bool {
+    /// Whether this broker holds a replica of partition `p` of `topic` (always, on a single node):
+    /// it is one of the replicas or of a reassignment's targets.
+    fn holds_replica(&self, table: &TopicTable, topic: &Topic, p: i32) -> bool {
         match self.cluster() {
             None => true,
-            Some(c) => usize::try_from(p)
-                .ok()
-                .and_then(|p| topic.replicas.get(p))
-                .is_some_and(|r| r.contains(&c.node_id)),
+            Some(c) => {
+                usize::try_from(p)
+                    .ok()
+                    .and_then(|p| topic.replicas.get(p))
+                    .is_some_and(|r| r.contains(&c.node_id))
+                    || table
+                        .reassigning
+                        .get(&(topic.name.to_string(), p))
+                        .is_some_and(|t| t.contains(&c.node_id))
+            }
         }
     }
 
@@ -685,9 +702,13 @@ impl Shard {
         table: &TopicTable,
         log: &PartitionLog,
     ) -> Result<()> {
+        // A replica being added by a reassignment starts without a membership: its log begins
+        // with the snapshot the leader sends (which carries the membership).
+        let me = self.cluster().map_or(-1, |c| c.node_id);
         let replicas: Vec<u64> = table
             .get(&tp.topic)
             .and_then(|t| t.replicas.get(usize::try_from(tp.partition.0).ok()?))
+            .filter(|r| r.contains(&me))
             .map(|r| r.iter().filter_map(|id| u64::try_from(*id).ok()).collect())
             .unwrap_or_default();
         let dir = self.options.data_dir.join(tp.dir_name());
@@ -702,10 +723,10 @@ impl Shard {
                 end,
             )
             .await?;
-        let me = self.cluster().and_then(|c| u64::try_from(c.node_id).ok());
-        if preferred.is_some() && preferred == me {
+        if preferred.is_some() && preferred == u64::try_from(me).ok() {
             group.campaign_if_new();
         }
+        group.set_copier(self.snapshot_copier(tp.clone()));
         Ok(())
     }
 
@@ -727,7 +748,7 @@ impl Shard {
                     topic: topic.name.clone(),
                     partition: crate::model::PartitionId(p),
                 };
-                if self.owner_of(&tp) == self.id && self.holds_replica(topic, p) {
+                if self.owner_of(&tp) == self.id && self.holds_replica(&table, topic, p) {
                     wanted.insert(tp, (topic, topic.id));
                 }
             }
