@@ -245,7 +245,14 @@ impl MetadataCommand {
                 next.reassigning = std::mem::take(&mut table.reassigning);
                 next.reassigning
                     .retain(|(t, _), _| topics.contains_key(t.as_str()));
-                for (topic, r) in next.topics.values_mut().zip(replicas) {
+                for (topic, mut r) in next.topics.values_mut().zip(replicas) {
+                    // Replicas of existing partitions change only through `Reassigned`: a table
+                    // the controller computed before one committed must not undo it.
+                    if let Some(old) = table.topics.get(&topic.name).filter(|t| t.id == topic.id) {
+                        for (slot, kept) in r.iter_mut().zip(&old.replicas) {
+                            slot.clone_from(kept);
+                        }
+                    }
                     topic.replicas = r;
                 }
                 *table = next;
@@ -377,6 +384,69 @@ mod tests {
         // Deleting the topic drops its ISR.
         table_cmd(3, vec![]).apply(&mut table);
         assert!(table.isr.is_empty());
+    }
+
+    #[test]
+    fn joins_and_reassignments_apply_and_survive_a_table() {
+        let mut table = TopicTable::default();
+        let t = TopicRecord {
+            name: "t".into(),
+            id: [1; 16],
+            partitions: 2,
+            configs: vec![],
+        };
+        let table_cmd = |tag| MetadataCommand::Table {
+            tag,
+            topics: vec![t.clone()],
+            replicas: vec![vec![vec![1, 2, 3], vec![2, 3, 1]]],
+            broker_configs: vec![],
+        };
+        let reassign = |partition, target: &[i32]| MetadataCommand::Reassign {
+            tag: 5,
+            topic: "t".into(),
+            partition,
+            target: target.to_vec(),
+        };
+        for c in [
+            table_cmd(1),
+            MetadataCommand::Join {
+                node: 4,
+                host: "127.0.0.4".into(),
+                port: 9092,
+                peer_host: "127.0.0.4".into(),
+                peer_port: 9093,
+            },
+            reassign(0, &[4, 2, 3]),
+            reassign(1, &[4, 3, 1]),
+            // A reassignment of a partition that does not exist is not recorded.
+            reassign(7, &[1, 2, 4]),
+            // A completion that does not match the target (a stale one) changes nothing.
+            MetadataCommand::Reassigned {
+                topic: "t".into(),
+                partition: 1,
+                replicas: vec![1, 2, 3],
+            },
+            MetadataCommand::Reassigned {
+                topic: "t".into(),
+                partition: 0,
+                replicas: vec![4, 2, 3],
+            },
+            // A table computed before the completion keeps the reassigned replicas.
+            table_cmd(2),
+            // Cancelled.
+            reassign(1, &[]),
+        ] {
+            MetadataCommand::decode(&c.encode().unwrap())
+                .unwrap()
+                .apply(&mut table);
+        }
+        assert_eq!(table.peers.get(&4), Some(&("127.0.0.4".to_string(), 9093)));
+        assert!(table.brokers.contains_key(&4));
+        assert_eq!(
+            table.get("t").unwrap().replicas,
+            vec![vec![4, 2, 3], vec![2, 3, 1]]
+        );
+        assert!(table.reassigning.is_empty(), "{:?}", table.reassigning);
     }
 
     #[test]

@@ -78,6 +78,8 @@ pub struct Group {
     lost_quorum: Cell<bool>,
     /// Since when this replica leads (None while it follows).
     leading_since: Cell<Option<Instant>>,
+    /// When this broker opened the group.
+    opened: Instant,
     /// Offsets below this were proposed and are in this leader's own durable log (`acks=1`).
     persisted_end: Cell<i64>,
     /// Produces waiting for their batch to commit, by base offset, with the term proposed in.
@@ -133,6 +135,7 @@ impl Group {
             role: Cell::new(Role::default()),
             lost_quorum: Cell::new(false),
             leading_since: Cell::new(None),
+            opened: Instant::now(),
             persisted_end: Cell::new(0),
             waiters: RefCell::new(BTreeMap::new()),
             inflight: RefCell::new(HashMap::new()),
@@ -403,6 +406,11 @@ impl Group {
             drop(r);
             self.wake.notify(1);
         }
+    }
+
+    /// How long ago this broker opened the group.
+    pub fn age(&self) -> Duration {
+        self.opened.elapsed()
     }
 
     /// How long this replica has led (None while it follows).

@@ -410,8 +410,8 @@ impl Shard {
 
     /// Kafka's preferred leader election (`auto.leader.rebalance.enable`): a leader that is not
     /// its partition's preferred replica (the first in the assignment) hands leadership to it
-    /// once the preferred replica is in sync, at once while the partition holds no records yet
-    /// (a new topic's first election is a race) and otherwise after leading for
+    /// once the preferred replica is in sync: at once while a new partition holds no records yet
+    /// (its first election is a race) or just after a reassignment, otherwise after leading for
     /// `leader.imbalance.check.interval.seconds` (a broker back from a restart gets its
     /// leadership back, not at the first moment it is in sync).
     fn prefer_leaders(&self) {
@@ -462,9 +462,10 @@ impl Shard {
             {
                 continue;
             }
-            let due = g.high_watermark() == 0
-                || reassigned
-                || g.leading_for().is_some_and(|d| d >= settle);
+            // A new partition (opened here moments ago, still empty) or a completed
+            // reassignment: at once.
+            let new = g.age() < REASSIGNED_LEADER_WINDOW && g.high_watermark() == 0;
+            let due = new || reassigned || g.leading_for().is_some_and(|d| d >= settle);
             if due && g.in_sync().contains(&preferred) {
                 tracing::info!(partition = %tp, to = preferred, "handing leadership to the preferred replica");
                 if let Ok(id) = u64::try_from(preferred) {
