@@ -180,3 +180,48 @@ def test_rebalance_moves_replicas_onto_a_new_broker_while_clients_run(growing):
         for p, (_, replicas) in parts.items():
             if n.node_id not in replicas:
                 assert not (n.data_dir / f"moving-{p}").exists(), f"node {n.node_id} kept moving-{p}"
+
+
+def test_a_replica_moved_by_a_kafka_admin_client_catches_up_past_deleted_records(growing):
+    """kafka-python's alter_partition_reassignments moves a partition whose first records were
+    deleted (DeleteRecords) onto a new broker: the new replica's log starts where the leader's
+    does, holds the same records from there, and serves them once it leads; the admin client
+    sees the move in list_partition_reassignments until it completes, and a cancel of a
+    partition that is not moving is refused."""
+    from kafka import TopicPartition as KTP
+    from kafka.admin import KafkaAdminClient
+    nodes, join = growing
+    create_topic(nodes, "trimmed", partitions=1, rf=3)
+    load = Load(nodes, "trimmed", 5)
+    load.produce(500)
+    load.flush()
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap(nodes), request_timeout_ms=30000)
+    admin.delete_records({KTP("trimmed", 0): 200})
+    join()
+    admin.close()
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap(nodes), request_timeout_ms=30000)
+    result = admin.alter_partition_reassignments({KTP("trimmed", 0): [4, 1, 2]})
+    assert all(v is None for v in result.values()), result
+    deadline = time.time() + 60
+    while admin.list_partition_reassignments() and time.time() < deadline:
+        time.sleep(0.5)
+    assert not admin.list_partition_reassignments()
+    refused = admin.alter_partition_reassignments({KTP("trimmed", 0): None})
+    assert refused and all(v is not None for v in refused.values()), refused
+    admin.close()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        parts = replicas_of(nodes[0], "trimmed")
+        if parts.get(0) == (4, [4, 1, 2]):
+            break
+        time.sleep(0.5)
+    assert parts.get(0) == (4, [4, 1, 2]), parts
+    load.produce(100)
+    load.flush()
+    got = read_all(nodes, "trimmed", partitions=1, expect=400)
+    offsets = [o for _, o, _ in got]
+    assert offsets == list(range(200, 600)), (offsets[:3], offsets[-3:], len(offsets))
+    moved = segment_bytes(nodes[3].data_dir, "trimmed", 0)
+    kept = segment_bytes(nodes[0].data_dir, "trimmed", 0)
+    assert moved and kept.endswith(moved), "the new replica's records differ from the leader's"
+    assert not (nodes[2].data_dir / "trimmed-0").exists()

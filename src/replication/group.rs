@@ -40,9 +40,14 @@ pub enum Sink {
 }
 
 /// Copies records the leader's partition holds from `from` on (Kafka Fetch from the leader's
-/// client listener): the record batches of one response, in order. What a snapshot stands for.
+/// client listener): the record batches of one response, in order, and the leader's log start
+/// offset. What a snapshot stands for.
 pub type Copier = Rc<
-    dyn Fn(u64, i64) -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<Bytes>>>>,
+    dyn Fn(
+        u64,
+        i64,
+    )
+        -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<(Bytes, i64)>>>>,
 >;
 
 /// A batch of an idempotent producer proposed by this leader and not yet applied.
@@ -348,15 +353,21 @@ impl Group {
             return false;
         };
         tracing::info!(partition = %self.tp, from = log.log_end_offset().0, end, "copying a snapshot's records from the leader");
+        // The leader's log start, once a fetch below it was refused (records deleted there).
+        let mut leader_start: Option<i64> = None;
         while log.log_end_offset().0 < end {
             if self.stopped.get() {
                 return false;
             }
             let leader = self.replica.borrow().leader_id();
-            let from = log.log_end_offset().0;
+            let from = log.log_end_offset().0.max(leader_start.unwrap_or(0));
             let fetched = copier(leader, from).await;
             let bytes = match fetched {
-                Ok(b) if !b.is_empty() => b,
+                Ok((b, _)) if !b.is_empty() => b,
+                Ok((_, start)) if start > from => {
+                    leader_start = Some(start);
+                    continue;
+                }
                 Ok(_) => {
                     glommio::timer::sleep(Duration::from_millis(100)).await;
                     continue;
@@ -378,17 +389,36 @@ impl Group {
                 let batch = bytes.slice(pos..pos + h.size_bytes);
                 pos += h.size_bytes;
                 let batch_end = h.last_offset().0 + 1;
-                if batch_end <= log.log_end_offset().0 {
+                let log_end = log.log_end_offset().0;
+                if batch_end <= log_end {
                     continue;
                 }
                 // Beyond the snapshot the batches come through Raft.
                 if batch_end > end {
                     break;
                 }
+                if h.base_offset.0 > log_end && log.log_start_offset().0 == log_end {
+                    // An empty log starts at the leader's first batch (its records below were
+                    // deleted by retention or DeleteRecords).
+                    if let Err(e) = log.start_empty_at(h.base_offset).await {
+                        tracing::error!(partition = %self.tp, error = %format!("{e:#}"), "the log cannot start at the leader's first batch");
+                        return false;
+                    }
+                }
                 if let Err(code) = log.append_replicated(batch) {
                     tracing::error!(partition = %self.tp, ?code, "a snapshot's batch does not fit the partition");
                     return false;
                 }
+            }
+        }
+        if let Some(start) = leader_start.filter(|s| *s > log.log_start_offset().0) {
+            // The log start may fall inside the first batch: the same start as the leader's.
+            tracing::info!(partition = %self.tp, start, "the log starts where the leader's does");
+            log.request_sync();
+            if log.wait_for(Offset(end), true).await.is_err()
+                || log.delete_records(start).await.is_err()
+            {
+                return false;
             }
         }
         log.request_sync();

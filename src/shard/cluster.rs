@@ -512,8 +512,9 @@ impl Shard {
     }
 }
 
-/// One Fetch of `tp` from `from` at `address`; the records bytes (possibly empty).
-fn fetch_records(address: &str, tp: &TopicPartition, from: i64) -> Result<bytes::Bytes> {
+/// One Fetch of `tp` from `from` at `address`: the records (possibly none) and the leader's log
+/// start offset (records below it were deleted: none are returned then).
+fn fetch_records(address: &str, tp: &TopicPartition, from: i64) -> Result<(bytes::Bytes, i64)> {
     use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
     use kafka_protocol::messages::{ApiKey, BrokerId, FetchRequest, FetchResponse, TopicName};
     let mut conn = crate::client::Connection::connect(address)?;
@@ -540,13 +541,44 @@ fn fetch_records(address: &str, tp: &TopicPartition, from: i64) -> Result<bytes:
         .flat_map(|t| t.partitions)
         .next()
         .context("the fetch answered no partition")?;
+    if pd.error_code == crate::model::ErrorCode::OFFSET_OUT_OF_RANGE.0 {
+        // As Kafka's replica fetcher: the leader's log start from ListOffsets (earliest).
+        use kafka_protocol::messages::list_offsets_request::{
+            ListOffsetsPartition, ListOffsetsTopic,
+        };
+        use kafka_protocol::messages::{ListOffsetsRequest, ListOffsetsResponse};
+        let mut req = ListOffsetsRequest::default();
+        req.replica_id = BrokerId(-1);
+        let mut t = ListOffsetsTopic::default();
+        t.name = TopicName(tp.topic.to_string().into());
+        let mut lp = ListOffsetsPartition::default();
+        lp.partition_index = tp.partition.0;
+        lp.timestamp = -2;
+        lp.current_leader_epoch = -1;
+        t.partitions = vec![lp];
+        req.topics = vec![t];
+        let resp: ListOffsetsResponse = conn.call(ApiKey::ListOffsets, 4, &req)?;
+        let p = resp
+            .topics
+            .into_iter()
+            .flat_map(|t| t.partitions)
+            .next()
+            .context("ListOffsets answered no partition")?;
+        if p.error_code != 0 {
+            anyhow::bail!(
+                "the leader answered {} to ListOffsets",
+                crate::model::ErrorCode(p.error_code).name()
+            );
+        }
+        return Ok((bytes::Bytes::new(), p.offset));
+    }
     if pd.error_code != 0 {
         anyhow::bail!(
             "the leader answered {}",
             crate::model::ErrorCode(pd.error_code).name()
         );
     }
-    Ok(pd.records.unwrap_or_default())
+    Ok((pd.records.unwrap_or_default(), pd.log_start_offset))
 }
 
 /// For this long after a partition's replicas changed (a reassignment completed), its leader

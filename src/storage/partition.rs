@@ -1028,6 +1028,52 @@ impl PartitionLog {
         write_partition_meta(&path, &meta).await
     }
 
+    /// Makes an empty log start at `offset` (a new replica whose leader's log starts there, the
+    /// records below deleted by retention): a new active segment at `offset`, the log start
+    /// persisted, the old empty segment removed. Refused unless the log holds nothing.
+    pub async fn start_empty_at(&self, offset: Offset) -> Result<()> {
+        let (dir, empty) = {
+            let st = self.state.borrow();
+            let empty = st.next_offset == st.log_start
+                && st.pending.is_empty()
+                && st.segments.len() == 1
+                && offset >= st.next_offset;
+            (st.dir.clone(), empty)
+        };
+        if !empty {
+            anyhow::bail!(
+                "the log is not empty: it cannot start at offset {}",
+                offset.0
+            );
+        }
+        if offset == self.log_end_offset() {
+            return Ok(());
+        }
+        let segment = Segment::create(&dir, offset, now_ms()).await?;
+        let old = {
+            let mut st = self.state.borrow_mut();
+            let old = std::mem::replace(&mut st.segments, vec![segment]);
+            st.next_offset = offset;
+            st.high_watermark = offset;
+            st.durable = offset;
+            st.sync_wanted = st.sync_wanted.max(offset);
+            old
+        };
+        self.set_log_start(offset).await?;
+        for segment in old {
+            let paths = segment.paths();
+            drop(segment);
+            for path in paths {
+                if path.exists() {
+                    files::remove_file(&path).await?;
+                }
+            }
+        }
+        self.state.borrow().check_offsets();
+        self.progress.notify(usize::MAX);
+        Ok(())
+    }
+
     /// Removes the oldest (closed) segment and its files, advancing the log start offset.
     async fn delete_oldest_segment(&self) -> Result<()> {
         let (segment, next_base) = {
