@@ -155,6 +155,8 @@ def test_rebalance_moves_replicas_onto_a_new_broker_while_clients_run(growing):
     load.flush()
     assert not load.errors, load.errors[:3]
     assert consumed, "the consumer read nothing while replicas moved"
+    status = cluster_status(nodes[0])
+    assert "Brokers: 4 live, 0 not live" in status and "Reassigning: 0" in status, status
     # Fair shares: 18 replicas over 4 brokers (4 or 5 each), 6 leaders (1 or 2 each).
     deadline = time.time() + 60
     while True:
@@ -202,6 +204,9 @@ def test_a_replica_moved_by_a_kafka_admin_client_catches_up_past_deleted_records
     admin = KafkaAdminClient(bootstrap_servers=bootstrap(nodes), request_timeout_ms=30000)
     result = admin.alter_partition_reassignments({KTP("trimmed", 0): [4, 1, 2]})
     assert all(v is None for v in result.values()), result
+    # A broker that is not registered is refused.
+    bad = admin.alter_partition_reassignments({KTP("trimmed", 0): [9, 1, 2]})
+    assert bad and all(v is not None for v in bad.values()), bad
     deadline = time.time() + 60
     while admin.list_partition_reassignments() and time.time() < deadline:
         time.sleep(0.5)

@@ -208,3 +208,78 @@ pub fn retriable(code: i16) -> bool {
         3 | 5 | 6 | 7 | 13 | 14 | 15 | 16 | 19 | 20 | 56 | 74 | 75
     )
 }
+
+/// One Fetch (as a consumer: up to the high watermark) of a partition from `from` at `address`,
+/// a replica copying a snapshot's records from its leader: the records (possibly none) and the leader's log
+/// start offset (records below it were deleted: none are returned then).
+pub fn fetch_from(
+    address: &str,
+    topic: &str,
+    partition: i32,
+    from: i64,
+) -> Result<(bytes::Bytes, i64)> {
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    use kafka_protocol::messages::{ApiKey, BrokerId, FetchRequest, FetchResponse, TopicName};
+    let mut conn = super::Connection::connect(address)?;
+    let mut req = FetchRequest::default();
+    req.replica_id = BrokerId(-1);
+    req.max_wait_ms = 100;
+    req.min_bytes = 1;
+    req.max_bytes = 8 << 20;
+    req.session_epoch = -1;
+    let mut ft = FetchTopic::default();
+    ft.topic = TopicName(topic.to_string().into());
+    let mut fp = FetchPartition::default();
+    fp.partition = partition;
+    fp.fetch_offset = from;
+    fp.partition_max_bytes = 4 << 20;
+    fp.current_leader_epoch = -1;
+    fp.log_start_offset = -1;
+    ft.partitions = vec![fp];
+    req.topics = vec![ft];
+    let resp: FetchResponse = conn.call(ApiKey::Fetch, 11, &req)?;
+    let pd = resp
+        .responses
+        .into_iter()
+        .flat_map(|t| t.partitions)
+        .next()
+        .context("the fetch answered no partition")?;
+    if pd.error_code == crate::model::ErrorCode::OFFSET_OUT_OF_RANGE.0 {
+        // As Kafka's replica fetcher: the leader's log start from ListOffsets (earliest).
+        use kafka_protocol::messages::list_offsets_request::{
+            ListOffsetsPartition, ListOffsetsTopic,
+        };
+        use kafka_protocol::messages::{ListOffsetsRequest, ListOffsetsResponse};
+        let mut req = ListOffsetsRequest::default();
+        req.replica_id = BrokerId(-1);
+        let mut t = ListOffsetsTopic::default();
+        t.name = TopicName(topic.to_string().into());
+        let mut lp = ListOffsetsPartition::default();
+        lp.partition_index = partition;
+        lp.timestamp = -2;
+        lp.current_leader_epoch = -1;
+        t.partitions = vec![lp];
+        req.topics = vec![t];
+        let resp: ListOffsetsResponse = conn.call(ApiKey::ListOffsets, 4, &req)?;
+        let p = resp
+            .topics
+            .into_iter()
+            .flat_map(|t| t.partitions)
+            .next()
+            .context("ListOffsets answered no partition")?;
+        if p.error_code != 0 {
+            anyhow::bail!(
+                "the leader answered {} to ListOffsets",
+                crate::model::ErrorCode(p.error_code).name()
+            );
+        }
+        return Ok((bytes::Bytes::new(), p.offset));
+    }
+    if pd.error_code != 0 {
+        anyhow::bail!(
+            "the leader answered {}",
+            crate::model::ErrorCode(pd.error_code).name()
+        );
+    }
+    Ok((pd.records.unwrap_or_default(), pd.log_start_offset))
+}

@@ -1,11 +1,15 @@
 //! `strom cluster status`: what an operator checks first on a cluster, from one Metadata
 //! request: the brokers (live, or holding replicas while not live), the controller, how many
 //! partitions each broker leads, and the partitions that are under-replicated (fewer in-sync
-//! replicas than replicas) or offline (no leader).
+//! replicas than replicas) or offline (no leader), and the replica moves in progress.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Result;
+
+use kafka_protocol::messages::{
+    ApiKey, ListPartitionReassignmentsRequest, ListPartitionReassignmentsResponse,
+};
 
 use super::topics::metadata;
 use super::Connection;
@@ -91,6 +95,41 @@ pub fn status(bootstrap: &str) -> Result<String> {
     }
     for line in &offline {
         out.push_str(&format!("\tOffline: {line}\n"));
+    }
+    // Replica moves in progress (a single node, or a broker without the API, has none).
+    let listed: Result<ListPartitionReassignmentsResponse> = conn.call(
+        ApiKey::ListPartitionReassignments,
+        0,
+        &ListPartitionReassignmentsRequest::default(),
+    );
+    if let Ok(resp) =
+        listed.map_err(|e| tracing::debug!(error = %format!("{e:#}"), "no reassignments listed"))
+    {
+        let moving: Vec<String> = resp
+            .topics
+            .iter()
+            .flat_map(|t| {
+                t.partitions.iter().map(move |p| {
+                    let ids = |v: &[kafka_protocol::messages::BrokerId]| {
+                        v.iter()
+                            .map(|b| b.0.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    };
+                    format!(
+                        "{}-{}\tAdding: {}\tRemoving: {}",
+                        t.name.0,
+                        p.partition_index,
+                        ids(&p.adding_replicas),
+                        ids(&p.removing_replicas)
+                    )
+                })
+            })
+            .collect();
+        out.push_str(&format!("Reassigning: {}\n", moving.len()));
+        for line in &moving {
+            out.push_str(&format!("\tReassigning: {line}\n"));
+        }
     }
     Ok(out)
 }

@@ -87,6 +87,7 @@ impl ClusterNode {
         if let Some(g) = self.groups.borrow_mut().remove(tp) {
             g.stop();
         }
+        self.leaders.borrow_mut().remove(tp);
     }
 
     /// Stops every Raft group on this shard and waits for their drivers (clean shutdown).
@@ -305,7 +306,10 @@ impl Shard {
             let tp = tp.clone();
             Box::pin(async move {
                 let address = address.context("the leader's address is not known")?;
-                files::blocking(move || fetch_records(&address, &tp, from)).await
+                files::blocking(move || {
+                    crate::client::cluster::fetch_from(&address, &tp.topic, tp.partition.0, from)
+                })
+                .await
             })
         })
     }
@@ -510,75 +514,6 @@ impl Shard {
             .detach();
         }
     }
-}
-
-/// One Fetch of `tp` from `from` at `address`: the records (possibly none) and the leader's log
-/// start offset (records below it were deleted: none are returned then).
-fn fetch_records(address: &str, tp: &TopicPartition, from: i64) -> Result<(bytes::Bytes, i64)> {
-    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
-    use kafka_protocol::messages::{ApiKey, BrokerId, FetchRequest, FetchResponse, TopicName};
-    let mut conn = crate::client::Connection::connect(address)?;
-    let mut req = FetchRequest::default();
-    req.replica_id = BrokerId(-1);
-    req.max_wait_ms = 100;
-    req.min_bytes = 1;
-    req.max_bytes = 8 << 20;
-    req.session_epoch = -1;
-    let mut ft = FetchTopic::default();
-    ft.topic = TopicName(tp.topic.to_string().into());
-    let mut fp = FetchPartition::default();
-    fp.partition = tp.partition.0;
-    fp.fetch_offset = from;
-    fp.partition_max_bytes = 4 << 20;
-    fp.current_leader_epoch = -1;
-    fp.log_start_offset = -1;
-    ft.partitions = vec![fp];
-    req.topics = vec![ft];
-    let resp: FetchResponse = conn.call(ApiKey::Fetch, 11, &req)?;
-    let pd = resp
-        .responses
-        .into_iter()
-        .flat_map(|t| t.partitions)
-        .next()
-        .context("the fetch answered no partition")?;
-    if pd.error_code == crate::model::ErrorCode::OFFSET_OUT_OF_RANGE.0 {
-        // As Kafka's replica fetcher: the leader's log start from ListOffsets (earliest).
-        use kafka_protocol::messages::list_offsets_request::{
-            ListOffsetsPartition, ListOffsetsTopic,
-        };
-        use kafka_protocol::messages::{ListOffsetsRequest, ListOffsetsResponse};
-        let mut req = ListOffsetsRequest::default();
-        req.replica_id = BrokerId(-1);
-        let mut t = ListOffsetsTopic::default();
-        t.name = TopicName(tp.topic.to_string().into());
-        let mut lp = ListOffsetsPartition::default();
-        lp.partition_index = tp.partition.0;
-        lp.timestamp = -2;
-        lp.current_leader_epoch = -1;
-        t.partitions = vec![lp];
-        req.topics = vec![t];
-        let resp: ListOffsetsResponse = conn.call(ApiKey::ListOffsets, 4, &req)?;
-        let p = resp
-            .topics
-            .into_iter()
-            .flat_map(|t| t.partitions)
-            .next()
-            .context("ListOffsets answered no partition")?;
-        if p.error_code != 0 {
-            anyhow::bail!(
-                "the leader answered {} to ListOffsets",
-                crate::model::ErrorCode(p.error_code).name()
-            );
-        }
-        return Ok((bytes::Bytes::new(), p.offset));
-    }
-    if pd.error_code != 0 {
-        anyhow::bail!(
-            "the leader answered {}",
-            crate::model::ErrorCode(pd.error_code).name()
-        );
-    }
-    Ok((pd.records.unwrap_or_default(), pd.log_start_offset))
 }
 
 /// For this long after a partition's replicas changed (a reassignment completed), its leader
