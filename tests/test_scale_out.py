@@ -94,6 +94,20 @@ def test_a_fourth_broker_joins_and_takes_replicas_of_new_topics(growing):
     wait_brokers(fourth, [1, 2, 3, 4])
     load.produce(1000)
     load.flush()
+    # Its partition is led elsewhere now (another replica won the election while it was down);
+    # a preferred election (kafka-python's elect_leaders) hands it back.
+    from kafka.admin import KafkaAdminClient
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap(nodes), request_timeout_ms=30000)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        parts = replicas_of(nodes[0], "wide")
+        if sorted(l for l, _ in parts.values()) == [1, 2, 3, 4]:
+            break
+        admin.elect_leaders(0, {"wide": [0, 1, 2, 3]}, raise_errors=False)
+        time.sleep(2)
+    admin.close()
+    assert sorted(l for l, _ in parts.values()) == [1, 2, 3, 4], parts
+    assert all(l == r[0] for l, r in parts.values()), parts
     check("fourth broker joins", load, read_all(nodes, "wide", partitions=4,
                                                 expect=len(load.acked)), seed)
     time.sleep(1)

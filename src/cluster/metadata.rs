@@ -86,6 +86,12 @@ pub enum MetadataCommand {
         partition: i32,
         replicas: Vec<i32>,
     },
+    /// ElectLeaders (preferred): the partition's leader hands leadership to its preferred
+    /// replica now rather than after `leader.imbalance.check.interval.seconds`.
+    Prefer {
+        topic: String,
+        partition: i32,
+    },
 }
 
 impl MetadataCommand {
@@ -207,6 +213,15 @@ impl MetadataCommand {
                 }
                 None
             }
+            MetadataCommand::Prefer { topic, partition } => {
+                if table
+                    .get(&topic)
+                    .is_some_and(|t| (0..t.partitions).contains(&partition))
+                {
+                    *table.elections.entry((topic, partition)).or_default() += 1;
+                }
+                None
+            }
             MetadataCommand::Fence { node, fenced } => {
                 if fenced {
                     table.fenced.insert(node);
@@ -242,6 +257,9 @@ impl MetadataCommand {
                 next.leaders
                     .retain(|(t, _), _| topics.contains_key(t.as_str()));
                 next.isr.retain(|(t, _), _| topics.contains_key(t.as_str()));
+                next.elections = std::mem::take(&mut table.elections);
+                next.elections
+                    .retain(|(t, _), _| topics.contains_key(t.as_str()));
                 next.reassigning = std::mem::take(&mut table.reassigning);
                 next.reassigning
                     .retain(|(t, _), _| topics.contains_key(t.as_str()));

@@ -60,6 +60,8 @@ pub struct TopicTable {
     /// The inter-broker addresses of brokers that joined outside the voters (the voters' are in
     /// `controller.quorum.voters`).
     pub peers: BTreeMap<i32, (String, u16)>,
+    /// Preferred leader elections asked for (ElectLeaders), counted per partition.
+    pub elections: BTreeMap<(String, i32), u64>,
     /// Replica reassignments in progress: each partition's target replicas.
     pub reassigning: BTreeMap<(String, i32), Vec<i32>>,
     /// Registered brokers the controller has not heard from within `broker.session.timeout.ms`.

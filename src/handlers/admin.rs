@@ -236,7 +236,7 @@ fn fill_topic(t: &mut DescribeTopicPartitionsResponseTopic, topic: &Topic) {
 /// With one replica per partition the leader already is the preferred replica: every partition
 /// named gets ELECTION_NOT_NEEDED (unknown ones UNKNOWN_TOPIC_OR_PARTITION). Null names every
 /// partition, and Kafka then lists only partitions where an election happened: none.
-pub fn elect_leaders(
+pub async fn elect_leaders(
     shard: &Rc<Shard>,
     req: ElectLeadersRequest,
     version: i16,
@@ -246,6 +246,9 @@ pub fn elect_leaders(
     if version >= 1 && !matches!(req.election_type, 0 | 1) {
         r.error_code = ErrorCode::INVALID_REQUEST.0;
         return r;
+    }
+    if shard.cluster().is_some() {
+        return elect_in_cluster(shard, req, version).await;
     }
     let Some(topics) = req.topic_partitions else {
         return r;
@@ -270,6 +273,103 @@ pub fn elect_leaders(
             result.partition_result.push(pr);
         }
         r.replica_election_results.push(result);
+    }
+    r
+}
+
+/// ElectLeaders in a cluster. Preferred: a partition led by its preferred replica (the first of
+/// its replicas) needs none; one whose preferred replica is not in sync gets
+/// `PREFERRED_LEADER_NOT_AVAILABLE`; for the others a `Prefer` command goes through the controller
+/// and the leader hands over as soon as it applies it (answered once proposed). Unclean: Raft
+/// never elects a replica that lacks committed data, so there is nothing unclean to do: a
+/// partition with a leader needs none, one without gets `ELIGIBLE_LEADERS_NOT_AVAILABLE`. Null
+/// names every partition and lists those where an election was started.
+async fn elect_in_cluster(
+    shard: &Rc<Shard>,
+    req: ElectLeadersRequest,
+    version: i16,
+) -> ElectLeadersResponse {
+    use crate::cluster::metadata::MetadataCommand;
+    let table = shard.topics();
+    let preferred_kind = version == 0 || req.election_type == 0;
+    let every = req.topic_partitions.is_none();
+    let wanted: Vec<(kafka_protocol::messages::TopicName, Vec<i32>)> = match req.topic_partitions {
+        Some(ts) => ts.into_iter().map(|t| (t.topic, t.partitions)).collect(),
+        None => table
+            .topics
+            .values()
+            .map(|t| (topic_name(&t.name), (0..t.partitions).collect()))
+            .collect(),
+    };
+    let mut proposals = Vec::new();
+    let mut r = ElectLeadersResponse::default();
+    for (topic, partitions) in wanted {
+        let name = topic.0.to_string();
+        let mut result = ReplicaElectionResult::default();
+        result.topic = topic.clone();
+        for p in partitions {
+            let mut pr = PartitionResult::default();
+            pr.partition_id = p;
+            let key = (name.clone(), p);
+            let replicas = table
+                .get(&name)
+                .and_then(|t| t.replicas.get(usize::try_from(p).ok()?));
+            let leader = table.leaders.get(&key).map_or(-1, |(l, _)| *l);
+            let isr = table
+                .isr
+                .get(&key)
+                .map(|(_, i)| i.as_slice())
+                .unwrap_or(&[]);
+            let (code, message) = match replicas.and_then(|r| r.first()) {
+                None => (
+                    ErrorCode::UNKNOWN_TOPIC_OR_PARTITION,
+                    "This server does not host this topic-partition.",
+                ),
+                Some(_) if !preferred_kind && leader >= 0 => (
+                    ErrorCode::ELECTION_NOT_NEEDED,
+                    "Leader election not needed for topic partition.",
+                ),
+                Some(_) if !preferred_kind => (
+                    ErrorCode::ELIGIBLE_LEADERS_NOT_AVAILABLE,
+                    "No replica can lead without losing committed records.",
+                ),
+                Some(first) if *first == leader => (
+                    ErrorCode::ELECTION_NOT_NEEDED,
+                    "Leader election not needed for topic partition.",
+                ),
+                Some(first) if !isr.contains(first) => (
+                    ErrorCode::PREFERRED_LEADER_NOT_AVAILABLE,
+                    "The preferred leader is not in sync.",
+                ),
+                Some(_) => {
+                    proposals.push(MetadataCommand::Prefer {
+                        topic: name.clone(),
+                        partition: p,
+                    });
+                    (ErrorCode::NONE, "")
+                }
+            };
+            if every && code != ErrorCode::NONE {
+                continue;
+            }
+            pr.error_code = code.0;
+            pr.error_message = (!message.is_empty()).then(|| str_bytes(message));
+            result.partition_result.push(pr);
+        }
+        if !(every && result.partition_result.is_empty()) {
+            r.replica_election_results.push(result);
+        }
+    }
+    if !proposals.is_empty()
+        && shard
+            .try_call(
+                crate::model::ShardId(0),
+                crate::shard::Request::Propose(proposals),
+            )
+            .await
+            .is_none()
+    {
+        r.error_code = ErrorCode::UNKNOWN_SERVER_ERROR.0;
     }
     r
 }

@@ -265,9 +265,12 @@ pub async fn dispatch(shard: &Rc<Shard>, frame: Bytes, peer: Option<SocketAddr>)
             cid,
             &admin::describe_topic_partitions(shard, r),
         ),
-        RequestKind::ElectLeaders(r) => {
-            encode_response(key, version, cid, &admin::elect_leaders(shard, r, version))
-        }
+        RequestKind::ElectLeaders(r) => encode_response(
+            key,
+            version,
+            cid,
+            &admin::elect_leaders(shard, r, version).await,
+        ),
         RequestKind::DescribeProducers(r) => encode_response(
             key,
             version,

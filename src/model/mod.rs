@@ -114,6 +114,8 @@ impl ErrorCode {
     pub const ELECTION_NOT_NEEDED: ErrorCode = ErrorCode(84);
     pub const INVALID_REPLICA_ASSIGNMENT: ErrorCode = ErrorCode(39);
     pub const NO_REASSIGNMENT_IN_PROGRESS: ErrorCode = ErrorCode(85);
+    pub const PREFERRED_LEADER_NOT_AVAILABLE: ErrorCode = ErrorCode(80);
+    pub const ELIGIBLE_LEADERS_NOT_AVAILABLE: ErrorCode = ErrorCode(83);
     pub const FETCH_SESSION_ID_NOT_FOUND: ErrorCode = ErrorCode(70);
     pub const INVALID_FETCH_SESSION_EPOCH: ErrorCode = ErrorCode(71);
     pub const FENCED_LEADER_EPOCH: ErrorCode = ErrorCode(74);
@@ -151,6 +153,8 @@ impl ErrorCode {
             84 => "ELECTION_NOT_NEEDED",
             39 => "INVALID_REPLICA_ASSIGNMENT",
             85 => "NO_REASSIGNMENT_IN_PROGRESS",
+            80 => "PREFERRED_LEADER_NOT_AVAILABLE",
+            83 => "ELIGIBLE_LEADERS_NOT_AVAILABLE",
             100 => "UNKNOWN_TOPIC_ID",
             27 => "REBALANCE_IN_PROGRESS",
             35 => "UNSUPPORTED_VERSION",

@@ -22,6 +22,14 @@ use crate::replication::wal::WalStore;
 use crate::replication::Replica;
 use crate::storage::files;
 
+/// A partition's replicas and preferred-election count as this broker last saw them, and since
+/// when (either changing makes its leader hand over to the preferred replica without waiting).
+struct Assigned {
+    replicas: Vec<i32>,
+    elections: u64,
+    since: std::time::Instant,
+}
+
 pub struct ClusterNode {
     pub node_id: i32,
     pub voters: Vec<(i32, (String, u16))>,
@@ -31,7 +39,7 @@ pub struct ClusterNode {
     leaders: RefCell<HashMap<TopicPartition, (i32, i32)>>,
     /// Each partition's replicas as this broker last saw them, and since when (a reassignment
     /// that completed hands leadership to its preferred replica without waiting).
-    assigned: RefCell<HashMap<TopicPartition, (Vec<i32>, std::time::Instant)>>,
+    assigned: RefCell<HashMap<TopicPartition, Assigned>>,
 }
 
 impl ClusterNode {
@@ -444,14 +452,25 @@ impl Shard {
                 .and_then(|t| t.replicas.get(usize::try_from(tp.partition.0).ok()?))
                 .cloned()
                 .unwrap_or_default();
-            // Replicas seen for the first time count as settled; a change is recent.
-            let seen = assigned
-                .entry(tp.clone())
-                .or_insert_with(|| (replicas.clone(), now.checked_sub(settle).unwrap_or(now)));
-            if seen.0 != replicas {
-                *seen = (replicas.clone(), now);
+            let elections = table
+                .elections
+                .get(&(tp.topic.to_string(), tp.partition.0))
+                .copied()
+                .unwrap_or(0);
+            // What is seen for the first time counts as settled; a change is recent.
+            let seen = assigned.entry(tp.clone()).or_insert_with(|| Assigned {
+                replicas: replicas.clone(),
+                elections,
+                since: now.checked_sub(settle).unwrap_or(now),
+            });
+            if seen.replicas != replicas || seen.elections != elections {
+                *seen = Assigned {
+                    replicas: replicas.clone(),
+                    elections,
+                    since: now,
+                };
             }
-            let reassigned = now.saturating_duration_since(seen.1) < REASSIGNED_LEADER_WINDOW;
+            let reassigned = now.saturating_duration_since(seen.since) < REASSIGNED_LEADER_WINDOW;
             if !g.role().leader {
                 continue;
             }
@@ -516,8 +535,9 @@ impl Shard {
     }
 }
 
-/// For this long after a partition's replicas changed (a reassignment completed), its leader
-/// hands leadership to the preferred replica as soon as that one is in sync.
+/// For this long after a partition's replicas changed (a reassignment completed) or a preferred
+/// election was asked for, its leader hands leadership to the preferred replica as soon as that
+/// one is in sync.
 const REASSIGNED_LEADER_WINDOW: Duration = Duration::from_secs(60);
 
 /// How often leaders compare their in-sync replicas with the table, and the controller checks
