@@ -73,6 +73,11 @@ impl TopicTable {
         self.topics.get(name)
     }
 
+    /// The replicas of partition `p` of `topic` (a cluster; None if there is no such partition).
+    pub fn replicas_of(&self, topic: &str, p: i32) -> Option<&Vec<i32>> {
+        self.get(topic)?.replicas.get(usize::try_from(p).ok()?)
+    }
+
     pub fn to_record(&self) -> ClusterRecord {
         ClusterRecord {
             cluster_id: self.cluster_id.clone(),

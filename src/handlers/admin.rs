@@ -311,9 +311,7 @@ async fn elect_in_cluster(
             let mut pr = PartitionResult::default();
             pr.partition_id = p;
             let key = (name.clone(), p);
-            let replicas = table
-                .get(&name)
-                .and_then(|t| t.replicas.get(usize::try_from(p).ok()?));
+            let replicas = table.replicas_of(&name, p);
             let leader = table.leaders.get(&key).map_or(-1, |(l, _)| *l);
             let isr = table
                 .isr

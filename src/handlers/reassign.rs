@@ -95,10 +95,7 @@ pub fn list(
         if !wanted(topic, *p) {
             continue;
         }
-        let current = table
-            .get(topic)
-            .and_then(|t| t.replicas.get(usize::try_from(*p).ok()?).cloned())
-            .unwrap_or_default();
+        let current = table.replicas_of(topic, *p).cloned().unwrap_or_default();
         let mut all = current.clone();
         all.extend(target.iter().filter(|b| !current.contains(b)));
         let mut o = OngoingPartitionReassignment::default();

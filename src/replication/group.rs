@@ -378,16 +378,22 @@ impl Group {
                     continue;
                 }
             };
-            let mut pos = 0usize;
-            while pos < bytes.len() {
-                let Ok(h) = BatchHeader::parse(&bytes[pos..]) else {
-                    break;
-                };
-                if h.size_bytes == 0 || pos + h.size_bytes > bytes.len() {
-                    break;
+            // Whole batches only (a response may end in part of one), each checked (CRC).
+            let whole = batch::whole_batches_within(&bytes, usize::MAX);
+            let batches = match batch::split_batches(&bytes[..whole]) {
+                Ok(b) if b.is_empty() => {
+                    glommio::timer::sleep(Duration::from_millis(100)).await;
+                    continue;
                 }
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(partition = %self.tp, leader, error = ?e, "a copied batch does not validate; fetching again");
+                    glommio::timer::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            for (pos, h) in batches {
                 let batch = bytes.slice(pos..pos + h.size_bytes);
-                pos += h.size_bytes;
                 let batch_end = h.last_offset().0 + 1;
                 let log_end = log.log_end_offset().0;
                 if batch_end <= log_end {

@@ -82,6 +82,17 @@ impl ClusterNode {
         }
     }
 
+    /// The Raft groups of the data partitions on this shard (the metadata group left out), with
+    /// `leading` only those this broker leads.
+    fn data_groups(&self, leading: bool) -> Vec<(TopicPartition, Rc<Group>)> {
+        self.groups
+            .borrow()
+            .iter()
+            .filter(|(tp, g)| &*tp.topic != METADATA_TOPIC && (!leading || g.role().leader))
+            .map(|(tp, g)| (tp.clone(), g.clone()))
+            .collect()
+    }
+
     pub fn group(&self, tp: &TopicPartition) -> Option<Rc<Group>> {
         self.groups.borrow().get(tp).cloned()
     }
@@ -336,20 +347,11 @@ impl Shard {
         };
         let table = self.topics();
         let me = cluster.node_id;
-        let groups: Vec<(TopicPartition, Rc<Group>)> = cluster
-            .groups
-            .borrow()
-            .iter()
-            .filter(|(tp, g)| &*tp.topic != METADATA_TOPIC && g.role().leader)
-            .map(|(tp, g)| (tp.clone(), g.clone()))
-            .collect();
         let mut done = Vec::new();
-        for (tp, g) in groups {
+        for (tp, g) in cluster.data_groups(true) {
             let key = (tp.topic.to_string(), tp.partition.0);
             let target = table.reassigning.get(&key);
-            let replicas = table
-                .get(&tp.topic)
-                .and_then(|t| t.replicas.get(usize::try_from(tp.partition.0).ok()?));
+            let replicas = table.replicas_of(&tp.topic, tp.partition.0);
             let Some(desired) = target.or(replicas) else {
                 continue;
             };
@@ -436,27 +438,16 @@ impl Shard {
         }
         let settle = Duration::from_secs(broker.leader_imbalance_check_s);
         let table = self.topics();
-        let groups: Vec<(TopicPartition, Rc<Group>)> = cluster
-            .groups
-            .borrow()
-            .iter()
-            .filter(|(tp, _)| &*tp.topic != METADATA_TOPIC)
-            .map(|(tp, g)| (tp.clone(), g.clone()))
-            .collect();
         let now = std::time::Instant::now();
         let mut assigned = cluster.assigned.borrow_mut();
-        assigned.retain(|tp, _| groups.iter().any(|(t, _)| t == tp));
-        for (tp, g) in groups {
+        assigned.retain(|tp, _| cluster.groups.borrow().contains_key(tp));
+        for (tp, g) in cluster.data_groups(false) {
+            let key = (tp.topic.to_string(), tp.partition.0);
             let replicas = table
-                .get(&tp.topic)
-                .and_then(|t| t.replicas.get(usize::try_from(tp.partition.0).ok()?))
+                .replicas_of(&tp.topic, tp.partition.0)
                 .cloned()
                 .unwrap_or_default();
-            let elections = table
-                .elections
-                .get(&(tp.topic.to_string(), tp.partition.0))
-                .copied()
-                .unwrap_or(0);
+            let elections = table.elections.get(&key).copied().unwrap_or(0);
             // What is seen for the first time counts as settled; a change is recent.
             let seen = assigned.entry(tp.clone()).or_insert_with(|| Assigned {
                 replicas: replicas.clone(),
@@ -479,10 +470,7 @@ impl Shard {
                 continue;
             };
             // A reassignment in progress decides leadership itself.
-            if table
-                .reassigning
-                .contains_key(&(tp.topic.to_string(), tp.partition.0))
-            {
+            if table.reassigning.contains_key(&key) {
                 continue;
             }
             // A new partition (opened here moments ago, still empty) or a completed

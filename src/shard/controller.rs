@@ -820,9 +820,7 @@ impl Controller {
         let mut results = Vec::with_capacity(items.len());
         for (topic, partition, target) in items {
             let table = self.current();
-            let replicas = table
-                .get(&topic)
-                .and_then(|t| t.replicas.get(usize::try_from(partition).ok()?).cloned());
+            let replicas = table.replicas_of(&topic, partition).cloned();
             let Some(replicas) = replicas else {
                 results.push((
                     ErrorCode::UNKNOWN_TOPIC_OR_PARTITION,

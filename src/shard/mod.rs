@@ -706,8 +706,7 @@ impl Shard {
         // with the snapshot the leader sends (which carries the membership).
         let me = self.cluster().map_or(-1, |c| c.node_id);
         let replicas: Vec<u64> = table
-            .get(&tp.topic)
-            .and_then(|t| t.replicas.get(usize::try_from(tp.partition.0).ok()?))
+            .replicas_of(&tp.topic, tp.partition.0)
             .filter(|r| r.contains(&me))
             .map(|r| r.iter().filter_map(|id| u64::try_from(*id).ok()).collect())
             .unwrap_or_default();
