@@ -87,6 +87,14 @@ def test_elect_leaders_is_not_needed_on_one_node(broker, admin):
     assert {p.error_code for res in every.replica_election_results for p in res.partition_result} == {84}
 
 
+def test_describe_quorum_on_one_node_is_an_invalid_request(broker, admin):
+    """A single node has no Raft quorum: DescribeQuorum is refused with INVALID_REQUEST (with
+    its message from v2), as Kafka refuses it where there is no KRaft quorum to describe."""
+    from kafka.errors import InvalidRequestError
+    with pytest.raises(InvalidRequestError, match="single node"):
+        admin.describe_metadata_quorum()
+
+
 def test_describe_producers(broker, admin):
     admin.create_topics([NewTopic("idem", 2, 1)])
     p = Producer({"bootstrap.servers": broker.bootstrap, "enable.idempotence": True})

@@ -6,7 +6,11 @@
 //! another, one of its replicas moves to the least loaded broker that does not hold that
 //! partition. Leaders then go round: each partition's preferred replica (first in the list,
 //! where its leadership goes once the move completes) is the one of its replicas that leads the
-//! fewest partitions so far. Partitions whose list does not change are not touched.
+//! fewest partitions so far. Partitions whose list does not change are not moved. Once the moves
+//! are done, every partition whose leader is not its preferred replica gets a preferred leader
+//! election (ElectLeaders, as `kafka-leader-election --election-type PREFERRED`): a partition
+//! whose first election another replica won would otherwise keep that leader until
+//! `leader.imbalance.check.interval.seconds` passes.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -15,9 +19,11 @@ use anyhow::{bail, Result};
 use kafka_protocol::messages::alter_partition_reassignments_request::{
     ReassignablePartition, ReassignableTopic,
 };
+use kafka_protocol::messages::elect_leaders_request::TopicPartitions as ElectTopicPartitions;
 use kafka_protocol::messages::{
     AlterPartitionReassignmentsRequest, AlterPartitionReassignmentsResponse, ApiKey, BrokerId,
-    ListPartitionReassignmentsRequest, ListPartitionReassignmentsResponse, TopicName,
+    ElectLeadersRequest, ElectLeadersResponse, ListPartitionReassignmentsRequest,
+    ListPartitionReassignmentsResponse, TopicName,
 };
 
 use super::topics::{controller, metadata};
@@ -127,6 +133,7 @@ pub fn rebalance(bootstrap: &str, timeout: Duration) -> Result<String> {
     let mut out = String::new();
     if moves.is_empty() {
         out.push_str("Balanced already: nothing to move.\n");
+        out.push_str(&elect_preferred(&mut conn)?);
         return Ok(out);
     }
     let deadline = Instant::now() + timeout;
@@ -155,6 +162,56 @@ pub fn rebalance(bootstrap: &str, timeout: Duration) -> Result<String> {
         std::thread::sleep(Duration::from_millis(500));
     }
     out.push_str(&format!("Moved {} partitions.\n", moves.len()));
+    out.push_str(&elect_preferred(&mut conn)?);
+    Ok(out)
+}
+
+/// A preferred leader election for every partition led by a replica other than its first.
+fn elect_preferred(conn: &mut super::Connection) -> Result<String> {
+    let md = metadata(conn, None)?;
+    let mut wanted: BTreeMap<String, Vec<i32>> = BTreeMap::new();
+    for t in &md.topics {
+        let Some(name) = t.name.as_ref() else {
+            continue;
+        };
+        for p in &t.partitions {
+            if p.leader_id.0 >= 0 && p.replica_nodes.first() != Some(&p.leader_id) {
+                wanted
+                    .entry(name.0.to_string())
+                    .or_default()
+                    .push(p.partition_index);
+            }
+        }
+    }
+    if wanted.is_empty() {
+        return Ok(String::new());
+    }
+    let mut req = ElectLeadersRequest::default();
+    req.election_type = 0;
+    req.timeout_ms = 30_000;
+    req.topic_partitions = Some(
+        wanted
+            .into_iter()
+            .map(|(topic, partitions)| {
+                let mut tp = ElectTopicPartitions::default();
+                tp.topic = TopicName(topic.into());
+                tp.partitions = partitions;
+                tp
+            })
+            .collect(),
+    );
+    let resp: ElectLeadersResponse = conn.call(ApiKey::ElectLeaders, 1, &req)?;
+    let mut out = String::new();
+    for t in &resp.replica_election_results {
+        for p in &t.partition_result {
+            let outcome = if p.error_code == 0 {
+                "preferred leader elected"
+            } else {
+                ErrorCode(p.error_code).name()
+            };
+            out.push_str(&format!("{}-{}\t{outcome}\n", t.topic.0, p.partition_id));
+        }
+    }
     Ok(out)
 }
 

@@ -8,6 +8,9 @@ use anyhow::{bail, Result};
 use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
 use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
 use kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
+use kafka_protocol::messages::describe_quorum_request::{
+    PartitionData as DescribeQuorumPartition, TopicData as DescribeQuorumTopic,
+};
 use kafka_protocol::messages::incremental_alter_configs_request::{
     AlterConfigsResource, AlterableConfig,
 };
@@ -15,8 +18,9 @@ use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::{
     ApiKey, CreatePartitionsRequest, CreatePartitionsResponse, CreateTopicsRequest,
     CreateTopicsResponse, DeleteTopicsRequest, DeleteTopicsResponse, DescribeConfigsRequest,
-    DescribeConfigsResponse, IncrementalAlterConfigsRequest, IncrementalAlterConfigsResponse,
-    MetadataRequest, MetadataResponse, TopicName,
+    DescribeConfigsResponse, DescribeQuorumRequest, DescribeQuorumResponse,
+    IncrementalAlterConfigsRequest, IncrementalAlterConfigsResponse, MetadataRequest,
+    MetadataResponse, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
 
@@ -179,6 +183,7 @@ pub fn describe(bootstrap: &str, name: &str) -> Result<String> {
     );
     let mut parts: Vec<_> = t.partitions.iter().collect();
     parts.sort_by_key(|p| p.partition_index);
+    let raft = raft_states(&md, name);
     for p in parts {
         let ids = |v: &Vec<kafka_protocol::messages::BrokerId>| {
             v.iter()
@@ -193,8 +198,98 @@ pub fn describe(bootstrap: &str, name: &str) -> Result<String> {
             ids(&p.replica_nodes),
             ids(&p.isr_nodes)
         ));
+        if let Some(state) = raft.get(&p.partition_index) {
+            out.pop();
+            out.push_str(state);
+            out.push('\n');
+        }
     }
     Ok(out)
+}
+
+/// Each partition's Raft state, asked of its leader with DescribeQuorum (a cluster of strom
+/// brokers; a single node or another Kafka-compatible broker answers nothing and the columns are
+/// left out): `\tTerm: T\tCommitIndex: C\tFollowers: 2=0/15ms,3=4/120ms` (each follower: Raft
+/// entries behind the leader's log, how long ago the leader last heard from it).
+fn raft_states(md: &MetadataResponse, topic: &str) -> BTreeMap<i32, String> {
+    let mut by_leader: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
+    for p in &md.topics[0].partitions {
+        if p.leader_id.0 >= 0 && p.replica_nodes.len() > 1 {
+            by_leader
+                .entry(p.leader_id.0)
+                .or_default()
+                .push(p.partition_index);
+        }
+    }
+    let mut out = BTreeMap::new();
+    for (leader, partitions) in by_leader {
+        let Some(b) = md.brokers.iter().find(|b| b.node_id.0 == leader) else {
+            continue;
+        };
+        let Ok(mut conn) = Connection::connect(&format!("{}:{}", b.host, b.port)) else {
+            continue;
+        };
+        let mut td = DescribeQuorumTopic::default();
+        td.topic_name = TopicName(sb(topic));
+        td.partitions = partitions
+            .iter()
+            .map(|i| {
+                let mut pd = DescribeQuorumPartition::default();
+                pd.partition_index = *i;
+                pd
+            })
+            .collect();
+        let mut req = DescribeQuorumRequest::default();
+        req.topics = vec![td];
+        let Ok(resp) = conn.call::<_, DescribeQuorumResponse>(ApiKey::DescribeQuorum, 1, &req)
+        else {
+            continue;
+        };
+        let now = crate::storage::partition::now_ms() as i64;
+        for p in resp.topics.iter().flat_map(|t| &t.partitions) {
+            if p.error_code != 0 {
+                continue;
+            }
+            let leader_end = p
+                .current_voters
+                .iter()
+                .find(|v| v.replica_id == p.leader_id)
+                .map_or(p.high_watermark, |v| v.log_end_offset);
+            let followers: Vec<String> = p
+                .current_voters
+                .iter()
+                .chain(&p.observers)
+                .filter(|v| v.replica_id != p.leader_id)
+                .map(|v| {
+                    let heard = if v.last_fetch_timestamp < 0 {
+                        "never".to_string()
+                    } else {
+                        format!("{}ms", (now - v.last_fetch_timestamp).max(0))
+                    };
+                    let learner = if p.observers.contains(v) {
+                        "(learner)"
+                    } else {
+                        ""
+                    };
+                    format!(
+                        "{}{learner}={}/{heard}",
+                        v.replica_id.0,
+                        (leader_end - v.log_end_offset).max(0)
+                    )
+                })
+                .collect();
+            out.insert(
+                p.partition_index,
+                format!(
+                    "\tTerm: {}\tCommitIndex: {}\tFollowers: {}",
+                    p.leader_epoch,
+                    p.high_watermark,
+                    followers.join(",")
+                ),
+            );
+        }
+    }
+    out
 }
 
 /// Sets and deletes topic config overrides (IncrementalAlterConfigs), leaving others as they are.

@@ -371,6 +371,14 @@ pub const BROKER_SETTINGS: &[SettingDef] = &[
         "A follower that has not caught up with the leader's log end for this long leaves the ISR",
     ),
     def(
+        "strom.raft.log.compact.bytes",
+        Some("67108864"),
+        T::Long,
+        false,
+        None,
+        "A partition's Raft log is compacted once it holds this many bytes the segments already made durable; a follower out of the ISR behind that point catches up from the leader's segments",
+    ),
+    def(
         "broker.session.timeout.ms",
         Some("9000"),
         T::Int,
@@ -864,6 +872,8 @@ pub struct BrokerConfig {
     pub leader_imbalance_check_s: u64,
     /// `replica.lag.time.max.ms`: how long a follower may go without catching up and stay in sync.
     pub replica_lag_time_max_ms: u64,
+    /// `strom.raft.log.compact.bytes`: the Raft log size that triggers its compaction.
+    pub raft_log_compact_bytes: u64,
     /// `broker.session.timeout.ms`: how long the controller waits to hear from a broker before
     /// it fences it.
     pub broker_session_timeout_ms: u64,
@@ -921,6 +931,7 @@ impl Default for BrokerConfig {
             offsets_topic_partitions: 50,
             offsets_topic_replication_factor: 3,
             replica_lag_time_max_ms: 30_000,
+            raft_log_compact_bytes: 64 * 1024 * 1024,
             auto_leader_rebalance: true,
             leader_imbalance_check_s: 300,
             broker_session_timeout_ms: 9_000,
@@ -1129,6 +1140,9 @@ impl BrokerConfig {
             }
             "replica.lag.time.max.ms" => {
                 self.replica_lag_time_max_ms = parse_in(value, 1, i64::MAX)? as u64
+            }
+            "strom.raft.log.compact.bytes" => {
+                self.raft_log_compact_bytes = parse_in(value, 1, i64::MAX)? as u64
             }
             "broker.session.timeout.ms" => {
                 self.broker_session_timeout_ms = parse_in(value, 1, i32::MAX as i64)? as u64

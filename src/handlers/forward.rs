@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use kafka_protocol::messages::ApiKey;
+use kafka_protocol::messages::{ApiKey, RequestKind};
 
 use crate::shard::Shard;
 
@@ -23,8 +23,24 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 /// The largest answer taken back from the controller.
 const RESPONSE_SIZE_BYTES_MAX: usize = 64 << 20;
 
-/// The requests a broker that is not the controller forwards.
-fn forwarded(key: i16) -> bool {
+/// The requests a broker that is not the controller forwards: DescribeQuorum when it names the
+/// metadata partition only (the controller leads that group; other groups are described by
+/// their own leaders).
+fn forwarded(key: i16, frame: &Bytes) -> bool {
+    if key == ApiKey::DescribeQuorum as i16 {
+        return match super::decode_request(frame.clone()) {
+            Ok(super::Decoded {
+                request: RequestKind::DescribeQuorum(r),
+                ..
+            }) => {
+                !r.topics.is_empty()
+                    && r.topics
+                        .iter()
+                        .all(|t| &*t.topic_name.0 == crate::cluster::metadata::METADATA_TOPIC)
+            }
+            _ => false,
+        };
+    }
     [
         ApiKey::CreateTopics,
         ApiKey::DeleteTopics,
@@ -44,7 +60,7 @@ fn forwarded(key: i16) -> bool {
 pub async fn to_controller(shard: &Rc<Shard>, frame: &Bytes) -> Option<Bytes> {
     let cluster = shard.cluster()?;
     let key = i16::from_be_bytes([*frame.first()?, *frame.get(1)?]);
-    if !forwarded(key) {
+    if !forwarded(key, frame) {
         return None;
     }
     let controller = super::metadata::controller_id(shard);

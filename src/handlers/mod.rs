@@ -20,6 +20,7 @@ pub mod init_producer_id;
 pub mod list_offsets;
 pub mod metadata;
 pub mod produce;
+pub mod quorum;
 pub mod reassign;
 
 use std::net::SocketAddr;
@@ -283,6 +284,9 @@ pub async fn dispatch(shard: &Rc<Shard>, frame: Bytes, peer: Option<SocketAddr>)
             cid,
             &admin::list_config_resources(shard, r, version).await,
         ),
+        RequestKind::DescribeQuorum(r) => {
+            encode_response(key, version, cid, &quorum::handle(shard, r, version).await)
+        }
         RequestKind::InitProducerId(r) => {
             encode_response(key, version, cid, &init_producer_id::handle(shard, r).await)
         }

@@ -30,9 +30,11 @@ pub enum Counter {
     ConnectionsAccepted,
     ConnectionsClosed,
     RaftMessagesDropped,
+    RaftMessagesSent,
+    RaftFramesSent,
 }
 
-pub const COUNTERS: [(Counter, &str, &str); 10] = [
+pub const COUNTERS: [(Counter, &str, &str); 12] = [
     (Counter::BytesIn, "strom_bytes_in", "Request bytes received"),
     (Counter::BytesOut, "strom_bytes_out", "Response bytes sent"),
     (
@@ -74,6 +76,16 @@ pub const COUNTERS: [(Counter, &str, &str); 10] = [
         Counter::RaftMessagesDropped,
         "strom_raft_messages_dropped",
         "Raft messages dropped because a peer's queue was full",
+    ),
+    (
+        Counter::RaftMessagesSent,
+        "strom_raft_messages_sent",
+        "Raft messages sent to other brokers, all groups",
+    ),
+    (
+        Counter::RaftFramesSent,
+        "strom_raft_frames_sent",
+        "Frames that carried them: heartbeats of all groups to one broker travel in one frame",
     ),
 ];
 

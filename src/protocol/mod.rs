@@ -60,6 +60,7 @@ pub const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::ListPartitionReassignments, 0, 0),
     (ApiKey::DescribeProducers, 0, 0),
     (ApiKey::ListConfigResources, 0, 1),
+    (ApiKey::DescribeQuorum, 0, 2),
 ];
 
 pub fn supported_range(key: ApiKey) -> Option<(i16, i16)> {

@@ -26,10 +26,27 @@ use crate::storage::{AppendError, Appended, PartitionLog};
 
 /// One Raft tick. Election timeout: `ELECTION_TICKS` to twice that many ticks (1–2 s).
 pub const TICK: Duration = Duration::from_millis(100);
+
+/// The first tick boundary after `now`. Every group of the process ticks on the same grid, so
+/// the heartbeats of all groups to one peer fall due together and the transport sends them as
+/// one frame (see `transport`).
+fn next_tick_after(now: Instant) -> Instant {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    let ticks = now.saturating_duration_since(origin).as_nanos() / TICK.as_nanos() + 1;
+    origin + TICK * u32::try_from(ticks).unwrap_or(u32::MAX)
+}
 /// How long a produce waits for its batch to commit before `REQUEST_TIMED_OUT`.
 const COMMIT_WAIT: Duration = Duration::from_secs(30);
-/// The WAL is compacted once it holds this many bytes beyond what the segments made durable.
-const WAL_COMPACT_BYTES: u64 = 64 * 1024 * 1024;
+
+/// A group's limits, from the broker's settings.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// `replica.lag.time.max.ms`.
+    pub lag_max: Duration,
+    /// `strom.raft.log.compact.bytes`: the WAL is compacted once it holds this many bytes.
+    pub compact_bytes: u64,
+}
 
 /// What a group does with committed entries.
 pub enum Sink {
@@ -98,14 +115,36 @@ pub struct Group {
     followers: RefCell<HashMap<u64, Follower>>,
     /// When each peer was last heard from (any Raft message), leader or not.
     heard: RefCell<HashMap<u64, Instant>>,
-    /// `replica.lag.time.max.ms`.
-    lag_max: Duration,
+    limits: Limits,
     /// How a snapshot's records are copied from the leader (data groups in a cluster).
     copier: RefCell<Option<Copier>>,
     stopped: Cell<bool>,
     /// The driver task has returned (no sync of it is in flight any more).
     exited: Cell<bool>,
     failed: Cell<bool>,
+}
+
+/// One replica of a group as its leader sees it (DescribeQuorum).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReplicaProgress {
+    pub id: i32,
+    /// The end of its Raft log as far as it matches the leader's (the leader: its last index).
+    pub log_end: u64,
+    /// How long ago it was last heard from, and last caught up with the leader's log end.
+    pub heard: Option<Duration>,
+    pub caught_up: Option<Duration>,
+}
+
+/// A group's Raft state at its leader: Kafka's DescribeQuorum answer, in Raft indexes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Quorum {
+    pub leader: i32,
+    pub term: u64,
+    pub commit: u64,
+    pub voters: Vec<ReplicaProgress>,
+    /// Learners: replicas being added (a reassignment) or, for the metadata group, brokers
+    /// outside the controller quorum.
+    pub observers: Vec<ReplicaProgress>,
 }
 
 /// Kafka's in-sync test for one follower: the leader notes its log end (`mark`) and when; once the
@@ -127,7 +166,7 @@ impl Group {
         transport: Rc<Transport>,
         sink: Sink,
         on_role: Box<dyn Fn(Role)>,
-        lag_max: Duration,
+        limits: Limits,
     ) -> Rc<Group> {
         let group = Rc::new(Group {
             tp,
@@ -148,7 +187,7 @@ impl Group {
             on_role,
             followers: RefCell::new(HashMap::new()),
             heard: RefCell::new(HashMap::new()),
-            lag_max,
+            limits,
             copier: RefCell::new(None),
             stopped: Cell::new(false),
             exited: Cell::new(false),
@@ -191,7 +230,7 @@ impl Group {
         let (voters, _) = r.membership();
         let followers = self.followers.borrow();
         let heard = self.heard.borrow();
-        let recent = |at: Instant| now.saturating_duration_since(at) < self.lag_max;
+        let recent = |at: Instant| now.saturating_duration_since(at) < self.limits.lag_max;
         let mut ids: Vec<i32> = std::iter::once(r.id())
             .chain(
                 followers
@@ -207,6 +246,45 @@ impl Group {
             .collect();
         ids.sort_unstable();
         ids
+    }
+
+    /// The group's Raft state with each replica's progress; None unless this replica leads.
+    pub fn quorum(&self) -> Option<Quorum> {
+        let r = self.replica.borrow();
+        if !r.is_leader() {
+            return None;
+        }
+        let now = Instant::now();
+        let me = r.id();
+        let matches: HashMap<u64, u64> = r.follower_matches().into_iter().collect();
+        let followers = self.followers.borrow();
+        let heard = self.heard.borrow();
+        let progress = |id: u64| {
+            let ago = |at: Instant| now.saturating_duration_since(at);
+            let (log_end, heard, caught_up) = if id == me {
+                (r.last_index(), Some(Duration::ZERO), Some(Duration::ZERO))
+            } else {
+                (
+                    matches.get(&id).copied().unwrap_or(0),
+                    heard.get(&id).map(|at| ago(*at)),
+                    followers.get(&id).map(|f| ago(f.caught_up)),
+                )
+            };
+            ReplicaProgress {
+                id: i32::try_from(id).unwrap_or(-1),
+                log_end,
+                heard,
+                caught_up,
+            }
+        };
+        let (voters, learners) = r.membership();
+        Some(Quorum {
+            leader: i32::try_from(me).unwrap_or(-1),
+            term: r.term(),
+            commit: r.commit_index(),
+            voters: voters.into_iter().map(progress).collect(),
+            observers: learners.into_iter().map(progress).collect(),
+        })
     }
 
     /// How long ago each peer was last heard from (any Raft message of this group).
@@ -403,15 +481,17 @@ impl Group {
                 if batch_end > end {
                     break;
                 }
-                if h.base_offset.0 > log_end && log.log_start_offset().0 == log_end {
-                    // An empty log starts at the leader's first batch (its records below were
-                    // deleted by retention or DeleteRecords).
-                    if let Err(e) = log.start_empty_at(h.base_offset).await {
+                if leader_start.is_some_and(|start| start > log_end) && h.base_offset.0 > log_end {
+                    // This log ends below the leader's log start (the records between were
+                    // deleted there by retention or DeleteRecords): as Kafka's follower, it
+                    // drops what it holds and starts at the leader's first batch.
+                    tracing::info!(partition = %self.tp, log_end, start = h.base_offset.0, "the log ends below the leader's log start: truncating it fully");
+                    if let Err(e) = log.truncate_fully_and_start_at(h.base_offset).await {
                         tracing::error!(partition = %self.tp, error = %format!("{e:#}"), "the log cannot start at the leader's first batch");
                         return false;
                     }
                 }
-                if let Err(code) = log.append_replicated(batch) {
+                if let Err(code) = log.append_copied(batch) {
                     tracing::error!(partition = %self.tp, ?code, "a snapshot's batch does not fit the partition");
                     return false;
                 }
@@ -512,7 +592,7 @@ impl Group {
     }
 
     async fn drive_loop(&self) {
-        let mut next_tick = Instant::now() + TICK;
+        let mut next_tick = next_tick_after(Instant::now());
         loop {
             if self.stopped.get() {
                 return;
@@ -540,7 +620,7 @@ impl Group {
                 let ticked = now >= next_tick;
                 if ticked {
                     r.tick();
-                    next_tick = now + TICK;
+                    next_tick = next_tick_after(now);
                 }
                 // What this leader proposed so far is in this cycle's entries.
                 r.begin().map(|cycle| (cycle, r.proposed_end(), ticked))
@@ -677,26 +757,48 @@ impl Group {
         }
     }
 
-    /// Drops WAL entries whose batches the segments hold durably, once that is most of the WAL.
-    /// A leader keeps what a follower still needs (catch-up from a snapshot is not built yet).
+    /// Drops WAL entries whose batches the segments hold durably, once the WAL holds
+    /// `strom.raft.log.compact.bytes`. A leader keeps what its in-sync followers still need.
     fn maybe_compact(&self) {
         let Sink::Log(log) = &self.sink else { return };
         let r = self.replica.borrow();
-        if r.store().file_bytes() < WAL_COMPACT_BYTES {
+        if r.store().file_bytes() < self.limits.compact_bytes {
             return;
         }
+        // Entries stay for the followers in sync; one out of the ISR that falls behind the
+        // compacted point catches up from a snapshot (the leader's segments), as a Kafka follower
+        // fetches from the leader's log: the WAL stays bounded while a broker is down.
+        let in_sync = self.in_sync();
+        let limit = r
+            .follower_matches()
+            .into_iter()
+            .filter(|(id, _)| i32::try_from(*id).is_ok_and(|id| in_sync.contains(&id)))
+            .map(|(_, matched)| matched + 1)
+            .min()
+            .unwrap_or(u64::MAX);
+        // Entries leave only once the segments hold their batches durably.
         let durable = log.durable_offset().0;
         let mut marks = self.applied_marks.borrow_mut();
         let mut upto = None;
-        while marks.front().is_some_and(|(_, end)| *end <= durable) {
-            upto = marks.pop_front().map(|(i, _)| i);
+        while let Some(&(index, end)) = marks.front() {
+            if end > durable || index > limit {
+                break;
+            }
+            upto = Some(index);
+            marks.pop_front();
         }
-        let Some(mut index) = upto else {
+        let Some(index) = upto else {
             log.request_sync();
             return;
         };
-        if let Some(min_match) = r.min_follower_match() {
-            index = index.min(min_match);
+        let behind: Vec<u64> = r
+            .follower_matches()
+            .into_iter()
+            .filter(|(_, matched)| *matched + 1 < index)
+            .map(|(id, _)| id)
+            .collect();
+        if !behind.is_empty() {
+            tracing::debug!(partition = %self.tp, index, ?behind, "raft log compacted past followers out of the ISR: they catch up from a snapshot");
         }
         if let Err(e) = r.store().compact(index) {
             tracing::error!(partition = %self.tp, error = %format!("{e:#}"), "raft log compaction failed");

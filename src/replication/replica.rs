@@ -192,15 +192,6 @@ impl<S: ReplicaStore> Replica<S> {
         lags
     }
 
-    /// While leading: the lowest index a follower has (entries a follower still needs are not
-    /// compacted).
-    pub fn min_follower_match(&self) -> Option<u64> {
-        self.follower_matches()
-            .into_iter()
-            .map(|(_, matched)| matched + 1)
-            .min()
-    }
-
     /// Headers of the batches in this replica's log past the commit point.
     pub fn uncommitted_batches(&self) -> Vec<BatchHeader> {
         let log = &self.node.raft.raft_log;

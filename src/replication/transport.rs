@@ -6,6 +6,13 @@
 //! as raft-rs encodes it. A length above [`FRAME_MAX`] or a header that does not validate closes
 //! the connection with a log line; the body buffer grows only as bytes arrive.
 //!
+//! Heartbeats are batched across groups (Redpanda's heartbeat manager): a heartbeat or heartbeat
+//! response (nothing but a term and a commit index) is not framed alone but joins the peer's
+//! [`Beats`], and the writer sends all queued beats as one frame, `[len][0xFFFF][rkyv Beats]`.
+//! Groups tick together (see `group::TICK`), so 1,000 partitions led here mean one heartbeat
+//! frame per peer per heartbeat interval and shard, not 1,000. The receiver expands a batch back
+//! into raft-rs messages, byte-for-byte what raft-rs produced (anything else is framed alone).
+//!
 //! Sending never waits: a message goes into the peer's queue and a writer task per peer drains
 //! the queue into the socket, all queued frames in one write. When the peer is down the queue is
 //! dropped past [`QUEUE_BYTES_MAX`] and on every failed connection attempt; Raft resends what it
@@ -51,6 +58,71 @@ pub struct GroupKey {
     pub partition: i32,
 }
 
+/// The header length that marks a frame of batched heartbeats.
+const BEATS_MARK: u16 = u16::MAX;
+
+/// One group's heartbeat (leader to follower) or heartbeat response.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq)]
+pub struct Beat {
+    pub topic: String,
+    pub partition: i32,
+    pub response: bool,
+    pub term: u64,
+    pub commit: u64,
+}
+
+/// The heartbeats from one broker to another queued since the last write, all groups together.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct Beats {
+    pub from: u64,
+    pub to: u64,
+    pub beats: Vec<Beat>,
+}
+
+/// The raft-rs message a beat stands for.
+fn beat_message(from: u64, to: u64, beat: &Beat) -> Message {
+    let mut m = Message::default();
+    m.set_msg_type(if beat.response {
+        raft::eraftpb::MessageType::MsgHeartbeatResponse
+    } else {
+        raft::eraftpb::MessageType::MsgHeartbeat
+    });
+    m.from = from;
+    m.to = to;
+    m.term = beat.term;
+    m.commit = beat.commit;
+    m
+}
+
+/// `message` as a beat, if it is a heartbeat or heartbeat response that a beat carries whole.
+fn as_beat(tp: &TopicPartition, message: &Message) -> Option<Beat> {
+    use raft::eraftpb::MessageType::{MsgHeartbeat, MsgHeartbeatResponse};
+    let response = match message.get_msg_type() {
+        MsgHeartbeat => false,
+        MsgHeartbeatResponse => true,
+        _ => return None,
+    };
+    let beat = Beat {
+        topic: tp.topic.to_string(),
+        partition: tp.partition.0,
+        response,
+        term: message.term,
+        commit: message.commit,
+    };
+    (beat_message(message.from, message.to, &beat) == *message).then_some(beat)
+}
+
+/// Encodes one frame carrying the batched `beats`.
+pub fn encode_beats(beats: &Beats) -> Result<Vec<u8>> {
+    let body = rkyv::to_bytes::<rkyv::rancor::Error>(beats)?;
+    let len = u32::try_from(2 + body.len()).context("heartbeat batch too large")?;
+    let mut out = Vec::with_capacity(4 + len as usize);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&BEATS_MARK.to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
 /// Encodes one frame carrying `message` for the group of `tp`.
 pub fn encode_frame(tp: &TopicPartition, message: &Message) -> Result<Vec<u8>> {
     let key = GroupKey {
@@ -69,12 +141,27 @@ pub fn encode_frame(tp: &TopicPartition, message: &Message) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Decodes a frame's body (after the length prefix).
-pub fn decode_frame(body: &[u8]) -> Result<(TopicPartition, Message)> {
+/// Decodes a frame's body (after the length prefix): one message, or a batch of heartbeats.
+pub fn decode_frame(body: &[u8]) -> Result<Vec<(TopicPartition, Message)>> {
     let Some(len_bytes) = body.get(0..2) else {
         bail!("frame shorter than its header length");
     };
-    let header_len = usize::from(u16::from_be_bytes([len_bytes[0], len_bytes[1]]));
+    let mark = u16::from_be_bytes([len_bytes[0], len_bytes[1]]);
+    if mark == BEATS_MARK {
+        let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(body.len() - 2);
+        aligned.extend_from_slice(&body[2..]);
+        let batch = rkyv::from_bytes::<Beats, rkyv::rancor::Error>(&aligned)
+            .context("heartbeat batch does not validate")?;
+        return Ok(batch
+            .beats
+            .iter()
+            .map(|b| {
+                let m = beat_message(batch.from, batch.to, b);
+                (TopicPartition::new(&b.topic, b.partition), m)
+            })
+            .collect());
+    }
+    let header_len = usize::from(mark);
     let Some(header) = body.get(2..2 + header_len) else {
         bail!("frame shorter than its header");
     };
@@ -88,7 +175,7 @@ pub fn decode_frame(body: &[u8]) -> Result<(TopicPartition, Message)> {
         topic: key.topic.into(),
         partition: PartitionId(key.partition),
     };
-    Ok((tp, message))
+    Ok(vec![(tp, message)])
 }
 
 /// One peer's outgoing queue, drained by its writer task.
@@ -99,8 +186,12 @@ struct PeerLink {
     /// the peer (and anything between) sees which broker is connecting.
     local: Option<IpAddr>,
     queue: RefCell<VecDeque<Vec<u8>>>,
+    /// Heartbeats waiting for the next write, sent as one frame.
+    beats: RefCell<Beats>,
     queued_bytes: Cell<usize>,
     wake: event_listener::Event,
+    /// Set once the shard stops: the writer makes no more connection attempts.
+    stopped: Rc<Cell<bool>>,
 }
 
 /// This shard's connections to the other brokers: the voters from the start, brokers that join
@@ -108,6 +199,7 @@ struct PeerLink {
 pub struct Transport {
     peers: RefCell<HashMap<i32, Rc<PeerLink>>>,
     local: Option<IpAddr>,
+    stopped: Rc<Cell<bool>>,
 }
 
 impl Transport {
@@ -116,6 +208,7 @@ impl Transport {
         let transport = Rc::new(Transport {
             peers: RefCell::new(HashMap::new()),
             local,
+            stopped: Rc::new(Cell::new(false)),
         });
         for (node, (host, port)) in peers {
             transport.add_peer(*node, host, *port);
@@ -140,13 +233,24 @@ impl Transport {
             address,
             local: self.local,
             queue: RefCell::new(VecDeque::new()),
+            beats: RefCell::new(Beats::default()),
             queued_bytes: Cell::new(0),
             wake: event_listener::Event::new(),
+            stopped: self.stopped.clone(),
         });
         glommio::spawn_local(writer(Rc::downgrade(&link))).detach();
         // The replaced link's writer ends once its last reference (this map's) is gone.
         if let Some(old) = self.peers.borrow_mut().insert(node, link) {
             old.wake.notify(usize::MAX);
+        }
+    }
+
+    /// Stops every writer (the shard is stopping): queued messages are dropped, no connection is
+    /// attempted any more.
+    pub fn stop(&self) {
+        self.stopped.set(true);
+        for link in self.peers.borrow().values() {
+            link.wake.notify(usize::MAX);
         }
     }
 
@@ -160,6 +264,22 @@ impl Transport {
             tracing::debug!(to, "raft message for a node that is not a peer; dropped");
             return;
         };
+        crate::metrics::add(crate::metrics::Counter::RaftMessagesSent, 1);
+        if let Some(beat) = as_beat(tp, message) {
+            let size = 48 + beat.topic.len();
+            if link.queued_bytes.get() + size > QUEUE_BYTES_MAX {
+                crate::metrics::add(crate::metrics::Counter::RaftMessagesDropped, 1);
+                return;
+            }
+            link.queued_bytes.set(link.queued_bytes.get() + size);
+            let mut beats = link.beats.borrow_mut();
+            beats.from = message.from;
+            beats.to = message.to;
+            beats.beats.push(beat);
+            drop(beats);
+            link.wake.notify(1);
+            return;
+        }
         let frame = match encode_frame(tp, message) {
             Ok(f) => f,
             Err(e) => {
@@ -181,6 +301,9 @@ async fn writer(link: Weak<PeerLink>) {
     let mut backoff = Duration::from_millis(50);
     loop {
         let Some(l) = link.upgrade() else { return };
+        if l.stopped.get() {
+            return;
+        }
         let address = l.address.clone();
         let node = l.node;
         let local = l.local;
@@ -192,6 +315,7 @@ async fn writer(link: Weak<PeerLink>) {
                 if let Some(l) = link.upgrade() {
                     // Stale messages are worthless to Raft once the peer is back.
                     l.queue.borrow_mut().clear();
+                    l.beats.borrow_mut().beats.clear();
                     l.queued_bytes.set(0);
                 }
                 glommio::timer::sleep(backoff).await;
@@ -205,10 +329,26 @@ async fn writer(link: Weak<PeerLink>) {
         let mut stream = stream;
         loop {
             let Some(l) = link.upgrade() else { return };
+            if l.stopped.get() {
+                return;
+            }
             let listener = l.wake.listen();
             let batch: Vec<u8> = {
                 let mut q = l.queue.borrow_mut();
                 let mut out = Vec::with_capacity(l.queued_bytes.get());
+                let beats = std::mem::take(&mut *l.beats.borrow_mut());
+                if !beats.beats.is_empty() {
+                    match encode_beats(&beats) {
+                        Ok(frame) => {
+                            crate::metrics::add(crate::metrics::Counter::RaftFramesSent, 1);
+                            out.extend_from_slice(&frame);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %format!("{e:#}"), "heartbeats not sent")
+                        }
+                    }
+                }
+                crate::metrics::add(crate::metrics::Counter::RaftFramesSent, q.len() as u64);
                 for f in q.drain(..) {
                     out.extend_from_slice(&f);
                 }
@@ -316,7 +456,7 @@ async fn read_frames(mut stream: TcpStream, deliver: Deliver) -> Result<()> {
             let Some(body) = buf.get(pos + 4..pos + 4 + len) else {
                 break;
             };
-            out.push(decode_frame(body)?);
+            out.extend(decode_frame(body)?);
             pos += 4 + len;
         }
         buf.drain(..pos);
@@ -349,9 +489,47 @@ mod tests {
             ..Default::default()
         };
         let frame = encode_frame(&tp, &m).unwrap();
-        let (tp2, m2) = decode_frame(&frame[4..]).unwrap();
-        assert_eq!((tp2, m2.to, m2.term), (tp, 3, 9));
+        let decoded = decode_frame(&frame[4..]).unwrap();
+        assert_eq!(decoded.len(), 1);
+        let (tp2, m2) = &decoded[0];
+        assert_eq!((tp2, m2.to, m2.term), (&tp, 3, 9));
         assert!(decode_frame(&[0, 200, 1, 2]).is_err());
         assert!(decode_frame(&[0, 2, 1, 2, 3]).is_err());
+        assert!(decode_frame(&[0xFF, 0xFF, 1, 2, 3]).is_err());
+    }
+
+    #[test]
+    fn heartbeats_of_many_groups_travel_in_one_frame_and_come_back_as_raft_sent_them() {
+        use raft::eraftpb::MessageType::{MsgAppend, MsgHeartbeat, MsgHeartbeatResponse};
+        let mut sent = Vec::new();
+        let mut beats = Beats::default();
+        for p in 0..100 {
+            let tp = TopicPartition::new("orders", p);
+            let mut m = Message::default();
+            m.set_msg_type(if p % 2 == 0 {
+                MsgHeartbeat
+            } else {
+                MsgHeartbeatResponse
+            });
+            m.from = 1;
+            m.to = 2;
+            m.term = 5 + u64::try_from(p).unwrap();
+            m.commit = 1000 + u64::try_from(p).unwrap();
+            let beat = as_beat(&tp, &m).unwrap();
+            beats.from = m.from;
+            beats.to = m.to;
+            beats.beats.push(beat);
+            sent.push((tp, m));
+        }
+        let frame = encode_beats(&beats).unwrap();
+        assert_eq!(decode_frame(&frame[4..]).unwrap(), sent);
+        // Anything a beat cannot carry whole is framed alone.
+        let tp = TopicPartition::new("orders", 0);
+        let mut with_context = sent[0].1.clone();
+        with_context.context = b"read-index".to_vec().into();
+        assert!(as_beat(&tp, &with_context).is_none());
+        let mut append = sent[0].1.clone();
+        append.set_msg_type(MsgAppend);
+        assert!(as_beat(&tp, &append).is_none());
     }
 }

@@ -16,7 +16,7 @@ use super::{join_all, Reply, Request, Shard};
 use crate::cluster::metadata::{MetadataCommand, METADATA_TOPIC};
 use crate::group::OFFSETS_TOPIC;
 use crate::model::{ShardId, TopicPartition};
-use crate::replication::group::{Group, Role, Sink};
+use crate::replication::group::{Group, Limits, Role, Sink};
 use crate::replication::transport::Transport;
 use crate::replication::wal::WalStore;
 use crate::replication::Replica;
@@ -109,8 +109,10 @@ impl ClusterNode {
         self.leaders.borrow_mut().remove(tp);
     }
 
-    /// Stops every Raft group on this shard and waits for their drivers (clean shutdown).
+    /// Stops the transport and every Raft group on this shard, and waits for the groups' drivers
+    /// (clean shutdown).
     pub async fn stop_groups(&self) {
+        self.transport.stop();
         let groups: Vec<Rc<Group>> = self.groups.borrow_mut().drain().map(|(_, g)| g).collect();
         join_all(groups.iter().map(|g| g.stop_and_wait()).collect()).await;
     }
@@ -188,7 +190,10 @@ impl Shard {
             cluster.transport.clone(),
             sink,
             on_role,
-            Duration::from_millis(self.options.broker.replica_lag_time_max_ms),
+            Limits {
+                lag_max: Duration::from_millis(self.options.broker.replica_lag_time_max_ms),
+                compact_bytes: self.options.broker.raft_log_compact_bytes,
+            },
         );
         cluster.groups.borrow_mut().insert(tp, group.clone());
         Ok(group)

@@ -28,6 +28,7 @@ use crate::config::{BrokerConfig, LogConfig, ServeOptions};
 use crate::group::{GroupCall, GroupCoordinator, GroupReply, OFFSETS_TOPIC};
 use crate::metrics::MetricsHub;
 use crate::model::{ErrorCode, Offset, ShardId, TopicPartition};
+use crate::replication::group::Quorum;
 use crate::storage::{AppendError, Appended, PartitionFacts, PartitionLog, ReadResult};
 
 /// Messages queued per direction between two shards before a sender waits.
@@ -107,6 +108,8 @@ pub enum Request {
     },
     /// Sizes, offsets and producers of partitions this shard owns (None: not here).
     Facts(Vec<TopicPartition>),
+    /// The Raft state of groups this shard owns (DescribeQuorum).
+    Quorum(Vec<TopicPartition>),
     /// Raft messages from other brokers for groups this shard owns.
     Raft(Vec<(TopicPartition, raft::eraftpb::Message)>),
     /// A Raft group on this broker has a new leader (or none: -1).
@@ -136,6 +139,7 @@ impl Request {
             Request::Reassign { .. } => "Reassign",
             Request::DeleteRecords { .. } => "DeleteRecords",
             Request::Facts(_) => "Facts",
+            Request::Quorum(_) => "Quorum",
             Request::Raft(_) => "Raft",
             Request::Leader { .. } => "Leader",
             Request::Propose(_) => "Propose",
@@ -207,21 +211,37 @@ impl Shard {
         self: &Rc<Self>,
         tps: Vec<TopicPartition>,
     ) -> HashMap<TopicPartition, PartitionFacts> {
+        self.ask_owners(tps, Request::Facts, |reply| match reply {
+            Reply::Facts(list) => list
+                .into_iter()
+                .filter_map(|(tp, f)| f.map(|f| (tp, f)))
+                .collect(),
+            _ => Vec::new(),
+        })
+        .await
+    }
+
+    /// Asks the shards that own `tps` about them, each shard once for all of its partitions:
+    /// `request` builds one shard's request, `answers` takes its reply apart.
+    pub async fn ask_owners<T>(
+        self: &Rc<Self>,
+        tps: Vec<TopicPartition>,
+        request: impl Fn(Vec<TopicPartition>) -> Request,
+        answers: impl Fn(Reply) -> Vec<(TopicPartition, T)>,
+    ) -> HashMap<TopicPartition, T> {
         let mut by_owner: HashMap<ShardId, Vec<TopicPartition>> = HashMap::new();
         for tp in tps {
             by_owner.entry(self.owner_of(&tp)).or_default().push(tp);
         }
         let calls: Vec<_> = by_owner
             .into_iter()
-            .map(|(owner, tps)| self.call(owner, Request::Facts(tps)))
+            .map(|(owner, tps)| self.call(owner, request(tps)))
             .collect();
-        let mut out = HashMap::new();
-        for reply in join_all(calls).await {
-            if let Reply::Facts(list) = reply {
-                out.extend(list.into_iter().filter_map(|(tp, f)| f.map(|f| (tp, f))));
-            }
-        }
-        out
+        join_all(calls)
+            .await
+            .into_iter()
+            .flat_map(answers)
+            .collect()
     }
 }
 
@@ -243,6 +263,9 @@ pub enum Reply {
     /// DeleteRecords: the new log start offset.
     LowWatermark(Result<Offset, ErrorCode>),
     Facts(Vec<(TopicPartition, Option<PartitionFacts>)>),
+    /// Per group: its Raft state if this broker leads it; NOT_LEADER_OR_FOLLOWER if it holds a
+    /// replica that follows; UNKNOWN_TOPIC_OR_PARTITION if it holds none.
+    Quorum(Vec<(TopicPartition, Result<Quorum, ErrorCode>)>),
     Done,
 }
 
@@ -654,6 +677,17 @@ impl Shard {
                             f.leading = g.role().leader;
                         }
                         (tp, facts)
+                    })
+                    .collect(),
+            ),
+            Request::Quorum(tps) => Reply::Quorum(
+                tps.into_iter()
+                    .map(|tp| {
+                        let answer = match self.cluster().and_then(|c| c.group(&tp)) {
+                            None => Err(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION),
+                            Some(g) => g.quorum().ok_or(ErrorCode::NOT_LEADER_OR_FOLLOWER),
+                        };
+                        (tp, answer)
                     })
                     .collect(),
             ),

@@ -93,6 +93,16 @@ pub async fn finish(shard: &Rc<Shard>) -> ShardReport {
     for (tp, why) in &failed {
         tracing::error!(partition = %tp, error = %why, "partition did not shut down cleanly");
     }
+    // Blocking calls still out (a connection attempt to a peer, a snapshot copy) end before the
+    // executor does.
+    let running = crate::storage::files::blocking_drained(Duration::from_secs(5)).await;
+    if running > 0 {
+        tracing::warn!(
+            shard = shard.id.0,
+            running,
+            "blocking calls still running at shutdown"
+        );
+    }
     all_arrive(&CLOSED, shard.count).await;
     tracing::info!(
         shard = shard.id.0,

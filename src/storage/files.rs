@@ -113,10 +113,42 @@ pub async fn sync_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+thread_local! {
+    /// Blocking calls of this shard still running, with an event told when one ends.
+    static IN_FLIGHT: (std::cell::Cell<usize>, event_listener::Event) =
+        const { (std::cell::Cell::new(0), event_listener::Event::new()) };
+}
+
 /// Runs a blocking filesystem call (directory creation, listing, removal, stat) on glommio's
 /// blocking thread pool, so that the shard's executor never waits on it.
 pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    glommio::executor().spawn_blocking(f).await
+    IN_FLIGHT.with(|(n, _)| n.set(n.get() + 1));
+    let out = glommio::executor().spawn_blocking(f).await;
+    IN_FLIGHT.with(|(n, ended)| {
+        n.set(n.get() - 1);
+        ended.notify(usize::MAX);
+    });
+    out
+}
+
+/// Waits (at most `limit`) until no blocking call of this shard is running: a shard that stops
+/// first leaves a blocking thread with nobody to hand its result to, and glommio panics there.
+/// Returns how many were still running.
+pub async fn blocking_drained(limit: std::time::Duration) -> usize {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let listener = IN_FLIGHT.with(|(_, ended)| ended.listen());
+        let running = IN_FLIGHT.with(|(n, _)| n.get());
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if running == 0 || left.is_zero() {
+            return running;
+        }
+        let _ = glommio::timer::timeout(left, async {
+            listener.await;
+            Ok(())
+        })
+        .await;
+    }
 }
 
 /// Removes a file off the shard thread; a file already gone is not an error.

@@ -436,12 +436,29 @@ impl PartitionLog {
     /// Appends a batch that already has its offsets and leader epoch (a replica applying what
     /// Raft committed): stored byte for byte at the log end, which must be its base offset.
     pub fn append_replicated(&self, bytes: Bytes) -> Result<(), ErrorCode> {
+        self.append_with_offsets(bytes, false)
+    }
+
+    /// Appends a batch copied from the leader's segments (a snapshot's records): as
+    /// [`PartitionLog::append_replicated`], except that it may start past the log end, as a
+    /// compacted log's batches do (Kafka's follower append takes increasing offsets, not dense
+    /// ones).
+    pub fn append_copied(&self, bytes: Bytes) -> Result<(), ErrorCode> {
+        self.append_with_offsets(bytes, true)
+    }
+
+    fn append_with_offsets(&self, bytes: Bytes, gaps: bool) -> Result<(), ErrorCode> {
         let mut st = self.state.borrow_mut();
         if st.failed || st.closed {
             return Err(ErrorCode::KAFKA_STORAGE_ERROR);
         }
         let header = BatchHeader::parse(&bytes).map_err(|e| e.error_code())?;
-        if header.base_offset != st.next_offset || header.size_bytes != bytes.len() {
+        let placed = if gaps {
+            header.base_offset >= st.next_offset
+        } else {
+            header.base_offset == st.next_offset
+        };
+        if !placed || header.size_bytes != bytes.len() {
             tracing::error!(partition = %st.tp, base = header.base_offset.0, log_end = st.next_offset.0, "replicated batch does not start at the log end");
             return Err(ErrorCode::KAFKA_STORAGE_ERROR);
         }
@@ -1028,27 +1045,34 @@ impl PartitionLog {
         write_partition_meta(&path, &meta).await
     }
 
-    /// Makes an empty log start at `offset` (a new replica whose leader's log starts there, the
-    /// records below deleted by retention): a new active segment at `offset`, the log start
-    /// persisted, the old empty segment removed. Refused unless the log holds nothing.
-    pub async fn start_empty_at(&self, offset: Offset) -> Result<()> {
-        let (dir, empty) = {
-            let st = self.state.borrow();
-            let empty = st.next_offset == st.log_start
-                && st.pending.is_empty()
-                && st.segments.len() == 1
-                && offset >= st.next_offset;
-            (st.dir.clone(), empty)
-        };
-        if !empty {
+    /// Kafka's `truncateFullyAndStartAt`: the log drops everything it holds and starts at
+    /// `offset`, at or past its end (a replica whose log ends below its leader's log start, the
+    /// records between deleted there by retention or DeleteRecords): what it held is first made
+    /// durable (nothing may be in flight to the segments it removes), then a new active segment
+    /// at `offset`, the log start persisted, the old segments removed.
+    pub async fn truncate_fully_and_start_at(&self, offset: Offset) -> Result<()> {
+        let end = self.log_end_offset();
+        if offset < end {
             anyhow::bail!(
-                "the log is not empty: it cannot start at offset {}",
+                "the log ends at {}: it cannot start at offset {}",
+                end.0,
                 offset.0
             );
         }
-        if offset == self.log_end_offset() {
+        if offset == end {
             return Ok(());
         }
+        self.request_sync();
+        self.wait_for(end, true)
+            .await
+            .map_err(|code| anyhow::anyhow!("the log's end did not become durable: {code:?}"))?;
+        let dir = {
+            let st = self.state.borrow();
+            if st.next_offset != end || !st.pending.is_empty() {
+                anyhow::bail!("the log grew while it was being truncated");
+            }
+            st.dir.clone()
+        };
         let segment = Segment::create(&dir, offset, now_ms()).await?;
         let old = {
             let mut st = self.state.borrow_mut();
