@@ -524,10 +524,11 @@ fn produce(w: Workload, setup: ProducerSetup, stats: Arc<Stats>) -> Result<()> {
                 {
                     out.flush()?;
                 }
+                // Never a busy wait (it took half a core from the broker at 50,000 msg/s): a
+                // record due sooner than the shortest sleep goes out with the ones due by then,
+                // each stamped with its own intended time, so the latency figures count the wait.
                 let wait = Duration::from_nanos(intended - now);
-                if wait > Duration::from_micros(200) {
-                    std::thread::sleep(wait.min(linger.max(Duration::from_micros(200))));
-                }
+                std::thread::sleep(wait.clamp(SLEEP_MIN, linger.max(SLEEP_MIN * 2)));
                 continue;
             }
         }
@@ -565,6 +566,9 @@ fn produce(w: Workload, setup: ProducerSetup, stats: Arc<Stats>) -> Result<()> {
     }
     Ok(())
 }
+
+/// The shortest sleep of a fixed-rate producer between records that are not due yet.
+const SLEEP_MIN: Duration = Duration::from_micros(100);
 
 /// A producer's connection and the records waiting for its next request.
 struct Outbox {
