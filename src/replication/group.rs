@@ -36,6 +36,7 @@ fn next_tick_after(now: Instant) -> Instant {
     let ticks = now.saturating_duration_since(origin).as_nanos() / TICK.as_nanos() + 1;
     origin + TICK * u32::try_from(ticks).unwrap_or(u32::MAX)
 }
+
 /// How long a produce waits for its batch to commit before `REQUEST_TIMED_OUT`.
 const COMMIT_WAIT: Duration = Duration::from_secs(30);
 

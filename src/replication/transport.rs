@@ -362,6 +362,13 @@ async fn writer(link: Weak<PeerLink>) {
             }
             if let Err(e) = stream.write_all(&batch).await {
                 tracing::debug!(peer = node, error = %e, "peer connection lost");
+                // As after a failed connection attempt: what queued for a peer that went away
+                // is stale once it is back (Raft resends what it needs).
+                if let Some(l) = link.upgrade() {
+                    l.queue.borrow_mut().clear();
+                    l.beats.borrow_mut().beats.clear();
+                    l.queued_bytes.set(0);
+                }
                 break;
             }
         }
