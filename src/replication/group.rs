@@ -770,9 +770,9 @@ impl Group {
         // compacted point catches up from a snapshot (the leader's segments), as a Kafka follower
         // fetches from the leader's log: the WAL stays bounded while a broker is down.
         let in_sync = self.in_sync();
-        let limit = r
-            .follower_matches()
-            .into_iter()
+        let matches = r.follower_matches();
+        let limit = matches
+            .iter()
             .filter(|(id, _)| i32::try_from(*id).is_ok_and(|id| in_sync.contains(&id)))
             .map(|(_, matched)| matched + 1)
             .min()
@@ -792,8 +792,7 @@ impl Group {
             log.request_sync();
             return;
         };
-        let behind: Vec<u64> = r
-            .follower_matches()
+        let behind: Vec<u64> = matches
             .into_iter()
             .filter(|(_, matched)| *matched + 1 < index)
             .map(|(id, _)| id)

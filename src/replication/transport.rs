@@ -194,6 +194,16 @@ struct PeerLink {
     stopped: Rc<Cell<bool>>,
 }
 
+impl PeerLink {
+    /// Drops what is queued for the peer (its connection failed or broke): stale messages are
+    /// worthless to Raft once the peer is back, and Raft resends what it needs.
+    fn drop_queued(&self) {
+        self.queue.borrow_mut().clear();
+        self.beats.borrow_mut().beats.clear();
+        self.queued_bytes.set(0);
+    }
+}
+
 /// This shard's connections to the other brokers: the voters from the start, brokers that join
 /// later (scale-out) as the cluster metadata names them.
 pub struct Transport {
@@ -313,10 +323,7 @@ async fn writer(link: Weak<PeerLink>) {
             Err(e) => {
                 tracing::debug!(peer = node, %address, error = %e, "peer unreachable");
                 if let Some(l) = link.upgrade() {
-                    // Stale messages are worthless to Raft once the peer is back.
-                    l.queue.borrow_mut().clear();
-                    l.beats.borrow_mut().beats.clear();
-                    l.queued_bytes.set(0);
+                    l.drop_queued();
                 }
                 glommio::timer::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -362,12 +369,8 @@ async fn writer(link: Weak<PeerLink>) {
             }
             if let Err(e) = stream.write_all(&batch).await {
                 tracing::debug!(peer = node, error = %e, "peer connection lost");
-                // As after a failed connection attempt: what queued for a peer that went away
-                // is stale once it is back (Raft resends what it needs).
                 if let Some(l) = link.upgrade() {
-                    l.queue.borrow_mut().clear();
-                    l.beats.borrow_mut().beats.clear();
-                    l.queued_bytes.set(0);
+                    l.drop_queued();
                 }
                 break;
             }
