@@ -794,8 +794,13 @@ def test_a_replica_behind_the_leaders_log_start_truncates_fully_and_catches_up(t
     # the follower cannot catch up from them: only from a snapshot.
     time.sleep(2)
     follower.start()
-    wait_health(leader, "behind", lambda b, parts: 0 in parts and fid in parts[0][1].split(","),
-                timeout=60)
+    try:
+        wait_health(leader, "behind", lambda b, parts: 0 in parts and fid in parts[0][1].split(","),
+                    timeout=60)
+    except AssertionError as e:
+        tails = "\n".join(f"--- node {n.node_id}:\n" + "\n".join(n.log_path.read_text().splitlines()[-40:])
+                          for n in (follower, leader))
+        raise AssertionError(f"{e}\n{tails}") from None
     load.produce(300)
     load.flush()
     assert not load.errors, load.errors[:3]
@@ -814,6 +819,44 @@ def test_a_replica_behind_the_leaders_log_start_truncates_fully_and_catches_up(t
     # The leader deletes whole segments only: it may hold batches below the follower's first.
     assert mine and theirs.endswith(mine), "the follower's records differ from the leader's"
     assert not (follower.data_dir / "behind-0" / "00000000000000000000.log").exists()
+
+
+def test_a_restarted_broker_keeps_its_replicas_while_it_catches_up_on_metadata(quick_cluster):
+    """A broker restarted after missing metadata (topics created while it was down) keeps every
+    replica it holds. Regression: it announced the table it replayed and, at the same time, the
+    table with the entries it caught up on; the second judged stale what the first had just
+    opened (against a table the first had not installed yet) and deleted it, so a follower's
+    whole log vanished without a log line and was copied again from the leader."""
+    nodes = quick_cluster
+    create_topic(nodes, "kept", partitions=12)
+    # Enough that reopening (a CRC scan of each active segment after kill -9) takes a while.
+    load = Load(nodes, "kept", 19, size=1000)
+    load.produce(20000)
+    load.flush()
+    # The controller: restarted, it follows a new one and catches up on what it missed.
+    controller = int(re.search(r"Controller: (\d+)", cluster_status(nodes[0])).group(1))
+    victim = next(n for n in nodes if n.node_id == controller)
+    deadline = time.time() + 20
+    while time.time() < deadline and not all(segment_bytes(victim.data_dir, "kept", p) for p in range(12)):
+        time.sleep(0.2)
+    victim.kill9()
+    held = {p: segment_bytes(victim.data_dir, "kept", p) for p in range(12)}
+    # A replica deleted and copied again would hold the same bytes in new files.
+    inodes = {p: (victim.data_dir / f"kept-{p}" / f"{0:020}.log").stat().st_ino for p in range(12)}
+    assert all(held.values()), "the victim holds every partition before it dies"
+    live = [n for n in nodes if n is not victim]
+    for i in range(6):
+        create_topic(live, f"later{i}", partitions=4)
+    victim.start()
+    wait_health(nodes[0], "kept", lambda b, parts: len(parts) == 12 and all(
+        i.split(",") == ["1", "2", "3"] for _, i in parts.values()))
+    log = victim.log_path.read_text()
+    assert "deleting it" not in log, [line for line in log.splitlines() if "deleting it" in line][:3]
+    for p, before in held.items():
+        assert segment_bytes(victim.data_dir, "kept", p).startswith(before), f"partition {p} lost what it held"
+        assert (victim.data_dir / f"kept-{p}" / f"{0:020}.log").stat().st_ino == inodes[p], \
+            f"partition {p} was deleted and copied again"
+    check_replicas_identical(nodes, "kept", partitions=12)
 
 
 def raft_lines(node, topic):

@@ -132,7 +132,10 @@ impl Controller {
         // topics from a broker that is still replaying, and a Kafka producer gives up on those).
         group.applied_through(group.commit_index()).await;
         self.loaded.set(true);
-        shard.broadcast_topics(Arc::new(self.current())).await;
+        // The first table goes out through the announcer, as every later one does: a second
+        // broadcast running beside it would apply an older table over a newer one.
+        self.announcing.set(true);
+        Self::announce(shard.clone()).await;
         let weak = Rc::downgrade(shard);
         glommio::spawn_local(async move {
             loop {
@@ -443,30 +446,33 @@ impl Controller {
         if !self.loaded.get() || self.announcing.replace(true) {
             return;
         }
-        let shard = shard.clone();
-        glommio::spawn_local(async move {
-            loop {
-                let version = shard.controller.version.get();
-                let table = shard.controller.current();
-                let results: Vec<(u64, i64)> = shard
-                    .controller
-                    .unannounced
-                    .borrow_mut()
-                    .drain(..)
-                    .collect();
-                shard.broadcast_topics(Arc::new(table)).await;
-                for (tag, value) in results {
-                    if let Some(tx) = shard.controller.waiting.borrow_mut().remove(&tag) {
-                        let _ = tx.send(value);
-                    }
-                }
-                if shard.controller.version.get() == version {
-                    shard.controller.announcing.set(false);
-                    return;
+        glommio::spawn_local(Self::announce(shard.clone())).detach();
+    }
+
+    /// Announces the table to every shard until no metadata arrived during the broadcast, then
+    /// answers the commands that waited for it. Runs once at a time (`announcing`), so that the
+    /// shards apply the tables in order.
+    async fn announce(shard: Rc<Shard>) {
+        loop {
+            let version = shard.controller.version.get();
+            let table = shard.controller.current();
+            let results: Vec<(u64, i64)> = shard
+                .controller
+                .unannounced
+                .borrow_mut()
+                .drain(..)
+                .collect();
+            shard.broadcast_topics(Arc::new(table)).await;
+            for (tag, value) in results {
+                if let Some(tx) = shard.controller.waiting.borrow_mut().remove(&tag) {
+                    let _ = tx.send(value);
                 }
             }
-        })
-        .detach();
+            if shard.controller.version.get() == version {
+                shard.controller.announcing.set(false);
+                return;
+            }
+        }
     }
 
     /// Loads the persisted table (shard 0 at start) and announces it to every shard.

@@ -786,21 +786,17 @@ impl Shard {
                 }
             }
         }
-        let old_table = self.topics();
+        // A partition is stale when its topic is gone or was recreated (another id): judged by
+        // the id the partition itself holds, never by the previous table.
         let stale: Vec<(TopicPartition, PartitionLog)> = self
             .partitions
             .borrow()
             .iter()
-            .filter(|(tp, _)| {
-                let old_id = old_table.get(&tp.topic).map(|t| t.id);
-                match wanted.get(*tp) {
-                    None => true,
-                    Some((_, id)) => old_id != Some(*id),
-                }
-            })
+            .filter(|(tp, log)| wanted.get(*tp).is_none_or(|(_, id)| log.topic_id() != *id))
             .map(|(tp, log)| (tp.clone(), log.clone()))
             .collect();
         for (tp, log) in stale {
+            tracing::info!(partition = %tp, "the partition's topic is gone or was recreated, or this broker no longer holds a replica: deleting it");
             self.partitions.borrow_mut().remove(&tp);
             if let Some(c) = self.cluster() {
                 c.remove_group(&tp);

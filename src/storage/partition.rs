@@ -378,6 +378,12 @@ impl PartitionLog {
         self.state.borrow().log_start
     }
 
+    /// The id of the topic this partition belongs to (a topic recreated under the same name has
+    /// another).
+    pub fn topic_id(&self) -> [u8; 16] {
+        self.state.borrow().meta.topic_id
+    }
+
     /// Kafka's checks on produced batches, before anything is accepted: sizes, CRC, record
     /// framing, keys on compacted topics, one batch per request for idempotent producers.
     /// Returns each batch's position and header.
