@@ -51,6 +51,22 @@ enum Command {
         /// Also write the results as JSON to this file (and .hgrm percentile files beside it).
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Also run the workload against this Kafka-compatible broker, in interleaved rounds, and
+        /// print both with their ratio (this broker is B, --bootstrap is A).
+        #[arg(long, value_name = "HOST:PORT")]
+        compare: Option<String>,
+        /// Rounds per broker (default 3 with --compare, else 1); figures are medians with their range.
+        #[arg(long)]
+        rounds: Option<u32>,
+        /// Draw every run's publish and end-to-end latency percentile curves into this SVG file.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
+        /// Producer connections per topic, overriding the workload's `producers_per_topic`.
+        #[arg(long)]
+        threads: Option<u32>,
+        /// Pin the bench's threads to these cores (e.g. `1` or `2-3`), away from the broker's.
+        #[arg(long)]
+        cores: Option<String>,
     },
     /// Send one record per line of standard input to a topic of any Kafka-compatible cluster.
     Produce {
@@ -274,7 +290,22 @@ fn main() {
             workload,
             duration_s,
             json,
-        }) => bench(&bootstrap, &workload, duration_s, json.as_deref()),
+            compare,
+            rounds,
+            plot,
+            threads,
+            cores,
+        }) => bench(BenchArgs {
+            bootstrap,
+            workload,
+            duration_s,
+            json,
+            compare,
+            rounds,
+            plot,
+            threads,
+            cores,
+        }),
         None => serve(ServeArgs::parse_from(["serve"])),
     };
     if let Err(e) = result {
@@ -294,18 +325,64 @@ fn tune(data_dir: &std::path::Path, cores: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-fn bench(
-    bootstrap: &str,
-    workload: &std::path::Path,
+struct BenchArgs {
+    bootstrap: String,
+    workload: PathBuf,
     duration_s: Option<u64>,
-    json: Option<&std::path::Path>,
-) -> Result<()> {
-    use strom::client::bench;
-    let w = bench::Workload::load(workload)?;
-    let result = bench::run(bootstrap, w, duration_s, json)?;
-    print!("{}", bench::table(&result));
-    if let Some(path) = json {
-        std::fs::write(path, serde_json::to_string_pretty(&result)? + "\n")?;
+    json: Option<PathBuf>,
+    compare: Option<String>,
+    rounds: Option<u32>,
+    plot: Option<PathBuf>,
+    threads: Option<u32>,
+    cores: Option<String>,
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    use strom::client::{bench, bench_report};
+    let mut w = bench::Workload::load(&a.workload)?;
+    if let Some(t) = a.threads {
+        anyhow::ensure!(t > 0, "--threads must be positive");
+        w.producers_per_topic = t;
+    }
+    let opts = bench::RunOptions {
+        duration_s: a.duration_s,
+        hgrm_prefix: a.json.clone(),
+        cores: a
+            .cores
+            .as_deref()
+            .map(config::parse_core_list)
+            .transpose()?
+            .unwrap_or_default(),
+    };
+    let mut targets = vec![bench_report::Target {
+        bootstrap: a.bootstrap,
+        label: "A",
+    }];
+    if let Some(other) = a.compare {
+        targets.push(bench_report::Target {
+            bootstrap: other,
+            label: "B",
+        });
+    }
+    let rounds = a.rounds.unwrap_or(if targets.len() > 1 { 3 } else { 1 });
+    anyhow::ensure!(rounds > 0, "--rounds must be positive");
+    let runs = bench_report::run_rounds(&targets, &w, &opts, rounds)?;
+    if let Some(path) = &a.plot {
+        let title = format!("strom bench {}: latency by percentile", w.name);
+        bench_report::plot(path, &title, &runs)?;
+    }
+    if runs.len() == 1 {
+        let result = &runs[0].result;
+        print!("{}", bench::table(result));
+        if let Some(path) = &a.json {
+            std::fs::write(path, serde_json::to_string_pretty(result)? + "\n")?;
+        }
+        return Ok(());
+    }
+    let report = bench_report::report(&targets, runs)?;
+    print!("{}", bench_report::table(&report));
+    if let Some(path) = &a.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")?;
     }
     Ok(())
 }

@@ -54,6 +54,47 @@ duration_s = 2
     assert (tmp_path / "result.publish.hgrm").read_text().startswith("       Value")
 
 
+def test_bench_compares_two_brokers_in_interleaved_rounds_and_plots_them(broker_factory, tmp_path):
+    """--compare runs the workload against a second broker, alternating which goes first each
+    round; the summary has each broker's median and range and the ratio A/B of the medians;
+    --plot draws every run's percentile curves into an SVG; --threads sets the producers."""
+    a, b = broker_factory(), broker_factory()
+    workload = tmp_path / "tiny.toml"
+    workload.write_text('name = "tiny"\ntopics = 1\npartitions_per_topic = 2\nmessage_size = 128\n'
+                        'producers_per_topic = 1\nconsumers_per_topic = 1\nproducer_rate = 1000\n'
+                        'warmup_s = 1\nduration_s = 1\n')
+    out_json, svg = tmp_path / "cmp.json", tmp_path / "curves.svg"
+    run = subprocess.run([STROM_BIN, "bench", "--bootstrap", a.bootstrap, "--compare", b.bootstrap,
+                          "--rounds", "2", "--threads", "2", "--cores", "0", "--workload", str(workload),
+                          "--json", str(out_json), "--plot", str(svg)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    r = json.loads(out_json.read_text())
+    assert [(x["target"], x["round"]) for x in r["rounds"]] == [("A", 1), ("B", 1), ("B", 2), ("A", 2)]
+    assert {x["bootstrap"] for x in r["rounds"] if x["target"] == "B"} == {b.bootstrap}
+    assert all(x["errors"] == 0 and x["consumed"] == x["produced"] > 0 for x in r["rounds"])
+    # The single-run keys hold A's median round.
+    assert r["produce_msgs_per_s"] in [x["produce_msgs_per_s"] for x in r["rounds"] if x["target"] == "A"]
+    spreads = {s["target"]: dict(s["figures"]) for s in r["summary"]}
+    for t in ("A", "B"):
+        rates = sorted(x["produce_msgs_per_s"] for x in r["rounds"] if x["target"] == t)
+        got = spreads[t]["produce_msgs_per_s"]
+        assert (got["min"], got["max"]) == (rates[0], rates[-1]) and got["median"] == sum(rates) / 2
+    ratios = dict(r["ratios"])
+    want = spreads["A"]["e2e_p99_ms"]["median"] / spreads["B"]["e2e_p99_ms"]["median"]
+    assert abs(ratios["e2e_p99_ms"] - want) < 1e-9, (ratios, spreads)
+    assert 0.5 < ratios["produce_msgs_per_s"] < 2
+    assert "A/B" in run.stdout and "e2e_p99_ms" in run.stdout
+    # The workload's rate holds when split over two producer connections.
+    assert 800 < r["rounds"][0]["produce_msgs_per_s"] < 1200
+    text = svg.read_text()
+    assert text.startswith("<svg") and text.rstrip().endswith("</svg>")
+    for t, addr in (("A", a.bootstrap), ("B", b.bootstrap)):
+        for n in (1, 2):
+            assert f"{t} {addr} r{n} e2e" in text and f"{t} {addr} r{n} publish" in text
+    assert text.count("<polyline") >= 8 and "99.9%" in text
+
+
 def test_bench_refuses_an_unknown_workload_field(tmp_path):
     workload = tmp_path / "bad.toml"
     workload.write_text('name = "x"\ntopics = 1\npartitions_per_topic = 1\nmessage_size = 64\n'

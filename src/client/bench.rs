@@ -435,6 +435,9 @@ struct ProducerSetup {
     partitions: Vec<i32>,
     rate_per_s: f64,
     key_seed: u64,
+    /// The cores the bench runs on and this producer's turn among its threads.
+    cores: Arc<Vec<usize>>,
+    turn: usize,
 }
 
 fn produce(w: Workload, setup: ProducerSetup, stats: Arc<Stats>) -> Result<()> {
@@ -451,7 +454,9 @@ fn produce(w: Workload, setup: ProducerSetup, stats: Arc<Stats>) -> Result<()> {
         let mut read_stream = stream.try_clone()?;
         let stats = stats.clone();
         let in_flight = in_flight.clone();
+        let (cores, turn) = (setup.cores.clone(), setup.turn);
         Some(std::thread::spawn(move || -> Result<()> {
+            pin(&cores, turn);
             while let Ok(flight) = rx.recv() {
                 let (_, resp): (i32, ProduceResponse) =
                     super::read_response(&mut read_stream, ApiKey::Produce, PRODUCE_VERSION)?;
@@ -679,6 +684,43 @@ impl Percentiles {
     }
 }
 
+/// A latency histogram's percentile curve: (quantile, milliseconds) points, for `--plot`.
+pub type Curve = Vec<(f64, f64)>;
+
+fn curve(h: &Histogram<u64>) -> Curve {
+    if h.is_empty() {
+        return Vec::new();
+    }
+    h.iter_quantiles(4)
+        .map(|v| {
+            (
+                v.quantile_iterated_to(),
+                v.value_iterated_to() as f64 / 1000.0,
+            )
+        })
+        .collect()
+}
+
+/// How one run is carried out, besides its workload.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Overrides the workload's `duration_s`.
+    pub duration_s: Option<u64>,
+    /// Writes `<prefix>.publish.hgrm` and `<prefix>.e2e.hgrm`.
+    pub hgrm_prefix: Option<std::path::PathBuf>,
+    /// Pins the bench's threads to these cores, round robin (away from the broker's).
+    pub cores: Vec<usize>,
+}
+
+/// Pins the calling thread to the `n`th of `cores` (round robin); no cores: not pinned.
+fn pin(cores: &[usize], n: usize) {
+    if let Some(&id) = cores.get(n % cores.len().max(1)) {
+        if !core_affinity::set_for_current(core_affinity::CoreId { id }) {
+            eprintln!("strom bench: pinning a thread to core {id} failed");
+        }
+    }
+}
+
 /// What a run measured, as `--json` writes it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchResult {
@@ -693,6 +735,10 @@ pub struct BenchResult {
     pub errors: u64,
     pub publish_latency_ms: Percentiles,
     pub e2e_latency_ms: Percentiles,
+    #[serde(skip)]
+    pub publish_curve: Curve,
+    #[serde(skip)]
+    pub e2e_curve: Curve,
 }
 
 /// Writes a histogram as an HdrHistogram percentile distribution (`.hgrm`), in milliseconds.
@@ -724,15 +770,12 @@ fn write_hgrm(path: &Path, h: &Histogram<u64>) -> Result<()> {
 }
 
 /// Runs a workload and returns what it measured. Prints a progress line every second.
-pub fn run(
-    bootstrap: &str,
-    mut w: Workload,
-    duration_s: Option<u64>,
-    hgrm_prefix: Option<&Path>,
-) -> Result<BenchResult> {
-    if let Some(d) = duration_s {
+pub fn run(bootstrap: &str, mut w: Workload, opts: &RunOptions) -> Result<BenchResult> {
+    if let Some(d) = opts.duration_s {
         w.duration_s = d;
     }
+    let cores = Arc::new(opts.cores.clone());
+    let mut threads = 0usize;
     let run_id = format!("{:x}", crate::storage::partition::now_ms());
     let names: Vec<String> = (0..w.topics)
         .map(|i| format!("bench-{}-{run_id}-{i}", w.name))
@@ -762,8 +805,11 @@ pub fn run(
                 }
             }
             for (leader, ps) in by_leader {
-                let (topic, stats) = (topic.clone(), stats.clone());
+                let (topic, stats, cores) = (topic.clone(), stats.clone(), cores.clone());
+                threads += 1;
+                let n = threads;
                 consumers.push(std::thread::spawn(move || {
+                    pin(&cores, n);
                     consume(leader, topic, ps, stats)
                 }));
             }
@@ -789,9 +835,16 @@ pub fn run(
                     partitions: ps,
                     rate_per_s: share,
                     key_seed: u64::from(i) * 7919 + 1,
+                    cores: cores.clone(),
+                    turn: threads + 1,
                 };
-                let (w, stats) = (w.clone(), stats.clone());
-                producers.push(std::thread::spawn(move || produce(w, setup, stats)));
+                let (w, stats, cores) = (w.clone(), stats.clone(), cores.clone());
+                threads += 1;
+                let n = threads;
+                producers.push(std::thread::spawn(move || {
+                    pin(&cores, n);
+                    produce(w, setup, stats)
+                }));
             }
         }
     }
@@ -868,7 +921,7 @@ pub fn run(
     }
     let publish = stats.publish_us.lock().expect("histogram lock").clone();
     let e2e = stats.e2e_us.lock().expect("histogram lock").clone();
-    if let Some(prefix) = hgrm_prefix {
+    if let Some(prefix) = &opts.hgrm_prefix {
         write_hgrm(&prefix.with_extension("publish.hgrm"), &publish)?;
         write_hgrm(&prefix.with_extension("e2e.hgrm"), &e2e)?;
     }
@@ -886,6 +939,8 @@ pub fn run(
         errors: stats.errors.load(Ordering::Relaxed),
         publish_latency_ms: Percentiles::of(&publish),
         e2e_latency_ms: Percentiles::of(&e2e),
+        publish_curve: curve(&publish),
+        e2e_curve: curve(&e2e),
     };
     if let Err(e) = delete_topics(bootstrap, &names) {
         eprintln!("strom bench: deleting the bench topics failed: {e:#}");

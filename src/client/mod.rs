@@ -4,6 +4,7 @@
 //! `kafka-protocol` crate; responses are bounded in size before anything is allocated for them.
 
 pub mod bench;
+pub mod bench_report;
 pub mod cluster;
 pub mod consume;
 pub mod groups;
