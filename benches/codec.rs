@@ -104,5 +104,52 @@ fn bench_request_decode(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_crc, bench_validate, bench_request_decode);
+/// Encoding a Fetch response of 16 partitions × 1 MiB of records, as strom answers one (its
+/// buffer sized up front), against the buffer growing from 64 bytes as it did before.
+fn bench_fetch_response_encode(c: &mut Criterion) {
+    use bytes::BufMut;
+    use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+    use kafka_protocol::messages::{ApiKey, FetchResponse, TopicName};
+    use kafka_protocol::protocol::{Encodable, StrBytes};
+
+    let batch = sample_batch(1024, 1000).freeze();
+    let mut response = FetchResponse::default();
+    let mut topic = FetchableTopicResponse::default();
+    topic.topic = TopicName(StrBytes::from_static_str("bench"));
+    topic.partitions = (0..16)
+        .map(|p| {
+            let mut d = PartitionData::default();
+            d.partition_index = p;
+            d.high_watermark = 1 << 20;
+            d.records = Some(batch.clone());
+            d
+        })
+        .collect();
+    response.responses = vec![topic];
+    let size = response.compute_size(12).expect("size");
+    let mut g = c.benchmark_group("fetch_response_encode");
+    g.throughput(Throughput::Bytes(size as u64));
+    g.bench_function("v12_16x1MiB_sized", |b| {
+        b.iter(|| {
+            strom::protocol::encode_response(ApiKey::Fetch, 12, 7, &response).expect("encode")
+        })
+    });
+    g.bench_function("v12_16x1MiB_grown", |b| {
+        b.iter(|| {
+            let mut buf = BytesMut::with_capacity(64);
+            buf.put_i32(0);
+            response.encode(&mut buf, 12).expect("encode");
+            buf.freeze()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_crc,
+    bench_validate,
+    bench_request_decode,
+    bench_fetch_response_encode
+);
 criterion_main!(benches);

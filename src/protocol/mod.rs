@@ -105,7 +105,10 @@ pub fn encode_response<M: Encodable>(
     let header_version = key.response_header_version(version);
     let mut header = ResponseHeader::default();
     header.correlation_id = correlation_id;
-    let mut buf = BytesMut::with_capacity(64);
+    // Sized up front: a fetch response of many megabytes would otherwise be copied again at
+    // every doubling of the buffer.
+    let size = 4 + header.compute_size(header_version)? + body.compute_size(version)?;
+    let mut buf = BytesMut::with_capacity(size);
     buf.put_i32(0);
     header.encode(&mut buf, header_version)?;
     body.encode(&mut buf, version)?;
