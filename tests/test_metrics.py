@@ -73,3 +73,46 @@ def test_metrics_show_histograms_and_counters_after_traffic(broker):
     info = json.loads(body)
     assert status == 200 and info["status"] == "ok" and info["shards"] == 2 and info["topics"] >= 1
     assert len(info["cluster_id"]) == 22
+
+
+def test_a_consumer_reading_from_disk_is_served_by_read_ahead_and_misses_nothing(broker_factory):
+    """A consumer far behind (its records no longer in the batch cache) reads sequentially from
+    the segments: each read starts the next one, so most disk reads were under way before they
+    were asked for (strom_fetch_readahead_hits). Every record comes back once, in order, and a
+    second consumer reading at another position meanwhile gets its own records right."""
+    broker = broker_factory(extra_args=["--set", "strom.cache.bytes.per.shard=65536"])
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap, request_timeout_ms=10000)
+    admin.create_topics([NewTopic("behind", 2, 1)])
+    admin.close()
+    p = Producer({"bootstrap.servers": broker.bootstrap, "acks": "all", "linger.ms": 5})
+    n = 20000
+    for i in range(n):
+        p.produce("behind", value=f"{i:08d}".encode().ljust(512, b"."), partition=i % 2)
+        if i % 1000 == 0:
+            p.poll(0)
+    assert p.flush(60) == 0
+
+    def read(partition, start):
+        c = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"ra-{partition}-{start}",
+                      "enable.auto.commit": False, "max.partition.fetch.bytes": 65536})
+        c.assign([TopicPartition("behind", partition, start)])
+        got = []
+        deadline = time.time() + 60
+        while len(got) < n // 2 - start and time.time() < deadline:
+            m = c.poll(0.5)
+            if m is not None and not m.error():
+                got.append((m.offset(), int(m.value()[:8])))
+        c.close()
+        return got
+
+    got = read(0, 0)
+    assert [o for o, _ in got] == list(range(n // 2))
+    assert [v for _, v in got] == list(range(0, n, 2))
+    later = read(1, 3000)
+    assert [o for o, _ in later] == list(range(3000, n // 2))
+    assert [v for _, v in later] == list(range(6001, n, 2))
+    time.sleep(1.5)  # shards publish their numbers once a second
+    _, _, text = scrape(broker, "/metrics")
+    misses = metric(text, "strom_fetch_cache_misses_total")
+    ahead = metric(text, "strom_fetch_readahead_hits_total")
+    assert misses > 20 and ahead > misses / 2, (misses, ahead)

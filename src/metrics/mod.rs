@@ -26,6 +26,7 @@ pub enum Counter {
     CrossShardRequests,
     CacheHits,
     CacheMisses,
+    ReadAheadHits,
     Fsyncs,
     ConnectionsAccepted,
     ConnectionsClosed,
@@ -34,7 +35,7 @@ pub enum Counter {
     RaftFramesSent,
 }
 
-pub const COUNTERS: [(Counter, &str, &str); 12] = [
+pub const COUNTERS: [(Counter, &str, &str); 13] = [
     (Counter::BytesIn, "strom_bytes_in", "Request bytes received"),
     (Counter::BytesOut, "strom_bytes_out", "Response bytes sent"),
     (
@@ -56,6 +57,11 @@ pub const COUNTERS: [(Counter, &str, &str); 12] = [
         Counter::CacheMisses,
         "strom_fetch_cache_misses",
         "Partition reads served from segments on disk",
+    ),
+    (
+        Counter::ReadAheadHits,
+        "strom_fetch_readahead_hits",
+        "Partition reads from disk that a read-ahead had started before they were asked for",
     ),
     (
         Counter::Fsyncs,
