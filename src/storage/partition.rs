@@ -1299,17 +1299,19 @@ impl PartitionLog {
                 .saturating_sub(active.size_bytes)
                 .max(1);
             let mut data = Vec::new();
+            let mut data_len = 0;
             let mut chunk = Vec::new();
             for p in &st.pending {
                 let len = p.bytes.len();
                 if !chunk.is_empty()
-                    && (data.len() + len > WRITE_CHUNK_BYTES
-                        || (data.len() + len) as u64 > room
-                        || !active.fits(active.size_bytes + data.len() as u64, &p.header))
+                    && (data_len + len > WRITE_CHUNK_BYTES
+                        || (data_len + len) as u64 > room
+                        || !active.fits(active.size_bytes + data_len as u64, &p.header))
                 {
                     break;
                 }
-                data.extend_from_slice(&p.bytes);
+                data_len += len;
+                data.push(p.bytes.clone());
                 chunk.push((p.header, p.bytes.clone()));
             }
             let prepared = (!data.is_empty()).then(|| active.prepare_write(&active_file, &data));

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use anyhow::{Context, Result};
+use bytes::Bytes;
 use glommio::io::{DmaFile, OpenOptions};
 
 use super::batch::{self, BatchError, BatchHeader};
@@ -305,14 +306,19 @@ impl Segment {
 
     /// Builds the aligned write of `data` (whole batches) at the logical end of the segment.
     /// `file` is this segment's file, from [`FileSlot::get`].
-    pub fn prepare_write(&self, file: &Rc<DmaFile>, data: &[u8]) -> PreparedWrite {
+    pub fn prepare_write(&self, file: &Rc<DmaFile>, parts: &[Bytes]) -> PreparedWrite {
         let position = file.align_down(self.size_bytes);
-        let len = self.tail.len() + data.len();
+        let len = self.tail.len() + parts.iter().map(Bytes::len).sum::<usize>();
         let aligned_len = usize::try_from(file.align_up(len as u64)).unwrap_or(usize::MAX);
         let mut buffer = file.alloc_dma_buffer(aligned_len);
         let slice = buffer.as_bytes_mut();
         slice[..self.tail.len()].copy_from_slice(&self.tail);
-        slice[self.tail.len()..len].copy_from_slice(data);
+        // Each batch is copied once, straight into the DMA buffer.
+        let mut at = self.tail.len();
+        for part in parts {
+            slice[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
         slice[len..].fill(0);
         PreparedWrite {
             file: file.clone(),
@@ -321,19 +327,28 @@ impl Segment {
         }
     }
 
-    /// Advances the logical size after a prepared write of `data` completed.
-    pub fn commit_write(&mut self, data: &[u8]) {
-        let new_size = self.size_bytes + data.len() as u64;
+    /// Advances the logical size after a prepared write of `parts` completed.
+    pub fn commit_write(&mut self, parts: &[Bytes]) {
+        let data_len: usize = parts.iter().map(Bytes::len).sum();
+        let new_size = self.size_bytes + data_len as u64;
         let aligned = new_size - new_size % self.alignment.max(1);
         // Below the alignment (a few KiB), so it fits any usize.
         let tail_len = usize::try_from(new_size - aligned).unwrap_or(0);
         let mut tail = Vec::with_capacity(tail_len);
-        if tail_len > data.len() {
-            // The new bytes did not reach the next block: the old tail continues.
+        // The new bytes did not reach the next block: the old tail continues.
+        let mut skip = if tail_len > data_len {
             tail.extend_from_slice(&self.tail);
-            tail.extend_from_slice(data);
+            0
         } else {
-            tail.extend_from_slice(&data[data.len() - tail_len..]);
+            data_len - tail_len
+        };
+        for part in parts {
+            if skip >= part.len() {
+                skip -= part.len();
+                continue;
+            }
+            tail.extend_from_slice(&part[skip..]);
+            skip = 0;
         }
         self.tail = tail;
         self.size_bytes = new_size;
