@@ -2,10 +2,14 @@
 # Measures strom with the shipped workloads and, in the same run, the baselines it is judged
 # against: raw loopback TCP throughput (iperf3), O_DIRECT sequential write bandwidth and
 # fdatasync latency of the data directory's disk (fio). Prints one summary with ratios.
-#   bash benches/figures.sh [MEASURED_SECONDS]      (needs: apt-get install iperf3 fio)
+#   bash benches/figures.sh [MEASURED_SECONDS]      (needs: apt-get install iperf3 fio kcat)
+#   ROUNDS=3 (rounds per workload), PEER=HOST:PORT (a broker to compare with, in the same rounds),
+#   PLOT=/tmp/strom-figures.svg (latency percentile curves of the 50,000 msg/s rounds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${1:-20}
+rounds=${ROUNDS:-3}
+plot=${PLOT:-/tmp/strom-figures.svg}
 cargo build --release --quiet
 work=$(mktemp -d "$PWD/bench-run.XXXXXX")
 trap 'kill "${broker:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
@@ -27,31 +31,79 @@ until grep -q "strom listening" "$work/broker.out"; do sleep 0.005; done
 startup_ms=$(( ($(date +%s%N) - started_ns) / 1000000 ))
 rss_idle_kib=$(awk '/VmRSS/ {print $2}' /proc/$broker/status)
 
-./target/release/strom bench --bootstrap 127.0.0.1:29092 \
+# Every strom bench figure is the median of $rounds rounds, with its range; with PEER=HOST:PORT
+# (another Kafka-compatible broker, e.g. Tansu) the rounds alternate between strom (A) and the
+# peer (B) and the summary gives the ratio A/B.
+compare=()
+if [ -n "${PEER:-}" ]; then compare=(--compare "$PEER"); fi
+echo "load average before the max-rate rounds: $(cut -d' ' -f1-3 /proc/loadavg)"
+./target/release/strom bench --bootstrap 127.0.0.1:29092 "${compare[@]}" --rounds "$rounds" \
     --workload benches/workloads/max-rate-1-topic-16-partitions-1kb.toml \
-    --duration-s "$duration" --json "$work/max-rate.json" | tail -n 8
-./target/release/strom bench --bootstrap 127.0.0.1:29092 \
+    --duration-s "$duration" --json "$work/max-rate.json" | grep -v '^\[' | tail -n 12
+echo "load average before the 50,000 msg/s rounds: $(cut -d' ' -f1-3 /proc/loadavg)"
+./target/release/strom bench --bootstrap 127.0.0.1:29092 "${compare[@]}" --rounds "$rounds" \
     --workload benches/workloads/1-topic-16-partitions-1kb.toml \
-    --duration-s "$duration" --json "$work/fixed.json" | tail -n 8
+    --duration-s "$duration" --json "$work/fixed.json" --plot "$plot" | grep -v '^\[' | tail -n 12
 
-python3 - "$work" "$rss_idle_kib" "$startup_ms" <<'PY'
+# Consume from the beginning: 1 GiB of 1 KiB records written with kcat, read back with kcat
+# (librdkafka); the figure is bound by kcat's per-record work as much as by the broker.
+consumed_mb=0
+consume_s=0
+if command -v kcat >/dev/null; then
+    kcat -b 127.0.0.1:29092 -L >/dev/null
+    python3 -c "import sys; line = b'x' * 1023 + b'\n'; [sys.stdout.buffer.write(line * 1024) for _ in range(1024)]" \
+        | kcat -P -b 127.0.0.1:29092 -t figures-consume -X linger.ms=5 -X batch.size=1000000 \
+              -X queue.buffering.max.kbytes=1048576
+    started_ns=$(date +%s%N)
+    consumed_mb=$(kcat -C -b 127.0.0.1:29092 -t figures-consume -o beginning -e -q -f '%S\n' \
+        | awk '{s += $1} END {printf "%.1f", s / 1e6}')
+    consume_s=$(echo "scale=3; ($(date +%s%N) - $started_ns) / 1000000000" | bc)
+fi
+
+python3 - "$work" "$rss_idle_kib" "$startup_ms" "$consumed_mb" "$consume_s" <<'PY'
 import json, sys
 work, rss, startup = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+consumed_mb, consume_s = float(sys.argv[4]), float(sys.argv[5])
 tcp = json.load(open(f"{work}/iperf.json"))["end"]["sum_received"]["bits_per_second"] / 8e6
 disk = json.load(open(f"{work}/fio-write.json"))["jobs"][0]["write"]["bw_bytes"] / 1e6
 sync = json.load(open(f"{work}/fio-sync.json"))["jobs"][0]["sync"]["lat_ns"]["percentile"]
 sync_p99 = sync["99.000000"] / 1e6
+
+
+def spread(report, figure, target="A"):
+    if "summary" not in report:  # one round against strom only: the single-run keys
+        kind, _, q = figure.rpartition("_")[0].partition("_")
+        v = report[f"{kind}_latency_ms"][q] if figure.endswith("_ms") else report[figure]
+        return {"median": v, "min": v, "max": v}
+    s = next(t for t in report["summary"] if t["target"] == target)
+    return dict(s["figures"])[figure]
+
+
+def fmt(report, figure, unit, digits=1):
+    s = spread(report, figure)
+    out = f"{s['median']:.{digits}f} {unit} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
+    ratios = dict(report.get("ratios", []))
+    if figure in ratios:
+        out += f", peer {spread(report, figure, 'B')['median']:.{digits}f} -> A/B {ratios[figure]:.2f}"
+    return out
+
+
 mx = json.load(open(f"{work}/max-rate.json"))
 fx = json.load(open(f"{work}/fixed.json"))
 bound = min(tcp, disk)
+mb = spread(mx, "produce_mb_per_s")["median"]
+p99 = spread(fx, "e2e_p99_ms")["median"]
+p999 = spread(fx, "e2e_p999_ms")["median"]
 print(f"baseline loopback TCP            {tcp:10.1f} MB/s")
 print(f"baseline O_DIRECT seq write      {disk:10.1f} MB/s")
 print(f"baseline fdatasync p99           {sync_p99:10.2f} ms  (p50 {sync['50.000000']/1e6:.2f} ms)")
-print(f"max-rate produce, acks=all       {mx['produce_mb_per_s']:10.1f} MB/s  = {mx['produce_mb_per_s']/bound:.2f} x min(TCP, disk)  (target >= 0.50)")
-print(f"50k msg/s produce rate           {fx['produce_msgs_per_s']:10.0f} msg/s")
-e = fx["e2e_latency_ms"]
-print(f"50k msg/s e2e p99                {e['p99']:10.2f} ms  vs fdatasync p99 + 1 ms = {sync_p99 + 1:.2f} ms")
-print(f"50k msg/s e2e p99.9 / p99        {e['p999'] / max(e['p99'], 1e-9):10.2f}     (target <= 3)")
+print(f"max-rate produce, acks=all       {fmt(mx, 'produce_mb_per_s', 'MB/s')}  = {mb / bound:.2f} x min(TCP, disk)  (target >= 0.60)")
+print(f"50k msg/s produce rate           {fmt(fx, 'produce_msgs_per_s', 'msg/s', 0)}")
+print(f"50k msg/s e2e p99                {fmt(fx, 'e2e_p99_ms', 'ms', 2)}  vs fdatasync p99 + 1 ms = {sync_p99 + 1:.2f} ms")
+print(f"50k msg/s e2e p99.9 / p99        {p999 / max(p99, 1e-9):10.2f}     (target <= 3)")
+if consume_s > 0:
+    rate = consumed_mb / consume_s
+    print(f"consume from the beginning (kcat) {rate:9.1f} MB/s  = {rate / bound:.2f} x min(TCP, disk)  ({consumed_mb:.0f} MB in {consume_s:.2f} s; target >= 0.60)")
 print(f"idle broker RSS (no partitions)  {rss / 1024:10.1f} MiB  (target < 64)")
 print(f"start-up to serving, empty dir   {startup:10d} ms   (target < 300)")
 PY
