@@ -39,35 +39,7 @@ enum Command {
         cores: Option<String>,
     },
     /// Load-test any Kafka-compatible broker with an OpenMessaging-style workload.
-    Bench {
-        #[arg(long, default_value = "127.0.0.1:9092")]
-        bootstrap: String,
-        /// Workload TOML, such as benches/workloads/1-topic-16-partitions-1kb.toml.
-        #[arg(long)]
-        workload: PathBuf,
-        /// Measured duration, overriding the workload's `duration_s`.
-        #[arg(long)]
-        duration_s: Option<u64>,
-        /// Also write the results as JSON to this file (and .hgrm percentile files beside it).
-        #[arg(long)]
-        json: Option<PathBuf>,
-        /// Also run the workload against this Kafka-compatible broker, in interleaved rounds, and
-        /// print both with their ratio (this broker is B, --bootstrap is A).
-        #[arg(long, value_name = "HOST:PORT")]
-        compare: Option<String>,
-        /// Rounds per broker (default 3 with --compare, else 1); figures are medians with their range.
-        #[arg(long)]
-        rounds: Option<u32>,
-        /// Draw every run's publish and end-to-end latency percentile curves into this SVG file.
-        #[arg(long, value_name = "FILE.svg")]
-        plot: Option<PathBuf>,
-        /// Producer connections per topic, overriding the workload's `producers_per_topic`.
-        #[arg(long)]
-        threads: Option<u32>,
-        /// Pin the bench's threads to these cores (e.g. `1` or `2-3`), away from the broker's.
-        #[arg(long)]
-        cores: Option<String>,
-    },
+    Bench(BenchArgs),
     /// Send one record per line of standard input to a topic of any Kafka-compatible cluster.
     Produce {
         topic: String,
@@ -285,27 +257,7 @@ fn main() {
             format,
         }) => consume(topic, bootstrap, &from, group, num, format),
         Some(Command::Tune { data_dir, cores }) => tune(&data_dir, cores.as_deref()),
-        Some(Command::Bench {
-            bootstrap,
-            workload,
-            duration_s,
-            json,
-            compare,
-            rounds,
-            plot,
-            threads,
-            cores,
-        }) => bench(BenchArgs {
-            bootstrap,
-            workload,
-            duration_s,
-            json,
-            compare,
-            rounds,
-            plot,
-            threads,
-            cores,
-        }),
+        Some(Command::Bench(args)) => bench(args),
         None => serve(ServeArgs::parse_from(["serve"])),
     };
     if let Err(e) = result {
@@ -325,15 +277,35 @@ fn tune(data_dir: &std::path::Path, cores: Option<&str>) -> Result<()> {
     Ok(())
 }
 
+/// `strom bench`'s options.
+#[derive(clap::Args)]
 struct BenchArgs {
+    #[arg(long, default_value = "127.0.0.1:9092")]
     bootstrap: String,
+    /// Workload TOML, such as benches/workloads/1-topic-16-partitions-1kb.toml.
+    #[arg(long)]
     workload: PathBuf,
+    /// Measured duration, overriding the workload's `duration_s`.
+    #[arg(long)]
     duration_s: Option<u64>,
+    /// Also write the results as JSON to this file (and .hgrm percentile files beside it).
+    #[arg(long)]
     json: Option<PathBuf>,
+    /// Also run the workload against this Kafka-compatible broker, in interleaved rounds, and
+    /// print both with their ratio (this broker is B, --bootstrap is A).
+    #[arg(long, value_name = "HOST:PORT")]
     compare: Option<String>,
+    /// Rounds per broker (default 3 with --compare, else 1); figures are medians with their range.
+    #[arg(long)]
     rounds: Option<u32>,
+    /// Draw every run's publish and end-to-end latency percentile curves into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
+    /// Producer connections per topic, overriding the workload's `producers_per_topic`.
+    #[arg(long)]
     threads: Option<u32>,
+    /// Pin the bench's threads to these cores (e.g. `1` or `2-3`), away from the broker's.
+    #[arg(long)]
     cores: Option<String>,
 }
 
