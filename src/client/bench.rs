@@ -435,12 +435,14 @@ struct ProducerSetup {
     partitions: Vec<i32>,
     rate_per_s: f64,
     key_seed: u64,
-    /// The cores the bench runs on and this producer's turn among its threads.
+    /// The cores the bench runs on and this producer's turn among its threads (its thread and
+    /// its reader's are pinned to the same core).
     cores: Arc<Vec<usize>>,
     turn: usize,
 }
 
 fn produce(w: Workload, setup: ProducerSetup, stats: Arc<Stats>) -> Result<()> {
+    pin(&setup.cores, setup.turn);
     let acks = w.acks_value()?;
     let compression = w.compression_value()?;
     let stream = TcpStream::connect(&setup.address)?;
@@ -829,6 +831,7 @@ pub fn run(bootstrap: &str, mut w: Workload, opts: &RunOptions) -> Result<BenchR
             }
             let share = rate_each / by_leader.len() as f64;
             for (leader, ps) in by_leader {
+                threads += 1;
                 let setup = ProducerSetup {
                     address: leader,
                     topic: topic.clone(),
@@ -836,15 +839,10 @@ pub fn run(bootstrap: &str, mut w: Workload, opts: &RunOptions) -> Result<BenchR
                     rate_per_s: share,
                     key_seed: u64::from(i) * 7919 + 1,
                     cores: cores.clone(),
-                    turn: threads + 1,
+                    turn: threads,
                 };
-                let (w, stats, cores) = (w.clone(), stats.clone(), cores.clone());
-                threads += 1;
-                let n = threads;
-                producers.push(std::thread::spawn(move || {
-                    pin(&cores, n);
-                    produce(w, setup, stats)
-                }));
+                let (w, stats) = (w.clone(), stats.clone());
+                producers.push(std::thread::spawn(move || produce(w, setup, stats)));
             }
         }
     }

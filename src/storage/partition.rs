@@ -1288,7 +1288,7 @@ impl PartitionLog {
             Some(slot) => slot.get().await?,
             None => anyhow::bail!("a partition has an active segment"),
         };
-        let (prepared, chunk, data) = {
+        let (prepared, chunk) = {
             let st = self.state.borrow();
             let Some(active) = st.segments.last() else {
                 anyhow::bail!("a partition has an active segment");
@@ -1298,7 +1298,6 @@ impl PartitionLog {
                 .segment_size_bytes
                 .saturating_sub(active.size_bytes)
                 .max(1);
-            let mut data = Vec::new();
             let mut data_len = 0;
             let mut chunk = Vec::new();
             for p in &st.pending {
@@ -1311,11 +1310,11 @@ impl PartitionLog {
                     break;
                 }
                 data_len += len;
-                data.push(p.bytes.clone());
                 chunk.push((p.header, p.bytes.clone()));
             }
-            let prepared = (!data.is_empty()).then(|| active.prepare_write(&active_file, &data));
-            (prepared, chunk, data)
+            let parts = chunk.iter().map(|(_, b)| &b[..]);
+            let prepared = (!chunk.is_empty()).then(|| active.prepare_write(&active_file, parts));
+            (prepared, chunk)
         };
         if let Some(w) = prepared {
             w.file.write_at(w.buffer, w.position).await.io()?;
@@ -1333,7 +1332,7 @@ impl PartitionLog {
                 active.track(position, h, interval)?;
                 position += h.size_bytes as u64;
             }
-            active.commit_write(&data);
+            active.commit_write(chunk.iter().map(|(_, b)| &b[..]));
             for (h, bytes) in chunk {
                 let done = st.pending.pop_front();
                 debug_assert_eq!(done.map(|d| d.header.base_offset), Some(h.base_offset));

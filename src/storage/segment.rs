@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use anyhow::{Context, Result};
-use bytes::Bytes;
 use glommio::io::{DmaFile, OpenOptions};
 
 use super::batch::{self, BatchError, BatchHeader};
@@ -306,9 +305,13 @@ impl Segment {
 
     /// Builds the aligned write of `data` (whole batches) at the logical end of the segment.
     /// `file` is this segment's file, from [`FileSlot::get`].
-    pub fn prepare_write(&self, file: &Rc<DmaFile>, parts: &[Bytes]) -> PreparedWrite {
+    pub fn prepare_write<'a>(
+        &self,
+        file: &Rc<DmaFile>,
+        parts: impl Iterator<Item = &'a [u8]> + Clone,
+    ) -> PreparedWrite {
         let position = file.align_down(self.size_bytes);
-        let len = self.tail.len() + parts.iter().map(Bytes::len).sum::<usize>();
+        let len = self.tail.len() + parts.clone().map(<[u8]>::len).sum::<usize>();
         let aligned_len = usize::try_from(file.align_up(len as u64)).unwrap_or(usize::MAX);
         let mut buffer = file.alloc_dma_buffer(aligned_len);
         let slice = buffer.as_bytes_mut();
@@ -328,8 +331,8 @@ impl Segment {
     }
 
     /// Advances the logical size after a prepared write of `parts` completed.
-    pub fn commit_write(&mut self, parts: &[Bytes]) {
-        let data_len: usize = parts.iter().map(Bytes::len).sum();
+    pub fn commit_write<'a>(&mut self, parts: impl Iterator<Item = &'a [u8]> + Clone) {
+        let data_len: usize = parts.clone().map(<[u8]>::len).sum();
         let new_size = self.size_bytes + data_len as u64;
         let aligned = new_size - new_size % self.alignment.max(1);
         // Below the alignment (a few KiB), so it fits any usize.
