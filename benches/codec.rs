@@ -4,29 +4,11 @@
 
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use kafka_protocol::records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions};
 
 use strom::storage::batch;
 
-fn sample_batch(records: usize, value_bytes: usize) -> BytesMut {
-    let records: Vec<Record> = (0..records)
-        .map(|i| {
-            strom::storage::records::plain_record(
-                i as i64,
-                1_700_000_000_000,
-                Some(bytes::Bytes::from(format!("key-{i}"))),
-                Some(bytes::Bytes::from(vec![b'x'; value_bytes])),
-            )
-        })
-        .collect();
-    let mut buf = BytesMut::new();
-    let options = RecordEncodeOptions {
-        version: 2,
-        compression: Compression::None,
-    };
-    RecordBatchEncoder::encode(&mut buf, &records, &options).expect("encoding a sample batch");
-    buf
-}
+mod common;
+use common::sample_batch;
 
 fn bench_crc(c: &mut Criterion) {
     let data = vec![0xA5u8; 16 * 1024];

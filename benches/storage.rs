@@ -9,6 +9,8 @@ use glommio::LocalExecutorBuilder;
 
 use strom::storage::segment::{lookup, IndexEntry};
 
+mod common;
+
 fn bench_index_lookup(c: &mut Criterion) {
     // A 1 GiB segment indexed every 4 KiB: 262,144 entries.
     let index: Vec<IndexEntry> = (0..262_144u32)
@@ -125,9 +127,96 @@ fn bench_cross_shard_round_trip(c: &mut Criterion) {
     });
 }
 
+/// One flush round: an `acks=all` batch of 4 KiB to each of 64 partitions, made durable. With the
+/// shard journal it is one journal write and one fdatasync; without it (`strom.journal.files=0`)
+/// each partition fdatasyncs its own segment. Real `PartitionLog`s and journal, real files.
+/// Appends `batch` to every partition with `acks=all` and waits until all are durable.
+async fn durable_round(logs: &[strom::storage::PartitionLog], batch: &bytes::Bytes) {
+    let ends: Vec<_> = logs
+        .iter()
+        .map(|log| log.append(batch.clone(), true).expect("append").end_offset)
+        .collect();
+    for (log, end) in logs.iter().zip(ends) {
+        log.wait_for(end, true).await.expect("durable");
+    }
+}
+
+fn bench_flush_round(c: &mut Criterion) {
+    const PARTITIONS: i32 = 64;
+    strom::storage::journal::open_journals();
+    let mut group = c.benchmark_group("flush_round_64_partitions_4KiB");
+    group.throughput(Throughput::Bytes(
+        u64::from(PARTITIONS.unsigned_abs()) * 4096,
+    ));
+    for journaled in [true, false] {
+        let name = if journaled {
+            "journal"
+        } else {
+            "fdatasync_per_partition"
+        };
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                LocalExecutorBuilder::default()
+                    .io_memory(1 << 20)
+                    .spawn(move || async move {
+                        let dir = std::env::temp_dir().join(format!(
+                            "strom-bench-round-{}-{journaled}",
+                            std::process::id()
+                        ));
+                        let _ = std::fs::remove_dir_all(&dir);
+                        std::fs::create_dir_all(&dir).expect("bench directory");
+                        let journal = if journaled {
+                            strom::storage::journal::Journal::start(&dir, 0, 4, 64 << 20)
+                                .await
+                                .expect("journal")
+                        } else {
+                            None
+                        };
+                        let config = strom::config::LogConfig::resolve(
+                            &strom::config::BrokerConfig::default(),
+                            &Default::default(),
+                        );
+                        let mut logs = Vec::new();
+                        for p in 0..PARTITIONS {
+                            let tp = strom::model::TopicPartition::new("bench", p);
+                            let log = strom::storage::PartitionLog::open(
+                                tp.clone(),
+                                dir.join(tp.dir_name()),
+                                [1; 16],
+                                config.clone(),
+                                1 << 20,
+                                false,
+                            )
+                            .await
+                            .expect("partition");
+                            if let Some(j) = &journal {
+                                log.attach_journal(j.clone());
+                            }
+                            logs.push(log);
+                        }
+                        let batch = bytes::Bytes::from(common::sample_batch(4, 1000));
+                        // The first round attaches the journal (one sync per partition).
+                        durable_round(&logs, &batch).await;
+                        let started = Instant::now();
+                        for _ in 0..iters {
+                            durable_round(&logs, &batch).await;
+                        }
+                        let elapsed = started.elapsed();
+                        let _ = std::fs::remove_dir_all(&dir);
+                        elapsed
+                    })
+                    .expect("executor")
+                    .join()
+                    .expect("bench run")
+            })
+        });
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = bench_index_lookup, bench_segment_append, bench_cross_shard_round_trip
+    targets = bench_index_lookup, bench_segment_append, bench_cross_shard_round_trip, bench_flush_round
 }
 criterion_main!(benches);

@@ -355,6 +355,22 @@ pub const BROKER_SETTINGS: &[SettingDef] = &[
         "Recent-batch cache per shard",
     ),
     def(
+        "strom.journal.file.bytes",
+        Some("16777216"),
+        T::Long,
+        false,
+        None,
+        "Size of each file of a shard's durability journal (acks=all is one journal write and one fdatasync per flush round, whatever the partition count)",
+    ),
+    def(
+        "strom.journal.files",
+        Some("4"),
+        T::Int,
+        false,
+        None,
+        "Journal files per shard, reused in turn once the segments they cover are fdatasynced; 0 turns the journal off (one fdatasync per partition)",
+    ),
+    def(
         "offsets.topic.replication.factor",
         Some("3"),
         T::Int,
@@ -862,6 +878,10 @@ pub struct BrokerConfig {
     pub connections_per_ip_max: usize,
     /// `strom.cache.bytes.per.shard`: recent batches kept in memory per shard for fetches.
     pub cache_size_bytes_per_shard: usize,
+    /// `strom.journal.file.bytes`: size of each file of a shard's durability journal.
+    pub journal_file_bytes: u64,
+    /// `strom.journal.files`: journal files per shard (0: no journal).
+    pub journal_files: usize,
     /// `offsets.topic.num.partitions`: partitions of `__consumer_offsets`, fixed once created.
     pub offsets_topic_partitions: i32,
     /// `offsets.topic.replication.factor`.
@@ -928,6 +948,8 @@ impl Default for BrokerConfig {
             connections_max: 16_384,
             connections_per_ip_max: i32::MAX as usize,
             cache_size_bytes_per_shard: 64 * 1024 * 1024,
+            journal_file_bytes: 16 * 1024 * 1024,
+            journal_files: 4,
             offsets_topic_partitions: 50,
             offsets_topic_replication_factor: 3,
             replica_lag_time_max_ms: 30_000,
@@ -1130,6 +1152,10 @@ impl BrokerConfig {
             "strom.cache.bytes.per.shard" => {
                 self.cache_size_bytes_per_shard = parse_in(value, 0, i64::MAX)? as usize
             }
+            "strom.journal.file.bytes" => {
+                self.journal_file_bytes = parse_in(value, 1 << 20, 1 << 40)? as u64
+            }
+            "strom.journal.files" => self.journal_files = parse_in(value, 0, 64)? as usize,
             "offsets.topic.replication.factor" => {
                 self.offsets_topic_replication_factor =
                     parse_in(value, 1, i64::from(i16::MAX))? as i16

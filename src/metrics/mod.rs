@@ -28,6 +28,10 @@ pub enum Counter {
     CacheMisses,
     ReadAheadHits,
     Fsyncs,
+    JournalRounds,
+    JournalBytes,
+    JournalCheckpoints,
+    JournalCheckpointWaits,
     ConnectionsAccepted,
     ConnectionsClosed,
     RaftMessagesDropped,
@@ -35,7 +39,7 @@ pub enum Counter {
     RaftFramesSent,
 }
 
-pub const COUNTERS: [(Counter, &str, &str); 13] = [
+pub const COUNTERS: [(Counter, &str, &str); 17] = [
     (Counter::BytesIn, "strom_bytes_in", "Request bytes received"),
     (Counter::BytesOut, "strom_bytes_out", "Response bytes sent"),
     (
@@ -66,7 +70,27 @@ pub const COUNTERS: [(Counter, &str, &str); 13] = [
     (
         Counter::Fsyncs,
         "strom_fsyncs",
-        "fdatasync calls on segment files",
+        "fdatasync calls on segment and journal files",
+    ),
+    (
+        Counter::JournalRounds,
+        "strom_journal_rounds",
+        "Flush rounds written to the shards' journals (each covers every partition with queued batches)",
+    ),
+    (
+        Counter::JournalBytes,
+        "strom_journal_bytes",
+        "Bytes written to the shards' journals, alignment padding included",
+    ),
+    (
+        Counter::JournalCheckpoints,
+        "strom_journal_checkpoints",
+        "Journal files whose partitions' segments were fdatasynced so that the file could be reused",
+    ),
+    (
+        Counter::JournalCheckpointWaits,
+        "strom_journal_checkpoint_waits",
+        "Times the journal writer reached a file whose checkpoint had not finished and waited",
     ),
     (
         Counter::ConnectionsAccepted,

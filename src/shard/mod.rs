@@ -41,6 +41,15 @@ pub fn shard_for(tp: &TopicPartition, shard_count: usize) -> ShardId {
     ShardId(((h + p) % shard_count as u64) as usize)
 }
 
+/// The shard that owns `tp` among `shard_count`.
+pub fn owner_of_partition(tp: &TopicPartition, shard_count: usize) -> ShardId {
+    if &*tp.topic == crate::cluster::metadata::METADATA_TOPIC {
+        // The metadata group feeds the controller, which lives on shard 0.
+        return ShardId(0);
+    }
+    shard_for(tp, shard_count)
+}
+
 /// A topic to create, as CreateTopics or auto-creation asks for it.
 #[derive(Clone, Debug)]
 pub struct TopicSpec {
@@ -304,6 +313,10 @@ pub struct Shard {
     pub fetch_sessions: crate::handlers::fetch_session::FetchSessions,
     /// Set when this broker is part of a cluster (`controller.quorum.voters`).
     cluster: Option<cluster::ClusterNode>,
+    /// This shard's durability journal (`None` with `strom.journal.files=0`).
+    journal: Option<crate::storage::journal::Journal>,
+    /// What the journals held after a crash for this shard's partitions, applied as each opens.
+    recovered: RefCell<crate::storage::journal::Recovered>,
 }
 
 impl Shard {
@@ -328,7 +341,24 @@ impl Shard {
                 options.broker.inter_broker_listen.as_ref(),
             )
         });
+        let recovered = if options.clean_start {
+            crate::storage::journal::Recovered::default()
+        } else {
+            crate::storage::journal::recover(&options.data_dir, |tp| {
+                owner_of_partition(tp, count) == id
+            })
+            .await?
+        };
+        let journal = crate::storage::journal::Journal::start(
+            &options.data_dir,
+            id.0,
+            options.broker.journal_files,
+            options.broker.journal_file_bytes,
+        )
+        .await?;
         let shard = Rc::new(Shard {
+            journal,
+            recovered: RefCell::new(recovered),
             id,
             count,
             advertised,
@@ -501,11 +531,7 @@ impl Shard {
     }
 
     pub fn owner_of(&self, tp: &TopicPartition) -> ShardId {
-        if &*tp.topic == crate::cluster::metadata::METADATA_TOPIC {
-            // The metadata group feeds the controller, which lives on shard 0.
-            return ShardId(0);
-        }
-        shard_for(tp, self.count)
+        owner_of_partition(tp, self.count)
     }
 
     pub fn topics(&self) -> Arc<TopicTable> {
@@ -833,6 +859,19 @@ impl Shard {
             .await
             {
                 Ok(log) => {
+                    let chunks = self.recovered.borrow_mut().take(&tp, id);
+                    if !chunks.is_empty() {
+                        if let Err(e) = log.replay_journal(chunks).await {
+                            let why = format!("{e:#}");
+                            tracing::error!(partition = %tp, error = %why, "applying the journal failed");
+                            log.close();
+                            failed.push((tp, why));
+                            continue;
+                        }
+                    }
+                    if let Some(journal) = &self.journal {
+                        log.attach_journal(journal.clone());
+                    }
                     if self.cluster.is_some() {
                         if let Err(e) = self.open_replica_group(&tp, &table, &log).await {
                             let why = format!("{e:#}");
@@ -870,6 +909,11 @@ impl Shard {
         );
         *self.topics.borrow_mut() = table;
         if let Some(tx) = self.ready.borrow_mut().take() {
+            let left = std::mem::take(&mut *self.recovered.borrow_mut());
+            if !left.partitions.is_empty() {
+                let names: Vec<String> = left.partitions.keys().map(|tp| tp.to_string()).collect();
+                tracing::warn!(partitions = ?names, "the journal held batches of partitions this broker no longer has; dropped");
+            }
             let _ = tx.send(());
         }
         failed

@@ -172,6 +172,10 @@ pub fn run(mut options: ServeOptions, on_ready: impl FnOnce(SocketAddr, SocketAd
             Err(_) => bail!("a shard stopped during start-up"),
         }
     }
+    // Every shard has opened its partitions and applied what the journals held: from now on the
+    // journals may be written over.
+    crate::storage::journal::open_journals();
+    crate::storage::journal::remove_orphans(&options.data_dir, count)?;
     tracing::info!(%bound, %admin, shards = count, cores = ?options.cores, data_dir = %options.data_dir.display(), clean_start = options.clean_start, startup_ms = u64::try_from(start_time.elapsed().as_millis()).unwrap_or(u64::MAX), "strom serving");
     on_ready(bound, admin);
     let mut reports: Vec<Option<ShardReport>> = Vec::with_capacity(count);

@@ -21,6 +21,7 @@ pub mod batch;
 pub mod codec;
 pub mod compaction;
 pub mod files;
+pub mod journal;
 pub mod open_files;
 pub mod partition;
 pub mod records;

@@ -26,6 +26,7 @@ use event_listener::Event;
 
 use super::batch::{self, BatchHeader};
 use super::files::{self, GlommioResultExt};
+use super::journal::Journal;
 use super::open_files::FileSlot;
 use super::segment::{self, Segment};
 use crate::config::LogConfig;
@@ -198,6 +199,16 @@ pub struct PartitionState {
     closed: bool,
     /// The next read of a consumer that reads from disk, started as its previous one finished.
     readahead: Option<ReadAhead>,
+    /// The shard's journal, which makes written batches durable (see [`super::journal`]).
+    journal: Option<Journal>,
+    /// Everything written before the journal took over is durable in the segments, so journaled
+    /// batches continue the segments' durable end on replay. Cleared when a chunk could not be
+    /// journaled: the next flush syncs the segment before journaling again.
+    journal_attached: bool,
+    /// The ticket of the last chunk submitted to the journal.
+    journal_ticket: Option<u64>,
+    /// Every offset below this is fdatasynced in the segments themselves (not only journaled).
+    segments_durable: Offset,
 }
 
 /// Bytes of read-ahead a shard may have in flight or waiting (each partition holds at most one).
@@ -394,6 +405,10 @@ impl PartitionLog {
             readahead: None,
             failed: false,
             closed: false,
+            journal: None,
+            journal_attached: false,
+            journal_ticket: None,
+            segments_durable: end,
         };
         let log = PartitionLog {
             state: Rc::new(RefCell::new(state)),
@@ -1204,6 +1219,7 @@ impl PartitionLog {
             st.next_offset = offset;
             st.high_watermark = offset;
             st.durable = offset;
+            st.segments_durable = offset;
             st.sync_wanted = st.sync_wanted.max(offset);
             old
         };
@@ -1267,8 +1283,9 @@ impl PartitionLog {
         }
     }
 
-    /// Writes one chunk of queued batches (rolling the segment first when due) and fdatasyncs if a
-    /// producer waits for durability.
+    /// Writes one chunk of queued batches (rolling the segment first when due) and, if a producer
+    /// waits for durability, makes it durable: through the shard's journal, or by fdatasyncing the
+    /// segment when there is no journal or it cannot take the chunk.
     async fn flush_once(&self) -> Result<()> {
         let roll = {
             let mut st = self.state.borrow_mut();
@@ -1280,6 +1297,7 @@ impl PartitionLog {
             self.roll().await?;
             self.progress.notify(usize::MAX);
         }
+        self.attach_journal_when_open().await?;
         let active_file = {
             let st = self.state.borrow();
             st.segments.last().map(|s| s.file.clone())
@@ -1316,6 +1334,23 @@ impl PartitionLog {
             let prepared = (!chunk.is_empty()).then(|| active.prepare_write(&active_file, parts));
             (prepared, chunk)
         };
+        // The chunk goes to the journal before the segment write starts: the two writes overlap.
+        if let Some((last, _)) = chunk.last() {
+            let mut st = self.state.borrow_mut();
+            if st.journal_attached {
+                let end = last.last_offset().next();
+                let durable = st.sync_wanted > st.durable;
+                let parts = chunk.iter().map(|(_, b)| b.clone()).collect();
+                let ticket = st
+                    .journal
+                    .as_ref()
+                    .and_then(|j| j.submit(self, &st.tp, st.meta.topic_id, parts, end, durable));
+                match ticket {
+                    Some(t) => st.journal_ticket = Some(t),
+                    None => st.journal_attached = false,
+                }
+            }
+        }
         if let Some(w) = prepared {
             w.file.write_at(w.buffer, w.position).await.io()?;
         }
@@ -1348,12 +1383,21 @@ impl PartitionLog {
         };
         self.progress.notify(usize::MAX);
         if let Some(upto) = sync_to {
-            let file = self.state.borrow().segments.last().map(|s| s.file.clone());
-            if let Some(slot) = file {
-                // fdatasync flushes the file's data whichever descriptor wrote it, so a file the
-                // fd budget closed and reopened since the write is still made durable.
-                slot.get().await?.fdatasync().await.io()?;
-                crate::metrics::add(crate::metrics::Counter::Fsyncs, 1);
+            let journaled = {
+                let st = self.state.borrow();
+                st.journal_attached
+                    .then(|| st.journal.clone().map(|j| (j, st.journal_ticket)))
+                    .flatten()
+            };
+            match journaled {
+                // Everything written since the journal took over is in it.
+                Some((journal, Some(ticket))) => journal
+                    .wait_durable(ticket)
+                    .await
+                    .map_err(|()| anyhow::anyhow!("the shard's journal failed"))?,
+                // Nothing written since the journal took over, which synced the segment.
+                Some((_, None)) => {}
+                None => self.sync_active_segment().await?,
             }
             let mut st = self.state.borrow_mut();
             st.durable = st.durable.max(upto);
@@ -1361,6 +1405,117 @@ impl PartitionLog {
             self.progress.notify(usize::MAX);
         }
         Ok(())
+    }
+
+    /// fdatasyncs the active segment: everything written so far is durable in the segments.
+    async fn sync_active_segment(&self) -> Result<()> {
+        let (file, written) = {
+            let st = self.state.borrow();
+            (
+                st.segments.last().map(|s| s.file.clone()),
+                st.high_watermark,
+            )
+        };
+        if let Some(slot) = file {
+            // fdatasync flushes the file's data whichever descriptor wrote it, so a file the fd
+            // budget closed and reopened since the write is still made durable.
+            slot.get().await?.fdatasync().await.io()?;
+            crate::metrics::add(crate::metrics::Counter::Fsyncs, 1);
+        }
+        let mut st = self.state.borrow_mut();
+        st.segments_durable = st.segments_durable.max(written);
+        st.durable = st.durable.max(written);
+        Ok(())
+    }
+
+    /// Gives the partition its shard's journal; it is used once every shard has started.
+    pub fn attach_journal(&self, journal: Journal) {
+        self.state.borrow_mut().journal = Some(journal);
+        self.work.notify(1);
+    }
+
+    /// Once the journal is open: syncs the segment so that what the journal will hold continues
+    /// the segments' durable end, then journals every later chunk.
+    async fn attach_journal_when_open(&self) -> Result<()> {
+        let attach = {
+            let st = self.state.borrow();
+            !st.journal_attached && st.journal.as_ref().is_some_and(Journal::is_open)
+        };
+        if attach {
+            self.sync_active_segment().await?;
+            let mut st = self.state.borrow_mut();
+            st.journal_attached = true;
+            st.journal_ticket = None;
+        }
+        Ok(())
+    }
+
+    /// Makes the segments durable up to `end` (a journal checkpoint, before the journal reuses the
+    /// file holding these batches). Waits for their segment write first. A closed, deleted or
+    /// failed partition has nothing more to make durable.
+    pub async fn sync_segments_upto(&self, end: Offset) {
+        loop {
+            let listener = self.progress.listen();
+            {
+                let st = self.state.borrow();
+                if st.closed || st.failed || st.segments_durable >= end {
+                    return;
+                }
+                if st.high_watermark >= end {
+                    break;
+                }
+            }
+            listener.await;
+        }
+        if let Err(e) = self.sync_active_segment().await {
+            let tp = self.topic_partition();
+            tracing::error!(partition = %tp, error = %format!("{e:#}"), "segment fdatasync for a journal checkpoint failed; partition is offline");
+            self.state.borrow_mut().failed = true;
+            self.progress.notify(usize::MAX);
+        }
+    }
+
+    /// Applies what the journal held for this partition after a crash (see
+    /// [`super::journal`]): batches that continue the log are appended, those it already holds
+    /// skipped; then the segments are made durable. Returns the batches appended.
+    pub async fn replay_journal(&self, chunks: Vec<Bytes>) -> Result<usize> {
+        let mut appended = 0;
+        let tp = self.topic_partition();
+        'chunks: for chunk in chunks {
+            let mut at = 0;
+            while at < chunk.len() {
+                let header = BatchHeader::parse(&chunk[at..])
+                    .map_err(|e| anyhow::anyhow!("journal batch of {tp}: {e:?}"))?;
+                let size = header.size_bytes;
+                if size == 0 || at + size > chunk.len() {
+                    anyhow::bail!("journal batch of {tp} runs past its entry");
+                }
+                let end = self.log_end_offset();
+                if header.last_offset() < end {
+                    at += size;
+                    continue;
+                }
+                if header.base_offset != end {
+                    tracing::warn!(partition = %tp, base = header.base_offset.0, log_end = end.0, "journal batch does not continue the log; the rest of its entries are skipped");
+                    break 'chunks;
+                }
+                self.append_replicated(chunk.slice(at..at + size))
+                    .map_err(|code| {
+                        anyhow::anyhow!("appending a journal batch to {tp}: {code:?}")
+                    })?;
+                appended += 1;
+                at += size;
+            }
+        }
+        if appended > 0 {
+            let end = self.log_end_offset();
+            self.wait_for(end, false)
+                .await
+                .map_err(|code| anyhow::anyhow!("writing journal batches to {tp}: {code:?}"))?;
+            self.sync_active_segment().await?;
+            tracing::info!(partition = %tp, batches = appended, log_end = end.0, "recovered batches from the journal");
+        }
+        Ok(appended)
     }
 
     /// Closes the active segment (durable, indexes written) and starts a new one at the next offset.
@@ -1378,6 +1533,7 @@ impl PartitionLog {
             let mut st = self.state.borrow_mut();
             let hw = st.high_watermark;
             st.durable = st.durable.max(hw);
+            st.segments_durable = st.segments_durable.max(hw);
         }
         let segment = Segment::create(&dir, next_base, now_ms()).await?;
         // Index files are written from a copy of the closed segment's indexes, so that no borrow
