@@ -17,11 +17,13 @@
 //! at once) but synced only when the journal reuses a file (a checkpoint) or the segment rolls.
 //!
 //! # Rounds
-//! The partitions' flushers [`Journal::submit`] the batches they write and get a ticket. A single
-//! task writes rounds: everything submitted since the previous round, in one aligned write at the
-//! journal's position, then one fdatasync when a submitter waits for durability. While one round
-//! is in flight the next gathers, so the round size follows the load and an idle shard writes at
-//! once (no timer, no Nagle). Tickets below [`Journal::durable`] are durable.
+//! The partitions' flushers [`Journal::submit`] each chunk of batches as they start writing it to
+//! the segment, and get a ticket. One task writes rounds: everything submitted since the previous
+//! round, in one aligned write at the journal's position. Another syncs: one fdatasync covers
+//! every round written before it, and runs while the next round is written. So the round size
+//! follows the load, and an idle shard writes and syncs at once (no timer, no Nagle). Tickets
+//! below [`Journal::wait_durable`]'s point are durable; a flusher does not wait for its sync
+//! before writing its next chunk.
 //!
 //! A round is `[magic u32][crc32c u32][run u64][seq u64][payload len u32][entries u32]` (little
 //! endian; the CRC covers everything after itself, payload included), then its entries, padded
@@ -33,6 +35,15 @@
 //! `strom.journal.files` files of `strom.journal.file.bytes` in `journal/shard-N/`, used in turn.
 //! Before a file is reused, a checkpoint fdatasyncs the segments of every partition it covers up
 //! to the offsets it holds; the writer waits only if that has not finished when it gets there.
+//! The files grow on their first pass (they are not pre-filled, so a broker that takes little
+//! traffic does not write hundreds of MiB of zeros): until a file has been written through once,
+//! its syncs are appends, with the file-system commit that costs.
+//!
+//! # Limits
+//! The segments are still written per partition per chunk: at 1,000 partitions a produce request
+//! costs 1,000 extending O_DIRECT writes, which now bound latency there. Writing the segments
+//! lazily (served from memory until written, as the journal already makes them durable) is the
+//! next step.
 //!
 //! # Recovery
 //! After a crash (no clean-shutdown marker) each shard reads every shard's journal directory
@@ -60,6 +71,8 @@ use crate::model::{Offset, TopicPartition};
 pub const JOURNAL_DIR: &str = "journal";
 const MAGIC: u32 = 0x4e52_4a53; // "SJRN"
 pub const ROUND_HEADER_BYTES: usize = 32;
+/// Segment fdatasyncs a checkpoint runs at once.
+const CHECKPOINT_SYNCS_AT_ONCE: usize = 64;
 /// A round carries at most this much; more waits for the next round.
 const ROUND_BYTES_MAX: usize = 8 << 20;
 
@@ -354,6 +367,8 @@ impl Journal {
         };
         let writer = journal.clone();
         glommio::spawn_local(async move { writer.run_writer().await }).detach();
+        let syncer = journal.clone();
+        glommio::spawn_local(async move { syncer.run_syncer().await }).detach();
         Ok(Some(journal))
     }
 
@@ -400,7 +415,7 @@ impl Journal {
             end,
         });
         drop(st);
-        self.inner.work.notify(1);
+        self.inner.work.notify(usize::MAX);
         Some(ticket)
     }
 
@@ -412,7 +427,7 @@ impl Journal {
             if st.sync_wanted <= ticket {
                 st.sync_wanted = ticket + 1;
                 drop(st);
-                self.inner.work.notify(1);
+                self.inner.work.notify(usize::MAX);
             }
         }
         loop {
@@ -430,31 +445,71 @@ impl Journal {
         }
     }
 
+    /// Writes rounds, one at a time, while anything is queued.
     async fn run_writer(self) {
-        loop {
-            let listener = self.inner.work.listen();
-            let has_work = {
-                let st = self.inner.st.borrow();
-                if st.failed {
-                    return;
-                }
-                !st.queue.is_empty() || st.sync_wanted > st.durable
-            };
-            if !has_work {
-                listener.await;
-                continue;
-            }
-            drop(listener);
+        while self.wait_for_work(|st| !st.queue.is_empty()).await {
             if let Err(e) = self.write_round().await {
-                tracing::error!(journal = %self.inner.dir.display(), error = %format!("{e:#}"), "journal write failed; partitions waiting on it go offline");
-                self.inner.st.borrow_mut().failed = true;
-                self.inner.progress.notify(usize::MAX);
+                self.fail("write", &e);
                 return;
             }
         }
     }
 
-    /// Writes one round of what is queued (if anything) and syncs when a submitter waits.
+    /// Syncs, one fdatasync at a time, while a waiter needs a written round durable. It runs
+    /// beside the writer: the next round is written while the previous one is synced, and one
+    /// sync covers every round written before it.
+    async fn run_syncer(self) {
+        while self
+            .wait_for_work(|st| st.sync_wanted > st.durable && st.written > st.durable)
+            .await
+        {
+            if let Err(e) = self.sync_written().await {
+                self.fail("fdatasync", &e);
+                return;
+            }
+        }
+    }
+
+    /// Waits until `ready` holds (true) or the journal failed (false).
+    async fn wait_for_work(&self, ready: impl Fn(&State) -> bool) -> bool {
+        loop {
+            let listener = self.inner.work.listen();
+            {
+                let st = self.inner.st.borrow();
+                if st.failed {
+                    return false;
+                }
+                if ready(&st) {
+                    return true;
+                }
+            }
+            listener.await;
+        }
+    }
+
+    fn fail(&self, what: &str, e: &anyhow::Error) {
+        tracing::error!(journal = %self.inner.dir.display(), error = %format!("{e:#}"), "journal {what} failed; partitions waiting on it go offline");
+        self.inner.st.borrow_mut().failed = true;
+        self.inner.work.notify(usize::MAX);
+        self.inner.progress.notify(usize::MAX);
+    }
+
+    async fn sync_written(&self) -> Result<()> {
+        let (upto, index) = {
+            let st = self.inner.st.borrow();
+            (st.written, st.current)
+        };
+        // Rounds written to a file the writer has left were synced as it left it.
+        self.inner.files[index].fdatasync().await.io()?;
+        crate::metrics::add(crate::metrics::Counter::Fsyncs, 1);
+        let mut st = self.inner.st.borrow_mut();
+        st.durable = st.durable.max(upto);
+        drop(st);
+        self.inner.progress.notify(usize::MAX);
+        Ok(())
+    }
+
+    /// Writes one round of what is queued.
     async fn write_round(&self) -> Result<()> {
         let inner = &self.inner;
         let taken = {
@@ -509,17 +564,7 @@ impl Journal {
                 slot.1 = slot.1.max(s.end);
             }
         }
-        let sync = {
-            let st = inner.st.borrow();
-            (st.sync_wanted > st.durable && st.written > st.durable)
-                .then(|| (st.written, st.current))
-        };
-        if let Some((upto, index)) = sync {
-            inner.files[index].fdatasync().await.io()?;
-            crate::metrics::add(crate::metrics::Counter::Fsyncs, 1);
-            let mut st = inner.st.borrow_mut();
-            st.durable = st.durable.max(upto);
-        }
+        inner.work.notify(usize::MAX);
         inner.progress.notify(usize::MAX);
         Ok(())
     }
@@ -588,11 +633,21 @@ impl Journal {
     ) {
         let started = std::time::Instant::now();
         let partitions = members.len();
-        let syncs: Vec<_> = members
-            .into_values()
-            .map(|(log, end)| async move { log.sync_segments_upto(end).await })
-            .collect();
-        crate::shard::join_all(syncs).await;
+        // Each sync is its own task, awaited in turn: a task polling hundreds of pending
+        // fdatasyncs at once would pile up clones of its waker (glommio counts them in an i16).
+        let members: Vec<_> = members.into_values().collect();
+        for group in members.chunks(CHECKPOINT_SYNCS_AT_ONCE) {
+            let tasks: Vec<_> = group
+                .iter()
+                .cloned()
+                .map(|(log, end)| {
+                    glommio::spawn_local(async move { log.sync_segments_upto(end).await })
+                })
+                .collect();
+            for task in tasks {
+                task.await;
+            }
+        }
         crate::metrics::add(crate::metrics::Counter::JournalCheckpoints, 1);
         tracing::debug!(journal = %self.inner.dir.display(), file = index, partitions, elapsed_ms = started.elapsed().as_millis(), "journal checkpoint");
         self.inner.st.borrow_mut().checkpointing[index] = false;

@@ -207,6 +207,8 @@ pub struct PartitionState {
     journal_attached: bool,
     /// The ticket of the last chunk submitted to the journal.
     journal_ticket: Option<u64>,
+    /// What a journal sync in flight will make durable: the flusher does not wait for it.
+    durable_pending: Offset,
     /// Every offset below this is fdatasynced in the segments themselves (not only journaled).
     segments_durable: Offset,
 }
@@ -408,6 +410,7 @@ impl PartitionLog {
             journal: None,
             journal_attached: false,
             journal_ticket: None,
+            durable_pending: end,
             segments_durable: end,
         };
         let log = PartitionLog {
@@ -1266,7 +1269,7 @@ impl PartitionLog {
                 if st.closed || st.failed {
                     return;
                 }
-                !st.pending.is_empty() || st.sync_wanted > st.durable || st.roll_requested
+                !st.pending.is_empty() || st.sync_unmet() || st.roll_requested
             };
             if !has_work {
                 listener.await;
@@ -1379,7 +1382,7 @@ impl PartitionLog {
                 });
             }
             st.check_offsets();
-            (st.sync_wanted > st.durable).then_some(st.high_watermark)
+            st.sync_unmet().then_some(st.high_watermark)
         };
         self.progress.notify(usize::MAX);
         if let Some(upto) = sync_to {
@@ -1390,11 +1393,30 @@ impl PartitionLog {
                     .flatten()
             };
             match journaled {
-                // Everything written since the journal took over is in it.
-                Some((journal, Some(ticket))) => journal
-                    .wait_durable(ticket)
-                    .await
-                    .map_err(|()| anyhow::anyhow!("the shard's journal failed"))?,
+                // Everything written since the journal took over is in it. The flusher goes on
+                // writing meanwhile: the next chunk's round is written while this one syncs.
+                Some((journal, Some(ticket))) => {
+                    let log = self.clone();
+                    {
+                        let mut st = self.state.borrow_mut();
+                        st.durable_pending = st.durable_pending.max(upto);
+                    }
+                    glommio::spawn_local(async move {
+                        let synced = journal.wait_durable(ticket).await;
+                        let mut st = log.state.borrow_mut();
+                        match synced {
+                            Ok(()) => st.durable = st.durable.max(upto),
+                            Err(()) => {
+                                tracing::error!(partition = %st.tp, "the shard's journal failed; partition is offline");
+                                st.failed = true;
+                            }
+                        }
+                        drop(st);
+                        log.progress.notify(usize::MAX);
+                    })
+                    .detach();
+                    return Ok(());
+                }
                 // Nothing written since the journal took over, which synced the segment.
                 Some((_, None)) => {}
                 None => self.sync_active_segment().await?,
@@ -1566,6 +1588,11 @@ impl PartitionState {
         if !ordered {
             tracing::error!(partition = %self.tp, log_start = self.log_start.0, durable = self.durable.0, high_watermark = self.high_watermark.0, next_offset = self.next_offset.0, "partition offsets out of order");
         }
+    }
+
+    /// A producer waits for more than is durable or being made durable.
+    fn sync_unmet(&self) -> bool {
+        self.sync_wanted > self.durable.max(self.durable_pending)
     }
 
     fn should_roll(&self) -> bool {
