@@ -356,7 +356,7 @@ pub const BROKER_SETTINGS: &[SettingDef] = &[
     ),
     def(
         "strom.journal.file.bytes",
-        Some("16777216"),
+        Some("67108864"),
         T::Long,
         false,
         None,
@@ -948,7 +948,7 @@ impl Default for BrokerConfig {
             connections_max: 16_384,
             connections_per_ip_max: i32::MAX as usize,
             cache_size_bytes_per_shard: 64 * 1024 * 1024,
-            journal_file_bytes: 16 * 1024 * 1024,
+            journal_file_bytes: 64 * 1024 * 1024,
             journal_files: 4,
             offsets_topic_partitions: 50,
             offsets_topic_replication_factor: 3,
