@@ -30,6 +30,10 @@ broker=$!
 until grep -q "strom listening" "$work/broker.out"; do sleep 0.005; done
 startup_ms=$(( ($(date +%s%N) - started_ns) / 1000000 ))
 rss_idle_kib=$(awk '/VmRSS/ {print $2}' /proc/$broker/status)
+admin=$(sed -n 's/^strom admin on //p' "$work/broker.out")
+# fdatasyncs (segments and journal) so far, from /metrics; and the seconds since the epoch.
+fsyncs() { curl -s "http://$admin/metrics" | awk '/^strom_fsyncs_total/ {s += $2} END {print s + 0}'; }
+now_s() { date +%s.%N; }
 
 # Every strom bench figure is the median of $rounds rounds, with its range; with PEER=HOST:PORT
 # (another Kafka-compatible broker, e.g. Tansu) the rounds alternate between strom (A) and the
@@ -41,9 +45,18 @@ echo "load average before the max-rate rounds: $(cut -d' ' -f1-3 /proc/loadavg)"
     --workload benches/workloads/max-rate-1-topic-16-partitions-1kb.toml \
     --duration-s "$duration" --json "$work/max-rate.json" | grep -v '^\[' | tail -n 12
 echo "load average before the 50,000 msg/s rounds: $(cut -d' ' -f1-3 /proc/loadavg)"
+f0=$(fsyncs); t0=$(now_s)
 ./target/release/strom bench --bootstrap 127.0.0.1:29092 "${compare[@]}" --rounds "$rounds" \
     --workload benches/workloads/1-topic-16-partitions-1kb.toml \
     --duration-s "$duration" --json "$work/fixed.json" --plot "$plot" | grep -v '^\[' | tail -n 12
+# With a peer, strom ran only half of that time: the rate then understates strom's.
+fsyncs_16=$(echo "($(fsyncs) - $f0) / ($(now_s) - $t0)" | bc -l)
+echo "load average before the 1,000-partition round: $(cut -d' ' -f1-3 /proc/loadavg)"
+f0=$(fsyncs); t0=$(now_s)
+./target/release/strom bench --bootstrap 127.0.0.1:29092 \
+    --workload benches/workloads/1-topic-1000-partitions-1kb.toml \
+    --duration-s "$duration" --json "$work/wide.json" | grep -v '^\[' | tail -n 4
+fsyncs_1000=$(echo "($(fsyncs) - $f0) / ($(now_s) - $t0)" | bc -l)
 
 # Consume from the beginning: 1 GiB of 1 KiB records written with kcat, read back with kcat
 # (librdkafka); the figure is bound by kcat's per-record work as much as by the broker.
@@ -60,10 +73,11 @@ if command -v kcat >/dev/null; then
     consume_s=$(echo "scale=3; ($(date +%s%N) - $started_ns) / 1000000000" | bc)
 fi
 
-python3 - "$work" "$rss_idle_kib" "$startup_ms" "$consumed_mb" "$consume_s" <<'PY'
+python3 - "$work" "$rss_idle_kib" "$startup_ms" "$consumed_mb" "$consume_s" "$fsyncs_16" "$fsyncs_1000" <<'PY'
 import json, sys
 work, rss, startup = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 consumed_mb, consume_s = float(sys.argv[4]), float(sys.argv[5])
+fsyncs_16, fsyncs_1000 = float(sys.argv[6]), float(sys.argv[7])
 tcp = json.load(open(f"{work}/iperf.json"))["end"]["sum_received"]["bits_per_second"] / 8e6
 disk = json.load(open(f"{work}/fio-write.json"))["jobs"][0]["write"]["bw_bytes"] / 1e6
 sync = json.load(open(f"{work}/fio-sync.json"))["jobs"][0]["sync"]["lat_ns"]["percentile"]
@@ -101,6 +115,11 @@ print(f"max-rate produce, acks=all       {fmt(mx, 'produce_mb_per_s', 'MB/s')}  
 print(f"50k msg/s produce rate           {fmt(fx, 'produce_msgs_per_s', 'msg/s', 0)}")
 print(f"50k msg/s e2e p99                {fmt(fx, 'e2e_p99_ms', 'ms', 2)}  vs fdatasync p99 + 1 ms = {sync_p99 + 1:.2f} ms")
 print(f"50k msg/s e2e p99.9 / p99        {p999 / max(p99, 1e-9):10.2f}     (target <= 3)")
+wide = json.load(open(f"{work}/wide.json"))
+wide_p99 = wide["e2e_latency_ms"]["p99"]
+print(f"1,000 partitions e2e p99         {wide_p99:10.2f} ms  = {wide_p99 / max(p99, 1e-9):.1f} x the 16-partition p99  (target <= 1.5)")
+print(f"fdatasyncs/s, 16 partitions      {fsyncs_16:10.0f}")
+print(f"fdatasyncs/s, 1,000 partitions   {fsyncs_1000:10.0f}     = {fsyncs_1000 / max(fsyncs_16, 1e-9):.2f} x 16 partitions  (target <= 1)")
 if consume_s > 0:
     rate = consumed_mb / consume_s
     print(f"consume from the beginning (kcat) {rate:9.1f} MB/s  = {rate / bound:.2f} x min(TCP, disk)  ({consumed_mb:.0f} MB in {consume_s:.2f} s; target >= 0.60)")

@@ -159,6 +159,10 @@ def test_journal_files_are_reused_after_checkpoints_and_a_crash_replays_nothing_
     journaled = metric(text, "strom_journal_bytes_total")
     print(f"journal: {journaled / 1e6:.1f} MB written, {checkpoints:.0f} checkpoints")
     assert journaled > 10e6 and checkpoints >= 5
+    # Every file was filled to its full size once the writer was half-way through the one before.
+    sizes = {f.relative_to(broker.data_dir).as_posix(): f.stat().st_size
+             for f in (broker.data_dir / "journal").glob("shard-*/*.journal")}
+    assert sorted(sizes.values()) == [1 << 20] * 4, sizes
     broker.kill9()
     broker.start()
     found = read_all(broker, "wrap", partitions)

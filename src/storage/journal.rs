@@ -35,9 +35,11 @@
 //! `strom.journal.files` files of `strom.journal.file.bytes` in `journal/shard-N/`, used in turn.
 //! Before a file is reused, a checkpoint fdatasyncs the segments of every partition it covers up
 //! to the offsets it holds; the writer waits only if that has not finished when it gets there.
-//! The files grow on their first pass (they are not pre-filled, so a broker that takes little
-//! traffic does not write hundreds of MiB of zeros): until a file has been written through once,
-//! its syncs are appends, with the file-system commit that costs.
+//! The files grow on their first pass. Once the writer is half-way through a file, the next one
+//! is filled with zeros to its full size (the writer waits for that if it gets there first), so
+//! that its rounds overwrite allocated blocks; only the first file's first pass appends, with
+//! the file-system commit each sync then costs. A broker that takes little traffic never writes
+//! the zeros.
 //!
 //! # Limits
 //! The segments are still written per partition per chunk: at 1,000 partitions a produce request
@@ -71,6 +73,8 @@ use crate::model::{Offset, TopicPartition};
 pub const JOURNAL_DIR: &str = "journal";
 const MAGIC: u32 = 0x4e52_4a53; // "SJRN"
 pub const ROUND_HEADER_BYTES: usize = 32;
+/// Zeros written at a time when a journal file is filled.
+const FILL_CHUNK_BYTES: u64 = 1 << 20;
 /// Segment fdatasyncs a checkpoint runs at once.
 const CHECKPOINT_SYNCS_AT_ONCE: usize = 64;
 /// A round carries at most this much; more waits for the next round.
@@ -284,6 +288,10 @@ struct State {
     members: Vec<HashMap<TopicPartition, (PartitionLog, Offset)>>,
     /// Per file: a checkpoint is still running, so it cannot be reused yet.
     checkpointing: Vec<bool>,
+    /// Per file: written through to its full size, so rounds overwrite allocated blocks.
+    filled: Vec<bool>,
+    /// Per file: zeros are being written to its end; the writer does not enter it meanwhile.
+    filling: Vec<bool>,
 }
 
 struct Inner {
@@ -326,6 +334,7 @@ impl Journal {
             super::files::sync_dir(parent).await?;
         }
         let mut opened = Vec::with_capacity(files);
+        let mut filled = Vec::with_capacity(files);
         for i in 0..files {
             let path = dir.join(format!("{i:02}.journal"));
             let file = OpenOptions::new()
@@ -336,6 +345,7 @@ impl Journal {
                 .await
                 .io()
                 .with_context(|| format!("opening {}", path.display()))?;
+            filled.push(file.file_size().await.io()? >= file_bytes);
             opened.push(Rc::new(file));
         }
         super::files::sync_dir(&dir).await?;
@@ -360,6 +370,8 @@ impl Journal {
                     position: 0,
                     members: (0..files).map(|_| HashMap::new()).collect(),
                     checkpointing: vec![false; files],
+                    filled,
+                    filling: vec![false; files],
                 }),
                 work: Event::new(),
                 progress: Event::new(),
@@ -555,6 +567,16 @@ impl Journal {
             crate::metrics::add(crate::metrics::Counter::JournalBytes, aligned as u64);
             let mut st = inner.st.borrow_mut();
             st.position = position + aligned as u64;
+            let next = (index + 1) % inner.files.len();
+            if st.position > inner.file_bytes / 2
+                && next != index
+                && !st.filled[next]
+                && !st.filling[next]
+            {
+                st.filling[next] = true;
+                let journal = self.clone();
+                glommio::spawn_local(async move { journal.fill(next).await }).detach();
+            }
             let last = taken.last().map_or(0, |s| s.ticket);
             st.written = st.written.max(last + 1);
             for s in taken {
@@ -611,7 +633,7 @@ impl Journal {
                 if st.failed {
                     bail!("the journal failed");
                 }
-                if !st.checkpointing[next] {
+                if !st.checkpointing[next] && !st.filling[next] {
                     break;
                 }
             }
@@ -622,6 +644,38 @@ impl Journal {
         st.current = next;
         st.position = 0;
         Ok(inner.files[next].clone())
+    }
+
+    /// Writes zeros from the end of file `index` (which the writer is not in) to its full size,
+    /// then syncs it: from then on rounds in it overwrite allocated blocks, and their syncs need
+    /// no file-system commit. Started once the writer is half-way through the file before it, so
+    /// a broker that takes little traffic never writes the zeros.
+    async fn fill(self, index: usize) {
+        let file = self.inner.files[index].clone();
+        let filled = async {
+            let mut position = file.align_down(file.file_size().await.io()?);
+            while position < self.inner.file_bytes {
+                let len =
+                    usize::try_from((self.inner.file_bytes - position).min(FILL_CHUNK_BYTES))?;
+                let mut buffer = file.alloc_dma_buffer(usize::try_from(file.align_up(len as u64))?);
+                buffer.as_bytes_mut().fill(0);
+                file.write_at(buffer, position).await.io()?;
+                position += len as u64;
+            }
+            file.fdatasync().await.io()?;
+            anyhow::Ok(())
+        }
+        .await;
+        let mut st = self.inner.st.borrow_mut();
+        st.filling[index] = false;
+        match filled {
+            Ok(()) => st.filled[index] = true,
+            Err(e) => {
+                tracing::warn!(journal = %self.inner.dir.display(), file = index, error = %format!("{e:#}"), "filling a journal file failed; its rounds append instead");
+            }
+        }
+        drop(st);
+        self.inner.progress.notify(usize::MAX);
     }
 
     /// Makes the segments of every partition file `index` covers durable up to what it holds;
