@@ -941,40 +941,100 @@ impl Shard {
 
 use std::future::Future;
 
-/// Futures [`join_all`] polls at once. Each pending future holds clones of the task's waker, and
-/// glommio counts a task's references in an i16: one Fetch naming 20,000 partitions, each call
-/// waiting for room on a full mesh channel, overflowed that count and aborted the shard. A window
-/// keeps the count bounded whatever a request names.
+/// Futures [`join_all`] runs at once, so that what a request names cannot start unbounded work.
 const JOIN_WINDOW: usize = 256;
 
 /// Awaits every future, at most [`JOIN_WINDOW`] at a time, and returns their results in order.
+///
+/// Each future gets a waker of its own, and only a future that was woken is polled again (as
+/// `FuturesUnordered` does). Polling every pending future on each wake-up handed glommio a fresh
+/// clone of the task's waker per poll for each pending I/O, and glommio counts a task's
+/// references in an i16: 20,000 partitions named by one Fetch, then 500 partitions' fdatasyncs at
+/// shutdown, overflowed it and aborted the shard.
 pub async fn join_all<F: Future>(futs: Vec<F>) -> Vec<F::Output> {
-    let mut pinned: Vec<_> = futs.into_iter().map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = (0..pinned.len()).map(|_| None).collect();
-    let mut active: Vec<usize> = Vec::with_capacity(JOIN_WINDOW.min(pinned.len()));
-    let mut next = 0usize;
-    futures_lite::future::poll_fn(|cx| loop {
-        while active.len() < JOIN_WINDOW && next < pinned.len() {
-            active.push(next);
-            next += 1;
+    use std::sync::Mutex;
+    use std::task::{Poll, Wake, Waker};
+
+    #[derive(Default)]
+    struct Shared {
+        woken: Mutex<Vec<usize>>,
+        parent: Mutex<Option<Waker>>,
+    }
+    struct SlotWaker {
+        index: usize,
+        shared: Arc<Shared>,
+    }
+    impl Wake for SlotWaker {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
         }
-        let before = active.len();
-        active.retain(|&i| match pinned.get_mut(i).map(|f| f.as_mut().poll(cx)) {
-            Some(std::task::Poll::Ready(v)) => {
-                if let Some(slot) = out.get_mut(i) {
-                    *slot = Some(v);
-                }
-                false
+        fn wake_by_ref(self: &Arc<Self>) {
+            if let Ok(mut woken) = self.shared.woken.lock() {
+                woken.push(self.index);
             }
-            Some(std::task::Poll::Pending) => true,
-            None => false,
-        });
-        if active.is_empty() && next >= pinned.len() {
-            return std::task::Poll::Ready(());
+            if let Ok(parent) = self.shared.parent.lock() {
+                if let Some(w) = parent.as_ref() {
+                    w.wake_by_ref();
+                }
+            }
         }
-        // Finished futures made room: start the next ones now, so that they register wakers.
-        if active.len() == before || next >= pinned.len() {
-            return std::task::Poll::Pending;
+    }
+
+    let n = futs.len();
+    let mut pinned: Vec<_> = futs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = (0..n).map(|_| None).collect();
+    let shared = Arc::new(Shared::default());
+    let wakers: Vec<Waker> = (0..n)
+        .map(|index| {
+            Waker::from(Arc::new(SlotWaker {
+                index,
+                shared: shared.clone(),
+            }))
+        })
+        .collect();
+    let (mut next, mut active, mut done) = (0usize, 0usize, 0usize);
+    futures_lite::future::poll_fn(|cx| {
+        if let Ok(mut parent) = shared.parent.lock() {
+            if !parent.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *parent = Some(cx.waker().clone());
+            }
+        }
+        let mut to_poll: Vec<usize> = shared
+            .woken
+            .lock()
+            .map(|mut w| std::mem::take(&mut *w))
+            .unwrap_or_default();
+        loop {
+            // Futures that finished made room: the next ones start now, so they register wakers.
+            while active < JOIN_WINDOW && next < n {
+                to_poll.push(next);
+                next += 1;
+                active += 1;
+            }
+            if to_poll.is_empty() {
+                break;
+            }
+            for i in std::mem::take(&mut to_poll) {
+                if out.get(i).is_none_or(Option::is_some) {
+                    continue;
+                }
+                let mut slot_cx = std::task::Context::from_waker(&wakers[i]);
+                if let Poll::Ready(v) = pinned[i].as_mut().poll(&mut slot_cx) {
+                    out[i] = Some(v);
+                    active -= 1;
+                    done += 1;
+                }
+            }
+            // Wakes that came during these polls wait for the next poll of this task (they woke
+            // it already); only newly started futures are polled in this one.
+            if active == JOIN_WINDOW || next >= n {
+                break;
+            }
+        }
+        if done == n {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
         }
     })
     .await;
