@@ -75,8 +75,6 @@ const MAGIC: u32 = 0x4e52_4a53; // "SJRN"
 pub const ROUND_HEADER_BYTES: usize = 32;
 /// Zeros written at a time when a journal file is filled.
 const FILL_CHUNK_BYTES: u64 = 1 << 20;
-/// Segment fdatasyncs a checkpoint runs at once.
-const CHECKPOINT_SYNCS_AT_ONCE: usize = 64;
 /// A round carries at most this much; more waits for the next round.
 const ROUND_BYTES_MAX: usize = 8 << 20;
 
@@ -687,21 +685,11 @@ impl Journal {
     ) {
         let started = std::time::Instant::now();
         let partitions = members.len();
-        // Each sync is its own task, awaited in turn: a task polling hundreds of pending
-        // fdatasyncs at once would pile up clones of its waker (glommio counts them in an i16).
-        let members: Vec<_> = members.into_values().collect();
-        for group in members.chunks(CHECKPOINT_SYNCS_AT_ONCE) {
-            let tasks: Vec<_> = group
-                .iter()
-                .cloned()
-                .map(|(log, end)| {
-                    glommio::spawn_local(async move { log.sync_segments_upto(end).await })
-                })
-                .collect();
-            for task in tasks {
-                task.await;
-            }
-        }
+        let syncs: Vec<_> = members
+            .into_values()
+            .map(|(log, end)| async move { log.sync_segments_upto(end).await })
+            .collect();
+        crate::shard::join_all(syncs).await;
         crate::metrics::add(crate::metrics::Counter::JournalCheckpoints, 1);
         tracing::debug!(journal = %self.inner.dir.display(), file = index, partitions, elapsed_ms = started.elapsed().as_millis(), "journal checkpoint");
         self.inner.st.borrow_mut().checkpointing[index] = false;

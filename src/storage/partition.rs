@@ -1542,21 +1542,14 @@ impl PartitionLog {
 
     /// Closes the active segment (durable, indexes written) and starts a new one at the next offset.
     async fn roll(&self) -> Result<()> {
-        let (file, dir, next_base) = {
+        let (dir, next_base) = {
             let st = self.state.borrow();
-            let Some(active) = st.segments.last() else {
+            if st.segments.is_empty() {
                 anyhow::bail!("a partition has an active segment");
-            };
-            (active.file.clone(), st.dir.clone(), st.high_watermark)
+            }
+            (st.dir.clone(), st.high_watermark)
         };
-        file.get().await?.fdatasync().await.io()?;
-        crate::metrics::add(crate::metrics::Counter::Fsyncs, 1);
-        {
-            let mut st = self.state.borrow_mut();
-            let hw = st.high_watermark;
-            st.durable = st.durable.max(hw);
-            st.segments_durable = st.segments_durable.max(hw);
-        }
+        self.sync_active_segment().await?;
         let segment = Segment::create(&dir, next_base, now_ms()).await?;
         // Index files are written from a copy of the closed segment's indexes, so that no borrow
         // of the partition is held across the writes.
