@@ -134,7 +134,11 @@ fn bench_cross_shard_round_trip(c: &mut Criterion) {
 async fn durable_round(logs: &[strom::storage::PartitionLog], batch: &bytes::Bytes) {
     let ends: Vec<_> = logs
         .iter()
-        .map(|log| log.append(batch.clone(), true).expect("append").end_offset)
+        .map(|log| {
+            log.append(batch.clone(), true, strom::storage::Origin::Client)
+                .expect("append")
+                .end_offset
+        })
         .collect();
     for (log, end) in logs.iter().zip(ends) {
         log.wait_for(end, true).await.expect("durable");

@@ -11,6 +11,7 @@
 //! - [`cluster`]: topic table and cluster metadata
 //! - [`replication`]: a partition replica: its Raft group (raft-rs), offsets and commit point
 //! - [`group`]: consumer-group coordinator, committed offsets
+//! - [`txn`]: transaction coordinator (`__transaction_state`), markers
 //! - [`metrics`]: per-shard histograms and counters, the admin HTTP port
 //! - [`tune`]: `strom tune`, machine readiness checks
 //! - [`client`]: the small Kafka client behind `strom group ...`
@@ -31,3 +32,4 @@ pub mod server;
 pub mod shard;
 pub mod storage;
 pub mod tune;
+pub mod txn;

@@ -403,6 +403,46 @@ pub const BROKER_SETTINGS: &[SettingDef] = &[
         "A broker the controller has not heard from for this long is fenced: Metadata stops listing it",
     ),
     def(
+        "transaction.state.log.num.partitions",
+        Some("50"),
+        T::Int,
+        false,
+        None,
+        "Partitions of __transaction_state, where transaction coordinators keep their state",
+    ),
+    def(
+        "transaction.state.log.replication.factor",
+        Some("3"),
+        T::Int,
+        false,
+        None,
+        "Replicas of __transaction_state in a cluster (at most the brokers there are)",
+    ),
+    def(
+        "transaction.max.timeout.ms",
+        Some("900000"),
+        T::Int,
+        false,
+        None,
+        "The longest transaction.timeout.ms a producer may ask for",
+    ),
+    def(
+        "transaction.abort.timed.out.transaction.cleanup.interval.ms",
+        Some("10000"),
+        T::Int,
+        false,
+        None,
+        "How often coordinators look for transactions open past their timeout, and abort them",
+    ),
+    def(
+        "strom.transaction.partitions.max",
+        Some("10000"),
+        T::Int,
+        false,
+        None,
+        "Partitions one transaction may span (AddPartitionsToTxn beyond it is refused)",
+    ),
+    def(
         "offsets.topic.num.partitions",
         Some("50"),
         T::Int,
@@ -886,6 +926,16 @@ pub struct BrokerConfig {
     pub offsets_topic_partitions: i32,
     /// `offsets.topic.replication.factor`.
     pub offsets_topic_replication_factor: i16,
+    /// `transaction.state.log.num.partitions`: partitions of `__transaction_state`.
+    pub txn_topic_partitions: i32,
+    /// `transaction.state.log.replication.factor`.
+    pub txn_topic_replication_factor: i16,
+    /// `transaction.max.timeout.ms`.
+    pub txn_timeout_ms_max: u64,
+    /// `transaction.abort.timed.out.transaction.cleanup.interval.ms`.
+    pub txn_abort_check_ms: u64,
+    /// `strom.transaction.partitions.max`.
+    pub txn_partitions_max: usize,
     /// `auto.leader.rebalance.enable`.
     pub auto_leader_rebalance: bool,
     /// `leader.imbalance.check.interval.seconds`.
@@ -952,6 +1002,11 @@ impl Default for BrokerConfig {
             journal_files: 4,
             offsets_topic_partitions: 50,
             offsets_topic_replication_factor: 3,
+            txn_topic_partitions: 50,
+            txn_topic_replication_factor: 3,
+            txn_timeout_ms_max: 900_000,
+            txn_abort_check_ms: 10_000,
+            txn_partitions_max: 10_000,
             replica_lag_time_max_ms: 30_000,
             raft_log_compact_bytes: 64 * 1024 * 1024,
             auto_leader_rebalance: true,
@@ -1172,6 +1227,21 @@ impl BrokerConfig {
             }
             "broker.session.timeout.ms" => {
                 self.broker_session_timeout_ms = parse_in(value, 1, i32::MAX as i64)? as u64
+            }
+            "transaction.state.log.num.partitions" => {
+                self.txn_topic_partitions = parse_in(value, 1, 10_000)? as i32
+            }
+            "transaction.state.log.replication.factor" => {
+                self.txn_topic_replication_factor = parse_in(value, 1, i64::from(i16::MAX))? as i16
+            }
+            "transaction.max.timeout.ms" => {
+                self.txn_timeout_ms_max = parse_in(value, 1, i32::MAX as i64)? as u64
+            }
+            "transaction.abort.timed.out.transaction.cleanup.interval.ms" => {
+                self.txn_abort_check_ms = parse_in(value, 1, i32::MAX as i64)? as u64
+            }
+            "strom.transaction.partitions.max" => {
+                self.txn_partitions_max = parse_in(value, 1, 1_000_000)? as usize
             }
             "offsets.topic.num.partitions" => {
                 self.offsets_topic_partitions = parse_in(value, 1, 10_000)? as i32

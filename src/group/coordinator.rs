@@ -20,10 +20,14 @@ use kafka_protocol::messages::offset_commit_response::{
 use kafka_protocol::messages::offset_delete_response::{
     OffsetDeleteResponsePartition, OffsetDeleteResponseTopic,
 };
+use kafka_protocol::messages::txn_offset_commit_response::{
+    TxnOffsetCommitResponsePartition, TxnOffsetCommitResponseTopic,
+};
 use kafka_protocol::messages::{
     ConsumerProtocolSubscription, GroupId, HeartbeatRequest, JoinGroupRequest, JoinGroupResponse,
     LeaveGroupRequest, LeaveGroupResponse, OffsetCommitRequest, OffsetCommitResponse,
     OffsetDeleteRequest, OffsetDeleteResponse, SyncGroupRequest, SyncGroupResponse,
+    TxnOffsetCommitRequest, TxnOffsetCommitResponse,
 };
 use kafka_protocol::protocol::{Decodable, StrBytes};
 
@@ -32,6 +36,7 @@ use crate::config::BrokerConfig;
 use crate::model::{ErrorCode, TopicPartition};
 use crate::shard::Shard;
 use crate::storage::partition::now_ms;
+use crate::storage::txn::{self, Outcome};
 use crate::storage::PartitionLog;
 
 /// A committed partition's outcome: partition, error, and the value to keep on success.
@@ -99,6 +104,10 @@ pub enum GroupCall {
     DeleteOffsets {
         req: OffsetDeleteRequest,
     },
+    /// TxnOffsetCommit: offsets that become visible when the producer's transaction commits.
+    TxnCommit {
+        req: TxnOffsetCommitRequest,
+    },
 }
 
 impl GroupCall {
@@ -111,6 +120,7 @@ impl GroupCall {
             GroupCall::Leave { req, .. } => Some(&req.group_id.0),
             GroupCall::Commit { req } => Some(&req.group_id.0),
             GroupCall::DeleteOffsets { req } => Some(&req.group_id.0),
+            GroupCall::TxnCommit { req } => Some(&req.group_id.0),
             GroupCall::FetchOffsets { group, .. }
             | GroupCall::Describe { group, .. }
             | GroupCall::Delete { group } => Some(group),
@@ -127,6 +137,9 @@ pub struct Committed {
     pub offset: i64,
     pub leader_epoch: i32,
     pub metadata: String,
+    /// A transaction not yet complete has an offset for this partition (KIP-447: a consumer
+    /// that asks for stable offsets gets `UNSTABLE_OFFSET_COMMIT` and retries).
+    pub pending: bool,
 }
 
 pub enum GroupReply {
@@ -140,6 +153,7 @@ pub enum GroupReply {
     List(Vec<ListedGroup>),
     Delete(ErrorCode),
     DeleteOffsets(OffsetDeleteResponse),
+    TxnCommit(TxnOffsetCommitResponse),
     /// Not answered here: in a cluster, this shard does not (yet) coordinate the group.
     Refused(ErrorCode),
 }
@@ -512,7 +526,13 @@ pub struct GroupCoordinator {
     /// In a cluster: the offsets partitions this shard coordinates (it leads them and has loaded
     /// their groups). A single node coordinates all of its partitions without this.
     loaded: RefCell<std::collections::HashSet<i32>>,
+    /// TxnOffsetCommit offsets by producer id, until the transaction's marker: (group, topic,
+    /// partition, offset).
+    pending_txn: RefCell<HashMap<i64, Vec<PendingOffset>>>,
 }
+
+/// An offset a transaction committed: (group, topic, partition, value).
+type PendingOffset = (String, String, i32, OffsetValue);
 
 impl GroupCoordinator {
     pub fn new(config: BrokerConfig) -> Self {
@@ -521,6 +541,7 @@ impl GroupCoordinator {
             config,
             last_expiry_check: Cell::new(Instant::now()),
             loaded: RefCell::new(std::collections::HashSet::new()),
+            pending_txn: RefCell::new(HashMap::new()),
         }
     }
 
@@ -536,6 +557,9 @@ impl GroupCoordinator {
         self.groups
             .borrow_mut()
             .retain(|name, _| partition_for_group(name, partitions) != p);
+        for held in self.pending_txn.borrow_mut().values_mut() {
+            held.retain(|(group, ..)| partition_for_group(group, partitions) != p);
+        }
     }
 
     /// Becomes the coordinator of offsets partition `p`: its groups are rebuilt from the log
@@ -574,28 +598,164 @@ impl GroupCoordinator {
         if records.is_empty() {
             return Ok(());
         }
-        let log = self
-            .log_for(shard, group)
-            .ok_or(ErrorCode::COORDINATOR_NOT_AVAILABLE)?;
-        let batch = records::encode_batch(records, now_ms() as i64).map_err(|e| {
+        let batch = records::encode_batch(records, now_ms() as i64, None).map_err(|e| {
             tracing::error!(error = %format!("{e:#}"), "encoding group records failed");
             ErrorCode::UNKNOWN_SERVER_ERROR
         })?;
-        let tp = log.topic_partition();
-        if let Some(replicated) = shard.cluster().and_then(|c| c.group(&tp)) {
-            // In a cluster the records go through the partition's Raft group like any produce.
-            return replicated
-                .produce(&log, batch, -1, 1)
-                .await
-                .map(|_| ())
-                .map_err(|_| ErrorCode::NOT_COORDINATOR);
-        }
-        let appended = log
-            .append(batch, true)
-            .map_err(|_| ErrorCode::COORDINATOR_NOT_AVAILABLE)?;
-        log.wait_for(appended.end_offset, true)
+        self.persist_batch(shard, group, batch).await
+    }
+
+    /// Appends one batch to the group's offsets partition and waits until it is durable (in a
+    /// cluster: committed by the partition's Raft group).
+    async fn persist_batch(
+        &self,
+        shard: &Rc<Shard>,
+        group: &str,
+        batch: Bytes,
+    ) -> Result<(), ErrorCode> {
+        let log = self
+            .log_for(shard, group)
+            .ok_or(ErrorCode::COORDINATOR_NOT_AVAILABLE)?;
+        let cluster = shard.cluster().is_some();
+        shard
+            .write_internal(&log, batch)
             .await
-            .map_err(|_| ErrorCode::COORDINATOR_NOT_AVAILABLE)
+            .map(|_| ())
+            .map_err(|_| {
+                if cluster {
+                    ErrorCode::NOT_COORDINATOR
+                } else {
+                    ErrorCode::COORDINATOR_NOT_AVAILABLE
+                }
+            })
+    }
+
+    /// The transaction of `producer_id` ended: its offset commits become the groups' committed
+    /// offsets, or are dropped. Called as its marker is written to an offsets partition this shard
+    /// owns, and for each marker when a partition is loaded.
+    pub fn end_txn(&self, producer_id: i64, outcome: Outcome) {
+        let Some(pending) = self.pending_txn.borrow_mut().remove(&producer_id) else {
+            return;
+        };
+        if outcome == Outcome::Commit {
+            for (group, topic, partition, value) in pending {
+                self.apply(Entry::Offset {
+                    group,
+                    topic,
+                    partition,
+                    value: Some(value),
+                });
+            }
+        }
+    }
+
+    /// TxnOffsetCommit (KIP-98, KIP-447): the offsets are written to the offsets partition in a
+    /// transactional batch of the producer, durably, and held back until its marker.
+    async fn txn_commit(
+        &self,
+        shard: &Rc<Shard>,
+        req: TxnOffsetCommitRequest,
+    ) -> TxnOffsetCommitResponse {
+        let group_id = req.group_id.0.to_string();
+        let member_id = req.member_id.to_string();
+        let check = {
+            let groups = self.groups.borrow();
+            match groups.get(&group_id) {
+                // KIP-447: a commit from a member of an older generation is a zombie's.
+                Some(g) if req.generation_id >= 0 && !member_id.is_empty() => {
+                    if !g.members.contains_key(&member_id) {
+                        ErrorCode::UNKNOWN_MEMBER_ID
+                    } else if req.generation_id != g.generation {
+                        ErrorCode::ILLEGAL_GENERATION
+                    } else {
+                        ErrorCode::NONE
+                    }
+                }
+                _ => ErrorCode::NONE,
+            }
+        };
+        let now = now_ms() as i64;
+        let table = shard.topics();
+        let mut records = Vec::new();
+        let mut accepted = Vec::new();
+        let mut results: Vec<(String, Vec<(i32, ErrorCode)>)> = Vec::new();
+        for t in &req.topics {
+            let topic = t.name.0.to_string();
+            let partitions = table.get(&topic).map_or(0, |t| t.partitions);
+            let mut parts = Vec::new();
+            for p in &t.partitions {
+                let metadata = p
+                    .committed_metadata
+                    .as_ref()
+                    .map(|m| m.to_string())
+                    .unwrap_or_default();
+                let code = if p.partition_index < 0 || p.partition_index >= partitions {
+                    ErrorCode::UNKNOWN_TOPIC_OR_PARTITION
+                } else if !check.is_ok() {
+                    check
+                } else if metadata.len() > OFFSET_METADATA_BYTES_MAX {
+                    ErrorCode::OFFSET_METADATA_TOO_LARGE
+                } else {
+                    let value = OffsetValue {
+                        offset: p.committed_offset,
+                        leader_epoch: p.committed_leader_epoch,
+                        metadata,
+                        commit_timestamp_ms: now,
+                    };
+                    match records::offset_record(&group_id, &topic, p.partition_index, Some(&value))
+                    {
+                        Ok(r) => {
+                            records.push(r);
+                            accepted.push((
+                                group_id.clone(),
+                                topic.clone(),
+                                p.partition_index,
+                                value,
+                            ));
+                            ErrorCode::NONE
+                        }
+                        Err(_) => ErrorCode::UNKNOWN_SERVER_ERROR,
+                    }
+                };
+                parts.push((p.partition_index, code));
+            }
+            results.push((topic, parts));
+        }
+        let producer = (req.producer_id.0, req.producer_epoch);
+        let written = if records.is_empty() {
+            Ok(())
+        } else {
+            match records::encode_batch(records, now, Some(producer)) {
+                Ok(batch) => self.persist_batch(shard, &group_id, batch).await,
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "encoding transactional offsets failed");
+                    Err(ErrorCode::UNKNOWN_SERVER_ERROR)
+                }
+            }
+        };
+        if written.is_ok() {
+            self.pending_txn
+                .borrow_mut()
+                .entry(req.producer_id.0)
+                .or_default()
+                .extend(accepted);
+        }
+        let mut response = TxnOffsetCommitResponse::default();
+        for (topic, parts) in results {
+            let mut rt = TxnOffsetCommitResponseTopic::default();
+            rt.name = crate::handlers::topic_name(&topic);
+            for (partition, code) in parts {
+                let mut rp = TxnOffsetCommitResponsePartition::default();
+                rp.partition_index = partition;
+                rp.error_code = match (&written, code.is_ok()) {
+                    (Err(e), true) => e.0,
+                    _ => code.0,
+                };
+                rt.partitions.push(rp);
+            }
+            response.topics.push(rt);
+        }
+        response
     }
 
     async fn persist_group(&self, shard: &Rc<Shard>, group: &str) -> Result<(), ErrorCode> {
@@ -616,7 +776,7 @@ impl GroupCoordinator {
         let end = log.high_watermark();
         let mut entries = 0usize;
         while at < end {
-            let read = match log.read(at, 1 << 20).await {
+            let read = match log.read(at, 1 << 20, false).await {
                 Ok(r) if !r.records.is_empty() => r,
                 _ => break,
             };
@@ -626,20 +786,50 @@ impl GroupCoordinator {
             } else {
                 break;
             }
-            match records::decode_batches(read.records) {
-                Ok(list) => {
-                    entries += list.len();
-                    for e in list {
-                        self.apply(e);
+            for (pos, h) in batches {
+                let bytes = read.records.slice(pos..pos + h.size_bytes);
+                if h.is_control() {
+                    if let Some(outcome) = txn::control_outcome(&bytes, &h) {
+                        self.end_txn(h.producer_id, outcome);
                     }
+                    continue;
                 }
-                Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "skipping undecodable group records")
+                match records::decode_batches(bytes) {
+                    Ok(list) => {
+                        entries += list.len();
+                        if h.is_transactional() {
+                            self.hold_for_txn(h.producer_id, list);
+                            continue;
+                        }
+                        for e in list {
+                            self.apply(e);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "skipping undecodable group records")
+                    }
                 }
             }
         }
         if entries > 0 {
             tracing::info!(partition = %log.topic_partition(), entries, "group state loaded");
+        }
+    }
+
+    /// Offsets a transaction wrote, held until its marker (when a partition is loaded).
+    fn hold_for_txn(&self, producer_id: i64, list: Vec<Entry>) {
+        let mut pending = self.pending_txn.borrow_mut();
+        let held = pending.entry(producer_id).or_default();
+        for e in list {
+            if let Entry::Offset {
+                group,
+                topic,
+                partition,
+                value: Some(value),
+            } = e
+            {
+                held.push((group, topic, partition, value));
+            }
         }
     }
 
@@ -754,6 +944,9 @@ impl GroupCoordinator {
             GroupCall::Delete { group } => GroupReply::Delete(self.delete(shard, &group).await),
             GroupCall::DeleteOffsets { req } => {
                 GroupReply::DeleteOffsets(self.delete_offsets(shard, req).await)
+            }
+            GroupCall::TxnCommit { req } => {
+                GroupReply::TxnCommit(self.txn_commit(shard, req).await)
             }
         }
     }
@@ -1268,9 +1461,15 @@ impl GroupCoordinator {
     ) -> Vec<Committed> {
         let groups = self.groups.borrow();
         let g = groups.get(group);
+        let pending_txn = self.pending_txn.borrow();
         let lookup = |topic: &str, partition: i32| -> Committed {
             let v = g.and_then(|g| g.offsets.get(&(topic.to_string(), partition)));
+            let pending = pending_txn
+                .values()
+                .flatten()
+                .any(|(gr, t, p, _)| gr == group && t == topic && *p == partition);
             Committed {
+                pending,
                 topic: topic.to_string(),
                 partition,
                 offset: v.map_or(-1, |v| v.offset),

@@ -102,12 +102,24 @@ pub fn group_record(group: &str, value: Option<&GroupValue>) -> Result<(Bytes, O
 }
 
 /// Encodes key/value pairs as one uncompressed record batch (offsets are assigned on append).
-pub fn encode_batch(records: Vec<(Bytes, Option<Bytes>)>, now_ms: i64) -> Result<Bytes> {
+/// Encodes records into one batch; with `producer` (id, epoch), a transactional batch of that
+/// producer (TxnOffsetCommit), with no sequence: its marker decides whether it counts.
+pub fn encode_batch(
+    records: Vec<(Bytes, Option<Bytes>)>,
+    now_ms: i64,
+    producer: Option<(i64, i16)>,
+) -> Result<Bytes> {
     let records: Vec<Record> = records
         .into_iter()
         .enumerate()
         .map(|(i, (key, value))| {
-            crate::storage::records::plain_record(i as i64, now_ms, Some(key), value)
+            let mut r = crate::storage::records::plain_record(i as i64, now_ms, Some(key), value);
+            if let Some((id, epoch)) = producer {
+                r.transactional = true;
+                r.producer_id = id;
+                r.producer_epoch = epoch;
+            }
+            r
         })
         .collect();
     let mut buf = BytesMut::new();
@@ -196,6 +208,7 @@ mod tests {
                 offset_record("g", "t", 2, None).unwrap(),
             ],
             1,
+            None,
         )
         .unwrap();
         assert_eq!(

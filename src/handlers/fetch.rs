@@ -19,8 +19,10 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
-use kafka_protocol::messages::{FetchRequest, FetchResponse};
+use kafka_protocol::messages::fetch_response::{
+    AbortedTransaction, FetchableTopicResponse, PartitionData,
+};
+use kafka_protocol::messages::{FetchRequest, FetchResponse, ProducerId};
 
 use super::fetch_session::Plan;
 use crate::model::{ErrorCode, Offset, ShardId, TopicPartition};
@@ -34,10 +36,13 @@ struct Wanted {
     /// Fetch v13+ named a topic id that no topic has.
     unknown_id: bool,
     current_leader_epoch: i32,
+    /// `isolation_level=read_committed`: up to the last stable offset, aborted transactions listed.
+    committed: bool,
 }
 
 pub async fn handle(shard: &Rc<Shard>, req: FetchRequest, version: i16) -> FetchResponse {
     let started = Instant::now();
+    let committed = req.isolation_level == 1;
     let max_wait = Duration::from_millis(u64::try_from(req.max_wait_ms.max(0)).unwrap_or(0));
     let min_bytes = usize::try_from(req.min_bytes.max(0)).unwrap_or(0);
     // Versions before 3 have no overall limit; the broker's `fetch.max.bytes` caps every one.
@@ -76,6 +81,7 @@ pub async fn handle(shard: &Rc<Shard>, req: FetchRequest, version: i16) -> Fetch
                 .min(max_bytes),
             unknown_id: version >= 13 && tp.topic.is_empty(),
             current_leader_epoch: p.current_leader_epoch,
+            committed,
         })
         .collect();
     loop {
@@ -109,6 +115,7 @@ async fn read_round(shard: &Rc<Shard>, wanted: &[Wanted]) -> Vec<Result<ReadResu
             offset: w.offset,
             max_bytes: w.max_bytes,
             current_leader_epoch: w.current_leader_epoch,
+            committed: w.committed,
         };
         let owner = shard.owner_of(&w.tp);
         let unknown_id = w.unknown_id;
@@ -131,6 +138,7 @@ async fn read_round(shard: &Rc<Shard>, wanted: &[Wanted]) -> Vec<Result<ReadResu
 /// Asks each owning shard to report when one of its partitions passes the fetch position; returns
 /// when the first one does, or when `timeout` is up.
 async fn wait_for_data(shard: &Rc<Shard>, wanted: &[Wanted], timeout: Duration) {
+    let committed = wanted.iter().any(|w| w.committed);
     let mut by_owner: BTreeMap<usize, Vec<(TopicPartition, Offset)>> = BTreeMap::new();
     for w in wanted {
         by_owner
@@ -150,6 +158,7 @@ async fn wait_for_data(shard: &Rc<Shard>, wanted: &[Wanted], timeout: Duration) 
                         Request::WaitForData {
                             positions,
                             timeout_ms,
+                            committed,
                         },
                     )
                     .await
@@ -184,7 +193,20 @@ fn build_response(
         match result {
             Ok(r) => {
                 d.high_watermark = r.high_watermark.0;
-                d.last_stable_offset = r.high_watermark.0;
+                d.last_stable_offset = r.last_stable_offset.0;
+                if !r.aborted.is_empty() {
+                    d.aborted_transactions = Some(
+                        r.aborted
+                            .iter()
+                            .map(|a| {
+                                let mut t = AbortedTransaction::default();
+                                t.producer_id = ProducerId(a.producer_id);
+                                t.first_offset = a.first_offset;
+                                t
+                            })
+                            .collect(),
+                    );
+                }
                 if version >= 5 {
                     d.log_start_offset = r.log_start_offset.0;
                 }

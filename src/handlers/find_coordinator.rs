@@ -1,7 +1,7 @@
-//! FindCoordinator: on a single node this broker coordinates every consumer group (the group's
-//! partition of `__consumer_offsets` lives here); in a cluster the leader of that partition does. librdkafka also reads this API's presence as the
-//! sign that a broker takes LZ4 batches. Transactions are not supported: a transaction key gets
-//! `INVALID_REQUEST` with a message saying so.
+//! FindCoordinator: on a single node this broker coordinates every consumer group and
+//! transactional id (their partitions of `__consumer_offsets` and `__transaction_state` live
+//! here); in a cluster the leader of that partition does. librdkafka also reads this API's
+//! presence as the sign that a broker takes LZ4 batches.
 
 use std::rc::Rc;
 
@@ -25,13 +25,18 @@ pub async fn handle(
     version: i16,
 ) -> FindCoordinatorResponse {
     let transaction = req.key_type == KEY_TYPE_TRANSACTION;
-    let mut refused = transaction.then_some(ErrorCode::INVALID_REQUEST);
+    let mut refused = (req.key_type != 0 && !transaction).then_some(ErrorCode::INVALID_REQUEST);
     if refused.is_none() {
-        if let Err(e) = super::groups::ensure_offsets_topic(shard).await {
+        let ensured = if transaction {
+            super::transactions::ensure_txn_topic(shard).await
+        } else {
+            super::groups::ensure_offsets_topic(shard).await
+        };
+        if let Err(e) = ensured {
             refused = Some(e);
         }
     }
-    let message = transaction.then(|| str_bytes("transactions are not supported by this broker"));
+    let message = None;
     let keys: Vec<StrBytes> = if version >= 4 {
         req.coordinator_keys
     } else {
@@ -42,7 +47,7 @@ pub async fn handle(
         .map(|key| {
             let result = match refused {
                 Some(code) => Err(code),
-                None => coordinator_of(shard, &key),
+                None => coordinator_of(shard, &key, transaction),
             };
             (key, result)
         })
@@ -89,17 +94,27 @@ pub async fn handle(
     response
 }
 
-/// The broker coordinating a group: this one on a single node; in a cluster the leader of the
-/// group's partition of `__consumer_offsets`.
-fn coordinator_of(shard: &Shard, group: &str) -> Result<BrokerAddress, ErrorCode> {
+/// The broker coordinating a group (or a transactional id): this one on a single node; in a
+/// cluster the leader of its partition of `__consumer_offsets` (or `__transaction_state`).
+fn coordinator_of(shard: &Shard, key: &str, transaction: bool) -> Result<BrokerAddress, ErrorCode> {
     let Some(cluster) = shard.cluster() else {
         return Ok((shard.options.broker.node_id, shard.advertised.clone()));
     };
-    let p = partition_for_group(group, shard.options.broker.offsets_topic_partitions);
+    let tp = if transaction {
+        if key.is_empty() {
+            return Err(ErrorCode::INVALID_REQUEST);
+        }
+        super::transactions::state_partition(shard, key)
+    } else {
+        TopicPartition::new(
+            OFFSETS_TOPIC,
+            partition_for_group(key, shard.options.broker.offsets_topic_partitions),
+        )
+    };
     let leader = cluster
-        .leader_of(&TopicPartition::new(OFFSETS_TOPIC, p))
+        .leader_of(&tp)
         .or_else(|| {
-            let key = (OFFSETS_TOPIC.to_string(), p);
+            let key = (tp.topic.to_string(), tp.partition.0);
             shard.topics().leaders.get(&key).copied()
         })
         .map(|(l, _)| l)

@@ -107,6 +107,66 @@ pub async fn to_controller(shard: &Rc<Shard>, frame: &Bytes) -> Option<Bytes> {
     }
 }
 
+/// Sends one request of this broker's own to another broker's client listener and decodes the
+/// answer (a transaction coordinator's markers to the partition leaders; the creation of
+/// `__transaction_state` asked of the controller). The client id carries [`MARK`], so the request
+/// is never passed on again.
+pub async fn exchange<Req, Resp>(
+    shard: &Rc<Shard>,
+    broker: i32,
+    key: ApiKey,
+    version: i16,
+    request: &Req,
+) -> anyhow::Result<Resp>
+where
+    Req: kafka_protocol::protocol::Encodable,
+    Resp: kafka_protocol::protocol::Decodable,
+{
+    use kafka_protocol::messages::{RequestHeader, ResponseHeader};
+    use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+    let (host, port) = shard
+        .topics()
+        .brokers
+        .get(&broker)
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("broker {broker} is not registered"))?;
+    let mut header = RequestHeader::default();
+    header.request_api_key = key as i16;
+    header.request_api_version = version;
+    header.correlation_id = 1;
+    header.client_id = Some(StrBytes::from_string(format!(
+        "{MARK}broker-{}",
+        shard.options.broker.node_id
+    )));
+    let mut body = BytesMut::new();
+    body.put_i32(0);
+    header.encode(&mut body, key.request_header_version(version))?;
+    request.encode(&mut body, version)?;
+    let len = u32::try_from(body.len() - 4)?;
+    body[0..4].copy_from_slice(&len.to_be_bytes());
+    let address = format!("{host}:{port}");
+    let exchange = async {
+        let mut stream = glommio::net::TcpStream::connect(address.as_str()).await?;
+        stream.write_all(&body).await?;
+        let mut len = [0u8; 4];
+        stream.read_exact(&mut len).await?;
+        let size = u32::from_be_bytes(len) as usize;
+        if size > RESPONSE_SIZE_BYTES_MAX {
+            return Err(std::io::Error::other(format!("answer of {size} bytes")));
+        }
+        let mut answer = vec![0u8; size];
+        stream.read_exact(&mut answer).await?;
+        Ok(answer)
+    };
+    let answer = glommio::timer::timeout(FORWARD_TIMEOUT, async { Ok(exchange.await) })
+        .await
+        .map_err(|_| anyhow::anyhow!("{key:?} to broker {broker} at {address} timed out"))?
+        .map_err(|e| anyhow::anyhow!("{key:?} to broker {broker} at {address}: {e}"))?;
+    let mut answer = Bytes::from(answer);
+    ResponseHeader::decode(&mut answer, key.response_header_version(version))?;
+    Resp::decode(&mut answer, version)
+}
+
 /// `frame` with its client id prefixed by [`MARK`]; `None` if it is marked already or its
 /// header does not parse. The request header keeps the client id at a fixed place in every
 /// version: api key, api version, correlation id, then a nullable string (i16 length).

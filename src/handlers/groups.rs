@@ -72,6 +72,16 @@ fn coordinator_for(shard: &Shard, group: &str) -> ShardId {
     shard.owner_of(&TopicPartition::new(OFFSETS_TOPIC, p))
 }
 
+/// Sends `call` to the shard coordinating `group` (in a cluster: `NOT_COORDINATOR` unless this
+/// broker leads the group's offsets partition).
+pub async fn route_call(
+    shard: &Rc<Shard>,
+    group: &str,
+    call: GroupCall,
+) -> Result<GroupReply, ErrorCode> {
+    route(shard, group, call).await
+}
+
 async fn route(shard: &Rc<Shard>, group: &str, call: GroupCall) -> Result<GroupReply, ErrorCode> {
     ensure_offsets_topic(shard).await?;
     if let Some(cluster) = shard.cluster() {
@@ -213,6 +223,15 @@ pub async fn fetch_offsets(
     version: i16,
 ) -> OffsetFetchResponse {
     let mut response = OffsetFetchResponse::default();
+    // KIP-447: a consumer asking for stable offsets waits out a transaction that commits one.
+    let stable = version >= 7 && req.require_stable;
+    let unstable = |c: &Committed| {
+        if stable && c.pending {
+            ErrorCode::UNSTABLE_OFFSET_COMMIT.0
+        } else {
+            0
+        }
+    };
     if version >= 8 {
         let calls = req.groups.iter().map(|g| {
             let topics = g.topics.as_ref().map(|ts| {
@@ -239,6 +258,7 @@ pub async fn fetch_offsets(
                                 p.committed_offset = c.offset;
                                 p.committed_leader_epoch = c.leader_epoch;
                                 p.metadata = Some(str_bytes(&c.metadata));
+                                p.error_code = unstable(&c);
                                 p
                             })
                             .collect();
@@ -271,6 +291,7 @@ pub async fn fetch_offsets(
                             p.committed_leader_epoch = c.leader_epoch;
                         }
                         p.metadata = Some(str_bytes(&c.metadata));
+                        p.error_code = unstable(&c);
                         p
                     })
                     .collect();

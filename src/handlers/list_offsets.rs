@@ -26,6 +26,8 @@ pub async fn handle(
     version: i16,
 ) -> ListOffsetsResponse {
     let table = shard.topics();
+    // `read_committed` consumers (isolation level 1) see the last stable offset as the latest.
+    let committed = version >= 2 && req.isolation_level == 1;
     let mut calls = Vec::new();
     for topic in &req.topics {
         for p in &topic.partitions {
@@ -52,6 +54,7 @@ pub async fn handle(
                             tp,
                             timestamp,
                             current_leader_epoch,
+                            committed,
                         },
                     )
                     .await

@@ -22,6 +22,7 @@ pub mod metadata;
 pub mod produce;
 pub mod quorum;
 pub mod reassign;
+pub mod transactions;
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -288,8 +289,59 @@ pub async fn dispatch(shard: &Rc<Shard>, frame: Bytes, peer: Option<SocketAddr>)
             encode_response(key, version, cid, &quorum::handle(shard, r, version).await)
         }
         RequestKind::InitProducerId(r) => {
-            encode_response(key, version, cid, &init_producer_id::handle(shard, r).await)
+            if r.transactional_id.is_some() {
+                encode_response(
+                    key,
+                    version,
+                    cid,
+                    &transactions::init_producer_id(shard, r, version).await,
+                )
+            } else {
+                encode_response(key, version, cid, &init_producer_id::handle(shard, r).await)
+            }
         }
+        RequestKind::AddPartitionsToTxn(r) => encode_response(
+            key,
+            version,
+            cid,
+            &transactions::add_partitions_to_txn(shard, r, version).await,
+        ),
+        RequestKind::AddOffsetsToTxn(r) => encode_response(
+            key,
+            version,
+            cid,
+            &transactions::add_offsets_to_txn(shard, r, version).await,
+        ),
+        RequestKind::EndTxn(r) => encode_response(
+            key,
+            version,
+            cid,
+            &transactions::end_txn(shard, r, version).await,
+        ),
+        RequestKind::TxnOffsetCommit(r) => encode_response(
+            key,
+            version,
+            cid,
+            &transactions::txn_offset_commit(shard, r, version).await,
+        ),
+        RequestKind::WriteTxnMarkers(r) => encode_response(
+            key,
+            version,
+            cid,
+            &transactions::write_txn_markers(shard, r).await,
+        ),
+        RequestKind::DescribeTransactions(r) => encode_response(
+            key,
+            version,
+            cid,
+            &transactions::describe_transactions(shard, r).await,
+        ),
+        RequestKind::ListTransactions(r) => encode_response(
+            key,
+            version,
+            cid,
+            &transactions::list_transactions(shard, r).await,
+        ),
         other => {
             return Outcome::Close(format!(
                 "no handler for {:?}",

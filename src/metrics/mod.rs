@@ -37,9 +37,11 @@ pub enum Counter {
     RaftMessagesDropped,
     RaftMessagesSent,
     RaftFramesSent,
+    TransactionsCommitted,
+    TransactionsAborted,
 }
 
-pub const COUNTERS: [(Counter, &str, &str); 17] = [
+pub const COUNTERS: [(Counter, &str, &str); 19] = [
     (Counter::BytesIn, "strom_bytes_in", "Request bytes received"),
     (Counter::BytesOut, "strom_bytes_out", "Response bytes sent"),
     (
@@ -116,6 +118,16 @@ pub const COUNTERS: [(Counter, &str, &str); 17] = [
         Counter::RaftFramesSent,
         "strom_raft_frames_sent",
         "Frames that carried them: heartbeats of all groups to one broker travel in one frame",
+    ),
+    (
+        Counter::TransactionsCommitted,
+        "strom_transactions_committed",
+        "Transactions this broker coordinated to a commit, markers written",
+    ),
+    (
+        Counter::TransactionsAborted,
+        "strom_transactions_aborted",
+        "Transactions this broker coordinated to an abort (asked for, fenced or timed out), markers written",
     ),
 ];
 

@@ -123,6 +123,15 @@ impl ErrorCode {
     pub const UNKNOWN_TOPIC_ID: ErrorCode = ErrorCode(100);
     pub const INCONSISTENT_TOPIC_ID: ErrorCode = ErrorCode(103);
     pub const UNSUPPORTED_ENDPOINT_TYPE: ErrorCode = ErrorCode(115);
+    pub const POLICY_VIOLATION: ErrorCode = ErrorCode(44);
+    pub const INVALID_TXN_STATE: ErrorCode = ErrorCode(48);
+    pub const INVALID_PRODUCER_ID_MAPPING: ErrorCode = ErrorCode(49);
+    pub const INVALID_TRANSACTION_TIMEOUT: ErrorCode = ErrorCode(50);
+    pub const CONCURRENT_TRANSACTIONS: ErrorCode = ErrorCode(51);
+    pub const OPERATION_NOT_ATTEMPTED: ErrorCode = ErrorCode(55);
+    pub const UNSTABLE_OFFSET_COMMIT: ErrorCode = ErrorCode(88);
+    pub const PRODUCER_FENCED: ErrorCode = ErrorCode(90);
+    pub const TRANSACTIONAL_ID_NOT_FOUND: ErrorCode = ErrorCode(105);
 
     pub fn is_ok(self) -> bool {
         self == ErrorCode::NONE
@@ -166,6 +175,16 @@ impl ErrorCode {
             68 => "NON_EMPTY_GROUP",
             69 => "GROUP_ID_NOT_FOUND",
             87 => "INVALID_RECORD",
+            44 => "POLICY_VIOLATION",
+            47 => "INVALID_PRODUCER_EPOCH",
+            48 => "INVALID_TXN_STATE",
+            49 => "INVALID_PRODUCER_ID_MAPPING",
+            50 => "INVALID_TRANSACTION_TIMEOUT",
+            51 => "CONCURRENT_TRANSACTIONS",
+            55 => "OPERATION_NOT_ATTEMPTED",
+            88 => "UNSTABLE_OFFSET_COMMIT",
+            90 => "PRODUCER_FENCED",
+            105 => "TRANSACTIONAL_ID_NOT_FOUND",
             _ => "UNKNOWN_ERROR_CODE",
         }
     }

@@ -25,7 +25,7 @@ use kafka_protocol::protocol::{Decodable, Encodable};
 
 /// The APIs and version ranges strom serves: exactly what ApiVersions advertises. Versions are
 /// Kafka 4.x serves, bounded where a newer version's semantics are not implemented yet (Produce
-/// v12 carries KIP-890 transaction verification; transactions are the next issue).
+/// v12 and the other KIP-890 part 2 versions bump the producer epoch at every transaction).
 pub const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::Produce, 3, 11),
     (ApiKey::Fetch, 4, 17),
@@ -61,6 +61,15 @@ pub const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::DescribeProducers, 0, 0),
     (ApiKey::ListConfigResources, 0, 1),
     (ApiKey::DescribeQuorum, 0, 2),
+    // Transactions (KIP-98, KIP-447). Not the KIP-890 part 2 versions (AddPartitionsToTxn 5,
+    // EndTxn 5, TxnOffsetCommit 5), which bump the producer epoch at every transaction.
+    (ApiKey::AddPartitionsToTxn, 0, 4),
+    (ApiKey::AddOffsetsToTxn, 0, 4),
+    (ApiKey::EndTxn, 0, 4),
+    (ApiKey::WriteTxnMarkers, 1, 1),
+    (ApiKey::TxnOffsetCommit, 0, 4),
+    (ApiKey::DescribeTransactions, 0, 0),
+    (ApiKey::ListTransactions, 0, 1),
 ];
 
 pub fn supported_range(key: ApiKey) -> Option<(i16, i16)> {

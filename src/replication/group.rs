@@ -22,7 +22,7 @@ use super::wal::WalStore;
 use crate::model::{ErrorCode, Offset, TopicPartition};
 use crate::storage::batch::{self, BatchHeader};
 use crate::storage::files;
-use crate::storage::{AppendError, Appended, PartitionLog};
+use crate::storage::{AppendError, Appended, Origin, PartitionLog};
 
 /// One Raft tick. Election timeout: `ELECTION_TICKS` to twice that many ticks (1–2 s).
 pub const TICK: Duration = Duration::from_millis(100);
@@ -813,6 +813,7 @@ impl Group {
         records: Bytes,
         acks: i16,
         min_insync: i32,
+        origin: Origin,
     ) -> Result<Appended, AppendError> {
         if self.failed.get() {
             return Err(ErrorCode::KAFKA_STORAGE_ERROR.into());
@@ -824,7 +825,7 @@ impl Group {
             }
             return Err(ErrorCode::NOT_LEADER_OR_FOLLOWER.into());
         }
-        let batches = log.validate(&records)?;
+        let batches = log.validate(&records, origin)?;
         if acks == -1 {
             let in_sync = self.in_sync().len();
             if i32::try_from(in_sync).unwrap_or(i32::MAX) < min_insync {
@@ -832,7 +833,13 @@ impl Group {
             }
         }
         if let [(_, h)] = batches.as_slice() {
-            if h.producer_id >= 0 {
+            if origin == Origin::Coordinator {
+                // The coordinators' writes carry no sequence; a marker is checked against the
+                // producer's epoch only.
+                if h.is_control() {
+                    log.check_marker_epoch(h)?;
+                }
+            } else if h.producer_id >= 0 {
                 if let Some((base, end)) = self.duplicate_of(log, h)? {
                     self.wait_committed(end).await?;
                     return Ok(Appended {
@@ -876,7 +883,7 @@ impl Group {
             end = batch_end;
             term = t;
             count += i64::from(h.record_count);
-            if h.producer_id >= 0 {
+            if h.producer_id >= 0 && origin == Origin::Client {
                 let mut assigned = *h;
                 assigned.base_offset = Offset(base);
                 push_inflight(&mut self.inflight.borrow_mut(), &assigned);

@@ -236,6 +236,32 @@ impl Shard {
             glommio::spawn_local(async move { shard.controller.report(&shard, cmd).await })
                 .detach();
         }
+        if &*tp.topic == crate::txn::TRANSACTION_TOPIC && self.owner_of(&tp) == self.id {
+            // The transaction coordinator follows the leadership of its state partition.
+            let p = tp.partition.0;
+            if leader != c.node_id {
+                self.txns.unload_partition(p);
+                return;
+            }
+            let (Some(group), Some(log)) = (c.group(&tp), self.partition(&tp)) else {
+                return;
+            };
+            let shard = self.clone();
+            glommio::spawn_local(async move {
+                group.caught_up().await;
+                let still = shard
+                    .cluster()
+                    .and_then(|c| c.leader_of(&tp))
+                    .is_some_and(|(l, e)| l == leader && e == epoch);
+                if still {
+                    let coordinator = shard.txns.clone();
+                    coordinator.take_over(&shard, &log, p).await;
+                    tracing::info!(partition = %tp, epoch, "coordinating the transactions of this partition");
+                }
+            })
+            .detach();
+            return;
+        }
         if &*tp.topic != OFFSETS_TOPIC || self.owner_of(&tp) != self.id {
             return;
         }

@@ -29,7 +29,9 @@ use crate::group::{GroupCall, GroupCoordinator, GroupReply, OFFSETS_TOPIC};
 use crate::metrics::MetricsHub;
 use crate::model::{ErrorCode, Offset, ShardId, TopicPartition};
 use crate::replication::group::Quorum;
-use crate::storage::{AppendError, Appended, PartitionFacts, PartitionLog, ReadResult};
+use crate::storage::txn::Outcome;
+use crate::storage::{AppendError, Appended, Origin, PartitionFacts, PartitionLog, ReadResult};
+use crate::txn::{TxnCall, TxnCoordinator, TxnReply, TRANSACTION_TOPIC};
 
 /// Messages queued per direction between two shards before a sender waits.
 pub const MESH_CHANNEL_CAPACITY: usize = 1024;
@@ -73,16 +75,22 @@ pub enum Request {
         max_bytes: usize,
         /// The leader epoch the client believes current (-1: unchecked), KIP-320.
         current_leader_epoch: i32,
+        /// `read_committed`: up to the last stable offset.
+        committed: bool,
     },
-    /// Replies once any listed partition's high watermark passes its offset, or after the timeout.
+    /// Replies once any listed partition's high watermark (for `committed` readers, its last
+    /// stable offset) passes its offset, or after the timeout.
     WaitForData {
         positions: Vec<(TopicPartition, Offset)>,
         timeout_ms: u64,
+        committed: bool,
     },
     ListOffset {
         tp: TopicPartition,
         timestamp: i64,
         current_leader_epoch: i32,
+        /// `read_committed`: the latest offset is the last stable offset.
+        committed: bool,
     },
     /// Install a new topic table snapshot: open partitions this shard owns, drop deleted ones.
     ApplyTopics(Arc<TopicTable>),
@@ -129,6 +137,16 @@ pub enum Request {
     },
     /// Metadata commands for shard 0 to propose to the controller (ISR changes).
     Propose(Vec<crate::cluster::metadata::MetadataCommand>),
+    /// A transaction request for an id this shard coordinates.
+    Txn(Box<TxnCall>),
+    /// A transaction marker for a partition this shard owns (from a transaction coordinator).
+    WriteMarker {
+        tp: TopicPartition,
+        producer_id: i64,
+        producer_epoch: i16,
+        outcome: Outcome,
+        coordinator_epoch: i32,
+    },
 }
 
 impl Request {
@@ -152,6 +170,8 @@ impl Request {
             Request::Raft(_) => "Raft",
             Request::Leader { .. } => "Leader",
             Request::Propose(_) => "Propose",
+            Request::Txn(_) => "Txn",
+            Request::WriteMarker { .. } => "WriteMarker",
         }
     }
 }
@@ -275,6 +295,8 @@ pub enum Reply {
     /// Per group: its Raft state if this broker leads it; NOT_LEADER_OR_FOLLOWER if it holds a
     /// replica that follows; UNKNOWN_TOPIC_OR_PARTITION if it holds none.
     Quorum(Vec<(TopicPartition, Result<Quorum, ErrorCode>)>),
+    Txn(Box<TxnReply>),
+    Marker(ErrorCode),
     Done,
 }
 
@@ -302,6 +324,7 @@ pub struct Shard {
     ready: RefCell<Option<oneshot::Sender<()>>>,
     pub controller: controller::Controller,
     pub groups: GroupCoordinator,
+    pub txns: Rc<TxnCoordinator>,
     pub metrics: Arc<MetricsHub>,
     /// Set once a clean shutdown began: stop accepting, stop reading new requests.
     stopping: Cell<bool>,
@@ -372,6 +395,7 @@ impl Shard {
             ready: RefCell::new(Some(ready_tx)),
             controller: controller::Controller::new(),
             groups: GroupCoordinator::new(options.broker.clone()),
+            txns: TxnCoordinator::new(options.broker.clone()),
             metrics,
             options,
             stopping: Cell::new(false),
@@ -396,6 +420,7 @@ impl Shard {
             .detach();
         }
         GroupCoordinator::start_ticker(&shard);
+        TxnCoordinator::start_ticker(&shard);
         start_log_cleaner(&shard);
         start_metrics_publisher(&shard);
         // Raft traffic flows before the table is loaded: a broker joining the cluster receives
@@ -557,7 +582,9 @@ impl Shard {
                 };
                 if let Some(group) = self.cluster().and_then(|c| c.group(&tp)) {
                     let min_insync = log.config().min_insync_replicas;
-                    let appended = group.produce(&log, records, acks, min_insync).await;
+                    let appended = group
+                        .produce(&log, records, acks, min_insync, Origin::Client)
+                        .await;
                     if let Ok(a) = &appended {
                         crate::metrics::add(
                             crate::metrics::Counter::RecordsProduced,
@@ -571,7 +598,7 @@ impl Shard {
                     // One replica per partition on a single node: the in-sync set is just this one.
                     return Reply::Append(Err(ErrorCode::NOT_ENOUGH_REPLICAS.into()));
                 }
-                let appended = match log.append(records, durable) {
+                let appended = match log.append(records, durable, Origin::Client) {
                     Ok(a) => a,
                     Err(e) => return Reply::Append(Err(e)),
                 };
@@ -594,9 +621,10 @@ impl Shard {
                 offset,
                 max_bytes,
                 current_leader_epoch,
+                committed,
             } => match self.partition(&tp) {
                 Some(log) => match self.check_leader_epoch(&tp, &log, current_leader_epoch) {
-                    Ok(()) => Reply::Read(log.read(offset, max_bytes).await),
+                    Ok(()) => Reply::Read(log.read(offset, max_bytes, committed).await),
                     Err(code) => Reply::Read(Err(code)),
                 },
                 None => Reply::Read(Err(self.missing_partition_error(&tp))),
@@ -604,6 +632,7 @@ impl Shard {
             Request::WaitForData {
                 positions,
                 timeout_ms,
+                committed,
             } => {
                 let waits: Vec<_> = positions
                     .into_iter()
@@ -612,7 +641,7 @@ impl Shard {
                 let wait_all = async {
                     let mut futs: Vec<_> = waits
                         .iter()
-                        .map(|(log, offset)| Box::pin(log.wait_for_data(*offset)))
+                        .map(|(log, offset)| Box::pin(log.wait_for_data(*offset, committed)))
                         .collect();
                     futures_lite::future::poll_fn(move |cx| {
                         for f in futs.iter_mut() {
@@ -635,6 +664,7 @@ impl Shard {
                 tp,
                 timestamp,
                 current_leader_epoch,
+                committed,
             } => {
                 let Some(log) = self.partition(&tp) else {
                     return Reply::ListOffset(Err(self.missing_partition_error(&tp)));
@@ -643,6 +673,7 @@ impl Shard {
                     return Reply::ListOffset(Err(code));
                 }
                 let result = match timestamp {
+                    -1 if committed => Ok(Some((log.last_stable_offset(), -1))),
                     -1 => Ok(Some((log.high_watermark(), -1))),
                     // -4: earliest local offset (KIP-405); without tiered storage, the log start.
                     -2 | -4 => Ok(Some((log.log_start_offset(), -1))),
@@ -672,6 +703,23 @@ impl Shard {
                 Reply::ProducerId(self.controller.allocate_producer_id(self).await)
             }
             Request::Group(call) => Reply::Group(Box::new(self.groups.handle(self, *call).await)),
+            Request::Txn(call) => {
+                let coordinator = self.txns.clone();
+                // Boxed: the coordinator calls other shards, whose handling includes this.
+                let handled: std::pin::Pin<Box<dyn std::future::Future<Output = TxnReply> + '_>> =
+                    Box::pin(async move { coordinator.handle(self, *call).await });
+                Reply::Txn(Box::new(handled.await))
+            }
+            Request::WriteMarker {
+                tp,
+                producer_id,
+                producer_epoch,
+                outcome,
+                coordinator_epoch,
+            } => Reply::Marker(
+                self.write_marker(&tp, producer_id, producer_epoch, outcome, coordinator_epoch)
+                    .await,
+            ),
             Request::AlterConfigs {
                 changes,
                 validate_only,
@@ -793,6 +841,60 @@ impl Shard {
         self.partitions.borrow().get(tp).cloned()
     }
 
+    /// Writes a transaction marker to a partition this shard owns; an offsets partition's group
+    /// coordinator then applies or drops the transaction's offsets.
+    async fn write_marker(
+        self: &Rc<Self>,
+        tp: &TopicPartition,
+        producer_id: i64,
+        producer_epoch: i16,
+        outcome: Outcome,
+        coordinator_epoch: i32,
+    ) -> ErrorCode {
+        let Some(log) = self.partition(tp) else {
+            return self.missing_partition_error(tp);
+        };
+        let batch = match crate::storage::txn::marker_batch(
+            producer_id,
+            producer_epoch,
+            outcome,
+            coordinator_epoch,
+            crate::storage::partition::now_ms() as i64,
+        ) {
+            Ok(b) => b,
+            Err(_) => return ErrorCode::UNKNOWN_SERVER_ERROR,
+        };
+        match self.write_internal(&log, batch).await {
+            Ok(_) => {
+                if &*tp.topic == OFFSETS_TOPIC {
+                    self.groups.end_txn(producer_id, outcome);
+                }
+                ErrorCode::NONE
+            }
+            Err(e) => e.code,
+        }
+    }
+
+    /// A coordinator's write to a partition this shard owns (group records, transactional
+    /// offsets, transaction markers and state): durable before it returns, through the
+    /// partition's Raft group in a cluster (`NOT_LEADER_OR_FOLLOWER` where this broker does not
+    /// lead it).
+    pub async fn write_internal(
+        &self,
+        log: &PartitionLog,
+        batch: Bytes,
+    ) -> Result<Appended, AppendError> {
+        let tp = log.topic_partition();
+        if let Some(replicated) = self.cluster().and_then(|c| c.group(&tp)) {
+            return replicated
+                .produce(log, batch, -1, 1, Origin::Coordinator)
+                .await;
+        }
+        let appended = log.append(batch, true, Origin::Coordinator)?;
+        log.wait_for(appended.end_offset, true).await?;
+        Ok(appended)
+    }
+
     /// Installs a topic table snapshot: opens the partitions this shard owns that are new, and
     /// closes and deletes the ones whose topic is gone (or was recreated with a new id).
     async fn apply_topics(
@@ -884,6 +986,9 @@ impl Shard {
                     // In a cluster the coordinator loads a partition's groups when it leads it.
                     if &*tp.topic == OFFSETS_TOPIC && self.cluster.is_none() {
                         self.groups.load(&log).await;
+                    }
+                    if &*tp.topic == TRANSACTION_TOPIC && self.cluster.is_none() {
+                        self.txns.clone().load(self, &log).await;
                     }
                     self.partitions.borrow_mut().insert(tp, log);
                 }

@@ -276,6 +276,23 @@ pub fn whole_batches_within(bytes: &[u8], limit_bytes: usize) -> usize {
     end
 }
 
+/// The length of the run of whole batches at the start of `bytes` that begin below `limit` (a
+/// `read_committed` read stops at the last stable offset, which is always a batch's base offset).
+pub fn batches_below(bytes: &[u8], limit: Offset) -> usize {
+    let mut end = 0usize;
+    while let Some(rest) = bytes.get(end..).filter(|r| !r.is_empty()) {
+        let Ok(header) = BatchHeader::parse(rest) else {
+            break;
+        };
+        let next = end.saturating_add(header.size_bytes);
+        if header.base_offset >= limit || next > bytes.len() {
+            break;
+        }
+        end = next;
+    }
+    end
+}
+
 /// Writes the broker-assigned base offset and leader epoch into a batch (outside the CRC).
 pub fn assign(batch: &mut [u8], base_offset: Offset, leader_epoch: i32) {
     batch[0..8].copy_from_slice(&base_offset.0.to_be_bytes());

@@ -26,7 +26,8 @@ pub mod open_files;
 pub mod partition;
 pub mod records;
 pub mod segment;
+pub mod txn;
 
 pub use partition::{
-    ActiveProducer, AppendError, Appended, PartitionFacts, PartitionLog, ReadResult,
+    ActiveProducer, AppendError, Appended, Origin, PartitionFacts, PartitionLog, ReadResult,
 };

@@ -29,6 +29,7 @@ use super::files::{self, GlommioResultExt};
 use super::journal::Journal;
 use super::open_files::FileSlot;
 use super::segment::{self, Segment};
+use super::txn::{self, AbortedTxn, TxnState};
 use crate::config::LogConfig;
 use crate::model::{Epoch, ErrorCode, Offset, TopicPartition};
 
@@ -42,6 +43,14 @@ pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Who writes a batch: a producer, or a coordinator of strom's own (transaction markers,
+/// transactional offset commits), whose batches carry no sequence and may be control batches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Client,
+    Coordinator,
 }
 
 /// strom's own per-partition metadata, persisted with rkyv in `partition.meta`.
@@ -170,6 +179,9 @@ pub struct ReadResult {
     pub records: Bytes,
     pub high_watermark: Offset,
     pub log_start_offset: Offset,
+    pub last_stable_offset: Offset,
+    /// For a `read_committed` read: the aborted transactions among the records returned.
+    pub aborted: Vec<AbortedTxn>,
 }
 
 pub struct PartitionState {
@@ -188,6 +200,8 @@ pub struct PartitionState {
     cache_bytes: usize,
     pub cache_bytes_max: usize,
     producers: HashMap<i64, ProducerState>,
+    /// Open and aborted transactions, as of the written batches (see [`super::txn`]).
+    txns: TxnState,
     /// Retention asked the flusher to close the active segment (it expired by time).
     roll_requested: bool,
     /// Compaction has cleaned every closed segment below this offset.
@@ -384,6 +398,8 @@ impl PartitionLog {
         }
         let end = segments.last().map_or(Offset(0), |s| s.end_offset);
         let log_start = Offset(meta.log_start_offset).max(segments[0].base_offset);
+        let mut txns = recover_txns(&tp, &dir, &segments, end).await?;
+        txns.forget_below(log_start);
         tracing::debug!(partition = %tp, end_offset = end.0, segments = segments.len(), "partition opened");
         let state = PartitionState {
             tp,
@@ -401,6 +417,7 @@ impl PartitionLog {
             cache_bytes: 0,
             cache_bytes_max,
             producers,
+            txns,
             roll_requested: false,
             cleaned_upto: Offset(0),
             tombstone_deadline_ms: None,
@@ -461,7 +478,11 @@ impl PartitionLog {
     /// Kafka's checks on produced batches, before anything is accepted: sizes, CRC, record
     /// framing, keys on compacted topics, one batch per request for idempotent producers.
     /// Returns each batch's position and header.
-    pub fn validate(&self, records: &Bytes) -> Result<Vec<(usize, BatchHeader)>, AppendError> {
+    pub fn validate(
+        &self,
+        records: &Bytes,
+        origin: Origin,
+    ) -> Result<Vec<(usize, BatchHeader)>, AppendError> {
         let st = self.state.borrow();
         if st.failed || st.closed {
             return Err(ErrorCode::KAFKA_STORAGE_ERROR.into());
@@ -475,8 +496,16 @@ impl PartitionLog {
             if h.size_bytes > st.config.batch_size_bytes_max {
                 return Err(ErrorCode::MESSAGE_TOO_LARGE.into());
             }
-            if h.is_transactional() || h.is_control() {
-                return Err(ErrorCode::UNSUPPORTED_FOR_MESSAGE_FORMAT.into());
+            if h.is_control() && origin == Origin::Client {
+                // Markers come from the transaction coordinator, never from a producer.
+                return Err(AppendError {
+                    code: ErrorCode::INVALID_RECORD,
+                    message: Some("control batches are written by the broker only".to_string()),
+                    record_errors: Vec::new(),
+                });
+            }
+            if h.is_transactional() && h.producer_id < 0 {
+                return Err(ErrorCode::INVALID_RECORD.into());
             }
         }
         // Every record is walked (through the bounded decoder) before anything is accepted;
@@ -511,6 +540,11 @@ impl PartitionLog {
             .borrow()
             .check_sequence(h)?
             .map(|dup| (dup.base_offset, dup.last_offset.next())))
+    }
+
+    /// A transaction marker must not come from an older producer epoch than the batches here.
+    pub fn check_marker_epoch(&self, h: &BatchHeader) -> Result<(), ErrorCode> {
+        self.state.borrow().check_marker_epoch(h)
     }
 
     /// Appends a batch that already has its offsets and leader epoch (a replica applying what
@@ -574,13 +608,23 @@ impl PartitionLog {
 
     /// Validates `records` (one or more batches), deduplicates idempotent retries, assigns offsets
     /// and queues the batches for the flusher. No await: offsets follow call order.
-    pub fn append(&self, records: Bytes, durable: bool) -> Result<Appended, AppendError> {
-        let batches = self.validate(&records)?;
+    pub fn append(
+        &self,
+        records: Bytes,
+        durable: bool,
+        origin: Origin,
+    ) -> Result<Appended, AppendError> {
+        let batches = self.validate(&records, origin)?;
         let mut st = self.state.borrow_mut();
         // Idempotence: a retry of one of the producer's last five batches is answered with its
-        // original offsets and not written again.
+        // original offsets and not written again. The coordinators' own writes carry no
+        // sequence; a marker is checked against the producer's epoch only.
         if let [(_, h)] = batches.as_slice() {
-            if h.producer_id >= 0 {
+            if origin == Origin::Coordinator {
+                if h.is_control() {
+                    st.check_marker_epoch(h)?;
+                }
+            } else if h.producer_id >= 0 {
                 if let Some(dup) = st.check_sequence(h)? {
                     let end = dup.last_offset.next();
                     if durable {
@@ -665,14 +709,19 @@ impl PartitionLog {
         }
     }
 
-    /// Waits until the high watermark passes `offset`, or the partition closes. The caller bounds
-    /// the wait with its own timer.
-    pub async fn wait_for_data(&self, offset: Offset) {
+    /// Waits until the high watermark (for a `committed` reader, the last stable offset) passes
+    /// `offset`, or the partition closes. The caller bounds the wait with its own timer.
+    pub async fn wait_for_data(&self, offset: Offset, committed: bool) {
         loop {
             let listener = self.progress.listen();
             {
                 let st = self.state.borrow();
-                if st.high_watermark > offset || st.failed || st.closed {
+                let visible = if committed {
+                    st.txns.last_stable_offset(st.high_watermark)
+                } else {
+                    st.high_watermark
+                };
+                if visible > offset || st.failed || st.closed {
                     return;
                 }
             }
@@ -682,10 +731,51 @@ impl PartitionLog {
 
     /// Reads whole batches starting with the one that contains `offset`, up to `max_bytes` (but at
     /// least one whole batch, so a consumer always progresses).
-    pub async fn read(&self, offset: Offset, max_bytes: usize) -> Result<ReadResult, ErrorCode> {
-        let (hw, log_start) = {
+    /// A `committed` read (`isolation_level=read_committed`) stops at the last stable offset and
+    /// lists the aborted transactions among what it returns.
+    pub async fn read(
+        &self,
+        offset: Offset,
+        max_bytes: usize,
+        committed: bool,
+    ) -> Result<ReadResult, ErrorCode> {
+        let mut result = self.read_uncommitted(offset, max_bytes).await?;
+        if committed {
             let st = self.state.borrow();
-            (st.high_watermark, st.log_start)
+            let lso = st.txns.last_stable_offset(st.high_watermark);
+            result.last_stable_offset = lso;
+            let kept = batch::batches_below(&result.records, lso);
+            result.records.truncate(kept);
+            if let Some(end) = end_of_batches(&result.records) {
+                result.aborted = st.txns.aborted_between(offset, end);
+            }
+        }
+        Ok(result)
+    }
+
+    /// The last stable offset: what `read_committed` consumers may read up to.
+    pub fn last_stable_offset(&self) -> Offset {
+        let st = self.state.borrow();
+        st.txns.last_stable_offset(st.high_watermark)
+    }
+
+    /// Producers with a transaction open in this partition, and where each began.
+    pub fn open_transactions(&self) -> Vec<(i64, Offset)> {
+        self.state.borrow().txns.ongoing().collect()
+    }
+
+    async fn read_uncommitted(
+        &self,
+        offset: Offset,
+        max_bytes: usize,
+    ) -> Result<ReadResult, ErrorCode> {
+        let (hw, log_start, lso) = {
+            let st = self.state.borrow();
+            (
+                st.high_watermark,
+                st.log_start,
+                st.txns.last_stable_offset(st.high_watermark),
+            )
         };
         if offset < log_start || offset > hw {
             return Err(ErrorCode::OFFSET_OUT_OF_RANGE);
@@ -694,6 +784,8 @@ impl PartitionLog {
             records: Bytes::new(),
             high_watermark: hw,
             log_start_offset: log_start,
+            last_stable_offset: lso,
+            aborted: Vec::new(),
         };
         if offset == hw {
             return Ok(result);
@@ -931,8 +1023,32 @@ impl PartitionLog {
             file.fdatasync().await.io()?;
             indexes.write_indexes().await?;
         }
+        self.save_txns(end).await?;
         let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&snapshot)?;
         files::write_meta(&dir.join(PRODUCERS_FILE), PRODUCERS_VERSION, &bytes).await
+    }
+
+    /// Saves the transaction state, which must be the state at `offset` (every batch below it
+    /// written, none above), and removes saved states that a later start no longer needs (all but
+    /// the newest two).
+    async fn save_txns(&self, offset: Offset) -> Result<()> {
+        let (dir, saved) = {
+            let st = self.state.borrow();
+            (st.dir.clone(), st.txns.save(offset))
+        };
+        let payload = txn::encode_saved(&saved)?;
+        let path = dir.join(txn::state_file_name(offset));
+        files::write_meta(&path, txn::STATE_VERSION, &payload).await?;
+        let mut saved_at = {
+            let dir = dir.clone();
+            files::blocking(move || list_txn_states(&dir)).await?
+        };
+        saved_at.sort();
+        let keep = saved_at.len().saturating_sub(2);
+        for old in saved_at.into_iter().take(keep) {
+            files::remove_file(&dir.join(txn::state_file_name(old))).await?;
+        }
+        Ok(())
     }
 
     /// Closes the partition and deletes its directory.
@@ -1176,6 +1292,7 @@ impl PartitionLog {
             }
             st.log_start = offset;
             st.meta.log_start_offset = offset.0;
+            st.txns.forget_below(offset);
             while st.cache.front().is_some_and(|b| b.last_offset < offset) {
                 if let Some(old) = st.cache.pop_front() {
                     st.cache_bytes -= old.bytes.len();
@@ -1219,6 +1336,7 @@ impl PartitionLog {
             let mut st = self.state.borrow_mut();
             let old = std::mem::replace(&mut st.segments, vec![segment]);
             st.readahead = None;
+            st.txns.clear();
             st.next_offset = offset;
             st.high_watermark = offset;
             st.durable = offset;
@@ -1375,6 +1493,7 @@ impl PartitionLog {
                 let done = st.pending.pop_front();
                 debug_assert_eq!(done.map(|d| d.header.base_offset), Some(h.base_offset));
                 st.high_watermark = h.last_offset().next();
+                st.txns.observe(&h, &bytes);
                 st.push_cache(CachedBatch {
                     base_offset: h.base_offset,
                     last_offset: h.last_offset(),
@@ -1560,6 +1679,8 @@ impl PartitionLog {
             st.segments[n - 2].index_snapshot()
         };
         closed.write_indexes().await?;
+        // The flusher rolls between chunks: the state is exactly the state at the new base.
+        self.save_txns(next_base).await?;
         tracing::debug!(partition = %self.topic_partition(), base = next_base.0, "segment rolled");
         Ok(())
     }
@@ -1599,6 +1720,15 @@ impl PartitionState {
             && (active.size_bytes + first.bytes.len() as u64 > self.config.segment_size_bytes
                 || now_ms().saturating_sub(active.created_ms) >= self.config.segment_age_ms
                 || !active.fits(active.size_bytes, &first.header))
+    }
+
+    /// A transaction marker must not come from an older epoch than the producer's batches here
+    /// (the coordinator fenced that producer since).
+    fn check_marker_epoch(&self, h: &BatchHeader) -> Result<(), ErrorCode> {
+        match self.producers.get(&h.producer_id) {
+            Some(state) if h.producer_epoch < state.epoch => Err(ErrorCode::INVALID_PRODUCER_EPOCH),
+            _ => Ok(()),
+        }
     }
 
     /// Checks an idempotent batch's sequence. `Ok(Some)` is a duplicate of a recent batch.
@@ -1769,11 +1899,15 @@ fn record_producer_batch(producers: &mut HashMap<i64, ProducerState>, h: &BatchH
             batches: VecDeque::new(),
             last_timestamp: -1,
         });
-    entry.last_timestamp = h.max_timestamp;
     if h.producer_epoch != entry.epoch {
         entry.epoch = h.producer_epoch;
         entry.batches.clear();
     }
+    if h.is_control() || h.base_sequence < 0 {
+        // A marker, or a coordinator's transactional write: no sequence to continue.
+        return;
+    }
+    entry.last_timestamp = h.max_timestamp;
     entry.batches.push_back(ProducerBatch {
         first_sequence: h.base_sequence,
         last_sequence: h.last_sequence(),
@@ -1919,6 +2053,90 @@ fn list_segments(dir: &Path) -> Result<Vec<Offset>> {
     Ok(bases)
 }
 
+/// The offsets at which transaction states are saved in `dir`.
+fn list_txn_states(dir: &Path) -> Result<Vec<Offset>> {
+    let mut offsets = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        if let Some(stem) = name.strip_suffix(txn::STATE_SUFFIX) {
+            if let Ok(offset) = stem.parse::<i64>() {
+                offsets.push(Offset(offset));
+            }
+        }
+    }
+    Ok(offsets)
+}
+
+/// The transaction state of a log ending at `end`: the newest saved state at or below `end`,
+/// then every transactional batch after it, read from the segments.
+async fn recover_txns(
+    tp: &TopicPartition,
+    dir: &Path,
+    segments: &[Segment],
+    end: Offset,
+) -> Result<TxnState> {
+    let saved_at = {
+        let dir = dir.to_path_buf();
+        files::blocking(move || list_txn_states(&dir)).await?
+    };
+    let mut from = Offset(0);
+    let mut state = TxnState::default();
+    for at in saved_at.iter().rev().filter(|o| **o <= end) {
+        let path = dir.join(txn::state_file_name(*at));
+        match files::read_meta(&path, txn::STATE_VERSION)
+            .await
+            .and_then(|payload| txn::decode_saved(&payload))
+        {
+            Ok(saved) if saved.offset == at.0 => {
+                state = TxnState::restore(&saved);
+                from = *at;
+                break;
+            }
+            Ok(_) => {
+                tracing::warn!(partition = %tp, file = %path.display(), "transaction state names another offset; ignored")
+            }
+            Err(e) => {
+                tracing::warn!(partition = %tp, file = %path.display(), error = %format!("{e:#}"), "unreadable transaction state; ignored")
+            }
+        }
+    }
+    if from >= end {
+        return Ok(state);
+    }
+    let mut scanned = 0usize;
+    for seg in segments
+        .iter()
+        .filter(|s| s.end_offset > from && s.size_bytes > 0)
+    {
+        let file = seg.file.get().await?;
+        let start = if seg.base_offset < from {
+            seg.position_for(from)
+        } else {
+            0
+        };
+        let (batches, _) =
+            segment::scan(&file, seg.base_offset, start, seg.size_bytes, false).await?;
+        for b in batches {
+            let h = b.header;
+            if h.last_offset() < from || !h.is_transactional() {
+                continue;
+            }
+            scanned += 1;
+            if h.is_control() {
+                let bytes = file.read_at(b.position, h.size_bytes).await.io()?;
+                state.observe(&h, &bytes);
+            } else {
+                state.observe(&h, &[]);
+            }
+        }
+    }
+    if scanned > 0 {
+        tracing::info!(partition = %tp, from = from.0, batches = scanned, "transaction state recovered from the log");
+    }
+    Ok(state)
+}
+
 /// Epoch of the partition's current leadership, for Metadata and stored batches.
 pub fn leader_epoch(log: &PartitionLog) -> Epoch {
     Epoch(log.state.borrow().meta.leader_epoch)
@@ -1978,7 +2196,7 @@ mod tests {
         let mut end = Offset(0);
         for i in 0..n {
             let b = make_batch(0, 3, 1_000 + i as i64).freeze();
-            let a = log.append(b, true).unwrap();
+            let a = log.append(b, true, Origin::Client).unwrap();
             end = a.end_offset;
         }
         log.wait_for(end, true).await.unwrap();
@@ -1989,7 +2207,7 @@ mod tests {
         let mut out = Vec::new();
         let mut at = from;
         loop {
-            let r = log.read(at, 4096).await.unwrap();
+            let r = log.read(at, 4096, false).await.unwrap();
             if r.records.is_empty() {
                 return out;
             }
@@ -2023,11 +2241,13 @@ mod tests {
                 assert_eq!(h.base_offset, Offset(3 * i as i64));
             }
             // A read from inside a batch returns that whole batch first.
-            let r = log.read(Offset(100), 1).await.unwrap();
+            let r = log.read(Offset(100), 1, false).await.unwrap();
             let first = BatchHeader::parse(&r.records).unwrap();
             assert_eq!(first.base_offset, Offset(99));
             // New appends continue at the recovered end.
-            let a = log.append(make_batch(0, 2, 5).freeze(), true).unwrap();
+            let a = log
+                .append(make_batch(0, 2, 5).freeze(), true, Origin::Client)
+                .unwrap();
             assert_eq!(a.base_offset, Offset(180));
             log.wait_for(a.end_offset, true).await.unwrap();
             log.close();
@@ -2078,8 +2298,8 @@ mod tests {
             let crc = crc32c::crc32c(&b[21..]);
             b[17..21].copy_from_slice(&crc.to_be_bytes());
             let b = b.freeze();
-            let first = log.append(b.clone(), true).unwrap();
-            let retry = log.append(b.clone(), true).unwrap();
+            let first = log.append(b.clone(), true, Origin::Client).unwrap();
+            let retry = log.append(b.clone(), true, Origin::Client).unwrap();
             assert_eq!(first.base_offset, retry.base_offset);
             log.wait_for(retry.end_offset, true).await.unwrap();
             assert_eq!(log.high_watermark(), Offset(2));
