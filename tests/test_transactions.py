@@ -1,0 +1,313 @@
+"""Transactions and exactly-once (KIP-98, KIP-447) against the real binary with real clients:
+transactional producers (confluent-kafka, kafka-python), read_committed and read_uncommitted
+consumers, fencing of a zombie, the broker aborting a transaction left open past its timeout,
+and consume-transform-produce through kill -9 of the broker and of the processor.
+
+STROM_TXN_FULL=1 runs the long version of the kill -9 scenario (more records, several kills)."""
+
+import os
+import pathlib
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+FULL = os.environ.get("STROM_TXN_FULL") == "1"
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def create_topic(bootstrap, name, partitions):
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for f in admin.create_topics([NewTopic(name, partitions, 1)]).values():
+        f.result(timeout=15)
+
+
+def read_all(bootstrap, topic, isolation, partitions, quiet_s=2.0, limit_s=30):
+    """Every record of `topic` from the beginning, in partition order: (partition, offset, value)."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{time.time()}",
+                  "enable.auto.commit": False, "isolation.level": isolation})
+    c.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    out = []
+    last = time.time()
+    deadline = time.time() + limit_s
+    while time.time() < deadline and time.time() - last < quiet_s:
+        m = c.poll(0.2)
+        if m is None or m.error() is not None:
+            continue
+        out.append((m.partition(), m.offset(), m.value().decode()))
+        last = time.time()
+    c.close()
+    return out
+
+
+def watermarks(bootstrap, topic, partition, isolation):
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "wm", "isolation.level": isolation})
+    try:
+        return c.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+    finally:
+        c.close()
+
+
+def test_interleaved_commits_and_aborts_are_seen_as_kafka_shows_them(broker):
+    """A confluent-kafka transactional producer commits and aborts in turn over three partitions:
+    read_committed sees exactly the committed records in order, read_uncommitted sees them all;
+    an open transaction holds the last stable offset back while the high watermark moves."""
+    bs = broker.bootstrap
+    create_topic(bs, "tx", 3)
+    p = Producer({"bootstrap.servers": bs, "transactional.id": "interleaved", "linger.ms": 1})
+    p.init_transactions(15)
+    committed, aborted = [], []
+    for t in range(8):
+        p.begin_transaction()
+        batch = [f"t{t}-r{r}" for r in range(9)]
+        for r, v in enumerate(batch):
+            p.produce("tx", value=v.encode(), partition=r % 3)
+        p.flush(10)  # the aborted records reach the log too
+        if t % 2 == 0:
+            p.commit_transaction(15)
+            committed += batch
+        else:
+            p.abort_transaction(15)
+            aborted += batch
+
+    got = read_all(bs, "tx", "read_committed", 3)
+    seen = [v for _, _, v in got]
+    print(f"committed {len(committed)}, aborted {len(aborted)}, read_committed saw {len(seen)}")
+    assert sorted(seen) == sorted(committed)
+    for part in range(3):
+        in_order = [v for pp, _, v in got if pp == part]
+        assert in_order == [v for i, v in enumerate(committed) if int(v.split("-r")[1]) % 3 == part]
+    everything = [v for _, _, v in read_all(bs, "tx", "read_uncommitted", 3)]
+    assert sorted(everything) == sorted(committed + aborted)
+
+    # Every transaction ended: the last stable offset is the high watermark. Each partition holds
+    # 8 transactions × 3 records plus a marker each.
+    for part in range(3):
+        assert watermarks(bs, "tx", part, "read_committed") == (0, 32)
+        assert watermarks(bs, "tx", part, "read_uncommitted") == (0, 32)
+
+    # An open transaction: the high watermark moves past its records, the LSO stays before them.
+    p.begin_transaction()
+    p.produce("tx", value=b"open", partition=0)
+    p.flush(10)
+    assert watermarks(bs, "tx", 0, "read_uncommitted") == (0, 33)
+    assert watermarks(bs, "tx", 0, "read_committed") == (0, 32)
+    p.commit_transaction(15)
+    assert watermarks(bs, "tx", 0, "read_committed") == (0, 34)
+    assert "open" in [v for _, _, v in read_all(bs, "tx", "read_committed", 3)]
+
+
+def test_a_second_producer_with_the_same_id_fences_the_first(broker):
+    bs = broker.bootstrap
+    create_topic(bs, "zombie", 2)
+    first = Producer({"bootstrap.servers": bs, "transactional.id": "shared-id", "linger.ms": 1})
+    first.init_transactions(15)
+    first.begin_transaction()
+    first.produce("zombie", value=b"from-the-zombie", partition=0)
+    first.flush(10)
+
+    second = Producer({"bootstrap.servers": bs, "transactional.id": "shared-id", "linger.ms": 1})
+    second.init_transactions(15)  # aborts the first one's open transaction and fences it
+    second.begin_transaction()
+    second.produce("zombie", value=b"from-the-new-one", partition=0)
+    second.commit_transaction(15)
+
+    with pytest.raises(KafkaException) as refused:
+        first.produce("zombie", value=b"zombie-again", partition=1)
+        first.flush(10)
+        first.commit_transaction(15)
+    err = refused.value.args[0]
+    print(f"the zombie got: {err}")
+    assert err.fatal() or err.txn_requires_abort(), err
+    assert "fenc" in err.str().lower() or "epoch" in err.str().lower(), err
+
+    seen = [v for _, _, v in read_all(bs, "zombie", "read_committed", 2)]
+    assert seen == ["from-the-new-one"]
+
+
+def test_a_transaction_left_open_past_its_timeout_is_aborted(broker_factory):
+    broker = broker_factory(extra_args=[
+        "--set", "transaction.abort.timed.out.transaction.cleanup.interval.ms=200"])
+    bs = broker.bootstrap
+    create_topic(bs, "stuck", 1)
+    p = Producer({"bootstrap.servers": bs, "transactional.id": "forgetful",
+                  "transaction.timeout.ms": 2000, "linger.ms": 1})
+    p.init_transactions(15)
+    p.begin_transaction()
+    p.produce("stuck", value=b"never-committed", partition=0)
+    p.flush(10)
+    plain = Producer({"bootstrap.servers": bs, "linger.ms": 1})
+    plain.produce("stuck", value=b"after", partition=0)
+    plain.flush(10)
+    # Held back behind the open transaction until the broker aborts it.
+    assert watermarks(bs, "stuck", 0, "read_committed")[1] == 0
+    started = time.time()
+    seen = []
+    c = Consumer({"bootstrap.servers": bs, "group.id": "patient", "isolation.level": "read_committed",
+                  "auto.offset.reset": "earliest"})
+    c.subscribe(["stuck"])
+    while time.time() - started < 20 and not seen:
+        m = c.poll(0.2)
+        if m is not None and m.error() is None:
+            seen.append(m.value().decode())
+    c.close()
+    waited = time.time() - started
+    print(f"the consumer moved on after {waited:.1f} s: {seen}")
+    assert seen == ["after"]
+    state = describe(bs, "forgetful")
+    assert state in ("CompleteAbort", "PrepareAbort"), state
+
+
+def describe(bootstrap, txn_id):
+    """The coordinator's state of a transactional id, as kafka-python's admin client
+    (DescribeTransactions, what kafka-transactions.sh describe uses) reports it."""
+    from kafka.admin import KafkaAdminClient
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    try:
+        return admin.describe_transactions([txn_id])[txn_id].state.value
+    finally:
+        admin.close()
+
+
+def test_admin_clients_list_and_describe_transactions(broker):
+    from kafka.admin import KafkaAdminClient
+    bs = broker.bootstrap
+    create_topic(bs, "listed", 2)
+    p = Producer({"bootstrap.servers": bs, "transactional.id": "listed-txn", "linger.ms": 1})
+    p.init_transactions(15)
+    p.begin_transaction()
+    p.produce("listed", value=b"x", partition=1)
+    p.flush(10)
+    admin = KafkaAdminClient(bootstrap_servers=bs, request_timeout_ms=10000)
+    try:
+        desc = admin.describe_transactions(["listed-txn"])["listed-txn"]
+        print(f"described: {desc}")
+        assert desc.state.value == "Ongoing"
+        assert sorted((tp.topic, tp.partition) for tp in desc.topic_partitions) == [("listed", 1)]
+        listed = [t for ts in admin.list_transactions().values() for t in ts]
+        assert [t.transactional_id for t in listed] == ["listed-txn"]
+        p.commit_transaction(15)
+        assert admin.describe_transactions(["listed-txn"])["listed-txn"].state.value == "CompleteCommit"
+        ongoing = admin.list_transactions(state_filters=["Ongoing"])
+        assert [t for ts in ongoing.values() for t in ts] == []
+    finally:
+        admin.close()
+
+
+def test_kafka_python_transactional_producer(broker):
+    from kafka import KafkaConsumer, KafkaProducer
+    bs = broker.bootstrap
+    create_topic(bs, "kp", 2)
+    p = KafkaProducer(bootstrap_servers=bs, transactional_id="kafka-python-txn")
+    p.init_transactions()
+    p.begin_transaction()
+    for i in range(6):
+        p.send("kp", value=f"kept-{i}".encode(), partition=i % 2)
+    p.commit_transaction()
+    p.begin_transaction()
+    for i in range(6):
+        p.send("kp", value=f"dropped-{i}".encode(), partition=i % 2)
+    p.flush()
+    p.abort_transaction()
+    p.close()
+    c = KafkaConsumer("kp", bootstrap_servers=bs, auto_offset_reset="earliest",
+                      isolation_level="read_committed", consumer_timeout_ms=3000)
+    seen = sorted(m.value.decode() for m in c)
+    c.close()
+    assert seen == sorted(f"kept-{i}" for i in range(6))
+
+
+def test_consume_transform_produce_is_exactly_once_through_kill_9(broker):
+    """Input → processor (read_committed, transactions with send_offsets_to_transaction) → output,
+    with kill -9 of the broker and of the processor at random moments: every input record is in
+    the output exactly once as read_committed shows it, and the group's offsets reach the end."""
+    seed = int(os.environ.get("STROM_TXN_SEED", random.randrange(1 << 30)))
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    bs = broker.bootstrap
+    n = 20000 if FULL else 3000
+    kills = 3 if FULL else 1
+    create_topic(bs, "in", 3)
+    create_topic(bs, "out", 3)
+    p = Producer({"bootstrap.servers": bs, "acks": "all", "linger.ms": 5})
+    for i in range(n):
+        p.produce("in", key=str(i).encode(), value=f"in-{i}".encode(), partition=i % 3)
+        if i % 1000 == 0:
+            p.poll(0)
+    assert p.flush(30) == 0
+    log_path = broker.data_dir.parent / "processor.log"
+
+    def start_processor(k):
+        return subprocess.Popen(
+            [sys.executable, str(HERE / "txn_processor.py"), bs, "in", "out", "etl", "etl-txn",
+             str(seed + k), str(log_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def committed_total():
+        c = Consumer({"bootstrap.servers": bs, "group.id": "etl", "enable.auto.commit": False})
+        try:
+            got = c.committed([TopicPartition("in", q) for q in range(3)], timeout=10)
+            return sum(max(tp.offset, 0) for tp in got)
+        except KafkaException:
+            return -1
+        finally:
+            c.close()
+
+    starts = 0
+    proc = start_processor(starts)
+    broker_kills = processor_kills = 0
+    deadline = time.time() + (600 if FULL else 150)
+    next_fault = time.time() + rng.uniform(1.0, 3.0)
+    faults = ["broker", "processor"] * kills
+    rng.shuffle(faults)
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            out = proc.stdout.read().decode(errors="replace")
+            print(f"processor exited {proc.returncode}: {out.strip()[-300:]}")
+            starts += 1
+            proc = start_processor(starts)
+        if faults and time.time() >= next_fault:
+            fault = faults.pop()
+            if fault == "broker":
+                broker.kill9()
+                broker_kills += 1
+                time.sleep(rng.uniform(0.1, 1.0))
+                broker.start()
+            else:
+                proc.kill()
+                proc.wait()
+                processor_kills += 1
+            next_fault = time.time() + rng.uniform(1.0, 4.0)
+            continue
+        if not faults and committed_total() == n:
+            break
+        time.sleep(0.3)
+    proc.kill()
+    proc.wait()
+    total = committed_total()
+    print(f"broker kills {broker_kills}, processor kills {processor_kills}, processor starts {starts + 1}, "
+          f"group offsets {total} of {n}")
+    assert total == n, "the processor did not finish"
+
+    visible = read_all(bs, "out", "read_committed", 3, quiet_s=3)
+    everything = read_all(bs, "out", "read_uncommitted", 3, quiet_s=3)
+    counts = {}
+    tags = {}
+    for _, _, v in visible:
+        value, tag, size = v.split("|")
+        counts[value] = counts.get(value, 0) + 1
+        tags.setdefault(tag, [int(size), 0])[1] += 1
+    lines = log_path.read_text().split() if log_path.exists() else []
+    aborted_tags = {lines[i + 1] for i in range(0, len(lines) - 1, 2) if lines[i] == "abort"}
+    lost = sum(1 for i in range(n) if f"in-{i}" not in counts)
+    duplicated = sum(c - 1 for c in counts.values() if c > 1)
+    torn = sum(1 for size, seen in tags.values() if seen != size)
+    aborted_reads = sum(1 for t in tags if t in aborted_tags)
+    print(f"consume-transform-produce: input {n}, output read_committed {len(visible)}, "
+          f"read_uncommitted {len(everything)}, lost {lost}, duplicated {duplicated}, "
+          f"torn transactions {torn}, aborted reads {aborted_reads}")
+    assert (lost, duplicated, torn, aborted_reads) == (0, 0, 0, 0)
