@@ -929,3 +929,71 @@ def test_brokers_that_are_not_the_controller_forward_metadata_changes(cluster):
                     break
                 time.sleep(0.2)
             assert f"retention.ms={60000 + i}" in described, described
+
+
+def read_isolated(nodes, topic, isolation, partitions=PARTITIONS, timeout=60):
+    consumer = Consumer({"bootstrap.servers": bootstrap(nodes), "group.id": f"iso-{time.time()}",
+                         "enable.auto.commit": False, "isolation.level": isolation})
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    got = []
+    deadline = time.time() + timeout
+    idle_since = time.time()
+    while time.time() < deadline and time.time() - idle_since < 4:
+        m = consumer.poll(0.5)
+        if m is None or m.error():
+            continue
+        idle_since = time.time()
+        got.append(m.value().decode())
+    consumer.close()
+    return got
+
+
+def test_transactions_span_partitions_led_by_every_broker(cluster):
+    """A transactional producer writes to six partitions whose leaders are on all three brokers:
+    the coordinator (the leader of the id's __transaction_state partition) reaches the others'
+    partitions with WriteTxnMarkers. Then the coordinator is killed with a transaction open: the
+    new leader of its state partition takes over, and a new producer with the same id fences the
+    old transaction, which is aborted everywhere."""
+    nodes = cluster
+    leaders = create_topic(nodes, "txc")
+    assert len(set(leaders.values())) == 3, leaders
+    p = Producer({"bootstrap.servers": bootstrap(nodes), "transactional.id": "across",
+                  "linger.ms": 1})
+    p.init_transactions(90)
+    committed, aborted = [], []
+    for t in range(4):
+        p.begin_transaction()
+        batch = [f"t{t}-p{q}" for q in range(PARTITIONS)]
+        for q, v in enumerate(batch):
+            p.produce("txc", value=v.encode(), partition=q)
+        p.flush(30)
+        if t % 2 == 0:
+            p.commit_transaction(60)
+            committed += batch
+        else:
+            p.abort_transaction(60)
+            aborted += batch
+    assert sorted(read_isolated(nodes, "txc", "read_committed")) == sorted(committed)
+    assert sorted(read_isolated(nodes, "txc", "read_uncommitted")) == sorted(committed + aborted)
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap(nodes), request_timeout_ms=10000)
+    coordinator_id = admin.describe_transactions(["across"])["across"].coordinator_id
+    admin.close()
+    p.begin_transaction()
+    for q in range(PARTITIONS):
+        p.produce("txc", value=f"orphan-p{q}".encode(), partition=q)
+    p.flush(30)
+    victim = next(n for n in nodes if n.node_id == coordinator_id)
+    print(f"killing the coordinator, broker {coordinator_id}, with a transaction open")
+    victim.kill9()
+    rest = [n for n in nodes if n is not victim]
+    after = Producer({"bootstrap.servers": bootstrap(rest), "transactional.id": "across",
+                      "linger.ms": 1})
+    after.init_transactions(120)
+    after.begin_transaction()
+    after.produce("txc", value=b"after-failover", partition=0)
+    after.commit_transaction(60)
+    victim.start()
+    seen = read_isolated(nodes, "txc", "read_committed")
+    print(f"read_committed after the failover: {len(seen)} records")
+    assert sorted(seen) == sorted(committed + ["after-failover"])
