@@ -91,6 +91,11 @@ enum Command {
         #[command(subcommand)]
         command: GroupCommand,
     },
+    /// Transactions of any Kafka-compatible cluster (as kafka-transactions.sh).
+    Transactions {
+        #[command(subcommand)]
+        command: TransactionsCommand,
+    },
     /// The brokers and partition health of a cluster.
     Cluster {
         #[command(subcommand)]
@@ -184,6 +189,22 @@ enum GroupCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum TransactionsCommand {
+    /// Every transactional id with its coordinator, producer id and state.
+    List {
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        bootstrap: String,
+    },
+    /// The state, producer, timeout, age and partitions of one transactional id.
+    Describe {
+        #[arg(long = "transactional-id")]
+        transactional_id: String,
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        bootstrap: String,
+    },
+}
+
 #[derive(Parser)]
 struct ServeArgs {
     /// Address to accept Kafka clients on (port 0 picks a free port, printed at start).
@@ -222,6 +243,18 @@ fn main() {
         Some(Command::Serve(args)) => serve(args),
         Some(Command::Group { command }) => group(command),
         Some(Command::Topic { command }) => topic(command),
+        Some(Command::Transactions { command }) => {
+            let out = match command {
+                TransactionsCommand::List { bootstrap } => {
+                    strom::client::transactions::list(&bootstrap)
+                }
+                TransactionsCommand::Describe {
+                    transactional_id,
+                    bootstrap,
+                } => strom::client::transactions::describe(&bootstrap, &transactional_id),
+            };
+            out.map(|out| print!("{out}"))
+        }
         Some(Command::Cluster {
             command: ClusterCommand::Status { bootstrap },
         }) => strom::client::status::status(&bootstrap).map(|out| print!("{out}")),

@@ -16,6 +16,8 @@ import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from conftest import STROM_BIN
+
 FULL = os.environ.get("STROM_TXN_FULL") == "1"
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -190,6 +192,14 @@ def test_admin_clients_list_and_describe_transactions(broker):
         assert sorted((tp.topic, tp.partition) for tp in desc.topic_partitions) == [("listed", 1)]
         listed = [t for ts in admin.list_transactions().values() for t in ts]
         assert [t.transactional_id for t in listed] == ["listed-txn"]
+        cli = subprocess.run([STROM_BIN, "transactions", "describe", "--transactional-id",
+                              "listed-txn", "--bootstrap", bs], capture_output=True, text=True)
+        print(cli.stdout)
+        row = cli.stdout.splitlines()[1].split()
+        assert row[0] == "listed-txn" and row[4] == "Ongoing" and row[-1] == "listed-1", cli
+        cli = subprocess.run([STROM_BIN, "transactions", "list", "--bootstrap", bs],
+                             capture_output=True, text=True)
+        assert cli.stdout.splitlines()[1].split()[0::3] == ["listed-txn", "Ongoing"], cli
         p.commit_transaction(15)
         assert admin.describe_transactions(["listed-txn"])["listed-txn"].state.value == "CompleteCommit"
         ongoing = admin.list_transactions(state_filters=["Ongoing"])

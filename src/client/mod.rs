@@ -1,5 +1,5 @@
 //! The small Kafka client the command line uses (`strom produce`, `strom consume`, `strom group ...`,
-//! `strom topic ...`): blocking, one request at a
+//! `strom topic ...`, `strom transactions ...`): blocking, one request at a
 //! time, speaking the Kafka protocol to any Kafka-compatible broker. Messages come from the
 //! `kafka-protocol` crate; responses are bounded in size before anything is allocated for them.
 
@@ -13,6 +13,7 @@ pub mod rebalance;
 pub mod records;
 pub mod status;
 pub mod topics;
+pub mod transactions;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
