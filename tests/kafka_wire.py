@@ -30,18 +30,21 @@ def metadata_v1(topics, correlation_id=1):
     return frame(body)
 
 
-def record_batch(values, key=b"k"):
+def record_batch(values, key=b"k", producer=None):
+    """A batch of `values`; with `producer` (id, epoch, base sequence), a transactional one."""
+    pid, epoch, seq = producer if producer else (-1, -1, -1)
     builder = DefaultRecordBatchBuilder(
-        magic=2, compression_type=0, is_transactional=False, producer_id=-1,
-        producer_epoch=-1, base_sequence=-1, batch_size=1 << 20)
+        magic=2, compression_type=0, is_transactional=producer is not None, producer_id=pid,
+        producer_epoch=epoch, base_sequence=seq, batch_size=1 << 20)
     for i, v in enumerate(values):
         builder.append(i, timestamp=1_700_000_000_000 + i, key=key, value=v, headers=[])
     return bytes(builder.build())
 
 
-def produce_v3(topic: bytes, partition: int, records: bytes, acks=1, correlation_id=1):
+def produce_v3(topic: bytes, partition: int, records: bytes, acks=1, correlation_id=1,
+               transactional_id: bytes = None):
     body = request_header(0, 3, correlation_id)
-    body += struct.pack(">h", -1)  # transactional id: null
+    body += kstring(transactional_id) if transactional_id is not None else struct.pack(">h", -1)
     body += struct.pack(">hi", acks, 5000)
     body += struct.pack(">i", 1) + kstring(topic)
     body += struct.pack(">i", 1) + struct.pack(">i", partition)

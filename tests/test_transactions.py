@@ -98,6 +98,12 @@ def test_interleaved_commits_and_aborts_are_seen_as_kafka_shows_them(broker):
     p.flush(10)
     assert watermarks(bs, "tx", 0, "read_uncommitted") == (0, 33)
     assert watermarks(bs, "tx", 0, "read_committed") == (0, 32)
+    from kafka.admin import KafkaAdminClient
+    from kafka import TopicPartition as KTP
+    admin = KafkaAdminClient(bootstrap_servers=bs, request_timeout_ms=10000)
+    (producer,) = admin.describe_producers([KTP("tx", 0)])[KTP("tx", 0)].active_producers
+    admin.close()
+    assert producer.current_transaction_start_offset == 32, producer
     p.commit_transaction(15)
     assert watermarks(bs, "tx", 0, "read_committed") == (0, 34)
     assert "open" in [v for _, _, v in read_all(bs, "tx", "read_committed", 3)]
@@ -164,6 +170,9 @@ def test_a_transaction_left_open_past_its_timeout_is_aborted(broker_factory):
     assert state in ("CompleteAbort", "PrepareAbort"), state
 
 
+sys.path.insert(0, str(HERE))
+
+
 def describe(bootstrap, txn_id):
     """The coordinator's state of a transactional id, as kafka-python's admin client
     (DescribeTransactions, what kafka-transactions.sh describe uses) reports it."""
@@ -206,6 +215,35 @@ def test_admin_clients_list_and_describe_transactions(broker):
         assert [t for ts in ongoing.values() for t in ts] == []
     finally:
         admin.close()
+
+
+def test_a_transactional_write_to_a_partition_never_added_is_refused(broker):
+    """KIP-890 part 1: a producer that writes a transactional batch to a partition it did not add
+    to its transaction gets INVALID_TXN_STATE, and the partition's last stable offset does not
+    stay behind a transaction no marker would ever end."""
+    import kafka_wire
+    from kafka.admin import KafkaAdminClient
+    bs = broker.bootstrap
+    create_topic(bs, "verified", 2)
+    p = Producer({"bootstrap.servers": bs, "transactional.id": "verifier", "linger.ms": 1})
+    p.init_transactions(15)
+    p.begin_transaction()
+    p.produce("verified", value=b"added", partition=0)
+    p.flush(10)
+    admin = KafkaAdminClient(bootstrap_servers=bs, request_timeout_ms=10000)
+    desc = admin.describe_transactions(["verifier"])["verifier"]
+    admin.close()
+    batch = kafka_wire.record_batch([b"sneaked-in"], producer=(desc.producer_id, desc.producer_epoch, 0))
+    sock = kafka_wire.connect(bs)
+    for cid, txn_id in ((7, b"verifier"), (8, None)):
+        sock.sendall(kafka_wire.produce_v3(b"verified", 1, batch, acks=-1, correlation_id=cid,
+                                           transactional_id=txn_id))
+        err, _ = kafka_wire.read_produce_error(sock, cid)
+        assert err == 48, f"INVALID_TXN_STATE expected, got {err}"
+    sock.close()
+    p.commit_transaction(15)
+    assert watermarks(bs, "verified", 1, "read_committed") == (0, 0)
+    assert [v for _, _, v in read_all(bs, "verified", "read_committed", 2)] == ["added"]
 
 
 def test_kafka_python_transactional_producer(broker):

@@ -102,7 +102,12 @@ pub fn describe(bootstrap: &str, transactional_id: &str) -> Result<String> {
     let partitions: Vec<String> = t
         .topics
         .iter()
-        .flat_map(|topic| topic.partitions.iter().map(move |p| format!("{}-{p}", topic.topic.0)))
+        .flat_map(|topic| {
+            topic
+                .partitions
+                .iter()
+                .map(move |p| format!("{}-{p}", topic.topic.0))
+        })
         .collect();
     let partitions = if partitions.is_empty() {
         "-".to_string()

@@ -413,7 +413,7 @@ pub async fn describe_producers(
                             s.last_sequence = a.last_sequence;
                             s.last_timestamp = a.last_timestamp;
                             s.coordinator_epoch = -1;
-                            s.current_txn_start_offset = -1;
+                            s.current_txn_start_offset = a.current_txn_start_offset;
                             s
                         })
                         .collect();

@@ -4,6 +4,7 @@
 //! at all.
 
 use std::rc::Rc;
+use std::sync::Arc;
 
 use kafka_protocol::messages::produce_response::{
     BatchIndexAndErrorMessage, PartitionProduceResponse, TopicProduceResponse,
@@ -17,6 +18,11 @@ use crate::storage::{AppendError, Appended};
 
 pub async fn handle(shard: &Rc<Shard>, req: ProduceRequest, version: i16) -> ProduceResponse {
     let acks = req.acks;
+    let transactional_id: Option<Arc<str>> = req
+        .transactional_id
+        .as_ref()
+        .filter(|t| !t.is_empty())
+        .map(|t| Arc::from(t.0.as_str()));
     let table = shard.topics();
     let mut work = Vec::new();
     for topic in &req.topic_data {
@@ -32,6 +38,7 @@ pub async fn handle(shard: &Rc<Shard>, req: ProduceRequest, version: i16) -> Pro
             .is_some_and(|t| *index >= 0 && *index < t.partitions);
         let records = records.clone();
         let tp = TopicPartition::new(name, *index);
+        let transactional_id = transactional_id.clone();
         async move {
             if !matches!(acks, -1..=1) {
                 return Err(ErrorCode::INVALID_REQUIRED_ACKS.into());
@@ -44,7 +51,15 @@ pub async fn handle(shard: &Rc<Shard>, req: ProduceRequest, version: i16) -> Pro
             };
             let owner = shard.owner_of(&tp);
             match shard
-                .call(owner, Request::Append { tp, records, acks })
+                .call(
+                    owner,
+                    Request::Append {
+                        tp,
+                        records,
+                        acks,
+                        transactional_id,
+                    },
+                )
                 .await
             {
                 Reply::Append(result) => result,

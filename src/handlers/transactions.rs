@@ -169,6 +169,84 @@ async fn route(shard: &Rc<Shard>, id: &str, call: TxnCall) -> Result<TxnReply, E
     }
 }
 
+/// Asks the coordinator of `id` whether `tp` is in the producer's open transaction (KIP-890):
+/// through its shard here, or AddPartitionsToTxn v4 with `verify_only` to the broker leading the
+/// id's `__transaction_state` partition.
+pub async fn verify(
+    shard: &Rc<Shard>,
+    id: &str,
+    producer_id: i64,
+    producer_epoch: i16,
+    tp: &TopicPartition,
+) -> Result<(), ErrorCode> {
+    let partition = (tp.topic.to_string(), tp.partition.0);
+    let remote = shard.cluster().and_then(|c| {
+        c.leader_of(&state_partition(shard, id))
+            .map(|(leader, _)| leader)
+            .filter(|leader| *leader != c.node_id && *leader >= 0)
+    });
+    let code = match remote {
+        None => add_partitions(
+            shard,
+            id,
+            producer_id,
+            producer_epoch,
+            vec![partition],
+            true,
+        )
+        .await
+        .first()
+        .map_or(ErrorCode::UNKNOWN_SERVER_ERROR, |(_, c)| *c),
+        Some(leader) => {
+            use kafka_protocol::messages::add_partitions_to_txn_request::{
+                AddPartitionsToTxnTopic, AddPartitionsToTxnTransaction,
+            };
+            let mut topic = AddPartitionsToTxnTopic::default();
+            topic.name = topic_name(&partition.0);
+            topic.partitions = vec![partition.1];
+            let mut txn = AddPartitionsToTxnTransaction::default();
+            txn.transactional_id = TransactionalId(str_bytes(id));
+            txn.producer_id = ProducerId(producer_id);
+            txn.producer_epoch = producer_epoch;
+            txn.verify_only = true;
+            txn.topics = vec![topic];
+            let mut req = AddPartitionsToTxnRequest::default();
+            req.transactions = vec![txn];
+            let answer: anyhow::Result<AddPartitionsToTxnResponse> =
+                super::forward::exchange(shard, leader, ApiKey::AddPartitionsToTxn, 4, &req).await;
+            match answer {
+                Ok(r) if r.error_code != 0 => ErrorCode(r.error_code),
+                Ok(r) => r
+                    .results_by_transaction
+                    .iter()
+                    .flat_map(|t| t.topic_results.iter())
+                    .flat_map(|t| t.results_by_partition.iter())
+                    .map(|p| ErrorCode(p.partition_error_code))
+                    .next()
+                    .unwrap_or(ErrorCode::UNKNOWN_SERVER_ERROR),
+                Err(e) => {
+                    tracing::debug!(error = %format!("{e:#}"), "transaction verification failed");
+                    ErrorCode::NOT_ENOUGH_REPLICAS
+                }
+            }
+        }
+    };
+    match code {
+        ErrorCode::NONE => Ok(()),
+        // The coordinator's word on this producer; anything else it could not say.
+        ErrorCode::INVALID_TXN_STATE
+        | ErrorCode::PRODUCER_FENCED
+        | ErrorCode::INVALID_PRODUCER_ID_MAPPING => {
+            if code == ErrorCode::PRODUCER_FENCED {
+                Err(ErrorCode::INVALID_PRODUCER_EPOCH)
+            } else {
+                Err(ErrorCode::INVALID_TXN_STATE)
+            }
+        }
+        _ => Err(ErrorCode::NOT_ENOUGH_REPLICAS),
+    }
+}
+
 pub async fn init_producer_id(
     shard: &Rc<Shard>,
     req: InitProducerIdRequest,

@@ -68,6 +68,9 @@ pub enum Request {
         tp: TopicPartition,
         records: Bytes,
         acks: i16,
+        /// The producer's transactional id: a transaction's first batch to a partition is
+        /// checked with its coordinator (KIP-890).
+        transactional_id: Option<Arc<str>>,
     },
     Read {
         tp: TopicPartition,
@@ -576,10 +579,21 @@ impl Shard {
     /// Handles work for a partition or table this shard owns.
     async fn handle(self: &Rc<Self>, req: Request) -> Reply {
         match req {
-            Request::Append { tp, records, acks } => {
+            Request::Append {
+                tp,
+                records,
+                acks,
+                transactional_id,
+            } => {
                 let Some(log) = self.partition(&tp) else {
                     return Reply::Append(Err(self.missing_partition_error(&tp).into()));
                 };
+                if let Err(code) = self
+                    .verify_transaction(&tp, &log, &records, transactional_id.as_deref())
+                    .await
+                {
+                    return Reply::Append(Err(code.into()));
+                }
                 if let Some(group) = self.cluster().and_then(|c| c.group(&tp)) {
                     let min_insync = log.config().min_insync_replicas;
                     let appended = group
@@ -839,6 +853,45 @@ impl Shard {
 
     pub fn partition(&self, tp: &TopicPartition) -> Option<PartitionLog> {
         self.partitions.borrow().get(tp).cloned()
+    }
+
+    /// KIP-890 part 1: a transactional batch that would open a transaction in this partition is
+    /// written only if its coordinator has the partition in the producer's transaction (a
+    /// producer that skipped AddPartitionsToTxn would otherwise leave a transaction no marker ever
+    /// ends, holding the last stable offset back for good).
+    async fn verify_transaction(
+        self: &Rc<Self>,
+        tp: &TopicPartition,
+        log: &PartitionLog,
+        records: &Bytes,
+        transactional_id: Option<&str>,
+    ) -> Result<(), ErrorCode> {
+        let Ok(h) = crate::storage::batch::BatchHeader::parse(records) else {
+            return Ok(()); // validation refuses it with the right error
+        };
+        if !h.is_transactional() || h.is_control() || h.producer_id < 0 {
+            return Ok(());
+        }
+        if log
+            .open_transactions()
+            .iter()
+            .any(|(p, _)| *p == h.producer_id)
+        {
+            return Ok(());
+        }
+        let Some(id) = transactional_id else {
+            return Err(ErrorCode::INVALID_TXN_STATE);
+        };
+        // Boxed: the coordinator is reached through other shards, whose handling includes this.
+        let verified: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ErrorCode>>>> =
+            Box::pin(crate::handlers::transactions::verify(
+                self,
+                id,
+                h.producer_id,
+                h.producer_epoch,
+                tp,
+            ));
+        verified.await
     }
 
     /// Writes a transaction marker to a partition this shard owns; an offsets partition's group

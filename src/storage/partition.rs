@@ -99,6 +99,8 @@ struct ProducerState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ActiveProducer {
     pub producer_id: i64,
+    /// Where its open transaction in this partition began (-1: none open).
+    pub current_txn_start_offset: i64,
     pub epoch: i16,
     pub last_sequence: i32,
     pub last_timestamp: i64,
@@ -973,6 +975,11 @@ impl PartitionLog {
             .iter()
             .map(|(id, p)| ActiveProducer {
                 producer_id: *id,
+                current_txn_start_offset: st
+                    .txns
+                    .ongoing()
+                    .find(|(pid, _)| pid == id)
+                    .map_or(-1, |(_, first)| first.0),
                 epoch: p.epoch,
                 last_sequence: p.batches.back().map_or(-1, |b| b.last_sequence),
                 last_timestamp: p.last_timestamp,
