@@ -359,3 +359,65 @@ def test_consume_transform_produce_is_exactly_once_through_kill_9(broker):
           f"read_uncommitted {len(everything)}, lost {lost}, duplicated {duplicated}, "
           f"torn transactions {torn}, aborted reads {aborted_reads}")
     assert (lost, duplicated, torn, aborted_reads) == (0, 0, 0, 0)
+
+
+def test_transactions_survive_kill_9_and_a_clean_restart(broker_factory):
+    """Aborted, committed and open transactions over many small segments, then kill -9: after the
+    restart read_committed still hides the aborted records and stops at the open transaction
+    (rebuilt from the saved state at the last roll and the batches after it), the coordinator
+    still knows the open transaction, and a new producer with the id aborts it. A clean restart
+    then keeps it all as well."""
+    broker = broker_factory()
+    bs = broker.bootstrap
+    admin = AdminClient({"bootstrap.servers": bs})
+    for f in admin.create_topics([NewTopic("survive", 2, 1,
+                                           config={"segment.bytes": "2048"})]).values():
+        f.result(timeout=15)
+    p = Producer({"bootstrap.servers": bs, "transactional.id": "survivor", "linger.ms": 1})
+    p.init_transactions(15)
+    committed = []
+    for t in range(12):
+        p.begin_transaction()
+        batch = [f"t{t}-{i}-" + "x" * 200 for i in range(4)]
+        for i, v in enumerate(batch):
+            p.produce("survive", value=v.encode(), partition=i % 2)
+        p.flush(10)
+        if t % 3 == 2:
+            p.abort_transaction(15)
+        else:
+            p.commit_transaction(15)
+            committed += batch
+    p.begin_transaction()
+    p.produce("survive", value=b"left-open", partition=0)
+    p.flush(10)
+    lso_before = watermarks(bs, "survive", 0, "read_committed")[1]
+    segments = sorted((broker.data_dir / "survive-0").glob("*.log"))
+    saved = sorted((broker.data_dir / "survive-0").glob("*.txnstate"))
+    print(f"{len(segments)} segments, {len(saved)} saved transaction states in survive-0")
+    assert len(segments) > 3 and saved
+    broker.kill9()
+    broker.start()
+    # Recovery read only the active segment: from the state saved when it began.
+    import re
+    active_base = int(segments[-1].stem)
+    recovered = re.findall(r"transaction state recovered from the log partition=survive-0 from=(\d+)",
+                           broker.log())
+    assert recovered and int(recovered[-1]) == active_base, (recovered, active_base)
+
+    def check(stage):
+        seen = [v for _, _, v in read_all(bs, "survive", "read_committed", 2)]
+        print(f"{stage}: read_committed {len(seen)} of {len(committed)} committed")
+        assert sorted(seen) == sorted(committed)
+
+    check("after kill -9")
+    assert watermarks(bs, "survive", 0, "read_committed")[1] == lso_before
+    assert describe(bs, "survivor") == "Ongoing"
+    again = Producer({"bootstrap.servers": bs, "transactional.id": "survivor", "linger.ms": 1})
+    again.init_transactions(30)
+    lo, hi = watermarks(bs, "survive", 0, "read_uncommitted")
+    assert watermarks(bs, "survive", 0, "read_committed") == (lo, hi)
+    check("after the new producer aborted the open transaction")
+    broker.stop()
+    broker.start()
+    check("after a clean restart")
+    assert watermarks(bs, "survive", 0, "read_committed") == (lo, hi)

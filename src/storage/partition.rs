@@ -2083,10 +2083,11 @@ async fn recover_txns(
     segments: &[Segment],
     end: Offset,
 ) -> Result<TxnState> {
-    let saved_at = {
+    let mut saved_at = {
         let dir = dir.to_path_buf();
         files::blocking(move || list_txn_states(&dir)).await?
     };
+    saved_at.sort();
     let mut from = Offset(0);
     let mut state = TxnState::default();
     for at in saved_at.iter().rev().filter(|o| **o <= end) {
