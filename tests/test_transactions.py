@@ -421,3 +421,39 @@ def test_transactions_survive_kill_9_and_a_clean_restart(broker_factory):
     broker.start()
     check("after a clean restart")
     assert watermarks(bs, "survive", 0, "read_committed") == (lo, hi)
+
+
+def test_compaction_never_lets_an_aborted_value_replace_a_committed_one(broker_factory):
+    """A compacted topic: key k committed as v1, then written as v2 in a transaction that aborts.
+    The cleaner drops the aborted record instead of keeping it as k's latest value, so after
+    cleaning read_committed still reads k = v1 (and read_uncommitted no longer sees v2)."""
+    broker = broker_factory(extra_args=["--set", "log.cleaner.backoff.ms=200"])
+    bs = broker.bootstrap
+    admin = AdminClient({"bootstrap.servers": bs})
+    for f in admin.create_topics([NewTopic("table", 1, 1, config={
+            "cleanup.policy": "compact", "segment.bytes": "1024",
+            "min.cleanable.dirty.ratio": "0.01"})]).values():
+        f.result(timeout=15)
+    p = Producer({"bootstrap.servers": bs, "transactional.id": "table-writer", "linger.ms": 1})
+    p.init_transactions(15)
+    p.begin_transaction()
+    p.produce("table", key=b"k", value=b"v1")
+    p.commit_transaction(15)
+    p.begin_transaction()
+    p.produce("table", key=b"k", value=b"v2")
+    p.flush(10)
+    p.abort_transaction(15)
+    plain = Producer({"bootstrap.servers": bs, "linger.ms": 0})
+    for i in range(40):  # roll several segments past the transactions
+        plain.produce("table", key=f"filler-{i % 4}".encode(), value=b"f" * 200)
+        plain.flush(10)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        values = {v for _, _, v in read_all(bs, "table", "read_uncommitted", 1, quiet_s=0.5)}
+        if "v2" not in values:
+            break
+        time.sleep(0.5)
+    print(f"read_uncommitted after cleaning: {sorted(values)}")
+    assert "v2" not in values, "the cleaner never removed the aborted record"
+    seen = [v for _, _, v in read_all(bs, "table", "read_committed", 1, quiet_s=0.5)]
+    assert "v1" in seen and "v2" not in seen, seen

@@ -1173,26 +1173,45 @@ impl PartitionLog {
     /// (segments younger than `min.compaction.lag.ms` are left for later). Returns the bytes the
     /// cleaned segments held before and after, or None when nothing was due.
     pub async fn clean(&self, now_ms: u64) -> Result<Option<(u64, u64)>> {
-        let (candidates, cleaned_upto, config, dir, tombstones_due) = {
+        let (candidates, cleaned_upto, config, dir, tombstones_due, aborted) = {
             let st = self.state.borrow();
             if !st.config.compact || st.closed || st.failed || st.segments.len() < 2 {
                 return Ok(None);
             }
             let lag_cutoff = (now_ms as i64).saturating_sub(st.config.min_compaction_lag_ms);
+            // Only segments wholly below the last stable offset: a record of a transaction not
+            // yet decided must not replace a committed one.
+            let lso = st.txns.last_stable_offset(st.high_watermark);
             let candidates: Vec<(Offset, Rc<FileSlot>, u64, Offset)> = st.segments
                 [..st.segments.len() - 1]
                 .iter()
-                .take_while(|s| s.max_timestamp <= lag_cutoff)
+                .take_while(|s| s.max_timestamp <= lag_cutoff && s.end_offset <= lso)
                 .map(|s| (s.base_offset, s.file.clone(), s.size_bytes, s.end_offset))
                 .collect();
             let tombstones_due = st.tombstone_deadline_ms.is_some_and(|t| now_ms as i64 >= t);
+            let aborted = match (candidates.first(), candidates.last()) {
+                (Some(first), Some(last)) => st.txns.aborted_between(first.0, last.3),
+                _ => Vec::new(),
+            };
             (
                 candidates,
                 st.cleaned_upto,
                 st.config.clone(),
                 st.dir.clone(),
                 tombstones_due,
+                aborted,
             )
+        };
+        // Records of aborted transactions never count as a key's latest value, and cleaning
+        // removes them (as Kafka's cleaner does); the markers stay.
+        let is_aborted = |h: &BatchHeader| {
+            h.is_transactional()
+                && !h.is_control()
+                && aborted.iter().any(|a| {
+                    a.producer_id == h.producer_id
+                        && a.first_offset <= h.base_offset.0
+                        && h.base_offset.0 <= a.last_offset
+                })
         };
         let total: u64 = candidates.iter().map(|c| c.2).sum();
         let dirty: u64 = candidates
@@ -1209,6 +1228,9 @@ impl PartitionLog {
         let mut latest: HashMap<Bytes, i64> = HashMap::new();
         for (_, slot, size, _) in &candidates {
             for_each_batch(&*slot.get().await?, *size, |batch, header| {
+                if is_aborted(header) {
+                    return Ok(());
+                }
                 super::compaction::index_latest(batch, header, &mut latest)
             })
             .await?;
@@ -1218,6 +1240,9 @@ impl PartitionLog {
         for (base, slot, size, _) in &candidates {
             let mut cleaned = Vec::with_capacity(usize::try_from(*size).unwrap_or(0));
             for_each_batch(&*slot.get().await?, *size, |batch, header| {
+                if is_aborted(header) {
+                    return Ok(());
+                }
                 let filtered = super::compaction::filter_batch(
                     batch,
                     header,
