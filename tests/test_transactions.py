@@ -457,3 +457,52 @@ def test_compaction_never_lets_an_aborted_value_replace_a_committed_one(broker_f
     assert "v2" not in values, "the cleaner never removed the aborted record"
     seen = [v for _, _, v in read_all(bs, "table", "read_committed", 1, quiet_s=0.5)]
     assert "v1" in seen and "v2" not in seen, seen
+
+
+def test_aiokafka_transactional_producer(broker):
+    import asyncio
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    bs = broker.bootstrap
+    create_topic(bs, "aio", 2)
+
+    async def run():
+        p = AIOKafkaProducer(bootstrap_servers=bs, transactional_id="aiokafka-txn")
+        await p.start()
+        try:
+            async with p.transaction():
+                for i in range(5):
+                    await p.send("aio", value=f"kept-{i}".encode(), partition=i % 2)
+            with pytest.raises(RuntimeError):
+                async with p.transaction():
+                    for i in range(5):
+                        await p.send("aio", value=f"dropped-{i}".encode(), partition=i % 2)
+                    await p.flush()
+                    raise RuntimeError("abort this one")
+        finally:
+            await p.stop()
+        c = AIOKafkaConsumer("aio", bootstrap_servers=bs, auto_offset_reset="earliest",
+                             isolation_level="read_committed")
+        await c.start()
+        got = []
+        try:
+            while True:
+                batch = await c.getmany(timeout_ms=2000)
+                if not batch:
+                    return got
+                for msgs in batch.values():
+                    got += [m.value.decode() for m in msgs]
+        finally:
+            await c.stop()
+
+    assert sorted(asyncio.run(run())) == sorted(f"kept-{i}" for i in range(5))
+
+
+def test_kafkajs_transactional_producer(broker):
+    import json
+    bs = broker.bootstrap
+    create_topic(bs, "kjs", 2)
+    script = HERE / "js" / "kafkajs_transactions.js"
+    out = subprocess.run(["node", str(script), bs, "kjs"], capture_output=True, text=True,
+                         timeout=90, env=dict(os.environ, KAFKAJS_NO_PARTITIONER_WARNING="1"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == sorted(f"kept-{i}" for i in range(4))
