@@ -246,6 +246,36 @@ def test_a_transactional_write_to_a_partition_never_added_is_refused(broker):
     assert [v for _, _, v in read_all(bs, "verified", "read_committed", 2)] == ["added"]
 
 
+def test_an_idle_transactional_id_expires(broker_factory):
+    broker = broker_factory(extra_args=[
+        "--set", "transaction.abort.timed.out.transaction.cleanup.interval.ms=200",
+        "--set", "transactional.id.expiration.ms=1000"])
+    bs = broker.bootstrap
+    create_topic(bs, "short-lived", 1)
+    p = Producer({"bootstrap.servers": bs, "transactional.id": "fleeting", "linger.ms": 1})
+    p.init_transactions(15)
+    p.begin_transaction()
+    p.produce("short-lived", value=b"x")
+    p.commit_transaction(15)
+    assert describe(bs, "fleeting") == "CompleteCommit"
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        out = subprocess.run([STROM_BIN, "transactions", "describe", "--transactional-id", "fleeting",
+                              "--bootstrap", bs], capture_output=True, text=True)
+        if "TRANSACTIONAL_ID_NOT_FOUND" in out.stderr:
+            break
+        time.sleep(0.3)
+    print(out.stderr.strip())
+    assert "TRANSACTIONAL_ID_NOT_FOUND" in out.stderr
+    # The id can be used again: a new producer id (the old state is gone).
+    again = Producer({"bootstrap.servers": bs, "transactional.id": "fleeting", "linger.ms": 1})
+    again.init_transactions(15)
+    again.begin_transaction()
+    again.produce("short-lived", value=b"y")
+    again.commit_transaction(15)
+    assert sorted(v for _, _, v in read_all(bs, "short-lived", "read_committed", 1)) == ["x", "y"]
+
+
 def test_kafka_python_transactional_producer(broker):
     from kafka import KafkaConsumer, KafkaProducer
     bs = broker.bootstrap

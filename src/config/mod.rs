@@ -435,6 +435,14 @@ pub const BROKER_SETTINGS: &[SettingDef] = &[
         "How often coordinators look for transactions open past their timeout, and abort them",
     ),
     def(
+        "transactional.id.expiration.ms",
+        Some("604800000"),
+        T::Int,
+        false,
+        None,
+        "A transactional id with no transaction open and no request for this long is forgotten (its state record deleted)",
+    ),
+    def(
         "strom.transaction.partitions.max",
         Some("10000"),
         T::Int,
@@ -936,6 +944,8 @@ pub struct BrokerConfig {
     pub txn_abort_check_ms: u64,
     /// `strom.transaction.partitions.max`.
     pub txn_partitions_max: usize,
+    /// `transactional.id.expiration.ms`.
+    pub txn_id_expiration_ms: u64,
     /// `auto.leader.rebalance.enable`.
     pub auto_leader_rebalance: bool,
     /// `leader.imbalance.check.interval.seconds`.
@@ -1007,6 +1017,7 @@ impl Default for BrokerConfig {
             txn_timeout_ms_max: 900_000,
             txn_abort_check_ms: 10_000,
             txn_partitions_max: 10_000,
+            txn_id_expiration_ms: 604_800_000,
             replica_lag_time_max_ms: 30_000,
             raft_log_compact_bytes: 64 * 1024 * 1024,
             auto_leader_rebalance: true,
@@ -1239,6 +1250,9 @@ impl BrokerConfig {
             }
             "transaction.abort.timed.out.transaction.cleanup.interval.ms" => {
                 self.txn_abort_check_ms = parse_in(value, 1, i32::MAX as i64)? as u64
+            }
+            "transactional.id.expiration.ms" => {
+                self.txn_id_expiration_ms = parse_in(value, 1, i32::MAX as i64)? as u64
             }
             "strom.transaction.partitions.max" => {
                 self.txn_partitions_max = parse_in(value, 1, 1_000_000)? as usize

@@ -239,6 +239,7 @@ impl TxnCoordinator {
                 let Some(shard) = weak.upgrade() else { return };
                 let coordinator = shard.txns.clone();
                 coordinator.abort_timed_out(&shard).await;
+                coordinator.expire_ids(&shard).await;
             }
         })
         .detach();
@@ -620,6 +621,51 @@ impl TxnCoordinator {
             if let Err(code) = self.fence_and_abort(shard, &id, busy).await {
                 tracing::warn!(transactional_id = %id, ?code, "aborting a timed-out transaction failed; retried later");
             }
+        }
+    }
+
+    /// Forgets ids idle past `transactional.id.expiration.ms` with no transaction open: their
+    /// state record is deleted (a tombstone, which compaction then removes), so that the
+    /// coordinator's memory and its partition do not grow with every id ever used.
+    async fn expire_ids(self: &Rc<Self>, shard: &Rc<Shard>) {
+        let now = now_ms() as i64;
+        let limit = i64::try_from(self.config.txn_id_expiration_ms).unwrap_or(i64::MAX);
+        let idle: Vec<String> = self
+            .txns
+            .borrow()
+            .iter()
+            .filter(|(_, v)| {
+                matches!(
+                    v.status,
+                    TxnStatus::Empty | TxnStatus::CompleteCommit | TxnStatus::CompleteAbort
+                ) && now.saturating_sub(v.update_ms) > limit
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in idle {
+            let Some(busy) = self.try_busy(&id) else {
+                continue;
+            };
+            // A request may have used the id since it was found idle.
+            let still_idle = self.txns.borrow().get(&id).is_some_and(|v| {
+                !matches!(v.status, TxnStatus::Ongoing)
+                    && !v.status.preparing()
+                    && now.saturating_sub(v.update_ms) > limit
+            });
+            let Some(log) = self.log_for(shard, &id).filter(|_| still_idle) else {
+                continue;
+            };
+            let Ok(record) = records::record(&id, None) else {
+                continue;
+            };
+            let Ok(batch) = crate::group::records::encode_batch(vec![record], now, None) else {
+                continue;
+            };
+            if shard.write_internal(&log, batch).await.is_ok() {
+                self.txns.borrow_mut().remove(&id);
+                tracing::info!(transactional_id = %id, "transactional id expired");
+            }
+            drop(busy);
         }
     }
 
