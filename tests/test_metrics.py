@@ -84,7 +84,10 @@ def test_a_consumer_reading_from_disk_is_served_by_read_ahead_and_misses_nothing
     admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap, request_timeout_ms=10000)
     admin.create_topics([NewTopic("behind", 2, 1)])
     admin.close()
-    p = Producer({"bootstrap.servers": broker.bootstrap, "acks": "all", "linger.ms": 5})
+    # Small batches, however fast the producer: a whole batch of 1 MB (librdkafka's default
+    # batch.size) would make each fetch one batch, and there would be few reads to count.
+    p = Producer({"bootstrap.servers": broker.bootstrap, "acks": "all", "linger.ms": 5,
+                  "batch.size": 16384})
     n = 20000
     for i in range(n):
         p.produce("behind", value=f"{i:08d}".encode().ljust(512, b"."), partition=i % 2)

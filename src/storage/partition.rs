@@ -1377,6 +1377,8 @@ impl PartitionLog {
             old
         };
         self.set_log_start(offset).await?;
+        // The log restarts empty: a saved state from before must never be loaded for it.
+        self.save_txns(offset).await?;
         for segment in old {
             let paths = segment.paths();
             drop(segment);
