@@ -425,6 +425,18 @@ def test_transactions_survive_kill_9_and_a_clean_restart(broker_factory):
     saved = sorted((broker.data_dir / "survive-0").glob("*.txnstate"))
     print(f"{len(segments)} segments, {len(saved)} saved transaction states in survive-0")
     assert len(segments) > 3 and saved
+    # __transaction_state is an internal topic, as Kafka's clients expect.
+    from kafka.admin import KafkaAdminClient
+    kadmin = KafkaAdminClient(bootstrap_servers=bs, request_timeout_ms=10000)
+    (described,) = kadmin.describe_topics(["__transaction_state"])
+    kadmin.close()
+    assert described["is_internal"] is True and len(described["partitions"]) == 50, described
+    from confluent_kafka.admin import NewPartitions
+    grower = AdminClient({"bootstrap.servers": bs})
+    with pytest.raises(Exception) as refused:
+        grower.create_partitions([NewPartitions("__transaction_state", 60)])[
+            "__transaction_state"].result(timeout=10)
+    assert "fixed" in str(refused.value), refused.value
     broker.kill9()
     broker.start()
     # Recovery read only the active segment: from the state saved when it began.

@@ -7,3 +7,9 @@ pub mod metadata;
 pub mod topics;
 
 pub use topics::{Topic, TopicTable};
+
+/// The internal topics: `__consumer_offsets` and `__transaction_state` (Metadata marks them
+/// `is_internal`, and their partition counts are fixed: ids are placed by a hash modulo them).
+pub fn is_internal(topic: &str) -> bool {
+    topic == crate::group::OFFSETS_TOPIC || topic == crate::txn::TRANSACTION_TOPIC
+}

@@ -27,7 +27,6 @@ use kafka_protocol::messages::{
 
 use super::{str_bytes, topic_name};
 use crate::cluster::Topic;
-use crate::group::OFFSETS_TOPIC;
 use crate::model::{authorized, ErrorCode, TopicPartition};
 use crate::shard::Shard;
 
@@ -230,7 +229,7 @@ pub fn describe_topic_partitions(
 
 fn fill_topic(t: &mut DescribeTopicPartitionsResponseTopic, topic: &Topic) {
     t.topic_id = uuid::Uuid::from_bytes(topic.id);
-    t.is_internal = &*topic.name == OFFSETS_TOPIC;
+    t.is_internal = crate::cluster::is_internal(&topic.name);
 }
 
 /// With one replica per partition the leader already is the preferred replica: every partition

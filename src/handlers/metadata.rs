@@ -165,7 +165,7 @@ fn describe(shard: &Shard, topic: &Topic, node: i32) -> MetadataResponseTopic {
     let mut t = MetadataResponseTopic::default();
     t.name = Some(topic_name(&topic.name));
     t.topic_id = uuid::Uuid::from_bytes(topic.id);
-    t.is_internal = &*topic.name == crate::group::OFFSETS_TOPIC;
+    t.is_internal = crate::cluster::is_internal(&topic.name);
     t.partitions = (0..topic.partitions)
         .map(|p| {
             let mut part = MetadataResponsePartition::default();

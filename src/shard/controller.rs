@@ -772,10 +772,11 @@ impl Controller {
                 ));
                 continue;
             }
-            if &*topic.name == crate::group::OFFSETS_TOPIC {
+            if crate::cluster::is_internal(&topic.name) {
+                // Groups and transactional ids are placed by a hash modulo this count.
                 results.push((
                     ErrorCode::INVALID_REQUEST,
-                    Some("The partition count of __consumer_offsets is fixed".to_string()),
+                    Some(format!("The partition count of {} is fixed", topic.name)),
                 ));
                 continue;
             }
