@@ -5,6 +5,7 @@ test_transactions.py so that the test can kill -9 it.
 
 It reads INPUT with `read_committed`, and for each batch it polled writes one output record per
 input record in one transaction, with the consumer's positions (send_offsets_to_transaction).
+One transaction in ten (seeded) is aborted on purpose once its records are in the log.
 Each output value is `<input value>|<transaction tag>|<records in the transaction>`, so a reader
 can tell torn transactions. LOG gets a line `commit TAG` after each commit returned and
 `abort TAG` after each abort, so a reader can tell aborted reads. An error it cannot abort out of
@@ -54,6 +55,14 @@ def main():
                 producer.produce(output_topic, key=m.key(), value=value)
             positions = consumer.position(consumer.assignment())
             producer.send_offsets_to_transaction(positions, consumer.consumer_group_metadata(), 30)
+            if rng.random() < 0.1:
+                # One transaction in ten is abandoned once its records are in the log: readers
+                # must never see them, and the input is processed again.
+                producer.flush(30)
+                producer.abort_transaction(30)
+                log.write(f"abort {tag}\n")
+                rewind(consumer)
+                continue
             producer.commit_transaction(30)
             log.write(f"commit {tag}\n")
         except KafkaException as e:
@@ -63,10 +72,14 @@ def main():
                 sys.exit(3)
             producer.abort_transaction(30)
             log.write(f"abort {tag}\n")
-            # Start again from what the group committed.
-            committed = consumer.committed(consumer.assignment(), timeout=30)
-            for tp in committed:
-                consumer.seek(TopicPartition(tp.topic, tp.partition, max(tp.offset, 0)))
+            rewind(consumer)
+
+
+def rewind(consumer):
+    """Start again from what the group committed."""
+    committed = consumer.committed(consumer.assignment(), timeout=30)
+    for tp in committed:
+        consumer.seek(TopicPartition(tp.topic, tp.partition, max(tp.offset, 0)))
 
 
 if __name__ == "__main__":
