@@ -948,15 +948,16 @@ def read_isolated(nodes, topic, isolation, partitions=PARTITIONS, timeout=60):
     return got
 
 
-def test_transactions_span_partitions_led_by_every_broker(cluster):
-    """A transactional producer writes to six partitions whose leaders are on all three brokers:
-    the coordinator (the leader of the id's __transaction_state partition) reaches the others'
-    partitions with WriteTxnMarkers. Then the coordinator is killed with a transaction open: the
-    new leader of its state partition takes over, and a new producer with the same id fences the
+def test_transactions_span_partitions_led_by_several_brokers(cluster):
+    """A transactional producer writes to six partitions led by several brokers: the coordinator
+    (the leader of the id's __transaction_state partition) reaches the other brokers' partitions
+    with WriteTxnMarkers, and they verify the transaction with it (AddPartitionsToTxn v4). Then
+    the coordinator is killed with a transaction open: the new leader of its state partition takes over, and a new producer with the same id fences the
     old transaction, which is aborted everywhere."""
     nodes = cluster
     leaders = create_topic(nodes, "txc")
-    assert len(set(leaders.values())) == 3, leaders
+    # At least two leaders: whichever broker coordinates, some partition is led by another one.
+    assert len(set(leaders.values())) >= 2, leaders
     p = Producer({"bootstrap.servers": bootstrap(nodes), "transactional.id": "across",
                   "linger.ms": 1})
     p.init_transactions(90)

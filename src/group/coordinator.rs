@@ -531,6 +531,48 @@ pub struct GroupCoordinator {
     pending_txn: RefCell<HashMap<i64, Vec<PendingOffset>>>,
 }
 
+/// One partition's offset in an OffsetCommit or TxnOffsetCommit.
+struct OffsetCommit<'a> {
+    group: &'a str,
+    topic: &'a str,
+    partition: i32,
+    /// The topic's partition count (0: no such topic).
+    partitions: i32,
+    offset: i64,
+    leader_epoch: i32,
+    metadata: Option<&'a str>,
+    now_ms: i64,
+}
+
+impl OffsetCommit<'_> {
+    /// Kafka's checks, in its order (the partition exists, the member may commit, the metadata
+    /// fits), then the record to write and the value to keep.
+    fn entry(
+        &self,
+        member_check: ErrorCode,
+    ) -> Result<((Bytes, Option<Bytes>), OffsetValue), ErrorCode> {
+        if self.partition < 0 || self.partition >= self.partitions {
+            return Err(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION);
+        }
+        if !member_check.is_ok() {
+            return Err(member_check);
+        }
+        let metadata = self.metadata.unwrap_or_default().to_string();
+        if metadata.len() > OFFSET_METADATA_BYTES_MAX {
+            return Err(ErrorCode::OFFSET_METADATA_TOO_LARGE);
+        }
+        let value = OffsetValue {
+            offset: self.offset,
+            leader_epoch: self.leader_epoch,
+            metadata,
+            commit_timestamp_ms: self.now_ms,
+        };
+        let record = records::offset_record(self.group, self.topic, self.partition, Some(&value))
+            .map_err(|_| ErrorCode::UNKNOWN_SERVER_ERROR)?;
+        Ok((record, value))
+    }
+}
+
 /// An offset a transaction committed: (group, topic, partition, value).
 type PendingOffset = (String, String, i32, OffsetValue);
 
@@ -684,38 +726,23 @@ impl GroupCoordinator {
             let partitions = table.get(&topic).map_or(0, |t| t.partitions);
             let mut parts = Vec::new();
             for p in &t.partitions {
-                let metadata = p
-                    .committed_metadata
-                    .as_ref()
-                    .map(|m| m.to_string())
-                    .unwrap_or_default();
-                let code = if p.partition_index < 0 || p.partition_index >= partitions {
-                    ErrorCode::UNKNOWN_TOPIC_OR_PARTITION
-                } else if !check.is_ok() {
-                    check
-                } else if metadata.len() > OFFSET_METADATA_BYTES_MAX {
-                    ErrorCode::OFFSET_METADATA_TOO_LARGE
-                } else {
-                    let value = OffsetValue {
-                        offset: p.committed_offset,
-                        leader_epoch: p.committed_leader_epoch,
-                        metadata,
-                        commit_timestamp_ms: now,
-                    };
-                    match records::offset_record(&group_id, &topic, p.partition_index, Some(&value))
-                    {
-                        Ok(r) => {
-                            records.push(r);
-                            accepted.push((
-                                group_id.clone(),
-                                topic.clone(),
-                                p.partition_index,
-                                value,
-                            ));
-                            ErrorCode::NONE
-                        }
-                        Err(_) => ErrorCode::UNKNOWN_SERVER_ERROR,
+                let commit = OffsetCommit {
+                    group: &group_id,
+                    topic: &topic,
+                    partition: p.partition_index,
+                    partitions,
+                    offset: p.committed_offset,
+                    leader_epoch: p.committed_leader_epoch,
+                    metadata: p.committed_metadata.as_deref(),
+                    now_ms: now,
+                };
+                let code = match commit.entry(check) {
+                    Ok((record, value)) => {
+                        records.push(record);
+                        accepted.push((group_id.clone(), topic.clone(), p.partition_index, value));
+                        ErrorCode::NONE
                     }
+                    Err(code) => code,
                 };
                 parts.push((p.partition_index, code));
             }
@@ -772,45 +799,31 @@ impl GroupCoordinator {
 
     /// Replays one `__consumer_offsets` partition into memory (when the partition opens).
     pub async fn load(&self, log: &PartitionLog) {
-        let mut at = log.log_start_offset();
-        let end = log.high_watermark();
         let mut entries = 0usize;
-        while at < end {
-            let read = match log.read(at, 1 << 20, false).await {
-                Ok(r) if !r.records.is_empty() => r,
-                _ => break,
-            };
-            let batches = crate::storage::batch::split_batches(&read.records).unwrap_or_default();
-            if let Some((_, last)) = batches.last() {
-                at = last.last_offset().next();
-            } else {
-                break;
-            }
-            for (pos, h) in batches {
-                let bytes = read.records.slice(pos..pos + h.size_bytes);
-                if h.is_control() {
-                    if let Some(outcome) = txn::control_outcome(&bytes, &h) {
-                        self.end_txn(h.producer_id, outcome);
-                    }
-                    continue;
+        log.replay(|bytes, h| {
+            if h.is_control() {
+                if let Some(outcome) = txn::control_outcome(&bytes, &h) {
+                    self.end_txn(h.producer_id, outcome);
                 }
-                match records::decode_batches(bytes) {
-                    Ok(list) => {
-                        entries += list.len();
-                        if h.is_transactional() {
-                            self.hold_for_txn(h.producer_id, list);
-                            continue;
-                        }
+                return;
+            }
+            match records::decode_batches(bytes) {
+                Ok(list) => {
+                    entries += list.len();
+                    if h.is_transactional() {
+                        self.hold_for_txn(h.producer_id, list);
+                    } else {
                         for e in list {
                             self.apply(e);
                         }
                     }
-                    Err(e) => {
-                        tracing::error!(error = %format!("{e:#}"), "skipping undecodable group records")
-                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "skipping undecodable group records")
                 }
             }
-        }
+        })
+        .await;
         if entries > 0 {
             tracing::info!(partition = %log.topic_partition(), entries, "group state loaded");
         }
@@ -1387,44 +1400,22 @@ impl GroupCoordinator {
             let partitions = table.get(&topic).map_or(0, |t| t.partitions);
             let mut parts = Vec::new();
             for p in &t.partitions {
-                if p.partition_index < 0 || p.partition_index >= partitions {
-                    parts.push((
-                        p.partition_index,
-                        ErrorCode::UNKNOWN_TOPIC_OR_PARTITION,
-                        None,
-                    ));
-                    continue;
-                }
-                let metadata = p
-                    .committed_metadata
-                    .as_ref()
-                    .map(|m| m.to_string())
-                    .unwrap_or_default();
-                if !check.is_ok() {
-                    parts.push((p.partition_index, check, None));
-                } else if metadata.len() > OFFSET_METADATA_BYTES_MAX {
-                    parts.push((
-                        p.partition_index,
-                        ErrorCode::OFFSET_METADATA_TOO_LARGE,
-                        None,
-                    ));
-                } else {
-                    let value = OffsetValue {
-                        offset: p.committed_offset,
-                        leader_epoch: p.committed_leader_epoch,
-                        metadata,
-                        commit_timestamp_ms: now,
-                    };
-                    match records::offset_record(&group_id, &topic, p.partition_index, Some(&value))
-                    {
-                        Ok(r) => {
-                            records.push(r);
-                            parts.push((p.partition_index, ErrorCode::NONE, Some(value)));
-                        }
-                        Err(_) => {
-                            parts.push((p.partition_index, ErrorCode::UNKNOWN_SERVER_ERROR, None))
-                        }
+                let commit = OffsetCommit {
+                    group: &group_id,
+                    topic: &topic,
+                    partition: p.partition_index,
+                    partitions,
+                    offset: p.committed_offset,
+                    leader_epoch: p.committed_leader_epoch,
+                    metadata: p.committed_metadata.as_deref(),
+                    now_ms: now,
+                };
+                match commit.entry(check) {
+                    Ok((record, value)) => {
+                        records.push(record);
+                        parts.push((p.partition_index, ErrorCode::NONE, Some(value)));
                     }
+                    Err(code) => parts.push((p.partition_index, code, None)),
                 }
             }
             results.push((topic, parts));

@@ -27,44 +27,17 @@ use crate::shard::{join_all, Reply, Request, Shard, TopicSpec};
 /// and in a cluster `offsets.topic.replication.factor` replicas (at most the brokers there are).
 pub fn offsets_topic_spec(shard: &Shard) -> TopicSpec {
     let broker = &shard.options.broker;
-    let replication_factor = match shard.cluster() {
-        None => 1,
-        Some(_) => {
-            let brokers = i16::try_from(shard.topics().brokers.len()).unwrap_or(i16::MAX);
-            broker.offsets_topic_replication_factor.min(brokers.max(1))
-        }
-    };
-    TopicSpec {
-        name: OFFSETS_TOPIC.to_string(),
-        partitions: broker.offsets_topic_partitions,
-        replication_factor,
-        configs: vec![("cleanup.policy".to_string(), "compact".to_string())],
-    }
+    super::internal_topics::spec(
+        shard,
+        OFFSETS_TOPIC,
+        broker.offsets_topic_partitions,
+        broker.offsets_topic_replication_factor,
+    )
 }
 
-/// Creates `__consumer_offsets` (compacted, `offsets.topic.num.partitions`) if it does not exist.
+/// Creates `__consumer_offsets` if it does not exist.
 pub async fn ensure_offsets_topic(shard: &Rc<Shard>) -> Result<(), ErrorCode> {
-    if shard.topics().get(OFFSETS_TOPIC).is_some() {
-        return Ok(());
-    }
-    let spec = offsets_topic_spec(shard);
-    let reply = shard
-        .call(
-            ShardId(0),
-            Request::CreateTopics {
-                specs: vec![spec],
-                validate_only: false,
-            },
-        )
-        .await;
-    match reply {
-        Reply::Created(results) => match results.first() {
-            Some((_, Ok(_))) => Ok(()),
-            Some((_, Err((code, _)))) if *code == ErrorCode::TOPIC_ALREADY_EXISTS => Ok(()),
-            _ => Err(ErrorCode::COORDINATOR_NOT_AVAILABLE),
-        },
-        _ => Err(ErrorCode::COORDINATOR_NOT_AVAILABLE),
-    }
+    super::internal_topics::ensure(shard, offsets_topic_spec(shard), false).await
 }
 
 fn coordinator_for(shard: &Shard, group: &str) -> ShardId {

@@ -17,6 +17,7 @@ pub mod find_coordinator;
 pub mod forward;
 pub mod groups;
 pub mod init_producer_id;
+pub mod internal_topics;
 pub mod list_offsets;
 pub mod metadata;
 pub mod produce;

@@ -52,87 +52,17 @@ fn versioned(code: ErrorCode, version: i16, since: i16) -> ErrorCode {
 /// `transaction.state.log.replication.factor` replicas (at most the brokers there are).
 pub fn txn_topic_spec(shard: &Shard) -> TopicSpec {
     let broker = &shard.options.broker;
-    let replication_factor = match shard.cluster() {
-        None => 1,
-        Some(_) => {
-            let brokers = i16::try_from(shard.topics().brokers.len()).unwrap_or(i16::MAX);
-            broker.txn_topic_replication_factor.min(brokers.max(1))
-        }
-    };
-    TopicSpec {
-        name: TRANSACTION_TOPIC.to_string(),
-        partitions: broker.txn_topic_partitions,
-        replication_factor,
-        configs: vec![("cleanup.policy".to_string(), "compact".to_string())],
-    }
+    super::internal_topics::spec(
+        shard,
+        TRANSACTION_TOPIC,
+        broker.txn_topic_partitions,
+        broker.txn_topic_replication_factor,
+    )
 }
 
-/// Creates `__transaction_state` if it does not exist: through this broker's controller on a
-/// single node, or by asking the cluster's controller (CreateTopics over its client listener).
+/// Creates `__transaction_state` if it does not exist.
 pub async fn ensure_txn_topic(shard: &Rc<Shard>) -> Result<(), ErrorCode> {
-    if shard.topics().get(TRANSACTION_TOPIC).is_some() {
-        return Ok(());
-    }
-    let spec = txn_topic_spec(shard);
-    if let Some(cluster) = shard.cluster() {
-        let controller = super::metadata::controller_id(shard);
-        if controller >= 0 && controller != cluster.node_id {
-            use kafka_protocol::messages::create_topics_request::{
-                CreatableTopic, CreatableTopicConfig,
-            };
-            use kafka_protocol::messages::{CreateTopicsRequest, CreateTopicsResponse};
-            let mut topic = CreatableTopic::default();
-            topic.name = topic_name(&spec.name);
-            topic.num_partitions = spec.partitions;
-            topic.replication_factor = spec.replication_factor;
-            topic.configs = spec
-                .configs
-                .iter()
-                .map(|(k, v)| {
-                    let mut c = CreatableTopicConfig::default();
-                    c.name = str_bytes(k);
-                    c.value = Some(str_bytes(v));
-                    c
-                })
-                .collect();
-            let mut req = CreateTopicsRequest::default();
-            req.topics = vec![topic];
-            req.timeout_ms = 30_000;
-            let answer: anyhow::Result<CreateTopicsResponse> =
-                super::forward::exchange(shard, controller, ApiKey::CreateTopics, 5, &req).await;
-            return match answer {
-                Ok(r) => match r.topics.first().map(|t| ErrorCode(t.error_code)) {
-                    Some(ErrorCode::NONE) | Some(ErrorCode::TOPIC_ALREADY_EXISTS) => {
-                        // The topic exists once this broker's table has it; until then the
-                        // client retries FindCoordinator.
-                        Err(ErrorCode::COORDINATOR_NOT_AVAILABLE)
-                    }
-                    _ => Err(ErrorCode::COORDINATOR_NOT_AVAILABLE),
-                },
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "asking the controller to create __transaction_state failed");
-                    Err(ErrorCode::COORDINATOR_NOT_AVAILABLE)
-                }
-            };
-        }
-    }
-    let reply = shard
-        .call(
-            ShardId(0),
-            Request::CreateTopics {
-                specs: vec![spec],
-                validate_only: false,
-            },
-        )
-        .await;
-    match reply {
-        Reply::Created(results) => match results.first() {
-            Some((_, Ok(_))) => Ok(()),
-            Some((_, Err((code, _)))) if *code == ErrorCode::TOPIC_ALREADY_EXISTS => Ok(()),
-            _ => Err(ErrorCode::COORDINATOR_NOT_AVAILABLE),
-        },
-        _ => Err(ErrorCode::COORDINATOR_NOT_AVAILABLE),
-    }
+    super::internal_topics::ensure(shard, txn_topic_spec(shard), true).await
 }
 
 /// The partition of `__transaction_state` that holds `transactional_id`.

@@ -236,39 +236,20 @@ impl Shard {
             glommio::spawn_local(async move { shard.controller.report(&shard, cmd).await })
                 .detach();
         }
-        if &*tp.topic == crate::txn::TRANSACTION_TOPIC && self.owner_of(&tp) == self.id {
-            // The transaction coordinator follows the leadership of its state partition.
-            let p = tp.partition.0;
-            if leader != c.node_id {
-                self.txns.unload_partition(p);
-                return;
-            }
-            let (Some(group), Some(log)) = (c.group(&tp), self.partition(&tp)) else {
-                return;
-            };
-            let shard = self.clone();
-            glommio::spawn_local(async move {
-                group.caught_up().await;
-                let still = shard
-                    .cluster()
-                    .and_then(|c| c.leader_of(&tp))
-                    .is_some_and(|(l, e)| l == leader && e == epoch);
-                if still {
-                    let coordinator = shard.txns.clone();
-                    coordinator.take_over(&shard, &log, p).await;
-                    tracing::info!(partition = %tp, epoch, "coordinating the transactions of this partition");
-                }
-            })
-            .detach();
+        // The group and transaction coordinators follow the leadership of their partitions.
+        let coordinated =
+            &*tp.topic == OFFSETS_TOPIC || &*tp.topic == crate::txn::TRANSACTION_TOPIC;
+        if !coordinated || self.owner_of(&tp) != self.id {
             return;
         }
-        if &*tp.topic != OFFSETS_TOPIC || self.owner_of(&tp) != self.id {
-            return;
-        }
-        // The group coordinator follows the leadership of its offsets partition.
         let p = tp.partition.0;
+        let groups = &*tp.topic == OFFSETS_TOPIC;
         if leader != c.node_id {
-            self.groups.unload_partition(p);
+            if groups {
+                self.groups.unload_partition(p);
+            } else {
+                self.txns.unload_partition(p);
+            }
             return;
         }
         let (Some(group), Some(log)) = (c.group(&tp), self.partition(&tp)) else {
@@ -281,9 +262,16 @@ impl Shard {
                 .cluster()
                 .and_then(|c| c.leader_of(&tp))
                 .is_some_and(|(l, e)| l == leader && e == epoch);
-            if still {
+            if !still {
+                return;
+            }
+            if groups {
                 shard.groups.take_over(&log, p).await;
                 tracing::info!(partition = %tp, epoch, "coordinating the groups of this partition");
+            } else {
+                let coordinator = shard.txns.clone();
+                coordinator.take_over(&shard, &log, p).await;
+                tracing::info!(partition = %tp, epoch, "coordinating the transactions of this partition");
             }
         })
         .detach();

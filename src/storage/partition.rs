@@ -755,6 +755,27 @@ impl PartitionLog {
         Ok(result)
     }
 
+    /// Hands every batch from the log start to the high watermark to `f`, in order (a
+    /// coordinator replaying its partition).
+    pub async fn replay(&self, mut f: impl FnMut(Bytes, BatchHeader)) {
+        let mut at = self.log_start_offset();
+        let end = self.high_watermark();
+        while at < end {
+            let read = match self.read(at, 1 << 20, false).await {
+                Ok(r) if !r.records.is_empty() => r,
+                _ => return,
+            };
+            let batches = batch::split_batches(&read.records).unwrap_or_default();
+            match batches.last() {
+                Some((_, last)) => at = last.last_offset().next(),
+                None => return,
+            }
+            for (pos, h) in batches {
+                f(read.records.slice(pos..pos + h.size_bytes), h);
+            }
+        }
+    }
+
     /// The last stable offset: what `read_committed` consumers may read up to.
     pub fn last_stable_offset(&self) -> Offset {
         let st = self.state.borrow();

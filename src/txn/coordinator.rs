@@ -178,35 +178,23 @@ impl TxnCoordinator {
     /// Replays one `__transaction_state` partition into memory, then finishes the transactions
     /// it left between decision and markers.
     pub async fn load(self: &Rc<Self>, shard: &Rc<Shard>, log: &PartitionLog) {
-        let mut at = log.log_start_offset();
-        let end = log.high_watermark();
         let mut entries = 0usize;
-        while at < end {
-            let read = match log.read(at, 1 << 20, false).await {
-                Ok(r) if !r.records.is_empty() => r,
-                _ => break,
-            };
-            let batches = crate::storage::batch::split_batches(&read.records).unwrap_or_default();
-            match batches.last() {
-                Some((_, last)) => at = last.last_offset().next(),
-                None => break,
-            }
-            match records::decode_batches(read.records) {
-                Ok(list) => {
-                    let mut txns = self.txns.borrow_mut();
-                    for (id, value) in list {
-                        entries += 1;
-                        match value {
-                            Some(v) => txns.insert(id, v),
-                            None => txns.remove(&id),
-                        };
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "skipping undecodable transaction states")
+        log.replay(|bytes, _| match records::decode_batches(bytes) {
+            Ok(list) => {
+                let mut txns = self.txns.borrow_mut();
+                for (id, value) in list {
+                    entries += 1;
+                    match value {
+                        Some(v) => txns.insert(id, v),
+                        None => txns.remove(&id),
+                    };
                 }
             }
-        }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "skipping an undecodable transaction state")
+            }
+        })
+        .await;
         let p = log.topic_partition().partition.0;
         let deciding: Vec<String> = self
             .txns
