@@ -872,11 +872,7 @@ impl Shard {
         if !h.is_transactional() || h.is_control() || h.producer_id < 0 {
             return Ok(());
         }
-        if log
-            .open_transactions()
-            .iter()
-            .any(|(p, _)| *p == h.producer_id)
-        {
+        if log.has_open_transaction(h.producer_id) {
             return Ok(());
         }
         let Some(id) = transactional_id else {

@@ -742,12 +742,17 @@ impl PartitionLog {
         committed: bool,
     ) -> Result<ReadResult, ErrorCode> {
         let mut result = self.read_uncommitted(offset, max_bytes).await?;
-        if committed {
-            let st = self.state.borrow();
-            let lso = st.txns.last_stable_offset(st.high_watermark);
-            result.last_stable_offset = lso;
-            let kept = batch::batches_below(&result.records, lso);
+        if !committed {
+            return Ok(result);
+        }
+        // Without open or aborted transactions (the common case) there is nothing to cut or to
+        // list, and the batches are not walked again.
+        if result.last_stable_offset < result.high_watermark {
+            let kept = batch::batches_below(&result.records, result.last_stable_offset);
             result.records.truncate(kept);
+        }
+        let st = self.state.borrow();
+        if st.txns.has_aborted() {
             if let Some(end) = end_of_batches(&result.records) {
                 result.aborted = st.txns.aborted_between(offset, end);
             }
@@ -782,9 +787,9 @@ impl PartitionLog {
         st.txns.last_stable_offset(st.high_watermark)
     }
 
-    /// Producers with a transaction open in this partition, and where each began.
-    pub fn open_transactions(&self) -> Vec<(i64, Offset)> {
-        self.state.borrow().txns.ongoing().collect()
+    /// Whether the producer has a transaction open in this partition.
+    pub fn has_open_transaction(&self, producer_id: i64) -> bool {
+        self.state.borrow().txns.open_since(producer_id).is_some()
     }
 
     async fn read_uncommitted(
@@ -996,11 +1001,7 @@ impl PartitionLog {
             .iter()
             .map(|(id, p)| ActiveProducer {
                 producer_id: *id,
-                current_txn_start_offset: st
-                    .txns
-                    .ongoing()
-                    .find(|(pid, _)| pid == id)
-                    .map_or(-1, |(_, first)| first.0),
+                current_txn_start_offset: st.txns.open_since(*id).map_or(-1, |first| first.0),
                 epoch: p.epoch,
                 last_sequence: p.batches.back().map_or(-1, |b| b.last_sequence),
                 last_timestamp: p.last_timestamp,

@@ -105,9 +105,14 @@ impl TxnState {
             .collect()
     }
 
-    /// Open transactions (producer id, first offset), for DescribeProducers and the admin tools.
-    pub fn ongoing(&self) -> impl Iterator<Item = (i64, Offset)> + '_ {
-        self.ongoing.iter().map(|(p, o)| (*p, *o))
+    /// Where the producer's open transaction here began, if it has one.
+    pub fn open_since(&self, producer_id: i64) -> Option<Offset> {
+        self.ongoing.get(&producer_id).copied()
+    }
+
+    /// Whether any aborted transaction is still in the log.
+    pub fn has_aborted(&self) -> bool {
+        !self.aborted.is_empty()
     }
 
     /// Forgets aborted transactions wholly below the log start (their segments are gone).
