@@ -26,7 +26,7 @@ use kafka_protocol::messages::{FetchRequest, FetchResponse, ProducerId};
 
 use super::fetch_session::Plan;
 use crate::model::{ErrorCode, Offset, ShardId, TopicPartition};
-use crate::shard::{join_all, Reply, Request, Shard};
+use crate::shard::{join_all, PartitionRead, Reply, Request, Shard};
 use crate::storage::{batch, ReadResult};
 
 struct Wanted {
@@ -103,36 +103,53 @@ pub async fn handle(shard: &Rc<Shard>, req: FetchRequest, version: i16) -> Fetch
     }
 }
 
+/// Reads every wanted partition: one request per owning shard, answered in the request's order.
 async fn read_round(shard: &Rc<Shard>, wanted: &[Wanted]) -> Vec<Result<ReadResult, ErrorCode>> {
     let table = shard.topics();
-    let calls = wanted.iter().map(|w| {
-        let shard = shard.clone();
+    let mut results: Vec<Result<ReadResult, ErrorCode>> = Vec::with_capacity(wanted.len());
+    let mut by_owner: BTreeMap<usize, (Vec<usize>, Vec<PartitionRead>)> = BTreeMap::new();
+    for (i, w) in wanted.iter().enumerate() {
         let known = table
             .get(&w.tp.topic)
             .is_some_and(|t| w.tp.partition.0 >= 0 && w.tp.partition.0 < t.partitions);
-        let req = Request::Read {
-            tp: w.tp.clone(),
-            offset: w.offset,
-            max_bytes: w.max_bytes,
-            current_leader_epoch: w.current_leader_epoch,
-            committed: w.committed,
-        };
-        let owner = shard.owner_of(&w.tp);
-        let unknown_id = w.unknown_id;
+        results.push(if w.unknown_id {
+            Err(ErrorCode::UNKNOWN_TOPIC_ID)
+        } else if !known {
+            Err(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION)
+        } else {
+            let (at, reads) = by_owner.entry(shard.owner_of(&w.tp).0).or_default();
+            at.push(i);
+            reads.push(PartitionRead {
+                tp: w.tp.clone(),
+                offset: w.offset,
+                max_bytes: w.max_bytes,
+                current_leader_epoch: w.current_leader_epoch,
+                committed: w.committed,
+            });
+            Ok(ReadResult::default())
+        });
+    }
+    let calls = by_owner.into_iter().map(|(owner, (at, reads))| {
+        let shard = shard.clone();
+        let owner = ShardId(owner);
         async move {
-            if unknown_id {
-                return Err(ErrorCode::UNKNOWN_TOPIC_ID);
-            }
-            if !known {
-                return Err(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION);
-            }
-            match shard.call(owner, req).await {
-                Reply::Read(r) => r,
-                _ => Err(ErrorCode::UNKNOWN_SERVER_ERROR),
-            }
+            let read = if owner == shard.id {
+                shard.read_local(reads).await
+            } else {
+                match shard.call(owner, Request::Read(reads)).await {
+                    Reply::Read(r) => r,
+                    _ => vec![Err(ErrorCode::UNKNOWN_SERVER_ERROR); at.len()],
+                }
+            };
+            (at, read)
         }
     });
-    join_all(calls.collect()).await
+    for (at, read) in join_all(calls.collect()).await {
+        for (i, r) in at.into_iter().zip(read) {
+            results[i] = r;
+        }
+    }
+    results
 }
 
 /// Asks each owning shard to report when one of its partitions passes the fetch position; returns

@@ -32,6 +32,7 @@ pub enum Counter {
     JournalBytes,
     JournalCheckpoints,
     JournalCheckpointWaits,
+    WriteBehindWaits,
     ConnectionsAccepted,
     ConnectionsClosed,
     RaftMessagesDropped,
@@ -41,7 +42,7 @@ pub enum Counter {
     TransactionsAborted,
 }
 
-pub const COUNTERS: [(Counter, &str, &str); 19] = [
+pub const COUNTERS: [(Counter, &str, &str); 20] = [
     (Counter::BytesIn, "strom_bytes_in", "Request bytes received"),
     (Counter::BytesOut, "strom_bytes_out", "Response bytes sent"),
     (
@@ -93,6 +94,11 @@ pub const COUNTERS: [(Counter, &str, &str); 19] = [
         Counter::JournalCheckpointWaits,
         "strom_journal_checkpoint_waits",
         "Times the journal writer reached a file whose checkpoint had not finished and waited",
+    ),
+    (
+        Counter::WriteBehindWaits,
+        "strom_write_behind_waits",
+        "Times a partition waited for its segment writes to catch up before taking more batches",
     ),
     (
         Counter::ConnectionsAccepted,

@@ -75,6 +75,8 @@ const MAGIC: u32 = 0x4e52_4a53; // "SJRN"
 pub const ROUND_HEADER_BYTES: usize = 32;
 /// Zeros written at a time when a journal file is filled.
 const FILL_CHUNK_BYTES: u64 = 1 << 20;
+/// Partitions a checkpoint makes durable at the same time.
+const CHECKPOINT_LANES: usize = 8;
 /// A round carries at most this much; more waits for the next round.
 const ROUND_BYTES_MAX: usize = 8 << 20;
 
@@ -294,6 +296,8 @@ struct State {
 
 struct Inner {
     dir: PathBuf,
+    /// The device of `dir`: checkpoints syncfs it for the partitions on the same one.
+    device: Option<u64>,
     run: u64,
     file_bytes: u64,
     files: Vec<Rc<DmaFile>>,
@@ -350,9 +354,14 @@ impl Journal {
         let run = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        let device = {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(&dir).ok().map(|m| m.dev())
+        };
         let journal = Journal {
             inner: Rc::new(Inner {
                 dir,
+                device,
                 run,
                 file_bytes,
                 files: opened,
@@ -685,16 +694,75 @@ impl Journal {
     ) {
         let started = std::time::Instant::now();
         let partitions = members.len();
-        let syncs: Vec<_> = members
+        // The segments are written out a few partitions at a time, then made durable with one
+        // syncfs of the file system: 1,000 partitions' fdatasyncs are 1,000 file-system commits,
+        // which, issued together every file (at 50,000 msg/s, every 1.2 s), filled the kernel's
+        // io_uring workers and the device queue for 130-170 ms while the journal's own rounds
+        // waited behind them (the e2e p99 at 1,000 partitions). A partition on another file
+        // system (or a failed syncfs) falls back to its own fdatasync.
+        let device = self.inner.device;
+        let (here, elsewhere): (Vec<_>, Vec<_>) = members
             .into_values()
-            .map(|(log, end)| async move { log.sync_segments_upto(end).await })
-            .collect();
-        crate::shard::join_all(syncs).await;
+            .partition(|(log, _)| device.is_some_and(|d| log.device() == d));
+        let written: Vec<(PartitionLog, Offset)> = in_lanes(here, |log, end| async move {
+            log.write_out_upto(end).await.then_some((log, end))
+        })
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+        let mut fallback = elsewhere;
+        if !written.is_empty() {
+            match super::files::syncfs(&self.inner.dir).await {
+                Ok(()) => {
+                    crate::metrics::add(crate::metrics::Counter::Fsyncs, 1);
+                    for (log, end) in &written {
+                        log.note_segments_durable(*end);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(journal = %self.inner.dir.display(), error = %format!("{e:#}"), "syncfs failed; syncing each segment instead");
+                    fallback.extend(written);
+                }
+            }
+        }
+        in_lanes(fallback, |log, end| async move {
+            log.sync_segments_upto(end).await;
+        })
+        .await;
         crate::metrics::add(crate::metrics::Counter::JournalCheckpoints, 1);
         tracing::debug!(journal = %self.inner.dir.display(), file = index, partitions, elapsed_ms = started.elapsed().as_millis(), "journal checkpoint");
         self.inner.st.borrow_mut().checkpointing[index] = false;
         self.inner.progress.notify(usize::MAX);
     }
+}
+
+/// Runs `f` over `members`, [`CHECKPOINT_LANES`] at a time.
+async fn in_lanes<T, F, Fut>(members: Vec<(PartitionLog, Offset)>, f: F) -> Vec<T>
+where
+    F: Fn(PartitionLog, Offset) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let mut lanes: Vec<Vec<(PartitionLog, Offset)>> = vec![Vec::new(); CHECKPOINT_LANES];
+    for (i, member) in members.into_iter().enumerate() {
+        lanes[i % CHECKPOINT_LANES].push(member);
+    }
+    let f = &f;
+    let lanes: Vec<_> = lanes
+        .into_iter()
+        .map(|lane| async move {
+            let mut out = Vec::with_capacity(lane.len());
+            for (log, end) in lane {
+                out.push(f(log, end).await);
+            }
+            out
+        })
+        .collect();
+    crate::shard::join_all(lanes)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// What a crash left in the journals: for each partition this shard owns, its batches in the
