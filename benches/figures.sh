@@ -4,7 +4,8 @@
 # fdatasync latency of the data directory's disk (fio). Prints one summary with ratios.
 #   bash benches/figures.sh [MEASURED_SECONDS]      (needs: apt-get install iperf3 fio kcat)
 #   ROUNDS=3 (rounds per workload), PEER=HOST:PORT (a broker to compare with, in the same rounds),
-#   PLOT=/tmp/strom-figures.svg (latency percentile curves of the 50,000 msg/s rounds).
+#   PLOT=/tmp/strom-figures.svg (latency percentile curves of the 50,000 msg/s rounds),
+#   RDKAFKA_PERFORMANCE=PATH (librdkafka's benchmark client; also found on the PATH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${1:-20}
@@ -73,7 +74,36 @@ if command -v kcat >/dev/null; then
     consume_s=$(echo "scale=3; ($(date +%s%N) - $started_ns) / 1000000000" | bc)
 fi
 
-python3 - "$work" "$rss_idle_kib" "$startup_ms" "$consumed_mb" "$consume_s" "$fsyncs_16" "$fsyncs_1000" <<'PY'
+# librdkafka's own benchmark client, when installed (RDKAFKA_PERFORMANCE=PATH or on the PATH; the
+# README says how to build it from Debian's librdkafka source): max-rate acks=all produce of 2 GB
+# (2,000,000 x 1 KiB) to 16 partitions, then the same 2 GB consumed from the beginning; $rounds
+# rounds, each on a new topic. Broker CPU per GB from /proc (clock ticks of the broker process).
+rdk=${RDKAFKA_PERFORMANCE:-$(command -v rdkafka_performance || true)}
+rdk_produce=""
+rdk_consume=""
+rdk_cpu=""
+if [ -n "$rdk" ] && [ -x "$rdk" ]; then
+    ticks() { awk '{print $14 + $15}' "/proc/$broker/stat"; }
+    hz=$(getconf CLK_TCK)
+    all_partitions=$(seq -s, 0 15)
+    for round in $(seq 1 "$rounds"); do
+        topic=figures-rdk-$round
+        ./target/release/strom topic create "$topic" --partitions 16 --bootstrap 127.0.0.1:29092 >/dev/null || true
+        echo "load average before rdkafka_performance round $round: $(cut -d' ' -f1-3 /proc/loadavg)"
+        c0=$(ticks)
+        mb=$("$rdk" -P -t "$topic" -b 127.0.0.1:29092 -s 1024 -c 2000000 -a -1 -X linger.ms=5 \
+            -X batch.size=1000000 -q -u 2>&1 | grep '^| *[0-9]' | tail -1 | awk -F'|' '{print $8 + 0}' || true)
+        c1=$(ticks)
+        rdk_produce="$rdk_produce $mb"
+        rdk_cpu="$rdk_cpu $(echo "($c1 - $c0) / $hz / 2.048" | bc -l)"
+        mb=$("$rdk" -C -t "$topic" -b 127.0.0.1:29092 -p "$all_partitions" -o beginning -c 2000000 \
+            -q -u 2>&1 | grep '^| *[0-9]' | tail -1 | awk -F'|' '{print $7 + 0}' || true)
+        rdk_consume="$rdk_consume $mb"
+    done
+fi
+
+python3 - "$work" "$rss_idle_kib" "$startup_ms" "$consumed_mb" "$consume_s" "$fsyncs_16" "$fsyncs_1000" \
+    "$rdk_produce" "$rdk_consume" "$rdk_cpu" <<'PY'
 import json, sys
 work, rss, startup = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 consumed_mb, consume_s = float(sys.argv[4]), float(sys.argv[5])
@@ -123,6 +153,18 @@ print(f"fdatasyncs/s, 1,000 partitions   {fsyncs_1000:10.0f}     = {fsyncs_1000 
 if consume_s > 0:
     rate = consumed_mb / consume_s
     print(f"consume from the beginning (kcat) {rate:9.1f} MB/s  = {rate / bound:.2f} x min(TCP, disk)  ({consumed_mb:.0f} MB in {consume_s:.2f} s; target >= 0.60)")
+rdk = [[float(v) for v in arg.split()] for arg in sys.argv[8:11]]
+if rdk[0]:
+    import statistics
+
+    def med(vs):
+        return f"{statistics.median(vs):.1f} [{min(vs):.1f}-{max(vs):.1f}]"
+
+    produce, consume, cpu = rdk
+    print(f"rdkafka_performance max-rate produce, acks=all  {med(produce)} MB/s  = {statistics.median(produce) / bound:.2f} x min(TCP, disk)  (target >= 0.60)")
+    print(f"  broker CPU per GB produced     {med(cpu)} core-seconds")
+    print(f"  strom bench / rdkafka_performance  {mb / statistics.median(produce):.2f}  (target >= 0.90)")
+    print(f"rdkafka_performance consume, 2 GB from the beginning  {med(consume)} MB/s  = {statistics.median(consume) / bound:.2f} x min(TCP, disk)  (target >= 0.60)")
 print(f"idle broker RSS (no partitions)  {rss / 1024:10.1f} MiB  (target < 64)")
 print(f"start-up to serving, empty dir   {startup:10d} ms   (target < 300)")
 PY

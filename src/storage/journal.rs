@@ -13,8 +13,9 @@
 //!   through once, rounds overwrite allocated blocks, so the sync is a device flush with no
 //!   metadata (p99 0.27-0.38 ms against 2.2-4.1 ms appending).
 //!
-//! strom keeps the second. The segments are still written at once (O_DIRECT, readable by fetches
-//! at once) but synced only when the journal reuses a file (a checkpoint) or the segment rolls.
+//! strom keeps the second. The segments are written behind the journal (served from memory
+//! until then) and synced only when the journal reuses a file (a checkpoint) or the segment
+//! rolls.
 //!
 //! # Rounds
 //! The partitions' flushers [`Journal::submit`] each chunk of batches as they start writing it to
@@ -33,19 +34,19 @@
 //!
 //! # Files and checkpoints
 //! `strom.journal.files` files of `strom.journal.file.bytes` in `journal/shard-N/`, used in turn.
-//! Before a file is reused, a checkpoint fdatasyncs the segments of every partition it covers up
-//! to the offsets it holds; the writer waits only if that has not finished when it gets there.
+//! Before a file is reused, a checkpoint makes the segments of every partition it covers durable
+//! up to the offsets it holds; the writer waits only if that has not finished when it gets there.
 //! The files grow on their first pass. Once the writer is half-way through a file, the next one
 //! is filled with zeros to its full size (the writer waits for that if it gets there first), so
 //! that its rounds overwrite allocated blocks; only the first file's first pass appends, with
 //! the file-system commit each sync then costs. A broker that takes little traffic never writes
 //! the zeros.
 //!
-//! # Limits
-//! The segments are still written per partition per chunk: at 1,000 partitions a produce request
-//! costs 1,000 extending O_DIRECT writes, which now bound latency there. Writing the segments
-//! lazily (served from memory until written, as the journal already makes them durable) is the
-//! next step.
+//! # Write-behind
+//! With the journal attached, segments are written behind it ([`PartitionLog`]'s write-behind):
+//! a partition's batches reach its segment in 64 KiB writes off the produce path, and a
+//! checkpoint first has them written (eight partitions at a time), then makes all of them
+//! durable with one syncfs of the file system rather than an fdatasync per partition.
 //!
 //! # Recovery
 //! After a crash (no clean-shutdown marker) each shard reads every shard's journal directory
