@@ -13,6 +13,8 @@
 //! ([`MARKER`]) in the data directory. The next start removes it (durably) before serving and
 //! trusts the logs as they were left; without it, recovery CRC-scans each active segment.
 
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::path::Path;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -22,6 +24,7 @@ use anyhow::{Context, Result};
 
 use super::{join_all, Shard};
 use crate::model::TopicPartition;
+use crate::storage::PartitionLog;
 
 /// The marker file a clean shutdown leaves in the data directory.
 pub const MARKER: &str = "clean_shutdown";
@@ -68,21 +71,39 @@ pub struct ShardReport {
     pub abandoned_connections: usize,
 }
 
+/// How long a shutdown step may take before the watchdog logs what it waits on.
+const STUCK_AFTER: Duration = Duration::from_secs(5);
+
 /// Steps 1–4 for one shard, after its listener stopped accepting.
 pub async fn finish(shard: &Rc<Shard>) -> ShardReport {
     let started = Instant::now();
+    let step: Rc<Cell<&'static str>> = Rc::new(Cell::new("draining connections"));
+    let open: Rc<RefCell<HashMap<TopicPartition, PartitionLog>>> = Rc::default();
+    // Dropped (cancelled) when the shard has stopped.
+    let _watchdog = glommio::spawn_local(watch(shard.clone(), step.clone(), open.clone(), started));
     let abandoned_connections = shard.drain_connections(DRAIN_GRACE).await;
+    step.set("waiting for the other shards to drain");
     all_arrive(&DRAINED, shard.count).await;
     // Raft groups stop before their partitions close: nothing is applied to a closed log, and
     // no WAL sync is left running on the blocking thread.
     if let Some(cluster) = shard.cluster() {
+        step.set("stopping raft groups");
         cluster.stop_groups().await;
     }
+    step.set("shutting down partitions");
     let partitions = shard.owned_partitions();
+    open.borrow_mut().extend(partitions.iter().cloned());
     let results = join_all(
         partitions
             .iter()
-            .map(|(tp, log)| async move { (tp.clone(), log.shutdown().await) })
+            .map(|(tp, log)| {
+                let open = open.clone();
+                async move {
+                    let result = log.shutdown().await;
+                    open.borrow_mut().remove(tp);
+                    (tp.clone(), result)
+                }
+            })
             .collect(),
     )
     .await;
@@ -95,6 +116,7 @@ pub async fn finish(shard: &Rc<Shard>) -> ShardReport {
     }
     // Blocking calls still out (a connection attempt to a peer, a snapshot copy) end before the
     // executor does.
+    step.set("waiting for blocking calls");
     let running = crate::storage::files::blocking_drained(Duration::from_secs(5)).await;
     if running > 0 {
         tracing::warn!(
@@ -103,6 +125,7 @@ pub async fn finish(shard: &Rc<Shard>) -> ShardReport {
             "blocking calls still running at shutdown"
         );
     }
+    step.set("waiting for the other shards to close");
     all_arrive(&CLOSED, shard.count).await;
     tracing::info!(
         shard = shard.id.0,
@@ -116,6 +139,38 @@ pub async fn finish(shard: &Rc<Shard>) -> ShardReport {
         partitions: partitions.len(),
         failed,
         abandoned_connections,
+    }
+}
+
+/// Every [`STUCK_AFTER`] while the shard's shutdown runs: logs the step it is in and, while
+/// partitions are shutting down, what the slowest of them and the shard's journal wait on. A
+/// shutdown that never finishes then says why.
+async fn watch(
+    shard: Rc<Shard>,
+    step: Rc<Cell<&'static str>>,
+    open: Rc<RefCell<HashMap<TopicPartition, PartitionLog>>>,
+    started: Instant,
+) {
+    loop {
+        glommio::timer::sleep(STUCK_AFTER).await;
+        let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let waiting: Vec<String> = open
+            .borrow()
+            .iter()
+            .take(8)
+            .map(|(tp, log)| format!("{tp}: {}", log.progress_summary()))
+            .collect();
+        tracing::warn!(
+            shard = shard.id.0,
+            step = step.get(),
+            elapsed_ms,
+            partitions_open = open.borrow().len(),
+            journal = %shard.journal.as_ref().map_or_else(|| "none".to_string(), |j| j.progress_summary()),
+            "shutdown is taking long"
+        );
+        for line in waiting {
+            tracing::warn!(shard = shard.id.0, "shutdown waits on partition {line}");
+        }
     }
 }
 

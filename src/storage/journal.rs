@@ -392,6 +392,25 @@ impl Journal {
         Ok(Some(journal))
     }
 
+    /// Where the journal stands, for a log line when a wait takes too long.
+    pub fn progress_summary(&self) -> String {
+        let st = self.inner.st.borrow();
+        format!(
+            "queued={} next_ticket={} written={} durable={} sync_wanted={} file={} position={} \
+             checkpointing={:?} filling={:?} failed={}",
+            st.queue.len(),
+            st.next_ticket,
+            st.written,
+            st.durable,
+            st.sync_wanted,
+            st.current,
+            st.position,
+            st.checkpointing,
+            st.filling,
+            st.failed,
+        )
+    }
+
     /// Whether batches may be submitted: every shard has opened its partitions and the journal
     /// has not failed.
     pub fn is_open(&self) -> bool {

@@ -1096,6 +1096,33 @@ impl PartitionLog {
         self.progress.notify(usize::MAX);
     }
 
+    /// Where the partition's writes and syncs stand, for a log line when a wait takes too long
+    /// (a shutdown that does not finish).
+    pub fn progress_summary(&self) -> String {
+        let st = self.state.borrow();
+        format!(
+            "next_offset={} high_watermark={} durable={} durable_pending={} sync_wanted={} \
+             segments_durable={} written_end={} unwritten={} ({} B) writing={} write_out_upto={} \
+             pending={} journal_attached={} journal_ticket={:?} closed={} failed={}",
+            st.next_offset.0,
+            st.high_watermark.0,
+            st.durable.0,
+            st.durable_pending.0,
+            st.sync_wanted.0,
+            st.segments_durable.0,
+            st.written_end().0,
+            st.unwritten.len(),
+            st.unwritten_bytes,
+            st.writing,
+            st.write_out_upto.0,
+            st.pending.len(),
+            st.journal_attached,
+            st.journal_ticket,
+            st.closed,
+            st.failed,
+        )
+    }
+
     /// Size on disk, offsets and idempotent producers (DescribeLogDirs, DescribeProducers).
     pub fn facts(&self) -> PartitionFacts {
         let st = self.state.borrow();
@@ -1214,12 +1241,8 @@ impl PartitionLog {
                 // Batches not yet written to the active segment count as its bytes.
                 let total: u64 = st.segments.iter().map(|s| s.size_bytes).sum::<u64>()
                     + st.unwritten_bytes as u64;
-                let expired = |s: &Segment| {
-                    let unwritten = if std::ptr::eq(s, &st.segments[st.segments.len() - 1]) {
-                        st.unwritten_bytes as u64
-                    } else {
-                        0
-                    };
+                // `unwritten`: bytes not yet written that belong to `s` (the active segment's).
+                let expired = |s: &Segment, unwritten: u64| {
                     st.config.retention_ms >= 0
                         && s.size_bytes + unwritten > 0
                         && s.max_timestamp >= 0
@@ -1230,9 +1253,12 @@ impl PartitionLog {
                         && total.saturating_sub(s.size_bytes) >= st.config.retention_bytes as u64
                 };
                 let first = &st.segments[0];
-                if st.segments.len() > 1 && (expired(first) || oversized(first)) {
+                if st.segments.len() > 1 && (expired(first, 0) || oversized(first)) {
                     RetentionStep::DeleteOldest
-                } else if st.segments.len() == 1 && expired(first) && st.pending.is_empty() {
+                } else if st.segments.len() == 1
+                    && expired(first, st.unwritten_bytes as u64)
+                    && st.pending.is_empty()
+                {
                     RetentionStep::RollActive
                 } else {
                     return Ok(deleted);
@@ -1602,7 +1628,7 @@ impl PartitionLog {
             let Some(active) = st.segments.last() else {
                 anyhow::bail!("a partition has an active segment");
             };
-            let size = active.size_bytes + st.unwritten_bytes as u64;
+            let size = st.logical_size().unwrap_or(active.size_bytes);
             let room = st.config.segment_size_bytes.saturating_sub(size).max(1);
             let mut data_len = 0;
             let mut chunk = Vec::new();
@@ -1820,48 +1846,58 @@ impl PartitionLog {
         Ok(())
     }
 
-    /// Backpressure of write-behind: while the partition (or the shard) holds too much that is not
-    /// written to its segment, waits for the writer before taking more.
-    async fn wait_for_writer(&self) -> Result<()> {
+    /// Waits on the segment writer: `check` looks at the state on every progress and ends the
+    /// wait with `Some`; meanwhile the writer is asked to write (`check` says what is wanted by
+    /// setting `write_out_upto`).
+    async fn wait_on_writer<T>(
+        &self,
+        mut check: impl FnMut(&mut PartitionState) -> Option<T>,
+    ) -> T {
         loop {
             let listener = self.progress.listen();
-            {
-                let st = self.state.borrow();
-                if st.failed || st.closed {
-                    anyhow::bail!("the partition failed or closed");
-                }
-                let shard_over =
-                    UNWRITTEN_BYTES.with(std::cell::Cell::get) >= SHARD_WRITE_BEHIND_MAX;
-                let over = st.unwritten_bytes >= PARTITION_WRITE_BEHIND_MAX
-                    || (shard_over && !st.unwritten.is_empty());
-                if !over {
-                    return Ok(());
-                }
+            if let Some(done) = check(&mut self.state.borrow_mut()) {
+                return done;
             }
-            crate::metrics::add(crate::metrics::Counter::WriteBehindWaits, 1);
             self.write_work.notify(1);
             listener.await;
         }
     }
 
+    /// Backpressure of write-behind: while the partition (or the shard) holds too much that is not
+    /// written to its segment, waits for the writer before taking more.
+    async fn wait_for_writer(&self) -> Result<()> {
+        self.wait_on_writer(|st| {
+            if st.failed || st.closed {
+                return Some(Err(anyhow::anyhow!("the partition failed or closed")));
+            }
+            let shard_over = UNWRITTEN_BYTES.with(std::cell::Cell::get) >= SHARD_WRITE_BEHIND_MAX;
+            let over = st.unwritten_bytes >= PARTITION_WRITE_BEHIND_MAX
+                || (shard_over && !st.unwritten.is_empty());
+            if !over {
+                return Some(Ok(()));
+            }
+            crate::metrics::add(crate::metrics::Counter::WriteBehindWaits, 1);
+            None
+        })
+        .await
+    }
+
     /// Waits until every batch taken so far is written to the segment (and no write is in
     /// flight): before the flusher writes the segment itself, rolls it, or it is cut or closed.
     async fn write_out_all(&self) -> Result<()> {
-        loop {
-            let listener = self.progress.listen();
-            {
-                let mut st = self.state.borrow_mut();
-                if st.unwritten.is_empty() && !st.writing {
-                    return Ok(());
-                }
-                if st.failed || st.closed {
-                    anyhow::bail!("the partition failed or closed with batches not yet written");
-                }
-                st.write_out_upto = st.write_out_upto.max(st.high_watermark);
+        self.wait_on_writer(|st| {
+            if st.unwritten.is_empty() && !st.writing {
+                return Some(Ok(()));
             }
-            self.write_work.notify(1);
-            listener.await;
-        }
+            if st.failed || st.closed {
+                return Some(Err(anyhow::anyhow!(
+                    "the partition failed or closed with batches not yet written"
+                )));
+            }
+            st.write_out_upto = st.write_out_upto.max(st.high_watermark);
+            None
+        })
+        .await
     }
 
     /// fdatasyncs the active segment: everything written so far is durable in the segments.
@@ -1878,7 +1914,14 @@ impl PartitionLog {
         }
         let mut st = self.state.borrow_mut();
         st.segments_durable = st.segments_durable.max(written);
+        let advanced = written > st.durable;
         st.durable = st.durable.max(written);
+        drop(st);
+        if advanced {
+            // A waiter for durability may be parked on it (a shutdown whose sync the journal's
+            // attach made: without this wake-up it waited forever).
+            self.progress.notify(usize::MAX);
+        }
         Ok(())
     }
 
@@ -1926,21 +1969,17 @@ impl PartitionLog {
     /// Waits until the segments hold every batch below `end` (asking the writer for it); `false`
     /// when the partition closed or failed first, or its segments are already durable there.
     pub async fn write_out_upto(&self, end: Offset) -> bool {
-        loop {
-            let listener = self.progress.listen();
-            {
-                let mut st = self.state.borrow_mut();
-                if st.closed || st.failed || st.segments_durable >= end {
-                    return false;
-                }
-                if st.written_end() >= end {
-                    return true;
-                }
-                st.write_out_upto = st.write_out_upto.max(end);
+        self.wait_on_writer(|st| {
+            if st.closed || st.failed || st.segments_durable >= end {
+                return Some(false);
             }
-            self.write_work.notify(1);
-            listener.await;
-        }
+            if st.written_end() >= end {
+                return Some(true);
+            }
+            st.write_out_upto = st.write_out_upto.max(end);
+            None
+        })
+        .await
     }
 
     /// The segments are durable up to `end`: a file-system-wide sync covered them after
@@ -2644,6 +2683,41 @@ mod tests {
                 out.push(h);
             }
         }
+    }
+
+    /// Regression (a broker that hung on SIGTERM in the cluster tests): batches appended without
+    /// acks=all, then a shutdown. The shutdown's sync wakes the flusher, which attaches the
+    /// journal and, doing so, fdatasyncs the segment; that made the batches durable without waking
+    /// the shutdown, which then waited forever.
+    #[test]
+    fn shutdown_finishes_when_the_journals_attach_made_its_batches_durable() {
+        let dir = temp_dir("attach-wakes-shutdown");
+        run(move || async move {
+            let log = open(&dir, 1 << 20).await;
+            let mut end = Offset(0);
+            for i in 0..5 {
+                let b = make_batch(0, 3, 1_000 + i).freeze();
+                end = log.append(b, false, Origin::Client).unwrap().end_offset;
+            }
+            log.wait_for(end, false).await.unwrap();
+            assert!(
+                log.durable_offset() < end,
+                "acks=1 appends are not synced yet"
+            );
+            let journal = crate::storage::journal::Journal::start(&dir, 0, 2, 1 << 20)
+                .await
+                .unwrap()
+                .expect("a journal with two files");
+            crate::storage::journal::open_journals();
+            log.attach_journal(journal);
+            let stopped = glommio::timer::timeout(std::time::Duration::from_secs(5), async {
+                Ok(log.shutdown().await)
+            })
+            .await;
+            let result = stopped.expect("shutdown finished within 5 s");
+            result.unwrap();
+            assert_eq!(log.durable_offset(), end);
+        });
     }
 
     #[test]
