@@ -58,6 +58,10 @@ f0=$(fsyncs); t0=$(now_s)
     --workload benches/workloads/1-topic-1000-partitions-1kb.toml \
     --duration-s "$duration" --json "$work/wide.json" | grep -v '^\[' | tail -n 4
 fsyncs_1000=$(echo "($(fsyncs) - $f0) / ($(now_s) - $t0)" | bc -l)
+echo "load average before the 10,000-partition round: $(cut -d' ' -f1-3 /proc/loadavg)"
+./target/release/strom bench --bootstrap 127.0.0.1:29092 \
+    --workload benches/workloads/1-topic-10000-partitions-1kb-10k.toml \
+    --duration-s "$duration" --json "$work/wider.json" | grep -v '^\[' | tail -n 4
 
 # Consume from the beginning: 1 GiB of 1 KiB records written with kcat, read back with kcat
 # (librdkafka); the figure is bound by kcat's per-record work as much as by the broker.
@@ -148,6 +152,9 @@ print(f"50k msg/s e2e p99.9 / p99        {p999 / max(p99, 1e-9):10.2f}     (targ
 wide = json.load(open(f"{work}/wide.json"))
 wide_p99 = wide["e2e_latency_ms"]["p99"]
 print(f"1,000 partitions e2e p99         {wide_p99:10.2f} ms  = {wide_p99 / max(p99, 1e-9):.1f} x the 16-partition p99  (target <= 1.5)")
+wider = json.load(open(f"{work}/wider.json"))
+print(f"10,000 partitions at 10,000 msg/s  e2e p99 {wider['e2e_latency_ms']['p99']:.2f} ms, p50 {wider['e2e_latency_ms']['p50']:.2f} ms, "
+      f"{wider.get('produce_msgs_per_s', 0):.0f} msg/s produced, errors {wider.get('errors', 0)}")
 print(f"fdatasyncs/s, 16 partitions      {fsyncs_16:10.0f}")
 print(f"fdatasyncs/s, 1,000 partitions   {fsyncs_1000:10.0f}     = {fsyncs_1000 / max(fsyncs_16, 1e-9):.2f} x 16 partitions  (target <= 1)")
 if consume_s > 0:

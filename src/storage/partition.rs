@@ -1987,6 +1987,8 @@ impl PartitionLog {
     pub fn note_segments_durable(&self, end: Offset) {
         let mut st = self.state.borrow_mut();
         st.segments_durable = st.segments_durable.max(end);
+        drop(st);
+        self.progress.notify(usize::MAX);
     }
 
     /// The device (`st_dev`) of the partition's directory.
