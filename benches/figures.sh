@@ -89,7 +89,9 @@ rdk_cpu=""
 if [ -n "$rdk" ] && [ -x "$rdk" ]; then
     ticks() { awk '{print $14 + $15}' "/proc/$broker/stat"; }
     hz=$(getconf CLK_TCK)
-    all_partitions=$(seq -s, 0 15)
+    # One -p per partition: rdkafka_performance reads a single number per -p.
+    all_partitions=()
+    for p in $(seq 0 15); do all_partitions+=(-p "$p"); done
     for round in $(seq 1 "$rounds"); do
         topic=figures-rdk-$round
         ./target/release/strom topic create "$topic" --partitions 16 --bootstrap 127.0.0.1:29092 >/dev/null || true
@@ -100,7 +102,7 @@ if [ -n "$rdk" ] && [ -x "$rdk" ]; then
         c1=$(ticks)
         rdk_produce="$rdk_produce $mb"
         rdk_cpu="$rdk_cpu $(echo "($c1 - $c0) / $hz / 2.048" | bc -l)"
-        mb=$("$rdk" -C -t "$topic" -b 127.0.0.1:29092 -p "$all_partitions" -o beginning -c 2000000 \
+        mb=$("$rdk" -C -t "$topic" -b 127.0.0.1:29092 "${all_partitions[@]}" -o beginning -c 2000000 \
             -q -u 2>&1 | grep '^| *[0-9]' | tail -1 | awk -F'|' '{print $7 + 0}' || true)
         rdk_consume="$rdk_consume $mb"
     done
