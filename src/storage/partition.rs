@@ -1742,17 +1742,16 @@ impl PartitionLog {
                     st.durable_pending = st.durable_pending.max(upto);
                 }
                 glommio::spawn_local(async move {
-                    let synced = journal.wait_durable(ticket).await;
-                    let mut st = log.state.borrow_mut();
-                    match synced {
-                        Ok(()) => st.durable = st.durable.max(upto),
+                    match journal.wait_durable(ticket).await {
+                        Ok(()) => log.mark_durable(upto),
                         Err(()) => {
+                            let mut st = log.state.borrow_mut();
                             tracing::error!(partition = %st.tp, "the shard's journal failed; partition is offline");
                             st.failed = true;
+                            drop(st);
+                            log.progress.notify(usize::MAX);
                         }
                     }
-                    drop(st);
-                    log.progress.notify(usize::MAX);
                 })
                 .detach();
                 return Ok(());
@@ -1764,11 +1763,21 @@ impl PartitionLog {
                 self.sync_active_segment().await?;
             }
         }
+        self.mark_durable(upto);
+        Ok(())
+    }
+
+    /// Every offset below `upto` is durable: advances `durable` and wakes whoever waits for it.
+    /// Every advance goes through here, so none can leave a waiter parked (a shutdown once
+    /// waited forever on a sync made by the journal's attach, which advanced it silently).
+    fn mark_durable(&self, upto: Offset) {
         let mut st = self.state.borrow_mut();
-        st.durable = st.durable.max(upto);
+        if upto <= st.durable {
+            return;
+        }
+        st.durable = upto;
         drop(st);
         self.progress.notify(usize::MAX);
-        Ok(())
     }
 
     /// The partition's segment writer (write-behind): writes journaled batches to the active
@@ -1912,16 +1921,11 @@ impl PartitionLog {
             slot.get().await?.fdatasync().await.io()?;
             crate::metrics::add(crate::metrics::Counter::Fsyncs, 1);
         }
-        let mut st = self.state.borrow_mut();
-        st.segments_durable = st.segments_durable.max(written);
-        let advanced = written > st.durable;
-        st.durable = st.durable.max(written);
-        drop(st);
-        if advanced {
-            // A waiter for durability may be parked on it (a shutdown whose sync the journal's
-            // attach made: without this wake-up it waited forever).
-            self.progress.notify(usize::MAX);
+        {
+            let mut st = self.state.borrow_mut();
+            st.segments_durable = st.segments_durable.max(written);
         }
+        self.mark_durable(written);
         Ok(())
     }
 
