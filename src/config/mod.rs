@@ -467,6 +467,30 @@ pub const BROKER_SETTINGS: &[SettingDef] = &[
         "A new group waits this long for more members",
     ),
     def(
+        "group.consumer.session.timeout.ms",
+        Some("45000"),
+        T::Int,
+        false,
+        None,
+        "A consumer-protocol (KIP-848) member not heard from this long is removed",
+    ),
+    def(
+        "group.consumer.heartbeat.interval.ms",
+        Some("5000"),
+        T::Int,
+        false,
+        None,
+        "How often consumer-protocol (KIP-848) members heartbeat",
+    ),
+    def(
+        "group.consumer.assignors",
+        Some("uniform,range"),
+        T::List,
+        false,
+        None,
+        "Server-side assignors for consumer-protocol groups, the first the default",
+    ),
+    def(
         "group.min.session.timeout.ms",
         Some("6000"),
         T::Int,
@@ -959,6 +983,12 @@ pub struct BrokerConfig {
     pub broker_session_timeout_ms: u64,
     /// `group.initial.rebalance.delay.ms`: how long a new group waits for more members.
     pub group_initial_rebalance_delay_ms: u64,
+    /// `group.consumer.session.timeout.ms` (KIP-848 members).
+    pub group_consumer_session_timeout_ms: u64,
+    /// `group.consumer.heartbeat.interval.ms`.
+    pub group_consumer_heartbeat_interval_ms: u64,
+    /// `group.consumer.assignors`: short names (`uniform`, `range`), the first the default.
+    pub group_consumer_assignors: Vec<String>,
     /// `group.min.session.timeout.ms` / `group.max.session.timeout.ms`.
     pub group_session_timeout_ms_min: u64,
     pub group_session_timeout_ms_max: u64,
@@ -1024,6 +1054,9 @@ impl Default for BrokerConfig {
             leader_imbalance_check_s: 300,
             broker_session_timeout_ms: 9_000,
             group_initial_rebalance_delay_ms: 3000,
+            group_consumer_session_timeout_ms: 45_000,
+            group_consumer_heartbeat_interval_ms: 5_000,
+            group_consumer_assignors: vec!["uniform".to_string(), "range".to_string()],
             group_session_timeout_ms_min: 6000,
             group_session_timeout_ms_max: 1_800_000,
             offsets_retention_ms: 10080 * 60_000,
@@ -1262,6 +1295,35 @@ impl BrokerConfig {
             }
             "group.initial.rebalance.delay.ms" => {
                 self.group_initial_rebalance_delay_ms = parse_in(value, 0, i32::MAX as i64)? as u64
+            }
+            "group.consumer.session.timeout.ms" => {
+                self.group_consumer_session_timeout_ms = parse_in(value, 1, i32::MAX as i64)? as u64
+            }
+            "group.consumer.heartbeat.interval.ms" => {
+                self.group_consumer_heartbeat_interval_ms =
+                    parse_in(value, 1, i32::MAX as i64)? as u64
+            }
+            "group.consumer.assignors" => {
+                let mut names = Vec::new();
+                for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    // Kafka names them by class; strom takes those and the short names.
+                    let name = match item {
+                        "org.apache.kafka.coordinator.group.assignor.UniformAssignor" => "uniform",
+                        "org.apache.kafka.coordinator.group.assignor.RangeAssignor" => "range",
+                        other => other,
+                    };
+                    if !crate::group::consumer::ASSIGNORS.contains(&name) {
+                        bail!(
+                            "group.consumer.assignors: unknown assignor '{item}' (strom has {})",
+                            crate::group::consumer::ASSIGNORS.join(", ")
+                        );
+                    }
+                    names.push(name.to_string());
+                }
+                if names.is_empty() {
+                    bail!("group.consumer.assignors needs at least one assignor");
+                }
+                self.group_consumer_assignors = names;
             }
             "group.min.session.timeout.ms" => {
                 self.group_session_timeout_ms_min = parse_in(value, 1, i32::MAX as i64)? as u64

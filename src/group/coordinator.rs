@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_channel::oneshot;
 use indexmap::IndexMap;
+use kafka_protocol::messages::consumer_group_describe_response::DescribedGroup as ConsumerDescribedGroup;
 use kafka_protocol::messages::describe_groups_response::{DescribedGroup, DescribedGroupMember};
 use kafka_protocol::messages::join_group_response::JoinGroupResponseMember;
 use kafka_protocol::messages::leave_group_response::MemberResponse;
@@ -24,13 +25,15 @@ use kafka_protocol::messages::txn_offset_commit_response::{
     TxnOffsetCommitResponsePartition, TxnOffsetCommitResponseTopic,
 };
 use kafka_protocol::messages::{
-    ConsumerProtocolSubscription, GroupId, HeartbeatRequest, JoinGroupRequest, JoinGroupResponse,
-    LeaveGroupRequest, LeaveGroupResponse, OffsetCommitRequest, OffsetCommitResponse,
-    OffsetDeleteRequest, OffsetDeleteResponse, SyncGroupRequest, SyncGroupResponse,
-    TxnOffsetCommitRequest, TxnOffsetCommitResponse,
+    ConsumerGroupHeartbeatRequest, ConsumerGroupHeartbeatResponse, ConsumerProtocolSubscription,
+    GroupId, HeartbeatRequest, JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest,
+    LeaveGroupResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetDeleteRequest,
+    OffsetDeleteResponse, SyncGroupRequest, SyncGroupResponse, TxnOffsetCommitRequest,
+    TxnOffsetCommitResponse,
 };
 use kafka_protocol::protocol::{Decodable, StrBytes};
 
+use super::consumer::{self, ConsumerGroup};
 use super::records::{self, Entry, GroupValue, MemberValue, OffsetValue};
 use crate::config::BrokerConfig;
 use crate::model::{ErrorCode, TopicPartition};
@@ -108,6 +111,16 @@ pub enum GroupCall {
     TxnCommit {
         req: TxnOffsetCommitRequest,
     },
+    /// KIP-848 ConsumerGroupHeartbeat.
+    ConsumerHeartbeat {
+        req: ConsumerGroupHeartbeatRequest,
+        version: i16,
+        client: ClientInfo,
+    },
+    /// KIP-848 ConsumerGroupDescribe, one group.
+    ConsumerDescribe {
+        group: String,
+    },
 }
 
 impl GroupCall {
@@ -121,6 +134,8 @@ impl GroupCall {
             GroupCall::Commit { req } => Some(&req.group_id.0),
             GroupCall::DeleteOffsets { req } => Some(&req.group_id.0),
             GroupCall::TxnCommit { req } => Some(&req.group_id.0),
+            GroupCall::ConsumerHeartbeat { req, .. } => Some(&req.group_id.0),
+            GroupCall::ConsumerDescribe { group } => Some(group),
             GroupCall::FetchOffsets { group, .. }
             | GroupCall::Describe { group, .. }
             | GroupCall::Delete { group } => Some(group),
@@ -154,6 +169,8 @@ pub enum GroupReply {
     Delete(ErrorCode),
     DeleteOffsets(OffsetDeleteResponse),
     TxnCommit(TxnOffsetCommitResponse),
+    ConsumerHeartbeat(ConsumerGroupHeartbeatResponse),
+    ConsumerDescribe(ConsumerDescribedGroup),
     /// Not answered here: in a cluster, this shard does not (yet) coordinate the group.
     Refused(ErrorCode),
 }
@@ -192,8 +209,10 @@ struct Member {
     awaiting_sync: Option<oneshot::Sender<Result<Bytes, ErrorCode>>>,
 }
 
-struct Group {
+pub(super) struct Group {
     id: String,
+    /// Set when this is a KIP-848 consumer-protocol group; its classic `members` are then empty.
+    pub(super) consumer: Option<ConsumerGroup>,
     state: State,
     generation: i32,
     protocol_type: Option<String>,
@@ -204,15 +223,16 @@ struct Group {
     /// that never comes back must not leave its id behind forever.
     pending_members: HashMap<String, Instant>,
     static_members: HashMap<String, String>,
-    offsets: HashMap<(String, i32), OffsetValue>,
+    pub(super) offsets: HashMap<(String, i32), OffsetValue>,
     join_deadline: Instant,
     initial_delay_until: Option<Instant>,
 }
 
 impl Group {
-    fn new(id: &str) -> Group {
+    pub(super) fn new(id: &str) -> Group {
         Group {
             id: id.to_string(),
+            consumer: None,
             state: State::Empty,
             generation: 0,
             protocol_type: None,
@@ -224,6 +244,24 @@ impl Group {
             offsets: HashMap::new(),
             join_deadline: Instant::now(),
             initial_delay_until: None,
+        }
+    }
+
+    /// Whether classic-protocol members are in the group.
+    pub(super) fn has_classic_members(&self) -> bool {
+        !self.members.is_empty()
+    }
+
+    /// No members of either protocol (offsets may expire, the group may be deleted or converted).
+    pub(super) fn is_empty(&self) -> bool {
+        self.members.is_empty() && self.consumer.as_ref().is_none_or(|c| c.members.is_empty())
+    }
+
+    /// The state as ListGroups and DescribeGroups name it.
+    fn state_name(&self) -> &'static str {
+        match &self.consumer {
+            Some(c) => c.state_name(),
+            None => self.state.name(),
         }
     }
 
@@ -520,8 +558,8 @@ fn sync_response(
 }
 
 pub struct GroupCoordinator {
-    groups: RefCell<HashMap<String, Group>>,
-    config: BrokerConfig,
+    pub(super) groups: RefCell<HashMap<String, Group>>,
+    pub(super) config: BrokerConfig,
     last_expiry_check: Cell<Instant>,
     /// In a cluster: the offsets partitions this shard coordinates (it leads them and has loaded
     /// their groups). A single node coordinates all of its partitions without this.
@@ -631,7 +669,7 @@ impl GroupCoordinator {
     }
 
     /// Appends records for `group` to its offsets partition and waits until they are durable.
-    async fn persist(
+    pub(super) async fn persist(
         &self,
         shard: &Rc<Shard>,
         group: &str,
@@ -871,6 +909,17 @@ impl GroupCoordinator {
             Entry::Group { group, value: None } => {
                 groups.remove(&group);
             }
+            Entry::ConsumerGroup { group, value } => {
+                let g = groups
+                    .entry(group.clone())
+                    .or_insert_with(|| Group::new(&group));
+                // The latest record of either kind says what the group is.
+                g.members.clear();
+                g.static_members.clear();
+                g.state = State::Empty;
+                g.consumer =
+                    value.map(|v| ConsumerGroup::from_value(v, &self.consumer_settings(), now));
+            }
             Entry::Group {
                 group,
                 value: Some(v),
@@ -878,6 +927,7 @@ impl GroupCoordinator {
                 let g = groups
                     .entry(group.clone())
                     .or_insert_with(|| Group::new(&group));
+                g.consumer = None;
                 g.generation = v.generation;
                 g.protocol_type = v.protocol_type;
                 g.protocol = v.protocol;
@@ -961,6 +1011,16 @@ impl GroupCoordinator {
             GroupCall::TxnCommit { req } => {
                 GroupReply::TxnCommit(self.txn_commit(shard, req).await)
             }
+            GroupCall::ConsumerHeartbeat {
+                req,
+                version,
+                client,
+            } => GroupReply::ConsumerHeartbeat(
+                self.consumer_heartbeat(shard, req, version, client).await,
+            ),
+            GroupCall::ConsumerDescribe { group } => {
+                GroupReply::ConsumerDescribe(self.consumer_describe(shard, &group))
+            }
         }
     }
 
@@ -1002,6 +1062,14 @@ impl GroupCoordinator {
             let group = groups
                 .entry(group_id.clone())
                 .or_insert_with(|| Group::new(&group_id));
+            if let Some(cg) = &group.consumer {
+                if !cg.members.is_empty() {
+                    // Live members speak KIP-848; a classic member cannot join them.
+                    return join_error(ErrorCode::INCONSISTENT_GROUP_PROTOCOL, &member_id);
+                }
+                // An empty consumer-protocol group becomes a classic one (its offsets stay).
+                group.consumer = None;
+            }
             if protocols.is_empty()
                 || (!group.members.is_empty()
                     && (group.protocol_type.as_deref() != Some(protocol_type.as_str())
@@ -1367,7 +1435,16 @@ impl GroupCoordinator {
             let group = groups
                 .entry(group_id.clone())
                 .or_insert_with(|| Group::new(&group_id));
-            if group.fenced(
+            if let Some(cg) = &group.consumer {
+                let table = shard.topics();
+                let partitions: Vec<(consumer::TopicId, i32)> = req
+                    .topics
+                    .iter()
+                    .filter_map(|t| table.get(&t.name.0).map(|topic| (topic.id, &t.partitions)))
+                    .flat_map(|(id, ps)| ps.iter().map(move |p| (id, p.partition_index)))
+                    .collect();
+                cg.commit_check(&member_id, generation, &partitions)
+            } else if group.fenced(
                 &member_id,
                 req.group_instance_id.as_ref().map(|s| s.as_str()),
             ) {
@@ -1492,7 +1569,12 @@ impl GroupCoordinator {
             d.group_state = sb("Dead");
             return d;
         };
-        d.group_state = sb(g.state.name());
+        d.group_state = sb(g.state_name());
+        if g.consumer.is_some() {
+            // A consumer-protocol group: ConsumerGroupDescribe has its members.
+            d.protocol_type = sb("consumer");
+            return d;
+        }
         d.protocol_type = sb(g.protocol_type.as_deref().unwrap_or(""));
         let protocol = if g.state == State::Stable || g.state == State::CompletingRebalance {
             g.protocol.clone().unwrap_or_default()
@@ -1531,9 +1613,14 @@ impl GroupCoordinator {
             .map(|g| {
                 let mut l = ListedGroup::default();
                 l.group_id = GroupId(sb(&g.id));
-                l.protocol_type = sb(g.protocol_type.as_deref().unwrap_or(""));
-                l.group_state = sb(g.state.name());
-                l.group_type = sb("classic");
+                if g.consumer.is_some() {
+                    l.protocol_type = sb("consumer");
+                    l.group_type = sb("consumer");
+                } else {
+                    l.protocol_type = sb(g.protocol_type.as_deref().unwrap_or(""));
+                    l.group_type = sb("classic");
+                }
+                l.group_state = sb(g.state_name());
                 l
             })
             .collect();
@@ -1547,7 +1634,7 @@ impl GroupCoordinator {
             let Some(g) = groups.get(group_id) else {
                 return ErrorCode::GROUP_ID_NOT_FOUND;
             };
-            if !g.members.is_empty() {
+            if !g.is_empty() {
                 return ErrorCode::NON_EMPTY_GROUP;
             }
             let mut records: Vec<_> = g
@@ -1556,6 +1643,9 @@ impl GroupCoordinator {
                 .filter_map(|(t, p)| records::offset_record(group_id, t, *p, None).ok())
                 .collect();
             records.extend(records::group_record(group_id, None).ok());
+            if g.consumer.is_some() {
+                records.extend(records::consumer_group_record(group_id, None).ok());
+            }
             records
         };
         match self.persist(shard, group_id, records).await {
@@ -1662,6 +1752,7 @@ impl GroupCoordinator {
         for group in to_persist {
             let _ = self.persist_group(shard, &group).await;
         }
+        self.expire_consumer_members(shard, now).await;
         let interval = Duration::from_millis(self.config.offsets_retention_check_interval_ms);
         if now.duration_since(self.last_expiry_check.get()) >= interval {
             self.last_expiry_check.set(now);
@@ -1674,7 +1765,10 @@ impl GroupCoordinator {
         let mut work = Vec::new();
         {
             let groups = self.groups.borrow();
-            for g in groups.values().filter(|g| g.state == State::Empty) {
+            for g in groups
+                .values()
+                .filter(|g| g.state == State::Empty && g.is_empty())
+            {
                 let expired: Vec<(String, i32)> = g
                     .offsets
                     .iter()
@@ -1694,6 +1788,7 @@ impl GroupCoordinator {
             let emptied = expired.len() == total;
             if emptied {
                 records.extend(records::group_record(&group, None).ok());
+                records.extend(records::consumer_group_record(&group, None).ok());
             }
             if self.persist(shard, &group, records).await.is_ok() {
                 let mut groups = self.groups.borrow_mut();

@@ -9,7 +9,13 @@
 //! leader-computed assignments carried through SyncGroup unchanged (so `range`, `roundrobin` and
 //! `cooperative-sticky` all work), generation ids, heartbeats with session-timeout eviction,
 //! static membership (`group.instance.id`) and KIP-394 member ids.
+//!
+//! Next to it, KIP-848's consumer protocol (`consumer`): broker-side assignment reached member by
+//! member through ConsumerGroupHeartbeat, with no group-wide barrier. A group id is either kind;
+//! an empty classic group becomes a consumer group when a consumer-protocol member joins it.
 
+pub mod consumer;
+mod consumer_calls;
 pub mod coordinator;
 pub mod records;
 

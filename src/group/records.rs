@@ -19,6 +19,11 @@ pub enum GroupKey {
     Group {
         group: String,
     },
+    /// A KIP-848 consumer group's state (members, epochs, assignments). Added after the others,
+    /// and no larger than `Offset`, so keys written before it still decode (pinned by a test).
+    ConsumerGroup {
+        group: String,
+    },
 }
 
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq)]
@@ -50,6 +55,46 @@ pub struct GroupValue {
     pub members: Vec<MemberValue>,
 }
 
+/// Partitions of one topic, by topic id.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq)]
+pub struct PartitionsValue {
+    pub topic_id: [u8; 16],
+    pub partitions: Vec<i32>,
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq)]
+pub struct ConsumerMemberValue {
+    pub member_id: String,
+    pub instance_id: Option<String>,
+    pub rack_id: Option<String>,
+    pub client_id: String,
+    pub client_host: String,
+    pub rebalance_timeout_ms: u64,
+    pub subscribed_names: Vec<String>,
+    pub subscribed_regex: Option<String>,
+    pub assignor: Option<String>,
+    pub epoch: i32,
+    pub previous_epoch: i32,
+    /// 0 stable, 1 unrevoked partitions, 2 unreleased partitions.
+    pub state: u8,
+    pub assigned: Vec<PartitionsValue>,
+    pub revoking: Vec<PartitionsValue>,
+    pub target: Vec<PartitionsValue>,
+    pub departed: bool,
+}
+
+/// A consumer-protocol group: one record per group, rewritten when its epochs or assignments
+/// change (compaction keeps the latest).
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq)]
+pub struct ConsumerGroupValue {
+    pub epoch: i32,
+    pub assignment_epoch: i32,
+    pub assignor: String,
+    /// Subscribed topics as resolved: (name, id, partitions).
+    pub metadata: Vec<(String, [u8; 16], i32)>,
+    pub members: Vec<ConsumerMemberValue>,
+}
+
 /// One record of the offsets topic, decoded.
 pub enum Entry {
     Offset {
@@ -61,6 +106,10 @@ pub enum Entry {
     Group {
         group: String,
         value: Option<GroupValue>,
+    },
+    ConsumerGroup {
+        group: String,
+        value: Option<ConsumerGroupValue>,
     },
 }
 
@@ -101,7 +150,16 @@ pub fn group_record(group: &str, value: Option<&GroupValue>) -> Result<(Bytes, O
     Ok((encode(&key)?, value.map(encode).transpose()?))
 }
 
-/// Encodes key/value pairs as one uncompressed record batch (offsets are assigned on append).
+pub fn consumer_group_record(
+    group: &str,
+    value: Option<&ConsumerGroupValue>,
+) -> Result<(Bytes, Option<Bytes>)> {
+    let key = GroupKey::ConsumerGroup {
+        group: group.to_string(),
+    };
+    Ok((encode(&key)?, value.map(encode).transpose()?))
+}
+
 /// Encodes records into one batch; with `producer` (id, epoch), a transactional batch of that
 /// producer (TxnOffsetCommit), with no sequence: its marker decides whether it counts.
 pub fn encode_batch(
@@ -176,6 +234,18 @@ pub fn decode_batches(bytes: Bytes) -> Result<Vec<Entry>> {
                     };
                     out.push(Entry::Group { group, value });
                 }
+                GroupKey::ConsumerGroup { group } => {
+                    let value = match record.value {
+                        Some(v) => Some(
+                            rkyv::from_bytes::<ConsumerGroupValue, rkyv::rancor::Error>(&aligned(
+                                &v,
+                            ))
+                            .context("decoding a consumer group value")?,
+                        ),
+                        None => None,
+                    };
+                    out.push(Entry::ConsumerGroup { group, value });
+                }
             }
         }
     }
@@ -185,6 +255,16 @@ pub fn decode_batches(bytes: Bytes) -> Result<Vec<Entry>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `size_of::<ArchivedGroupKey>()` before `ConsumerGroup` was added (the `Offset` variant:
+    /// tag, two archived strings, an i32).
+    const ARCHIVED_KEY_BYTES: usize = 24;
+
+    /// Keys written by earlier versions decode only while the archived key keeps its size.
+    #[test]
+    fn the_archived_key_layout_is_unchanged() {
+        assert_eq!(std::mem::size_of::<ArchivedGroupKey>(), ARCHIVED_KEY_BYTES);
+    }
 
     #[test]
     fn records_roundtrip_through_a_batch() {

@@ -10,11 +10,13 @@ use kafka_protocol::messages::offset_fetch_response::{
     OffsetFetchResponseTopic, OffsetFetchResponseTopics,
 };
 use kafka_protocol::messages::{
-    DeleteGroupsRequest, DeleteGroupsResponse, DescribeGroupsRequest, DescribeGroupsResponse,
-    GroupId, HeartbeatRequest, HeartbeatResponse, JoinGroupRequest, JoinGroupResponse,
-    LeaveGroupRequest, LeaveGroupResponse, ListGroupsRequest, ListGroupsResponse,
-    OffsetCommitRequest, OffsetCommitResponse, OffsetDeleteRequest, OffsetDeleteResponse,
-    OffsetFetchRequest, OffsetFetchResponse, SyncGroupRequest, SyncGroupResponse,
+    ConsumerGroupDescribeRequest, ConsumerGroupDescribeResponse, ConsumerGroupHeartbeatRequest,
+    ConsumerGroupHeartbeatResponse, DeleteGroupsRequest, DeleteGroupsResponse,
+    DescribeGroupsRequest, DescribeGroupsResponse, GroupId, HeartbeatRequest, HeartbeatResponse,
+    JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest, LeaveGroupResponse, ListGroupsRequest,
+    ListGroupsResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetDeleteRequest,
+    OffsetDeleteResponse, OffsetFetchRequest, OffsetFetchResponse, SyncGroupRequest,
+    SyncGroupResponse,
 };
 
 use super::{str_bytes, topic_name};
@@ -359,7 +361,7 @@ pub async fn list(shard: &Rc<Shard>, req: ListGroupsRequest, version: i16) -> Li
                 .states_filter
                 .iter()
                 .any(|s| s.eq_ignore_ascii_case(&g.group_state));
-        // KIP-848 group types: every group here uses the classic protocol.
+        // KIP-848 group types: `classic` or `consumer`.
         let type_ok = req.types_filter.is_empty()
             || req
                 .types_filter
@@ -423,4 +425,59 @@ fn error_of(reply: Result<GroupReply, ErrorCode>) -> ErrorCode {
         Err(code) => code,
         Ok(_) => ErrorCode::UNKNOWN_SERVER_ERROR,
     }
+}
+
+/// ConsumerGroupHeartbeat (KIP-848), at the group's coordinator.
+pub async fn consumer_heartbeat(
+    shard: &Rc<Shard>,
+    req: ConsumerGroupHeartbeatRequest,
+    version: i16,
+    client: ClientInfo,
+) -> ConsumerGroupHeartbeatResponse {
+    let group = req.group_id.0.to_string();
+    let call = GroupCall::ConsumerHeartbeat {
+        req,
+        version,
+        client,
+    };
+    match route(shard, &group, call).await {
+        Ok(GroupReply::ConsumerHeartbeat(r)) => r,
+        other => {
+            let mut r = ConsumerGroupHeartbeatResponse::default();
+            r.error_code = error_of(other).0;
+            r
+        }
+    }
+}
+
+/// ConsumerGroupDescribe (KIP-848): each group asked of its coordinator.
+pub async fn consumer_describe(
+    shard: &Rc<Shard>,
+    req: ConsumerGroupDescribeRequest,
+) -> ConsumerGroupDescribeResponse {
+    let include_ops = req.include_authorized_operations;
+    let calls = req.group_ids.iter().map(|g| {
+        let group = g.0.to_string();
+        async move {
+            let call = GroupCall::ConsumerDescribe {
+                group: group.clone(),
+            };
+            let mut d = match route(shard, &group, call).await {
+                Ok(GroupReply::ConsumerDescribe(d)) => d,
+                other => {
+                    let mut d = kafka_protocol::messages::consumer_group_describe_response::DescribedGroup::default();
+                    d.group_id = GroupId(str_bytes(&group));
+                    d.error_code = error_of(other).0;
+                    d
+                }
+            };
+            if include_ops && d.error_code == 0 {
+                d.authorized_operations = crate::model::authorized::GROUP;
+            }
+            d
+        }
+    });
+    let mut response = ConsumerGroupDescribeResponse::default();
+    response.groups = join_all(calls.collect()).await;
+    response
 }

@@ -109,6 +109,21 @@ pub fn decode_request(mut frame: Bytes) -> Result<Decoded, DecodeError> {
     })
 }
 
+/// Who sent a request, as group descriptions report members.
+fn client_info(
+    header: &kafka_protocol::messages::RequestHeader,
+    peer: Option<SocketAddr>,
+) -> ClientInfo {
+    ClientInfo {
+        client_id: header
+            .client_id
+            .as_ref()
+            .map(|c| c.to_string())
+            .unwrap_or_default(),
+        host: peer.map(|p| format!("/{}", p.ip())).unwrap_or_default(),
+    }
+}
+
 pub async fn dispatch(shard: &Rc<Shard>, frame: Bytes, peer: Option<SocketAddr>) -> Outcome {
     if let Some(answer) = forward::to_controller(shard, &frame).await {
         return Outcome::Respond(answer);
@@ -170,10 +185,7 @@ pub async fn dispatch(shard: &Rc<Shard>, frame: Bytes, peer: Option<SocketAddr>)
             &find_coordinator::handle(shard, r, version).await,
         ),
         RequestKind::JoinGroup(r) => {
-            let client = ClientInfo {
-                client_id: header.client_id.map(|c| c.to_string()).unwrap_or_default(),
-                host: peer.map(|p| format!("/{}", p.ip())).unwrap_or_default(),
-            };
+            let client = client_info(&header, peer);
             encode_response(
                 key,
                 version,
@@ -318,6 +330,21 @@ pub async fn dispatch(shard: &Rc<Shard>, frame: Bytes, peer: Option<SocketAddr>)
             version,
             cid,
             &transactions::end_txn(shard, r, version).await,
+        ),
+        RequestKind::ConsumerGroupHeartbeat(r) => {
+            let client = client_info(&header, peer);
+            encode_response(
+                key,
+                version,
+                cid,
+                &groups::consumer_heartbeat(shard, r, version, client).await,
+            )
+        }
+        RequestKind::ConsumerGroupDescribe(r) => encode_response(
+            key,
+            version,
+            cid,
+            &groups::consumer_describe(shard, r).await,
         ),
         RequestKind::TxnOffsetCommit(r) => encode_response(
             key,
