@@ -18,6 +18,8 @@ pub enum ConfigSource {
     DynamicDefaultBroker = 3,
     StaticBroker = 4,
     Default = 5,
+    /// A group config set with IncrementalAlterConfigs (Kafka's GROUP_CONFIG).
+    DynamicGroup = 8,
 }
 
 /// Kafka's config types, as DescribeConfigs v3+ reports them.
@@ -489,6 +491,46 @@ pub const BROKER_SETTINGS: &[SettingDef] = &[
         false,
         None,
         "Server-side assignors for consumer-protocol groups, the first the default",
+    ),
+    def(
+        "group.share.record.lock.duration.ms",
+        Some("30000"),
+        T::Int,
+        false,
+        None,
+        "How long a share-group member holds a record it was given before it is released",
+    ),
+    def(
+        "group.share.delivery.count.limit",
+        Some("5"),
+        T::Int,
+        false,
+        None,
+        "Deliveries of a share-group record before it is archived",
+    ),
+    def(
+        "group.share.partition.max.record.locks",
+        Some("2000"),
+        T::Int,
+        false,
+        None,
+        "Records in flight per share-partition",
+    ),
+    def(
+        "group.share.heartbeat.interval.ms",
+        Some("5000"),
+        T::Int,
+        false,
+        None,
+        "How often share-group members heartbeat",
+    ),
+    def(
+        "group.share.session.timeout.ms",
+        Some("45000"),
+        T::Int,
+        false,
+        None,
+        "A share-group member not heard from this long is removed",
     ),
     def(
         "group.min.session.timeout.ms",
@@ -989,6 +1031,16 @@ pub struct BrokerConfig {
     pub group_consumer_heartbeat_interval_ms: u64,
     /// `group.consumer.assignors`: short names (`uniform`, `range`), the first the default.
     pub group_consumer_assignors: Vec<String>,
+    /// `group.share.record.lock.duration.ms`.
+    pub group_share_record_lock_duration_ms: u64,
+    /// `group.share.delivery.count.limit`.
+    pub group_share_delivery_count_limit: i16,
+    /// `group.share.partition.max.record.locks`.
+    pub group_share_partition_record_locks_max: usize,
+    /// `group.share.heartbeat.interval.ms`.
+    pub group_share_heartbeat_interval_ms: u64,
+    /// `group.share.session.timeout.ms`.
+    pub group_share_session_timeout_ms: u64,
     /// `group.min.session.timeout.ms` / `group.max.session.timeout.ms`.
     pub group_session_timeout_ms_min: u64,
     pub group_session_timeout_ms_max: u64,
@@ -1057,6 +1109,11 @@ impl Default for BrokerConfig {
             group_consumer_session_timeout_ms: 45_000,
             group_consumer_heartbeat_interval_ms: 5_000,
             group_consumer_assignors: vec!["uniform".to_string(), "range".to_string()],
+            group_share_record_lock_duration_ms: 30_000,
+            group_share_delivery_count_limit: 5,
+            group_share_partition_record_locks_max: 2000,
+            group_share_heartbeat_interval_ms: 5_000,
+            group_share_session_timeout_ms: 45_000,
             group_session_timeout_ms_min: 6000,
             group_session_timeout_ms_max: 1_800_000,
             offsets_retention_ms: 10080 * 60_000,
@@ -1324,6 +1381,21 @@ impl BrokerConfig {
                     bail!("group.consumer.assignors needs at least one assignor");
                 }
                 self.group_consumer_assignors = names;
+            }
+            "group.share.record.lock.duration.ms" => {
+                self.group_share_record_lock_duration_ms = parse_in(value, 1000, 3_600_000)? as u64
+            }
+            "group.share.delivery.count.limit" => {
+                self.group_share_delivery_count_limit = parse_in(value, 2, 10)? as i16
+            }
+            "group.share.partition.max.record.locks" => {
+                self.group_share_partition_record_locks_max = parse_in(value, 100, 10_000)? as usize
+            }
+            "group.share.heartbeat.interval.ms" => {
+                self.group_share_heartbeat_interval_ms = parse_in(value, 1, i32::MAX as i64)? as u64
+            }
+            "group.share.session.timeout.ms" => {
+                self.group_share_session_timeout_ms = parse_in(value, 1, i32::MAX as i64)? as u64
             }
             "group.min.session.timeout.ms" => {
                 self.group_session_timeout_ms_min = parse_in(value, 1, i32::MAX as i64)? as u64

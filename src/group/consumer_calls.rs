@@ -148,10 +148,14 @@ impl GroupCoordinator {
                 let group = groups
                     .entry(group_id.clone())
                     .or_insert_with(|| Group::new(&group_id));
-                if group.consumer.is_none() && group.has_classic_members() {
+                if group.share.is_some()
+                    || (group.consumer.is_none() && group.has_classic_members())
+                {
                     Err((
                         ErrorCode::GROUP_ID_NOT_FOUND,
-                        format!("group {group_id} is a classic group with live members"),
+                        format!(
+                            "group {group_id} is a share group or a classic group with members"
+                        ),
                     ))
                 } else {
                     // KIP-848 online migration of an empty classic group: it becomes a

@@ -21,6 +21,7 @@ use kafka_protocol::messages::offset_commit_response::{
 use kafka_protocol::messages::offset_delete_response::{
     OffsetDeleteResponsePartition, OffsetDeleteResponseTopic,
 };
+use kafka_protocol::messages::share_group_describe_response::DescribedGroup as ShareDescribedGroup;
 use kafka_protocol::messages::txn_offset_commit_response::{
     TxnOffsetCommitResponsePartition, TxnOffsetCommitResponseTopic,
 };
@@ -28,13 +29,15 @@ use kafka_protocol::messages::{
     ConsumerGroupHeartbeatRequest, ConsumerGroupHeartbeatResponse, ConsumerProtocolSubscription,
     GroupId, HeartbeatRequest, JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest,
     LeaveGroupResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetDeleteRequest,
-    OffsetDeleteResponse, SyncGroupRequest, SyncGroupResponse, TxnOffsetCommitRequest,
-    TxnOffsetCommitResponse,
+    OffsetDeleteResponse, ShareAcknowledgeRequest, ShareAcknowledgeResponse, ShareFetchRequest,
+    ShareFetchResponse, ShareGroupHeartbeatRequest, ShareGroupHeartbeatResponse, SyncGroupRequest,
+    SyncGroupResponse, TxnOffsetCommitRequest, TxnOffsetCommitResponse,
 };
 use kafka_protocol::protocol::{Decodable, StrBytes};
 
 use super::consumer::{self, ConsumerGroup};
 use super::records::{self, Entry, GroupValue, MemberValue, OffsetValue};
+use super::share::{ShareGroup, SharePartition};
 use crate::config::BrokerConfig;
 use crate::model::{ErrorCode, TopicPartition};
 use crate::shard::Shard;
@@ -121,6 +124,29 @@ pub enum GroupCall {
     ConsumerDescribe {
         group: String,
     },
+    /// KIP-932 share groups.
+    ShareHeartbeat {
+        req: ShareGroupHeartbeatRequest,
+        client: ClientInfo,
+    },
+    ShareFetch {
+        req: ShareFetchRequest,
+    },
+    ShareAcknowledge {
+        req: ShareAcknowledgeRequest,
+    },
+    ShareDescribe {
+        group: String,
+    },
+    /// IncrementalAlterConfigs on the GROUP resource: (name, value or None to delete).
+    AlterConfigs {
+        group: String,
+        changes: Vec<(String, Option<String>)>,
+        validate_only: bool,
+    },
+    DescribeConfigs {
+        group: String,
+    },
 }
 
 impl GroupCall {
@@ -136,6 +162,12 @@ impl GroupCall {
             GroupCall::TxnCommit { req } => Some(&req.group_id.0),
             GroupCall::ConsumerHeartbeat { req, .. } => Some(&req.group_id.0),
             GroupCall::ConsumerDescribe { group } => Some(group),
+            GroupCall::ShareHeartbeat { req, .. } => Some(&req.group_id.0),
+            GroupCall::ShareFetch { req } => req.group_id.as_ref().map(|g| g.0.as_str()),
+            GroupCall::ShareAcknowledge { req } => req.group_id.as_ref().map(|g| g.0.as_str()),
+            GroupCall::ShareDescribe { group }
+            | GroupCall::AlterConfigs { group, .. }
+            | GroupCall::DescribeConfigs { group } => Some(group),
             GroupCall::FetchOffsets { group, .. }
             | GroupCall::Describe { group, .. }
             | GroupCall::Delete { group } => Some(group),
@@ -171,6 +203,14 @@ pub enum GroupReply {
     TxnCommit(TxnOffsetCommitResponse),
     ConsumerHeartbeat(ConsumerGroupHeartbeatResponse),
     ConsumerDescribe(ConsumerDescribedGroup),
+    ShareHeartbeat(ShareGroupHeartbeatResponse),
+    ShareFetch(ShareFetchResponse),
+    ShareAcknowledge(ShareAcknowledgeResponse),
+    ShareDescribe(ShareDescribedGroup),
+    /// A config change's outcome, with a message for an error.
+    AlterConfigs(ErrorCode, Option<String>),
+    /// A group's configs set explicitly.
+    DescribeConfigs(Vec<(String, String)>),
     /// Not answered here: in a cluster, this shard does not (yet) coordinate the group.
     Refused(ErrorCode),
 }
@@ -213,6 +253,10 @@ pub(super) struct Group {
     id: String,
     /// Set when this is a KIP-848 consumer-protocol group; its classic `members` are then empty.
     pub(super) consumer: Option<ConsumerGroup>,
+    /// Set when this is a KIP-932 share group.
+    pub(super) share: Option<ShareGroup>,
+    /// Dynamic group configs (`share.auto.offset.reset`, ...).
+    pub(super) configs: std::collections::BTreeMap<String, String>,
     state: State,
     generation: i32,
     protocol_type: Option<String>,
@@ -233,6 +277,8 @@ impl Group {
         Group {
             id: id.to_string(),
             consumer: None,
+            share: None,
+            configs: std::collections::BTreeMap::new(),
             state: State::Empty,
             generation: 0,
             protocol_type: None,
@@ -254,14 +300,33 @@ impl Group {
 
     /// No members of either protocol (offsets may expire, the group may be deleted or converted).
     pub(super) fn is_empty(&self) -> bool {
-        self.members.is_empty() && self.consumer.as_ref().is_none_or(|c| c.members.is_empty())
+        self.members.is_empty()
+            && self.consumer.as_ref().is_none_or(|c| c.members.is_empty())
+            && self.share.as_ref().is_none_or(|s| s.members.is_empty())
+    }
+
+    /// A dynamic group config, if set.
+    pub(super) fn config_value(&self, name: &str) -> Option<&str> {
+        self.configs.get(name).map(String::as_str)
+    }
+
+    /// The group's type as ListGroups reports it.
+    fn type_name(&self) -> &'static str {
+        if self.share.is_some() {
+            "share"
+        } else if self.consumer.is_some() {
+            "consumer"
+        } else {
+            "classic"
+        }
     }
 
     /// The state as ListGroups and DescribeGroups name it.
     fn state_name(&self) -> &'static str {
-        match &self.consumer {
-            Some(c) => c.state_name(),
-            None => self.state.name(),
+        match (&self.consumer, &self.share) {
+            (Some(c), _) => c.state_name(),
+            (None, Some(s)) => s.state_name(),
+            (None, None) => self.state.name(),
         }
     }
 
@@ -567,6 +632,9 @@ pub struct GroupCoordinator {
     /// TxnOffsetCommit offsets by producer id, until the transaction's marker: (group, topic,
     /// partition, offset).
     pending_txn: RefCell<HashMap<i64, Vec<PendingOffset>>>,
+    /// Notified when share-group records are released or acknowledged (a waiting ShareFetch
+    /// looks again).
+    pub(super) share_progress: event_listener::Event,
 }
 
 /// One partition's offset in an OffsetCommit or TxnOffsetCommit.
@@ -622,6 +690,7 @@ impl GroupCoordinator {
             last_expiry_check: Cell::new(Instant::now()),
             loaded: RefCell::new(std::collections::HashSet::new()),
             pending_txn: RefCell::new(HashMap::new()),
+            share_progress: event_listener::Event::new(),
         }
     }
 
@@ -909,6 +978,46 @@ impl GroupCoordinator {
             Entry::Group { group, value: None } => {
                 groups.remove(&group);
             }
+            Entry::ShareGroup { group, value } => {
+                let g = groups
+                    .entry(group.clone())
+                    .or_insert_with(|| Group::new(&group));
+                match value {
+                    Some(v) => {
+                        let sg = g.share.get_or_insert_with(ShareGroup::default);
+                        sg.epoch = sg.epoch.max(v.epoch);
+                    }
+                    None => g.share = None,
+                }
+            }
+            Entry::SharePartition {
+                group,
+                topic,
+                partition,
+                value,
+            } => {
+                let g = groups
+                    .entry(group.clone())
+                    .or_insert_with(|| Group::new(&group));
+                let sg = g.share.get_or_insert_with(ShareGroup::default);
+                match value {
+                    Some(v) => {
+                        sg.partitions
+                            .insert((topic, partition), SharePartition::from_value(&v));
+                    }
+                    None => {
+                        sg.partitions.remove(&(topic, partition));
+                    }
+                }
+            }
+            Entry::GroupConfig { group, value } => {
+                let g = groups
+                    .entry(group.clone())
+                    .or_insert_with(|| Group::new(&group));
+                g.configs = value
+                    .map(|v| v.configs.into_iter().collect())
+                    .unwrap_or_default();
+            }
             Entry::ConsumerGroup { group, value } => {
                 let g = groups
                     .entry(group.clone())
@@ -1021,6 +1130,40 @@ impl GroupCoordinator {
             GroupCall::ConsumerDescribe { group } => {
                 GroupReply::ConsumerDescribe(self.consumer_describe(shard, &group))
             }
+            GroupCall::ShareHeartbeat { req, client } => {
+                GroupReply::ShareHeartbeat(self.share_heartbeat(shard, req, client).await)
+            }
+            GroupCall::ShareFetch { req } => {
+                GroupReply::ShareFetch(self.share_fetch(shard, req).await)
+            }
+            GroupCall::ShareAcknowledge { req } => {
+                GroupReply::ShareAcknowledge(self.share_acknowledge(shard, req).await)
+            }
+            GroupCall::ShareDescribe { group } => {
+                GroupReply::ShareDescribe(self.share_describe(shard, &group))
+            }
+            GroupCall::AlterConfigs {
+                group,
+                changes,
+                validate_only,
+            } => {
+                let (code, message) = self
+                    .alter_configs(shard, &group, changes, validate_only)
+                    .await;
+                GroupReply::AlterConfigs(code, message)
+            }
+            GroupCall::DescribeConfigs { group } => GroupReply::DescribeConfigs(
+                self.groups
+                    .borrow()
+                    .get(&group)
+                    .map(|g| {
+                        g.configs
+                            .iter()
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            ),
         }
     }
 
@@ -1062,6 +1205,9 @@ impl GroupCoordinator {
             let group = groups
                 .entry(group_id.clone())
                 .or_insert_with(|| Group::new(&group_id));
+            if group.share.as_ref().is_some_and(|s| !s.members.is_empty()) {
+                return join_error(ErrorCode::INCONSISTENT_GROUP_PROTOCOL, &member_id);
+            }
             if let Some(cg) = &group.consumer {
                 if !cg.members.is_empty() {
                     // Live members speak KIP-848; a classic member cannot join them.
@@ -1570,9 +1716,9 @@ impl GroupCoordinator {
             return d;
         };
         d.group_state = sb(g.state_name());
-        if g.consumer.is_some() {
-            // A consumer-protocol group: ConsumerGroupDescribe has its members.
-            d.protocol_type = sb("consumer");
+        if g.consumer.is_some() || g.share.is_some() {
+            // ConsumerGroupDescribe and ShareGroupDescribe have their members.
+            d.protocol_type = sb(g.type_name());
             return d;
         }
         d.protocol_type = sb(g.protocol_type.as_deref().unwrap_or(""));
@@ -1613,12 +1759,11 @@ impl GroupCoordinator {
             .map(|g| {
                 let mut l = ListedGroup::default();
                 l.group_id = GroupId(sb(&g.id));
-                if g.consumer.is_some() {
-                    l.protocol_type = sb("consumer");
-                    l.group_type = sb("consumer");
+                l.group_type = sb(g.type_name());
+                if g.consumer.is_some() || g.share.is_some() {
+                    l.protocol_type = sb(g.type_name());
                 } else {
                     l.protocol_type = sb(g.protocol_type.as_deref().unwrap_or(""));
-                    l.group_type = sb("classic");
                 }
                 l.group_state = sb(g.state_name());
                 l
@@ -1645,6 +1790,15 @@ impl GroupCoordinator {
             records.extend(records::group_record(group_id, None).ok());
             if g.consumer.is_some() {
                 records.extend(records::consumer_group_record(group_id, None).ok());
+            }
+            if let Some(sg) = &g.share {
+                for (t, p) in sg.partitions.keys() {
+                    records.extend(records::share_partition_record(group_id, t, *p, None).ok());
+                }
+                records.extend(records::share_group_record(group_id, None).ok());
+            }
+            if !g.configs.is_empty() {
+                records.extend(records::group_config_record(group_id, None).ok());
             }
             records
         };
@@ -1753,6 +1907,7 @@ impl GroupCoordinator {
             let _ = self.persist_group(shard, &group).await;
         }
         self.expire_consumer_members(shard, now).await;
+        self.expire_share(shard, now).await;
         let interval = Duration::from_millis(self.config.offsets_retention_check_interval_ms);
         if now.duration_since(self.last_expiry_check.get()) >= interval {
             self.last_expiry_check.set(now);
@@ -1767,7 +1922,7 @@ impl GroupCoordinator {
             let groups = self.groups.borrow();
             for g in groups
                 .values()
-                .filter(|g| g.state == State::Empty && g.is_empty())
+                .filter(|g| g.state == State::Empty && g.is_empty() && g.share.is_none())
             {
                 let expired: Vec<(String, i32)> = g
                     .offsets

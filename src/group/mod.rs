@@ -18,6 +18,8 @@ pub mod consumer;
 mod consumer_calls;
 pub mod coordinator;
 pub mod records;
+pub mod share;
+mod share_calls;
 
 pub use coordinator::{
     partition_for_group, ClientInfo, GroupCall, GroupCoordinator, GroupReply, OFFSETS_TOPIC,

@@ -24,6 +24,20 @@ pub enum GroupKey {
     ConsumerGroup {
         group: String,
     },
+    /// A KIP-932 share group (its type and epoch).
+    ShareGroup {
+        group: String,
+    },
+    /// One share-partition's state (start offset, in-flight records).
+    SharePartition {
+        group: String,
+        topic: String,
+        partition: i32,
+    },
+    /// A group's dynamic configs (IncrementalAlterConfigs on the GROUP resource).
+    GroupConfig {
+        group: String,
+    },
 }
 
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq)]
@@ -95,6 +109,33 @@ pub struct ConsumerGroupValue {
     pub members: Vec<ConsumerMemberValue>,
 }
 
+/// In-flight records of a share-partition with the same state and delivery count. States are
+/// Kafka's share-state codes: 0 available, 2 acknowledged, 4 archived.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq)]
+pub struct ShareRangeValue {
+    pub first_offset: i64,
+    pub last_offset: i64,
+    pub state: u8,
+    pub delivery_count: i16,
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq)]
+pub struct SharePartitionValue {
+    pub start_offset: i64,
+    pub end_offset: i64,
+    pub ranges: Vec<ShareRangeValue>,
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq)]
+pub struct GroupConfigValue {
+    pub configs: Vec<(String, String)>,
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq)]
+pub struct ShareGroupValue {
+    pub epoch: i32,
+}
+
 /// One record of the offsets topic, decoded.
 pub enum Entry {
     Offset {
@@ -111,6 +152,34 @@ pub enum Entry {
         group: String,
         value: Option<ConsumerGroupValue>,
     },
+    ShareGroup {
+        group: String,
+        value: Option<ShareGroupValue>,
+    },
+    SharePartition {
+        group: String,
+        topic: String,
+        partition: i32,
+        value: Option<SharePartitionValue>,
+    },
+    GroupConfig {
+        group: String,
+        value: Option<GroupConfigValue>,
+    },
+}
+
+/// A key and its value (None: a tombstone) as record bytes.
+fn keyed<V>(key: GroupKey, value: Option<&V>) -> Result<(Bytes, Option<Bytes>)>
+where
+    V: for<'a> rkyv::Serialize<
+        rkyv::api::high::HighSerializer<
+            rkyv::util::AlignedVec,
+            rkyv::ser::allocator::ArenaHandle<'a>,
+            rkyv::rancor::Error,
+        >,
+    >,
+{
+    Ok((encode(&key)?, value.map(encode).transpose()?))
 }
 
 /// rkyv bytes of one of strom's own structures, as a record key or value.
@@ -135,29 +204,75 @@ pub fn offset_record(
     partition: i32,
     value: Option<&OffsetValue>,
 ) -> Result<(Bytes, Option<Bytes>)> {
-    let key = GroupKey::Offset {
-        group: group.to_string(),
-        topic: topic.to_string(),
-        partition,
-    };
-    Ok((encode(&key)?, value.map(encode).transpose()?))
+    keyed(
+        GroupKey::Offset {
+            group: group.to_string(),
+            topic: topic.to_string(),
+            partition,
+        },
+        value,
+    )
 }
 
 pub fn group_record(group: &str, value: Option<&GroupValue>) -> Result<(Bytes, Option<Bytes>)> {
-    let key = GroupKey::Group {
-        group: group.to_string(),
-    };
-    Ok((encode(&key)?, value.map(encode).transpose()?))
+    keyed(
+        GroupKey::Group {
+            group: group.to_string(),
+        },
+        value,
+    )
 }
 
 pub fn consumer_group_record(
     group: &str,
     value: Option<&ConsumerGroupValue>,
 ) -> Result<(Bytes, Option<Bytes>)> {
-    let key = GroupKey::ConsumerGroup {
-        group: group.to_string(),
-    };
-    Ok((encode(&key)?, value.map(encode).transpose()?))
+    keyed(
+        GroupKey::ConsumerGroup {
+            group: group.to_string(),
+        },
+        value,
+    )
+}
+
+pub fn share_group_record(
+    group: &str,
+    value: Option<&ShareGroupValue>,
+) -> Result<(Bytes, Option<Bytes>)> {
+    keyed(
+        GroupKey::ShareGroup {
+            group: group.to_string(),
+        },
+        value,
+    )
+}
+
+pub fn share_partition_record(
+    group: &str,
+    topic: &str,
+    partition: i32,
+    value: Option<&SharePartitionValue>,
+) -> Result<(Bytes, Option<Bytes>)> {
+    keyed(
+        GroupKey::SharePartition {
+            group: group.to_string(),
+            topic: topic.to_string(),
+            partition,
+        },
+        value,
+    )
+}
+
+pub fn group_config_record(
+    group: &str,
+    value: Option<&GroupConfigValue>,
+) -> Result<(Bytes, Option<Bytes>)> {
+    keyed(
+        GroupKey::GroupConfig {
+            group: group.to_string(),
+        },
+        value,
+    )
 }
 
 /// Encodes records into one batch; with `producer` (id, epoch), a transactional batch of that
@@ -196,6 +311,19 @@ fn aligned(bytes: &[u8]) -> rkyv::util::AlignedVec<16> {
 }
 
 /// Decodes every record of the batches in `bytes`.
+/// Decodes a record value of one of strom's own structures (None: a tombstone).
+fn decode_value<T>(value: Option<Bytes>, what: &'static str) -> Result<Option<T>>
+where
+    T: rkyv::Archive,
+    T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>>
+        + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
+{
+    value
+        .map(|v| rkyv::from_bytes::<T, rkyv::rancor::Error>(&aligned(&v)).context(what))
+        .transpose()
+}
+
+/// Decodes every record of the batches in `bytes`.
 pub fn decode_batches(bytes: Bytes) -> Result<Vec<Entry>> {
     let mut buf = bytes;
     let mut out = Vec::new();
@@ -204,49 +332,45 @@ pub fn decode_batches(bytes: Bytes) -> Result<Vec<Entry>> {
             let Some(key) = record.key else { continue };
             let key = rkyv::from_bytes::<GroupKey, rkyv::rancor::Error>(&aligned(&key))
                 .context("decoding a group key")?;
-            match key {
+            let value = record.value;
+            out.push(match key {
                 GroupKey::Offset {
                     group,
                     topic,
                     partition,
-                } => {
-                    let value = match record.value {
-                        Some(v) => Some(
-                            rkyv::from_bytes::<OffsetValue, rkyv::rancor::Error>(&aligned(&v))
-                                .context("decoding an offset value")?,
-                        ),
-                        None => None,
-                    };
-                    out.push(Entry::Offset {
-                        group,
-                        topic,
-                        partition,
-                        value,
-                    });
-                }
-                GroupKey::Group { group } => {
-                    let value = match record.value {
-                        Some(v) => Some(
-                            rkyv::from_bytes::<GroupValue, rkyv::rancor::Error>(&aligned(&v))
-                                .context("decoding a group value")?,
-                        ),
-                        None => None,
-                    };
-                    out.push(Entry::Group { group, value });
-                }
-                GroupKey::ConsumerGroup { group } => {
-                    let value = match record.value {
-                        Some(v) => Some(
-                            rkyv::from_bytes::<ConsumerGroupValue, rkyv::rancor::Error>(&aligned(
-                                &v,
-                            ))
-                            .context("decoding a consumer group value")?,
-                        ),
-                        None => None,
-                    };
-                    out.push(Entry::ConsumerGroup { group, value });
-                }
-            }
+                } => Entry::Offset {
+                    group,
+                    topic,
+                    partition,
+                    value: decode_value(value, "decoding an offset value")?,
+                },
+                GroupKey::Group { group } => Entry::Group {
+                    group,
+                    value: decode_value(value, "decoding a group value")?,
+                },
+                GroupKey::ConsumerGroup { group } => Entry::ConsumerGroup {
+                    group,
+                    value: decode_value(value, "decoding a consumer group value")?,
+                },
+                GroupKey::ShareGroup { group } => Entry::ShareGroup {
+                    group,
+                    value: decode_value(value, "decoding a share group value")?,
+                },
+                GroupKey::SharePartition {
+                    group,
+                    topic,
+                    partition,
+                } => Entry::SharePartition {
+                    group,
+                    topic,
+                    partition,
+                    value: decode_value(value, "decoding a share-partition value")?,
+                },
+                GroupKey::GroupConfig { group } => Entry::GroupConfig {
+                    group,
+                    value: decode_value(value, "decoding group configs")?,
+                },
+            });
         }
     }
     Ok(out)

@@ -20,12 +20,56 @@ use crate::config::{
     describe_topic_setting, BrokerConfig, ConfigSource, ConfigType, BROKER_SETTINGS,
     STORED_TOPIC_SETTINGS, TOPIC_SETTINGS,
 };
+use crate::group::{GroupCall, GroupReply};
 use crate::model::{ErrorCode, ShardId};
 use crate::shard::controller::{ConfigChange, ConfigOp, ConfigResource};
 use crate::shard::{Reply, Request, Shard};
 
 const RESOURCE_TOPIC: i8 = 2;
 const RESOURCE_BROKER: i8 = 4;
+/// Kafka's GROUP config resource; librdkafka's own enum value (3) is taken as the same.
+const RESOURCE_GROUP: i8 = 32;
+const RESOURCE_GROUP_LIBRDKAFKA: i8 = 3;
+
+fn is_group(kind: i8) -> bool {
+    kind == RESOURCE_GROUP || kind == RESOURCE_GROUP_LIBRDKAFKA
+}
+
+/// A group's explicit configs, from its coordinator.
+async fn group_configs(shard: &Rc<Shard>, group: &str) -> Result<Vec<(String, String)>, ErrorCode> {
+    let call = GroupCall::DescribeConfigs {
+        group: group.to_string(),
+    };
+    match crate::handlers::groups::route_call(shard, group, call).await? {
+        GroupReply::DescribeConfigs(list) => Ok(list),
+        _ => Err(ErrorCode::UNKNOWN_SERVER_ERROR),
+    }
+}
+
+/// IncrementalAlterConfigs on a group, at its coordinator.
+async fn alter_group(
+    shard: &Rc<Shard>,
+    group: &str,
+    changes: Vec<(String, Option<String>)>,
+    validate_only: bool,
+) -> (ErrorCode, Option<String>) {
+    if group.is_empty() {
+        return (
+            ErrorCode::INVALID_REQUEST,
+            Some("Group name can't be empty".into()),
+        );
+    }
+    let call = GroupCall::AlterConfigs {
+        group: group.to_string(),
+        changes,
+        validate_only,
+    };
+    match crate::handlers::groups::route_call(shard, group, call).await {
+        Ok(GroupReply::AlterConfigs(code, message)) => (code, message),
+        Ok(_) => (ErrorCode::UNKNOWN_SERVER_ERROR, None),
+        Err(code) => (code, None),
+    }
+}
 
 /// Which resource a request names, or the error for it.
 fn resource(shard: &Shard, kind: i8, name: &str) -> Result<ConfigResource, (ErrorCode, String)> {
@@ -135,6 +179,29 @@ pub async fn describe(
                 Vec::new()
             }
         };
+        if is_group(r.resource_type) {
+            match group_configs(shard, r.resource_name.as_str()).await {
+                Err(code) => result.error_code = code.0,
+                Ok(set) => {
+                    for (name, value) in set.into_iter().filter(|(n, _)| wanted(n)) {
+                        result.configs.push(entry(
+                            ConfigRow {
+                                name: &name,
+                                value: Some(value),
+                                source: ConfigSource::DynamicGroup,
+                                read_only: false,
+                                kind: crate::config::ConfigType::String,
+                                doc: None,
+                                synonyms: Vec::new(),
+                            },
+                            version,
+                        ));
+                    }
+                }
+            }
+            response.results.push(result);
+            continue;
+        }
         match resource(shard, r.resource_type, r.resource_name.as_str()) {
             Err((code, message)) => {
                 result.error_code = code.0;
@@ -371,9 +438,37 @@ pub async fn incremental_alter(
     shard: &Rc<Shard>,
     req: IncrementalAlterConfigsRequest,
 ) -> IncrementalAlterConfigsResponse {
+    let mut group_results = Vec::new();
+    for r in req.resources.iter().filter(|r| is_group(r.resource_type)) {
+        let mut changes = Vec::new();
+        for c in &r.configs {
+            match c.config_operation {
+                0 => changes.push((
+                    c.name.to_string(),
+                    c.value.as_ref().map(StrBytes::to_string),
+                )),
+                1 => changes.push((c.name.to_string(), None)),
+                _ => {}
+            }
+        }
+        let unsupported = r
+            .configs
+            .iter()
+            .any(|c| !matches!(c.config_operation, 0 | 1));
+        group_results.push(if unsupported {
+            (
+                ErrorCode::INVALID_REQUEST,
+                Some("group configs take SET and DELETE".to_string()),
+            )
+        } else {
+            alter_group(shard, r.resource_name.as_str(), changes, req.validate_only).await
+        });
+    }
+    let mut group_results = group_results.into_iter();
     let resolved: Vec<_> = req
         .resources
         .iter()
+        .filter(|r| !is_group(r.resource_type))
         .map(|r| {
             let resource = resource(shard, r.resource_type, r.resource_name.as_str())?;
             let mut ops = Vec::new();
@@ -403,9 +498,15 @@ pub async fn incremental_alter(
             })
         })
         .collect();
-    let results = apply(shard, resolved, req.validate_only).await;
+    let mut results = apply(shard, resolved, req.validate_only).await.into_iter();
     let mut response = IncrementalAlterConfigsResponse::default();
-    for (r, (code, message)) in req.resources.into_iter().zip(results) {
+    for r in req.resources {
+        let (code, message) = if is_group(r.resource_type) {
+            group_results.next()
+        } else {
+            results.next()
+        }
+        .unwrap_or((ErrorCode::UNKNOWN_SERVER_ERROR, None));
         let mut out = kafka_protocol::messages::incremental_alter_configs_response::AlterConfigsResourceResponse::default();
         out.resource_type = r.resource_type;
         out.resource_name = r.resource_name;

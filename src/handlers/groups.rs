@@ -15,8 +15,10 @@ use kafka_protocol::messages::{
     DescribeGroupsRequest, DescribeGroupsResponse, GroupId, HeartbeatRequest, HeartbeatResponse,
     JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest, LeaveGroupResponse, ListGroupsRequest,
     ListGroupsResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetDeleteRequest,
-    OffsetDeleteResponse, OffsetFetchRequest, OffsetFetchResponse, SyncGroupRequest,
-    SyncGroupResponse,
+    OffsetDeleteResponse, OffsetFetchRequest, OffsetFetchResponse, ShareAcknowledgeRequest,
+    ShareAcknowledgeResponse, ShareFetchRequest, ShareFetchResponse, ShareGroupDescribeRequest,
+    ShareGroupDescribeResponse, ShareGroupHeartbeatRequest, ShareGroupHeartbeatResponse,
+    SyncGroupRequest, SyncGroupResponse,
 };
 
 use super::{str_bytes, topic_name};
@@ -450,34 +452,155 @@ pub async fn consumer_heartbeat(
     }
 }
 
+/// Describes each group at its coordinator: `call` builds the request, `reply` takes the
+/// described group out of the answer, `failed` builds one for an error.
+async fn describe_each<D>(
+    shard: &Rc<Shard>,
+    groups: &[GroupId],
+    call: impl Fn(String) -> GroupCall,
+    reply: impl Fn(GroupReply) -> Option<D>,
+    failed: impl Fn(&str, ErrorCode) -> D,
+) -> Vec<D> {
+    let calls = groups.iter().map(|g| {
+        let group = g.0.to_string();
+        let (call, reply, failed) = (&call, &reply, &failed);
+        async move {
+            match route(shard, &group, call(group.clone())).await {
+                Ok(r) => {
+                    reply(r).unwrap_or_else(|| failed(&group, ErrorCode::UNKNOWN_SERVER_ERROR))
+                }
+                Err(code) => failed(&group, code),
+            }
+        }
+    });
+    join_all(calls.collect()).await
+}
+
 /// ConsumerGroupDescribe (KIP-848): each group asked of its coordinator.
 pub async fn consumer_describe(
     shard: &Rc<Shard>,
     req: ConsumerGroupDescribeRequest,
 ) -> ConsumerGroupDescribeResponse {
-    let include_ops = req.include_authorized_operations;
-    let calls = req.group_ids.iter().map(|g| {
-        let group = g.0.to_string();
-        async move {
-            let call = GroupCall::ConsumerDescribe {
-                group: group.clone(),
-            };
-            let mut d = match route(shard, &group, call).await {
-                Ok(GroupReply::ConsumerDescribe(d)) => d,
-                other => {
-                    let mut d = kafka_protocol::messages::consumer_group_describe_response::DescribedGroup::default();
-                    d.group_id = GroupId(str_bytes(&group));
-                    d.error_code = error_of(other).0;
-                    d
-                }
-            };
-            if include_ops && d.error_code == 0 {
-                d.authorized_operations = crate::model::authorized::GROUP;
-            }
-            d
-        }
-    });
+    use kafka_protocol::messages::consumer_group_describe_response::DescribedGroup;
+    let ops = req.include_authorized_operations;
     let mut response = ConsumerGroupDescribeResponse::default();
-    response.groups = join_all(calls.collect()).await;
+    response.groups = describe_each(
+        shard,
+        &req.group_ids,
+        |group| GroupCall::ConsumerDescribe { group },
+        |r| match r {
+            GroupReply::ConsumerDescribe(mut d) => {
+                if ops && d.error_code == 0 {
+                    d.authorized_operations = crate::model::authorized::GROUP;
+                }
+                Some(d)
+            }
+            _ => None,
+        },
+        |group, code| {
+            let mut d = DescribedGroup::default();
+            d.group_id = GroupId(str_bytes(group));
+            d.error_code = code.0;
+            d
+        },
+    )
+    .await;
+    response
+}
+
+/// ShareGroupHeartbeat (KIP-932), at the group's coordinator.
+pub async fn share_heartbeat(
+    shard: &Rc<Shard>,
+    req: ShareGroupHeartbeatRequest,
+    client: ClientInfo,
+) -> ShareGroupHeartbeatResponse {
+    let group = req.group_id.0.to_string();
+    match route(shard, &group, GroupCall::ShareHeartbeat { req, client }).await {
+        Ok(GroupReply::ShareHeartbeat(r)) => r,
+        other => {
+            let mut r = ShareGroupHeartbeatResponse::default();
+            r.error_code = error_of(other).0;
+            r
+        }
+    }
+}
+
+/// ShareFetch (KIP-932): the whole request goes to the group's coordinator, which holds the
+/// group's share-partitions and reads their records from the shards that own them.
+pub async fn share_fetch(shard: &Rc<Shard>, req: ShareFetchRequest) -> ShareFetchResponse {
+    let group = req
+        .group_id
+        .as_ref()
+        .map(|g| g.0.to_string())
+        .unwrap_or_default();
+    if group.is_empty() {
+        let mut r = ShareFetchResponse::default();
+        r.error_code = ErrorCode::INVALID_REQUEST.0;
+        return r;
+    }
+    match route(shard, &group, GroupCall::ShareFetch { req }).await {
+        Ok(GroupReply::ShareFetch(r)) => r,
+        other => {
+            let mut r = ShareFetchResponse::default();
+            r.error_code = error_of(other).0;
+            r
+        }
+    }
+}
+
+/// ShareAcknowledge (KIP-932), at the group's coordinator.
+pub async fn share_acknowledge(
+    shard: &Rc<Shard>,
+    req: ShareAcknowledgeRequest,
+) -> ShareAcknowledgeResponse {
+    let group = req
+        .group_id
+        .as_ref()
+        .map(|g| g.0.to_string())
+        .unwrap_or_default();
+    if group.is_empty() {
+        let mut r = ShareAcknowledgeResponse::default();
+        r.error_code = ErrorCode::INVALID_REQUEST.0;
+        return r;
+    }
+    match route(shard, &group, GroupCall::ShareAcknowledge { req }).await {
+        Ok(GroupReply::ShareAcknowledge(r)) => r,
+        other => {
+            let mut r = ShareAcknowledgeResponse::default();
+            r.error_code = error_of(other).0;
+            r
+        }
+    }
+}
+
+/// ShareGroupDescribe (KIP-932): each group asked of its coordinator.
+pub async fn share_describe(
+    shard: &Rc<Shard>,
+    req: ShareGroupDescribeRequest,
+) -> ShareGroupDescribeResponse {
+    use kafka_protocol::messages::share_group_describe_response::DescribedGroup;
+    let ops = req.include_authorized_operations;
+    let mut response = ShareGroupDescribeResponse::default();
+    response.groups = describe_each(
+        shard,
+        &req.group_ids,
+        |group| GroupCall::ShareDescribe { group },
+        |r| match r {
+            GroupReply::ShareDescribe(mut d) => {
+                if ops && d.error_code == 0 {
+                    d.authorized_operations = crate::model::authorized::GROUP;
+                }
+                Some(d)
+            }
+            _ => None,
+        },
+        |group, code| {
+            let mut d = DescribedGroup::default();
+            d.group_id = GroupId(str_bytes(group));
+            d.error_code = code.0;
+            d
+        },
+    )
+    .await;
     response
 }

@@ -340,6 +340,27 @@ pub async fn dispatch(shard: &Rc<Shard>, frame: Bytes, peer: Option<SocketAddr>)
                 &groups::consumer_heartbeat(shard, r, version, client).await,
             )
         }
+        RequestKind::ShareGroupHeartbeat(r) => {
+            let client = client_info(&header, peer);
+            encode_response(
+                key,
+                version,
+                cid,
+                &groups::share_heartbeat(shard, r, client).await,
+            )
+        }
+        RequestKind::ShareGroupDescribe(r) => {
+            encode_response(key, version, cid, &groups::share_describe(shard, r).await)
+        }
+        RequestKind::ShareFetch(r) => {
+            encode_response(key, version, cid, &groups::share_fetch(shard, r).await)
+        }
+        RequestKind::ShareAcknowledge(r) => encode_response(
+            key,
+            version,
+            cid,
+            &groups::share_acknowledge(shard, r).await,
+        ),
         RequestKind::ConsumerGroupDescribe(r) => encode_response(
             key,
             version,

@@ -1,0 +1,1006 @@
+//! The coordinator's side of KIP-932: ShareGroupHeartbeat, ShareFetch, ShareAcknowledge and
+//! ShareGroupDescribe for the share groups this shard coordinates. A share group's state,
+//! share-partitions included, lives with its coordinator (the shard owning the group's
+//! `__consumer_offsets` partition), which reads records from whichever shard owns the data.
+//!
+//! The order of a ShareFetch: the share session is checked and moved on; the acknowledgements it
+//! carries are applied and made durable; share-partitions seen for the first time are started
+//! at `share.auto.offset.reset` (durably too); then records are read and acquired, waiting up to
+//! `max_wait_ms` for some to arrive, come back from another member, or have their lock expire.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use kafka_protocol::messages::share_acknowledge_response::{
+    PartitionData as AckPartitionData, ShareAcknowledgeTopicResponse,
+};
+use kafka_protocol::messages::share_fetch_response::{
+    AcquiredRecords, PartitionData, ShareFetchableTopicResponse,
+};
+use kafka_protocol::messages::share_group_describe_response::{
+    Assignment as DescribedAssignment, DescribedGroup, Member as DescribedMember,
+    TopicPartitions as DescribedPartitions,
+};
+use kafka_protocol::messages::share_group_heartbeat_response::{
+    Assignment as BeatAssignment, TopicPartitions as BeatPartitions,
+};
+use kafka_protocol::messages::{
+    GroupId, ShareAcknowledgeRequest, ShareAcknowledgeResponse, ShareFetchRequest,
+    ShareFetchResponse, ShareGroupHeartbeatRequest, ShareGroupHeartbeatResponse,
+};
+use kafka_protocol::protocol::StrBytes;
+
+use super::consumer::TopicId;
+use super::coordinator::{ClientInfo, Group, GroupCoordinator};
+use super::records;
+use super::share::{
+    Limits, ShareGroup, ShareHeartbeat, SharePartition, ShareSession, INVALID_SHARE_SESSION_EPOCH,
+    SHARE_SESSION_NOT_FOUND,
+};
+use crate::model::{ErrorCode, Offset, TopicPartition};
+use crate::shard::{join_all, PartitionRead, Reply, Request, Shard};
+use crate::storage::batch::BatchHeader;
+use crate::storage::ReadResult;
+
+fn sb(s: &str) -> StrBytes {
+    StrBytes::from_string(s.to_string())
+}
+
+/// Bytes read per share-partition per fetch round.
+const SHARE_READ_BYTES_MAX: usize = 1 << 20;
+/// How long a waiting ShareFetch sleeps between looks at records released by other members.
+const SHARE_WAIT_SLICE: Duration = Duration::from_millis(100);
+
+/// One acknowledgement batch: first offset, last offset, types.
+type AckBatch = (i64, i64, Vec<i8>);
+/// Each acknowledged partition's result, and the share-partitions whose durable state changed.
+type AckOutcome = (Vec<((TopicId, i32), ErrorCode)>, Vec<(String, i32)>);
+
+/// The (first, last, is control) offsets of each whole batch in `bytes`, with where it ends.
+fn batch_spans(bytes: &[u8]) -> Vec<(i64, i64, bool, usize)> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < bytes.len() {
+        let Ok(h) = BatchHeader::parse(&bytes[pos..]) else {
+            break;
+        };
+        if h.size_bytes == 0 || pos + h.size_bytes > bytes.len() {
+            break;
+        }
+        pos += h.size_bytes;
+        out.push((h.base_offset.0, h.last_offset().0, h.is_control(), pos));
+    }
+    out
+}
+
+/// Reads partitions from the shards that own them, answered in order.
+async fn read_partitions(
+    shard: &Rc<Shard>,
+    reads: Vec<PartitionRead>,
+) -> Vec<Result<ReadResult, ErrorCode>> {
+    let mut by_owner: BTreeMap<usize, (Vec<usize>, Vec<PartitionRead>)> = BTreeMap::new();
+    let count = reads.len();
+    for (i, r) in reads.into_iter().enumerate() {
+        let (at, list) = by_owner.entry(shard.owner_of(&r.tp).0).or_default();
+        at.push(i);
+        list.push(r);
+    }
+    let calls = by_owner.into_iter().map(|(owner, (at, list))| {
+        let shard = shard.clone();
+        async move {
+            let n = list.len();
+            // Boxed: this call is made from within a shard's handling of a group call, and the
+            // future types would otherwise contain themselves.
+            let read: std::pin::Pin<Box<dyn std::future::Future<Output = Reply>>> =
+                Box::pin(shard.call(crate::model::ShardId(owner), Request::Read(list)));
+            match read.await {
+                Reply::Read(r) => (at, r),
+                _ => (at, vec![Err(ErrorCode::UNKNOWN_SERVER_ERROR); n]),
+            }
+        }
+    });
+    let mut out: Vec<Result<ReadResult, ErrorCode>> =
+        vec![Err(ErrorCode::UNKNOWN_SERVER_ERROR); count];
+    for (at, results) in join_all(calls.collect()).await {
+        for (i, r) in at.into_iter().zip(results) {
+            out[i] = r;
+        }
+    }
+    out
+}
+
+/// Returns when one of `positions` has a record at or past it (new data for a share-partition),
+/// or after `wait`.
+async fn wait_for_records(
+    shard: &Rc<Shard>,
+    positions: Vec<(TopicPartition, Offset)>,
+    wait: Duration,
+) {
+    let mut by_owner: BTreeMap<usize, Vec<(TopicPartition, Offset)>> = BTreeMap::new();
+    for (tp, offset) in positions {
+        by_owner
+            .entry(shard.owner_of(&tp).0)
+            .or_default()
+            .push((tp, offset));
+    }
+    let timeout_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+    let mut waits: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = Reply>>>> = by_owner
+        .into_iter()
+        .map(|(owner, positions)| {
+            let shard = shard.clone();
+            Box::pin(async move {
+                shard
+                    .call(
+                        crate::model::ShardId(owner),
+                        Request::WaitForData {
+                            positions,
+                            timeout_ms,
+                            committed: false,
+                        },
+                    )
+                    .await
+            }) as std::pin::Pin<Box<dyn std::future::Future<Output = Reply>>>
+        })
+        .collect();
+    if waits.is_empty() {
+        glommio::timer::sleep(wait).await;
+        return;
+    }
+    futures_lite::future::poll_fn(|cx| {
+        for w in waits.iter_mut() {
+            if w.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(());
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await;
+}
+
+impl GroupCoordinator {
+    /// The end offsets of a session's share-partitions: new records there can be acquired.
+    fn share_positions(
+        &self,
+        group_id: &str,
+        session: &[(TopicId, i32)],
+        names: &BTreeMap<TopicId, String>,
+    ) -> Vec<(TopicPartition, Offset)> {
+        let groups = self.groups.borrow();
+        let Some(sg) = groups.get(group_id).and_then(|g| g.share.as_ref()) else {
+            return Vec::new();
+        };
+        session
+            .iter()
+            .filter_map(|(id, p)| {
+                let name = names.get(id)?;
+                let sp = sg.partitions.get(&(name.clone(), *p))?;
+                Some((TopicPartition::new(name, *p), Offset(sp.end_offset)))
+            })
+            .collect()
+    }
+
+    pub(super) fn share_limits(&self, group: Option<&Group>) -> Limits {
+        let lock_ms = group
+            .and_then(|g| g.config_value("share.record.lock.duration.ms"))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(self.config.group_share_record_lock_duration_ms);
+        Limits {
+            lock_duration: Duration::from_millis(lock_ms),
+            delivery_count_limit: self.config.group_share_delivery_count_limit,
+            record_locks_max: self.config.group_share_partition_record_locks_max,
+        }
+    }
+
+    /// ShareGroupHeartbeat: join, leave or keep-alive; answers the member's partitions.
+    pub(super) async fn share_heartbeat(
+        &self,
+        shard: &Rc<Shard>,
+        req: ShareGroupHeartbeatRequest,
+        client: ClientInfo,
+    ) -> ShareGroupHeartbeatResponse {
+        let mut r = ShareGroupHeartbeatResponse::default();
+        r.heartbeat_interval_ms =
+            i32::try_from(self.config.group_share_heartbeat_interval_ms).unwrap_or(i32::MAX);
+        let group_id = req.group_id.0.to_string();
+        let fail = |mut r: ShareGroupHeartbeatResponse, code: ErrorCode, message: String| {
+            r.error_code = code.0;
+            r.error_message = Some(sb(&message));
+            r
+        };
+        if group_id.is_empty() || req.member_id.is_empty() {
+            return fail(
+                r,
+                ErrorCode::INVALID_REQUEST,
+                "GroupId and MemberId can't be empty.".into(),
+            );
+        }
+        if req.member_epoch < super::consumer::LEAVE_EPOCH {
+            return fail(
+                r,
+                ErrorCode::INVALID_REQUEST,
+                "MemberEpoch is invalid.".into(),
+            );
+        }
+        let hb = ShareHeartbeat {
+            member_id: req.member_id.to_string(),
+            epoch: req.member_epoch,
+            rack_id: req.rack_id.as_ref().map(|s| s.to_string()),
+            subscribed_names: req
+                .subscribed_topic_names
+                .as_ref()
+                .map(|names| names.iter().map(|n| n.0.to_string()).collect()),
+            client_id: client.client_id,
+            client_host: client.host,
+        };
+        let topics = shard.topics();
+        let session_timeout = Duration::from_millis(self.config.group_share_session_timeout_ms);
+        let now = Instant::now();
+        let outcome = {
+            let mut groups = self.groups.borrow_mut();
+            if !groups.contains_key(&group_id) && hb.epoch != super::consumer::JOIN_EPOCH {
+                Err((
+                    ErrorCode::UNKNOWN_MEMBER_ID,
+                    format!("group {group_id} has no member {}", hb.member_id),
+                ))
+            } else {
+                let group = groups
+                    .entry(group_id.clone())
+                    .or_insert_with(|| Group::new(&group_id));
+                let limits = self.share_limits(Some(group));
+                if group.share.is_none() && !group.is_empty() {
+                    Err((
+                        ErrorCode::GROUP_ID_NOT_FOUND,
+                        format!("group {group_id} is not a share group"),
+                    ))
+                } else {
+                    let created = group.share.is_none();
+                    let sg = group.share.get_or_insert_with(ShareGroup::default);
+                    sg.heartbeat(hb, &topics, session_timeout, &limits, now)
+                        .map(|beat| {
+                            let values: Vec<_> = beat
+                                .released
+                                .iter()
+                                .filter_map(|k| {
+                                    sg.partitions.get(k).map(|p| (k.clone(), p.value()))
+                                })
+                                .collect();
+                            (beat, created.then(|| sg.value()), values)
+                        })
+                }
+            }
+        };
+        let (beat, created, released) = match outcome {
+            Ok(x) => x,
+            Err((code, message)) => return fail(r, code, message),
+        };
+        let mut writes = Vec::new();
+        if let Some(v) = created {
+            writes.extend(records::share_group_record(&group_id, Some(&v)).ok());
+        }
+        for ((topic, p), v) in &released {
+            writes.extend(records::share_partition_record(&group_id, topic, *p, Some(v)).ok());
+        }
+        if let Err(code) = self.persist(shard, &group_id, writes).await {
+            return fail(r, code, "the group's state was not written".into());
+        }
+        r.member_id = Some(req.member_id.clone());
+        r.member_epoch = beat.epoch;
+        r.assignment = beat.assignment.map(|a| {
+            let mut out = BeatAssignment::default();
+            out.topic_partitions = a
+                .into_iter()
+                .map(|(topic, ps)| {
+                    let mut tp = BeatPartitions::default();
+                    tp.topic_id = uuid::Uuid::from_bytes(topic);
+                    tp.partitions = ps.into_iter().collect();
+                    tp
+                })
+                .collect();
+            out
+        });
+        r
+    }
+
+    /// Applies acknowledgement batches; returns each partition's result and the share-partitions
+    /// whose durable state changed.
+    fn apply_acks(
+        &self,
+        group_id: &str,
+        member: &str,
+        acks: &[((TopicId, i32), Vec<AckBatch>)],
+        names: &BTreeMap<TopicId, String>,
+        now: Instant,
+    ) -> AckOutcome {
+        let mut results = Vec::new();
+        let mut changed = Vec::new();
+        let mut groups = self.groups.borrow_mut();
+        let Some(group) = groups.get_mut(group_id) else {
+            return (results, changed);
+        };
+        let limits = self.share_limits(Some(group));
+        let Some(sg) = group.share.as_mut() else {
+            return (results, changed);
+        };
+        for ((topic_id, partition), batches) in acks {
+            let Some(topic) = names.get(topic_id) else {
+                results.push(((*topic_id, *partition), ErrorCode::UNKNOWN_TOPIC_ID));
+                continue;
+            };
+            let key = (topic.clone(), *partition);
+            let Some(p) = sg.partitions.get_mut(&key) else {
+                results.push(((*topic_id, *partition), super::share::INVALID_RECORD_STATE));
+                continue;
+            };
+            let mut code = ErrorCode::NONE;
+            for (first, last, types) in batches {
+                if let Err(e) = p.acknowledge(member, *first, *last, types, &limits) {
+                    code = e;
+                }
+            }
+            let _ = now;
+            changed.push(key);
+            results.push(((*topic_id, *partition), code));
+        }
+        if !changed.is_empty() {
+            self.share_progress.notify(usize::MAX);
+        }
+        (results, changed)
+    }
+
+    /// A member's final request (session epoch -1): its session closes and the records it holds
+    /// go back to the queue. Returns the share-partitions whose durable state changed.
+    fn close_share_session(
+        &self,
+        group_id: &str,
+        member: &str,
+        now: Instant,
+    ) -> Vec<(String, i32)> {
+        let mut changed = Vec::new();
+        let mut groups = self.groups.borrow_mut();
+        let Some(g) = groups.get_mut(group_id) else {
+            return changed;
+        };
+        let limits = self.share_limits(Some(g));
+        if let Some(sg) = g.share.as_mut() {
+            sg.sessions.remove(member);
+            for (key, p) in sg.partitions.iter_mut() {
+                if p.release(Some(member), &limits, now) {
+                    changed.push(key.clone());
+                }
+            }
+        }
+        self.share_progress.notify(usize::MAX);
+        changed
+    }
+
+    /// Writes the durable state of the given share-partitions.
+    async fn persist_share_partitions(
+        &self,
+        shard: &Rc<Shard>,
+        group_id: &str,
+        keys: &[(String, i32)],
+    ) -> Result<(), ErrorCode> {
+        let writes: Vec<_> = {
+            let groups = self.groups.borrow();
+            let Some(sg) = groups.get(group_id).and_then(|g| g.share.as_ref()) else {
+                return Ok(());
+            };
+            keys.iter()
+                .filter_map(|(t, p)| {
+                    let v = sg.partitions.get(&(t.clone(), *p))?.value();
+                    records::share_partition_record(group_id, t, *p, Some(&v)).ok()
+                })
+                .collect()
+        };
+        self.persist(shard, group_id, writes).await
+    }
+
+    /// Starts share-partitions seen for the first time at `share.auto.offset.reset`.
+    async fn start_share_partitions(
+        &self,
+        shard: &Rc<Shard>,
+        group_id: &str,
+        wanted: &[(String, i32)],
+    ) -> Vec<(String, i32)> {
+        let (missing, earliest) = {
+            let groups = self.groups.borrow();
+            let Some(g) = groups.get(group_id) else {
+                return Vec::new();
+            };
+            let Some(sg) = g.share.as_ref() else {
+                return Vec::new();
+            };
+            let missing: Vec<(String, i32)> = wanted
+                .iter()
+                .filter(|k| !sg.partitions.contains_key(*k))
+                .cloned()
+                .collect();
+            let earliest = g.config_value("share.auto.offset.reset") == Some("earliest");
+            (missing, earliest)
+        };
+        let mut started = Vec::new();
+        for (topic, p) in missing {
+            let tp = TopicPartition::new(&topic, p);
+            let timestamp = if earliest { -2 } else { -1 };
+            let call: std::pin::Pin<Box<dyn std::future::Future<Output = Reply>>> =
+                Box::pin(shard.call(
+                    shard.owner_of(&tp),
+                    Request::ListOffset {
+                        tp,
+                        timestamp,
+                        current_leader_epoch: -1,
+                        committed: false,
+                    },
+                ));
+            let reply = call.await;
+            let Reply::ListOffset(Ok(Some((offset, _)))) = reply else {
+                continue;
+            };
+            let mut groups = self.groups.borrow_mut();
+            if let Some(sg) = groups.get_mut(group_id).and_then(|g| g.share.as_mut()) {
+                let key = (topic.clone(), p);
+                if !sg.partitions.contains_key(&key) {
+                    sg.partitions
+                        .insert(key.clone(), SharePartition::new(offset.0));
+                    started.push(key);
+                }
+            }
+        }
+        started
+    }
+
+    /// ShareFetch (see the module note for the order of things).
+    pub(super) async fn share_fetch(
+        &self,
+        shard: &Rc<Shard>,
+        req: ShareFetchRequest,
+    ) -> ShareFetchResponse {
+        let mut response = ShareFetchResponse::default();
+        let group_id = req
+            .group_id
+            .as_ref()
+            .map(|g| g.0.to_string())
+            .unwrap_or_default();
+        let member = req
+            .member_id
+            .as_ref()
+            .map(|m| m.to_string())
+            .unwrap_or_default();
+        let table = shard.topics();
+        let names: BTreeMap<TopicId, String> = table
+            .topics
+            .values()
+            .map(|t| (t.id, t.name.to_string()))
+            .collect();
+        let now = Instant::now();
+        let epoch = req.share_session_epoch;
+        // 1. The share session.
+        let session: Result<Vec<(TopicId, i32)>, ErrorCode> = {
+            let mut groups = self.groups.borrow_mut();
+            match groups.get_mut(&group_id).and_then(|g| g.share.as_mut()) {
+                None => Err(ErrorCode::UNKNOWN_MEMBER_ID),
+                Some(sg) if !sg.members.contains_key(&member) => Err(ErrorCode::UNKNOWN_MEMBER_ID),
+                Some(sg) => {
+                    let listed = req.topics.iter().flat_map(|t| {
+                        let id = *t.topic_id.as_bytes();
+                        t.partitions.iter().map(move |p| (id, p.partition_index))
+                    });
+                    if epoch == 0 {
+                        let s = ShareSession {
+                            epoch: 1,
+                            partitions: listed.collect(),
+                        };
+                        let parts = s.partitions.iter().copied().collect();
+                        sg.sessions.insert(member.clone(), s);
+                        Ok(parts)
+                    } else {
+                        match sg.sessions.get_mut(&member) {
+                            None => Err(SHARE_SESSION_NOT_FOUND),
+                            Some(_) if epoch == -1 => Ok(Vec::new()),
+                            Some(s) if s.epoch != epoch => Err(INVALID_SHARE_SESSION_EPOCH),
+                            Some(s) => {
+                                s.partitions.extend(listed);
+                                for f in &req.forgotten_topics_data {
+                                    for p in &f.partitions {
+                                        s.partitions.remove(&(*f.topic_id.as_bytes(), *p));
+                                    }
+                                }
+                                s.epoch = if s.epoch == i32::MAX { 1 } else { s.epoch + 1 };
+                                Ok(s.partitions.iter().copied().collect())
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let session = match session {
+            Ok(s) => s,
+            Err(code) => {
+                response.error_code = code.0;
+                return response;
+            }
+        };
+        // 2. Acknowledgements, durable before anything else.
+        let acks: Vec<((TopicId, i32), Vec<AckBatch>)> = req
+            .topics
+            .iter()
+            .flat_map(|t| {
+                let id = *t.topic_id.as_bytes();
+                t.partitions
+                    .iter()
+                    .filter(|p| !p.acknowledgement_batches.is_empty())
+                    .map(move |p| {
+                        let batches = p
+                            .acknowledgement_batches
+                            .iter()
+                            .map(|b| (b.first_offset, b.last_offset, b.acknowledge_types.clone()))
+                            .collect();
+                        ((id, p.partition_index), batches)
+                    })
+            })
+            .collect();
+        let (ack_results, mut changed) = self.apply_acks(&group_id, &member, &acks, &names, now);
+        if epoch == -1 {
+            changed.extend(self.close_share_session(&group_id, &member, now));
+        }
+        let wanted: Vec<(String, i32)> = session
+            .iter()
+            .filter_map(|(id, p)| names.get(id).map(|n| (n.clone(), *p)))
+            .collect();
+        changed.extend(self.start_share_partitions(shard, &group_id, &wanted).await);
+        let ack_code = self
+            .persist_share_partitions(shard, &group_id, &changed)
+            .await
+            .err();
+        // 3. Records: read, acquire, and wait for some if there are none.
+        let mut data: BTreeMap<(TopicId, i32), PartitionData> = BTreeMap::new();
+        for ((id, p), code) in &ack_results {
+            let mut d = PartitionData::default();
+            d.partition_index = *p;
+            d.acknowledge_error_code = ack_code.unwrap_or(*code).0;
+            data.insert((*id, *p), d);
+        }
+        let max_records = usize::try_from(req.max_records)
+            .ok()
+            .filter(|n| *n > 0)
+            .unwrap_or(500);
+        let deadline = now + Duration::from_millis(u64::try_from(req.max_wait_ms).unwrap_or(0));
+        let limits = {
+            let groups = self.groups.borrow();
+            self.share_limits(groups.get(&group_id))
+        };
+        if epoch != -1 {
+            loop {
+                // Listening before looking: a release between the look and the wait is not missed.
+                let released = self.share_progress.listen();
+                let acquired = self
+                    .acquire_round(
+                        shard,
+                        &group_id,
+                        &member,
+                        &session,
+                        &names,
+                        max_records,
+                        &limits,
+                        &mut data,
+                    )
+                    .await;
+                if acquired || Instant::now() >= deadline {
+                    break;
+                }
+                let wait = deadline
+                    .saturating_duration_since(Instant::now())
+                    .min(SHARE_WAIT_SLICE);
+                let positions = self.share_positions(&group_id, &session, &names);
+                futures_lite::future::or(
+                    released,
+                    futures_lite::future::or(
+                        wait_for_records(shard, positions, wait),
+                        glommio::timer::sleep(wait),
+                    ),
+                )
+                .await;
+            }
+        }
+        response.acquisition_lock_timeout_ms =
+            i32::try_from(limits.lock_duration.as_millis()).unwrap_or(i32::MAX);
+        let mut by_topic: BTreeMap<TopicId, Vec<PartitionData>> = BTreeMap::new();
+        for ((id, _), d) in data {
+            by_topic.entry(id).or_default().push(d);
+        }
+        response.responses = by_topic
+            .into_iter()
+            .map(|(id, partitions)| {
+                let mut t = ShareFetchableTopicResponse::default();
+                t.topic_id = uuid::Uuid::from_bytes(id);
+                t.partitions = partitions;
+                t
+            })
+            .collect();
+        response
+    }
+
+    /// One read of every session partition and acquisition of what it offers. Returns whether
+    /// any record was acquired.
+    #[allow(clippy::too_many_arguments)] // one fetch's context, passed through once
+    async fn acquire_round(
+        &self,
+        shard: &Rc<Shard>,
+        group_id: &str,
+        member: &str,
+        session: &[(TopicId, i32)],
+        names: &BTreeMap<TopicId, String>,
+        max_records: usize,
+        limits: &Limits,
+        data: &mut BTreeMap<(TopicId, i32), PartitionData>,
+    ) -> bool {
+        let plan: Vec<((TopicId, i32), String, i64)> = {
+            let groups = self.groups.borrow();
+            let Some(sg) = groups.get(group_id).and_then(|g| g.share.as_ref()) else {
+                return false;
+            };
+            session
+                .iter()
+                .filter_map(|(id, p)| {
+                    let name = names.get(id)?;
+                    let sp = sg.partitions.get(&(name.clone(), *p))?;
+                    Some(((*id, *p), name.clone(), sp.next_read_offset()))
+                })
+                .collect()
+        };
+        if plan.is_empty() {
+            return false;
+        }
+        let reads: Vec<PartitionRead> = plan
+            .iter()
+            .map(|((_, p), name, offset)| PartitionRead {
+                tp: TopicPartition::new(name, *p),
+                offset: Offset(*offset),
+                max_bytes: SHARE_READ_BYTES_MAX,
+                current_leader_epoch: -1,
+                committed: false,
+            })
+            .collect();
+        let results = read_partitions(shard, reads).await;
+        let now = Instant::now();
+        let mut left = max_records;
+        let mut any = false;
+        let mut groups = self.groups.borrow_mut();
+        let Some(sg) = groups.get_mut(group_id).and_then(|g| g.share.as_mut()) else {
+            return false;
+        };
+        for (((id, p), name, _), result) in plan.into_iter().zip(results) {
+            let entry = data.entry((id, p)).or_insert_with(|| {
+                let mut d = PartitionData::default();
+                d.partition_index = p;
+                d
+            });
+            let read = match result {
+                Ok(r) => r,
+                Err(code) => {
+                    entry.error_code = code.0;
+                    continue;
+                }
+            };
+            let Some(sp) = sg.partitions.get_mut(&(name, p)) else {
+                continue;
+            };
+            if read.log_start_offset.0 > sp.start_offset {
+                // Retention or DeleteRecords moved the log past what the group had left.
+                sp.reset_start(read.log_start_offset.0);
+            }
+            if left == 0 {
+                continue;
+            }
+            // Fairness: with several members fetching a partition, none may hold more than its
+            // share of the in-flight window, so a member waiting is not starved by members that
+            // acknowledge and re-acquire in one request.
+            let fetching = sg
+                .sessions
+                .values()
+                .filter(|s| s.partitions.contains(&(id, p)))
+                .count()
+                .max(1);
+            let share = (limits.record_locks_max / fetching).max(1);
+            let room = share.saturating_sub(sp.held_by(member));
+            if room == 0 {
+                continue;
+            }
+            let spans = batch_spans(&read.records);
+            let batches: Vec<(i64, i64, bool)> =
+                spans.iter().map(|(f, l, c, _)| (*f, *l, *c)).collect();
+            let got = sp.acquire(&batches, member, left.min(room), limits, now);
+            if got.is_empty() {
+                continue;
+            }
+            any = true;
+            left = left.saturating_sub(got.iter().map(|a| (a.last - a.first + 1) as usize).sum());
+            // The records sent: whole batches from the first to the last one acquired from.
+            let first = got[0].first;
+            let last = got[got.len() - 1].last;
+            let mut start = 0usize;
+            let mut end = 0usize;
+            for (f, l, _, batch_end) in &spans {
+                if *l < first {
+                    start = *batch_end;
+                }
+                if *f <= last {
+                    end = *batch_end;
+                }
+            }
+            entry.records = Some(read.records.slice(start..end.max(start)));
+            entry.acquired_records = got
+                .into_iter()
+                .map(|a| {
+                    let mut r = AcquiredRecords::default();
+                    r.first_offset = a.first;
+                    r.last_offset = a.last;
+                    r.delivery_count = a.delivery_count;
+                    r
+                })
+                .collect();
+        }
+        any
+    }
+}
+
+impl GroupCoordinator {
+    /// ShareAcknowledge: acknowledgements outside a fetch, durable before the answer.
+    pub(super) async fn share_acknowledge(
+        &self,
+        shard: &Rc<Shard>,
+        req: ShareAcknowledgeRequest,
+    ) -> ShareAcknowledgeResponse {
+        let mut response = ShareAcknowledgeResponse::default();
+        let group_id = req
+            .group_id
+            .as_ref()
+            .map(|g| g.0.to_string())
+            .unwrap_or_default();
+        let member = req
+            .member_id
+            .as_ref()
+            .map(|m| m.to_string())
+            .unwrap_or_default();
+        let names: BTreeMap<TopicId, String> = shard
+            .topics()
+            .topics
+            .values()
+            .map(|t| (t.id, t.name.to_string()))
+            .collect();
+        let now = Instant::now();
+        let check = {
+            let mut groups = self.groups.borrow_mut();
+            match groups.get_mut(&group_id).and_then(|g| g.share.as_mut()) {
+                Some(sg) if sg.members.contains_key(&member) => {
+                    match sg.sessions.get_mut(&member) {
+                        None => Err(SHARE_SESSION_NOT_FOUND),
+                        Some(_) if req.share_session_epoch == -1 => Ok(()),
+                        Some(s)
+                            if s.epoch != req.share_session_epoch
+                                || req.share_session_epoch == 0 =>
+                        {
+                            Err(INVALID_SHARE_SESSION_EPOCH)
+                        }
+                        Some(s) => {
+                            s.epoch = if s.epoch == i32::MAX { 1 } else { s.epoch + 1 };
+                            Ok(())
+                        }
+                    }
+                }
+                _ => Err(ErrorCode::UNKNOWN_MEMBER_ID),
+            }
+        };
+        if let Err(code) = check {
+            response.error_code = code.0;
+            return response;
+        }
+        let acks: Vec<((TopicId, i32), Vec<AckBatch>)> = req
+            .topics
+            .iter()
+            .flat_map(|t| {
+                let id = *t.topic_id.as_bytes();
+                t.partitions.iter().map(move |p| {
+                    let batches = p
+                        .acknowledgement_batches
+                        .iter()
+                        .map(|b| (b.first_offset, b.last_offset, b.acknowledge_types.clone()))
+                        .collect();
+                    ((id, p.partition_index), batches)
+                })
+            })
+            .collect();
+        let (results, mut changed) = self.apply_acks(&group_id, &member, &acks, &names, now);
+        if req.share_session_epoch == -1 {
+            changed.extend(self.close_share_session(&group_id, &member, now));
+        }
+        let written = self
+            .persist_share_partitions(shard, &group_id, &changed)
+            .await;
+        let mut by_topic: BTreeMap<TopicId, Vec<AckPartitionData>> = BTreeMap::new();
+        for ((id, p), code) in results {
+            let mut d = AckPartitionData::default();
+            d.partition_index = p;
+            d.error_code = match &written {
+                Err(e) => e.0,
+                Ok(()) => code.0,
+            };
+            by_topic.entry(id).or_default().push(d);
+        }
+        response.responses = by_topic
+            .into_iter()
+            .map(|(id, partitions)| {
+                let mut t = ShareAcknowledgeTopicResponse::default();
+                t.topic_id = uuid::Uuid::from_bytes(id);
+                t.partitions = partitions;
+                t
+            })
+            .collect();
+        response
+    }
+
+    /// ShareGroupDescribe of one group.
+    pub(super) fn share_describe(&self, shard: &Rc<Shard>, group_id: &str) -> DescribedGroup {
+        let mut d = DescribedGroup::default();
+        d.group_id = GroupId(sb(group_id));
+        d.authorized_operations = i32::MIN;
+        let groups = self.groups.borrow();
+        let Some(sg) = groups.get(group_id).and_then(|g| g.share.as_ref()) else {
+            d.error_code = ErrorCode::GROUP_ID_NOT_FOUND.0;
+            d.error_message = Some(sb(&format!("group {group_id} is not a share group")));
+            d.group_state = sb("Dead");
+            return d;
+        };
+        d.group_state = sb(sg.state_name());
+        d.group_epoch = sg.epoch;
+        d.assignment_epoch = sg.assignment_epoch;
+        d.assignor_name = sb("simple");
+        d.members = sg
+            .members
+            .values()
+            .map(|m| {
+                let mut dm = DescribedMember::default();
+                dm.member_id = sb(&m.id);
+                dm.rack_id = m.rack_id.as_deref().map(sb);
+                dm.member_epoch = m.epoch;
+                dm.client_id = sb(&m.client_id);
+                dm.client_host = sb(&m.client_host);
+                dm.subscribed_topic_names = m
+                    .subscribed_names
+                    .iter()
+                    .map(|n| crate::handlers::topic_name(n))
+                    .collect();
+                let mut a = DescribedAssignment::default();
+                if let Some(target) = sg.target.get(&m.id) {
+                    a.topic_partitions = target
+                        .iter()
+                        .map(|(topic, ps)| {
+                            let id = uuid::Uuid::from_bytes(*topic);
+                            let mut tp = DescribedPartitions::default();
+                            tp.topic_id = id;
+                            tp.topic_name = crate::handlers::topic_name(
+                                shard.topic_by_id(&id).as_deref().unwrap_or(""),
+                            );
+                            tp.partitions = ps.iter().copied().collect();
+                            tp
+                        })
+                        .collect();
+                }
+                dm.assignment = a;
+                dm
+            })
+            .collect();
+        d
+    }
+
+    /// Share members whose session ran out and records whose lock ran out.
+    pub(super) async fn expire_share(&self, shard: &Rc<Shard>, now: Instant) {
+        let mut work = Vec::new();
+        {
+            let mut groups = self.groups.borrow_mut();
+            for (id, g) in groups.iter_mut() {
+                let limits = self.share_limits(Some(g));
+                let Some(sg) = g.share.as_mut() else {
+                    continue;
+                };
+                let (gone, changed) = sg.expire(&limits, now);
+                for member in &gone {
+                    tracing::info!(group = %id, %member, "share group member session expired");
+                }
+                if !changed.is_empty() {
+                    work.push((id.clone(), changed));
+                }
+            }
+        }
+        if !work.is_empty() {
+            self.share_progress.notify(usize::MAX);
+        }
+        for (group, changed) in work {
+            let _ = self.persist_share_partitions(shard, &group, &changed).await;
+        }
+    }
+}
+
+/// The group configs strom applies, with their check.
+const GROUP_CONFIGS: &[&str] = &["share.auto.offset.reset", "share.record.lock.duration.ms"];
+
+fn check_group_config(name: &str, value: &str) -> Result<(), String> {
+    match name {
+        "share.auto.offset.reset" => match value {
+            "earliest" | "latest" => Ok(()),
+            _ => Err(format!(
+                "Invalid value {value} for configuration share.auto.offset.reset: \
+                 strom takes earliest or latest"
+            )),
+        },
+        "share.record.lock.duration.ms" => match value.parse::<u64>() {
+            Ok(ms) if (1000..=3_600_000).contains(&ms) => Ok(()),
+            _ => Err(format!(
+                "Invalid value {value} for configuration share.record.lock.duration.ms: \
+                 a number of milliseconds from 1000 to 3600000"
+            )),
+        },
+        other => Err(format!(
+            "Unknown group config name: {other} (strom has {})",
+            GROUP_CONFIGS.join(", ")
+        )),
+    }
+}
+
+impl GroupCoordinator {
+    /// IncrementalAlterConfigs on a group: checked, written durably, then applied.
+    pub(super) async fn alter_configs(
+        &self,
+        shard: &Rc<Shard>,
+        group_id: &str,
+        changes: Vec<(String, Option<String>)>,
+        validate_only: bool,
+    ) -> (ErrorCode, Option<String>) {
+        for (name, value) in &changes {
+            let checked = match value {
+                Some(v) => check_group_config(name, v),
+                None if GROUP_CONFIGS.contains(&name.as_str()) => Ok(()),
+                None => check_group_config(name, ""),
+            };
+            if let Err(message) = checked {
+                return (ErrorCode::INVALID_CONFIG, Some(message));
+            }
+        }
+        if validate_only {
+            return (ErrorCode::NONE, None);
+        }
+        let mut configs = {
+            let groups = self.groups.borrow();
+            groups
+                .get(group_id)
+                .map(|g| g.configs.clone())
+                .unwrap_or_default()
+        };
+        for (name, value) in changes {
+            match value {
+                Some(v) => configs.insert(name, v),
+                None => configs.remove(&name),
+            };
+        }
+        let value = records::GroupConfigValue {
+            configs: configs
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        };
+        let written = match records::group_config_record(group_id, Some(&value)) {
+            Ok(record) => self.persist(shard, group_id, vec![record]).await,
+            Err(_) => Err(ErrorCode::UNKNOWN_SERVER_ERROR),
+        };
+        if let Err(code) = written {
+            return (code, Some("the group's configs were not written".into()));
+        }
+        self.groups
+            .borrow_mut()
+            .entry(group_id.to_string())
+            .or_insert_with(|| Group::new(group_id))
+            .configs = configs;
+        (ErrorCode::NONE, None)
+    }
+}

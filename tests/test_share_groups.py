@@ -1,0 +1,234 @@
+"""KIP-932 share groups with librdkafka's ShareConsumer (confluent-kafka): queue semantics on one
+partition across four consumers, RELEASE and lock expiry redelivering with a delivery count,
+REJECT and the delivery limit archiving, and acknowledgements surviving a broker kill -9."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from confluent_kafka import AcknowledgeType, Producer, ShareConsumer
+from confluent_kafka.admin import (AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource,
+                                   NewTopic, ResourceType)
+
+from test_groups import wait_until
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SETTINGS = ["--set", "offsets.topic.num.partitions=10",
+            "--set", "group.share.heartbeat.interval.ms=500",
+            "--set", "group.share.delivery.count.limit=3"]
+
+
+@pytest.fixture
+def sbroker(broker_factory):
+    return broker_factory(extra_args=SETTINGS, name="share")
+
+
+def setup(bs, topic, group, count, lock_ms=None):
+    """A one-partition topic with `count` records `r-<i>`, and a share group reading it from the
+    beginning (`share.auto.offset.reset=earliest`, as an admin sets it)."""
+    admin = AdminClient({"bootstrap.servers": bs})
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
+    configs = [ConfigEntry("share.auto.offset.reset", "earliest",
+                           incremental_operation=AlterConfigOpType.SET)]
+    if lock_ms is not None:
+        configs.append(ConfigEntry("share.record.lock.duration.ms", str(lock_ms),
+                                   incremental_operation=AlterConfigOpType.SET))
+    resource = ConfigResource(ResourceType.GROUP, group, incremental_configs=configs)
+    for f in admin.incremental_alter_configs([resource]).values():
+        f.result(30)
+    produce(bs, topic, range(count))
+
+
+def produce(bs, topic, numbers):
+    p = Producer({"bootstrap.servers": bs, "acks": "all", "linger.ms": 5})
+    for i in numbers:
+        p.produce(topic, value=f"r-{i}".encode())
+        if i % 1000 == 0:
+            p.poll(0)
+    assert p.flush(30) == 0
+
+
+def consumer(bs, group, explicit=False):
+    conf = {"bootstrap.servers": bs, "group.id": group}
+    if explicit:
+        conf["share.acknowledgement.mode"] = "explicit"
+    return ShareConsumer(conf)
+
+
+def poll(c, timeout=1.0):
+    return [m for m in c.poll(timeout) if m.error() is None]
+
+
+def test_four_share_consumers_on_one_partition_each_record_once(sbroker):
+    bs = sbroker.bootstrap
+    setup(bs, "queue", "workers", 0)
+    seen = {i: [] for i in range(4)}
+    polled = {i: 0 for i in range(4)}
+    stop = threading.Event()
+
+    def work(i):
+        c = consumer(bs, "workers")
+        c.subscribe(["queue"])
+        while not stop.is_set():
+            # Implicit mode: a poll accepts what the previous poll returned.
+            seen[i].extend(m.value() for m in poll(c, 0.5))
+            polled[i] += 1
+        c.close()
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        # Workers waiting on an empty queue, then the work arrives.
+        wait_until(lambda: all(n >= 2 for n in polled.values()), 60, "4 consumers polling")
+        produce(bs, "queue", range(20_000))
+        wait_until(lambda: sum(len(v) for v in seen.values()) >= 20_000, 120, "20,000 records")
+        time.sleep(1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    values = [v for vs in seen.values() for v in vs]
+    duplicated = len(values) - len(set(values))
+    lost = 20_000 - len(set(values))
+    print(f"share 4x1: acknowledged {len(set(values))}, lost {lost}, duplicated {duplicated}, "
+          f"per consumer {[len(v) for v in seen.values()]}")
+    assert lost == 0 and duplicated == 0
+    assert all(len(v) > 0 for v in seen.values()), "a consumer got no work"
+    # Everything was accepted: a new consumer of the group gets nothing.
+    late = consumer(bs, "workers")
+    late.subscribe(["queue"])
+    deadline = time.time() + 5
+    extra = []
+    while time.time() < deadline:
+        extra.extend(poll(late, 0.5))
+    late.close()
+    assert extra == []
+
+
+def test_a_released_record_goes_to_another_consumer_with_delivery_count_2(sbroker):
+    bs = sbroker.bootstrap
+    setup(bs, "rel", "rel", 10)
+    a = consumer(bs, "rel", explicit=True)
+    a.subscribe(["rel"])
+    got = []
+    wait_until(lambda: got.extend(poll(a)) or got, 30, "a's records")
+    released = got[0]
+    a.acknowledge(released, AcknowledgeType.RELEASE)
+    for m in got[1:]:
+        a.acknowledge(m, AcknowledgeType.ACCEPT)
+    a.commit_sync()
+    b = consumer(bs, "rel", explicit=True)
+    b.subscribe(["rel"])
+    later = []
+    try:
+        wait_until(lambda: later.extend(poll(b)) or later, 30, "the released record")
+        assert [(m.offset(), m.delivery_count()) for m in later] == [(released.offset(), 2)]
+        for m in later:
+            b.acknowledge(m, AcknowledgeType.ACCEPT)
+        b.commit_sync()
+    finally:
+        b.close()
+        a.close()
+
+
+def test_records_of_a_killed_consumer_come_back_after_the_lock_with_delivery_count_2(sbroker):
+    bs = sbroker.bootstrap
+    setup(bs, "held", "held", 50, lock_ms=2000)
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "share_member.py"), bs, "held", "held"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline().split()
+    assert line and line[0] == "HOLDING", line
+    held = sorted(int(o) for o in line[1:])
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    c = consumer(bs, "held", explicit=True)
+    c.subscribe(["held"])
+    again = {}
+    try:
+        def collect():
+            for m in poll(c):
+                again[m.offset()] = m.delivery_count()
+                c.acknowledge(m, AcknowledgeType.ACCEPT)
+            return set(held) <= set(again)
+        wait_until(collect, 60, "the killed consumer's records")
+        print(f"share kill: held {len(held)}, redelivered {len(set(held) & set(again))}, "
+              f"lost {len(set(held) - set(again))}")
+        assert all(again[o] == 2 for o in held), again
+        c.commit_sync()
+    finally:
+        c.close()
+
+
+def test_rejected_and_too_often_released_records_are_archived(sbroker):
+    bs = sbroker.bootstrap
+    setup(bs, "arch", "arch", 5)
+    c = consumer(bs, "arch", explicit=True)
+    c.subscribe(["arch"])
+    deliveries = {}
+    try:
+        # Offset 0 is rejected once; offset 1 is released every time (limit 3); the rest accepted.
+        def round_():
+            for m in poll(c):
+                deliveries.setdefault(m.offset(), []).append(m.delivery_count())
+                kind = {0: AcknowledgeType.REJECT, 1: AcknowledgeType.RELEASE}.get(
+                    m.offset(), AcknowledgeType.ACCEPT)
+                c.acknowledge(m, kind)
+            c.commit_sync()
+            return len(deliveries.get(1, [])) >= 3
+        wait_until(round_, 60, "offset 1 delivered three times")
+        produce(bs, "arch", range(5, 10))
+        wait_until(lambda: round_() and 9 in deliveries, 60, "the records after")
+        time.sleep(1)
+        round_()
+        assert deliveries[0] == [1], deliveries
+        assert deliveries[1] == [1, 2, 3], deliveries
+        assert all(deliveries[o] == [1] for o in range(2, 10)), deliveries
+    finally:
+        c.close()
+
+
+def test_acknowledgements_survive_broker_kill_9(sbroker):
+    bs = sbroker.bootstrap
+    setup(bs, "dur", "dur", 1000)
+    a = consumer(bs, "dur", explicit=True)
+    a.subscribe(["dur"])
+    accepted = set()
+    released = set()
+    while len(accepted) + len(released) < 1000 and len(accepted) < 500:
+        for m in poll(a):
+            if m.offset() < 500:
+                a.acknowledge(m, AcknowledgeType.ACCEPT)
+                accepted.add(m.offset())
+            else:
+                a.acknowledge(m, AcknowledgeType.RELEASE)
+                released.add(m.offset())
+        a.commit_sync()
+    assert accepted == set(range(500))
+    sbroker.kill9()
+    sbroker.start(port=int(bs.rsplit(":", 1)[1]))
+    a.close()
+    b = consumer(bs, "dur", explicit=True)
+    b.subscribe(["dur"])
+    got = []
+    try:
+        def collect():
+            for m in poll(b):
+                got.append(m.offset())
+                b.acknowledge(m, AcknowledgeType.ACCEPT)
+            return len(set(got)) >= 500
+        wait_until(collect, 60, "the unaccepted half")
+        time.sleep(1)
+        collect()
+        b.commit_sync()
+    finally:
+        b.close()
+    redelivered = sorted(set(got) & accepted)
+    lost = sorted(set(range(500, 1000)) - set(got))
+    print(f"share kill -9: accepted {len(accepted)}, read back {len(set(got))}, "
+          f"redelivered {len(redelivered)}, lost {len(lost)}")
+    assert redelivered == [] and lost == []
