@@ -517,6 +517,14 @@ pub const BROKER_SETTINGS: &[SettingDef] = &[
         "Records in flight per share-partition",
     ),
     def(
+        "group.share.max.size",
+        Some("200"),
+        T::Int,
+        false,
+        None,
+        "Members per share group",
+    ),
+    def(
         "group.share.heartbeat.interval.ms",
         Some("5000"),
         T::Int,
@@ -1039,6 +1047,8 @@ pub struct BrokerConfig {
     pub group_share_partition_record_locks_max: usize,
     /// `group.share.heartbeat.interval.ms`.
     pub group_share_heartbeat_interval_ms: u64,
+    /// `group.share.max.size`.
+    pub group_share_max_size: usize,
     /// `group.share.session.timeout.ms`.
     pub group_share_session_timeout_ms: u64,
     /// `group.min.session.timeout.ms` / `group.max.session.timeout.ms`.
@@ -1113,6 +1123,7 @@ impl Default for BrokerConfig {
             group_share_delivery_count_limit: 5,
             group_share_partition_record_locks_max: 2000,
             group_share_heartbeat_interval_ms: 5_000,
+            group_share_max_size: 200,
             group_share_session_timeout_ms: 45_000,
             group_session_timeout_ms_min: 6000,
             group_session_timeout_ms_max: 1_800_000,
@@ -1390,6 +1401,9 @@ impl BrokerConfig {
             }
             "group.share.partition.max.record.locks" => {
                 self.group_share_partition_record_locks_max = parse_in(value, 100, 10_000)? as usize
+            }
+            "group.share.max.size" => {
+                self.group_share_max_size = parse_in(value, 1, 1000)? as usize
             }
             "group.share.heartbeat.interval.ms" => {
                 self.group_share_heartbeat_interval_ms = parse_in(value, 1, i32::MAX as i64)? as u64

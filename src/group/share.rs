@@ -34,7 +34,7 @@ use crate::model::ErrorCode;
 pub const INVALID_RECORD_STATE: ErrorCode = ErrorCode(121);
 pub const SHARE_SESSION_NOT_FOUND: ErrorCode = ErrorCode(122);
 pub const INVALID_SHARE_SESSION_EPOCH: ErrorCode = ErrorCode(123);
-pub const SHARE_SESSION_LIMIT_REACHED: ErrorCode = ErrorCode(133);
+pub const GROUP_MAX_SIZE_REACHED: ErrorCode = ErrorCode(81);
 
 /// Acknowledgement types on the wire.
 pub const ACK_GAP: i8 = 0;
@@ -70,6 +70,8 @@ pub struct Limits {
     pub lock_duration: Duration,
     pub delivery_count_limit: i16,
     pub record_locks_max: usize,
+    /// `group.share.max.size`: members per share group.
+    pub members_max: usize,
 }
 
 /// One run of acquired offsets with the same delivery count, as ShareFetch reports it.
@@ -204,7 +206,10 @@ impl SharePartition {
         types: &[i8],
         limits: &Limits,
     ) -> Result<(), ErrorCode> {
-        let count = last.checked_sub(first).map(|d| d + 1).unwrap_or(0);
+        let count = last
+            .checked_sub(first)
+            .and_then(|d| d.checked_add(1))
+            .unwrap_or(0);
         if count <= 0 || count > limits.record_locks_max as i64 * 4 {
             return Err(ErrorCode::INVALID_REQUEST);
         }
@@ -452,6 +457,15 @@ impl ShareGroup {
                 ));
             }
             if !self.members.contains_key(&hb.member_id) {
+                if self.members.len() >= limits.members_max {
+                    return Err((
+                        GROUP_MAX_SIZE_REACHED,
+                        format!(
+                            "the group has its maximum of {} members",
+                            limits.members_max
+                        ),
+                    ));
+                }
                 self.members.insert(
                     hb.member_id.clone(),
                     ShareMember {
@@ -638,6 +652,7 @@ mod tests {
             lock_duration: Duration::from_secs(30),
             delivery_count_limit: 3,
             record_locks_max: 100,
+            members_max: 200,
         }
     }
 
@@ -713,6 +728,26 @@ mod tests {
         p.acknowledge("a", 1, 3, &[ACK_REJECT, ACK_GAP, ACK_ACCEPT], &l)
             .unwrap();
         assert_eq!(p.start_offset, 4);
+    }
+
+    #[test]
+    fn hostile_acknowledgements_are_refused_without_changing_anything() {
+        let l = limits();
+        let now = Instant::now();
+        let mut p = SharePartition::new(0);
+        p.acquire(&[(0, 9, false)], "a", 100, &l, now);
+        for (first, last, types) in [
+            (0, i64::MAX, vec![ACK_ACCEPT]),
+            (i64::MIN, 0, vec![ACK_ACCEPT]),
+            (5, 4, vec![ACK_ACCEPT]),
+            (0, 3, vec![ACK_ACCEPT, ACK_ACCEPT]),
+            (0, 0, vec![]),
+            (0, 0, vec![9]),
+        ] {
+            assert!(p.acknowledge("a", first, last, &types, &l).is_err());
+        }
+        assert_eq!(p.start_offset, 0);
+        assert_eq!(p.held_by("a"), 10);
     }
 
     #[test]

@@ -189,6 +189,7 @@ impl GroupCoordinator {
             lock_duration: Duration::from_millis(lock_ms),
             delivery_count_limit: self.config.group_share_delivery_count_limit,
             record_locks_max: self.config.group_share_partition_record_locks_max,
+            members_max: self.config.group_share_max_size,
         }
     }
 
@@ -473,6 +474,11 @@ impl GroupCoordinator {
             .values()
             .map(|t| (t.id, t.name.to_string()))
             .collect();
+        let counts: BTreeMap<TopicId, i32> = table
+            .topics
+            .values()
+            .map(|t| (t.id, t.partitions))
+            .collect();
         let now = Instant::now();
         let epoch = req.share_session_epoch;
         // 1. The share session.
@@ -482,10 +488,16 @@ impl GroupCoordinator {
                 None => Err(ErrorCode::UNKNOWN_MEMBER_ID),
                 Some(sg) if !sg.members.contains_key(&member) => Err(ErrorCode::UNKNOWN_MEMBER_ID),
                 Some(sg) => {
-                    let listed = req.topics.iter().flat_map(|t| {
-                        let id = *t.topic_id.as_bytes();
-                        t.partitions.iter().map(move |p| (id, p.partition_index))
-                    });
+                    // Only partitions that exist join a session: its size is bounded by the
+                    // cluster's, whatever a client lists.
+                    let listed = req
+                        .topics
+                        .iter()
+                        .flat_map(|t| {
+                            let id = *t.topic_id.as_bytes();
+                            t.partitions.iter().map(move |p| (id, p.partition_index))
+                        })
+                        .filter(|(id, p)| counts.get(id).is_some_and(|n| *p >= 0 && p < n));
                     if epoch == 0 {
                         let s = ShareSession {
                             epoch: 1,
