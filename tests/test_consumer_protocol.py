@@ -3,6 +3,7 @@ assigns partitions, members join and leave while records flow without the others
 record is consumed once per group with committed offsets, regex subscriptions pick up new topics,
 the group's state survives a broker kill -9, and classic and consumer groups coexist."""
 
+import subprocess
 import threading
 import time
 
@@ -219,6 +220,16 @@ def test_group_state_survives_broker_kill_9(kbroker):
         p.flush(10)
         wait_until(lambda: sum(len(m.records) for m in members) >= 200, 60, "records after restart")
         assert sizes(members) == [2, 2]
+        # `strom group describe` shows the broker-assigned owner of every partition.
+        from conftest import STROM_BIN
+        out = subprocess.run([STROM_BIN, "group", "describe", "keep", "--bootstrap", bs],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert lines[0].startswith("GROUP keep TYPE consumer"), lines[0]
+        assert lines[0].endswith("MEMBERS 2"), lines[0]
+        owners = {r.split()[5] for r in lines[2:]}
+        assert owners == {m.member_id for m in after.members}, lines
     finally:
         for m in members:
             m.close()

@@ -268,7 +268,7 @@ def test_strom_group_describe_shows_lag_against_the_produced_count(gbroker):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].startswith("GROUP laggards STATE Stable PROTOCOL range MEMBERS 1"), lines[0]
+    assert lines[0].startswith("GROUP laggards TYPE classic STATE Stable PROTOCOL range MEMBERS 1"), lines[0]
     rows = [l.split() for l in lines[2:]]
     assert sorted((r[0], int(r[1])) for r in rows) == [("lagged", 0), ("lagged", 1)]
     assert sum(int(r[3]) for r in rows) == 400
@@ -279,7 +279,8 @@ def test_strom_group_describe_shows_lag_against_the_produced_count(gbroker):
     listed = subprocess.run([STROM_BIN, "group", "list", "--bootstrap", gbroker.bootstrap],
                             capture_output=True, text=True, timeout=30)
     assert listed.returncode == 0, listed.stderr
-    assert any(l.split()[:3] == ["laggards", "Stable", "consumer"] for l in listed.stdout.splitlines())
+    assert any(l.split()[:4] == ["laggards", "classic", "Stable", "consumer"]
+               for l in listed.stdout.splitlines())
     c.close()
 
 

@@ -232,3 +232,35 @@ def test_acknowledgements_survive_broker_kill_9(sbroker):
     print(f"share kill -9: accepted {len(accepted)}, read back {len(set(got))}, "
           f"redelivered {len(redelivered)}, lost {len(lost)}")
     assert redelivered == [] and lost == []
+
+
+def test_strom_group_shows_a_share_group_with_its_start_offset_and_lag(sbroker):
+    from conftest import STROM_BIN
+    bs = sbroker.bootstrap
+    setup(bs, "shown", "shown", 100)
+    c = consumer(bs, "shown", explicit=True)
+    c.subscribe(["shown"])
+    accepted = []
+    try:
+        # Accept exactly the first 30 records; release the rest.
+        while len(accepted) < 30:
+            for m in poll(c):
+                kind = AcknowledgeType.ACCEPT if m.offset() < 30 else AcknowledgeType.RELEASE
+                if m.offset() < 30:
+                    accepted.append(m.offset())
+                c.acknowledge(m, kind)
+            c.commit_sync()
+        out = subprocess.run([STROM_BIN, "group", "describe", "shown", "--bootstrap", bs],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert lines[0].startswith("GROUP shown TYPE share STATE Stable"), lines[0]
+        assert lines[0].endswith("MEMBERS 1"), lines[0]
+        assert "START-OFFSET" in lines[1]
+        row = lines[2].split()
+        assert row[:5] == ["shown", "0", "30", "100", "70"], row
+        listed = subprocess.run([STROM_BIN, "group", "list", "--bootstrap", bs],
+                                capture_output=True, text=True, timeout=30)
+        assert any(l.split()[:3] == ["shown", "share", "Stable"] for l in listed.stdout.splitlines())
+    finally:
+        c.close()

@@ -6,13 +6,16 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use anyhow::{bail, Result};
 use bytes::Buf;
+use kafka_protocol::messages::describe_share_group_offsets_request::DescribeShareGroupOffsetsRequestGroup;
 use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::{
-    ApiKey, BrokerId, ConsumerProtocolAssignment, DescribeGroupsRequest, DescribeGroupsResponse,
-    FindCoordinatorRequest, FindCoordinatorResponse, GroupId, ListGroupsRequest,
-    ListGroupsResponse, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse,
-    OffsetFetchRequest, OffsetFetchResponse, TopicName,
+    ApiKey, BrokerId, ConsumerGroupDescribeRequest, ConsumerGroupDescribeResponse,
+    ConsumerProtocolAssignment, DescribeGroupsRequest, DescribeGroupsResponse,
+    DescribeShareGroupOffsetsRequest, DescribeShareGroupOffsetsResponse, FindCoordinatorRequest,
+    FindCoordinatorResponse, GroupId, ListGroupsRequest, ListGroupsResponse, ListOffsetsRequest,
+    ListOffsetsResponse, MetadataRequest, MetadataResponse, OffsetFetchRequest,
+    OffsetFetchResponse, ShareGroupDescribeRequest, ShareGroupDescribeResponse, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, StrBytes};
 
@@ -32,7 +35,7 @@ fn brokers(bootstrap: &mut Connection) -> Result<(MetadataResponse, HashMap<i32,
     Ok((md, map))
 }
 
-/// Prints every group of every broker: `GROUP STATE PROTOCOL-TYPE`.
+/// Prints every group of every broker: `GROUP TYPE STATE PROTOCOL-TYPE`.
 pub fn list(bootstrap: &str) -> Result<String> {
     let mut conn = Connection::connect(bootstrap)?;
     let (_, brokers) = brokers(&mut conn)?;
@@ -40,7 +43,7 @@ pub fn list(bootstrap: &str) -> Result<String> {
     for address in brokers.values() {
         let mut c = Connection::connect(address)?;
         let resp: ListGroupsResponse =
-            c.call(ApiKey::ListGroups, 4, &ListGroupsRequest::default())?;
+            c.call(ApiKey::ListGroups, 5, &ListGroupsRequest::default())?;
         if resp.error_code != 0 {
             bail!(
                 "ListGroups on {address} failed with error {}",
@@ -50,14 +53,18 @@ pub fn list(bootstrap: &str) -> Result<String> {
         for g in resp.groups {
             rows.insert((
                 g.group_id.0.to_string(),
+                g.group_type.to_string(),
                 g.group_state.to_string(),
                 g.protocol_type.to_string(),
             ));
         }
     }
-    let mut out = format!("{:<40} {:<20} {}\n", "GROUP", "STATE", "PROTOCOL-TYPE");
-    for (group, state, protocol) in rows {
-        out.push_str(&format!("{group:<40} {state:<20} {protocol}\n"));
+    let mut out = format!(
+        "{:<40} {:<9} {:<20} {}\n",
+        "GROUP", "TYPE", "STATE", "PROTOCOL-TYPE"
+    );
+    for (group, kind, state, protocol) in rows {
+        out.push_str(&format!("{group:<40} {kind:<9} {state:<20} {protocol}\n"));
     }
     Ok(out)
 }
@@ -119,46 +126,57 @@ pub fn describe(bootstrap: &str, group: &str) -> Result<String> {
         }
     }
 
-    let mut fetch = OffsetFetchRequest::default();
-    fetch.group_id = GroupId(StrBytes::from_string(group.to_string()));
-    fetch.topics = None;
-    let committed_resp: OffsetFetchResponse = coordinator.call(ApiKey::OffsetFetch, 7, &fetch)?;
-    if committed_resp.error_code != 0 {
-        bail!(
-            "OffsetFetch for '{group}' failed with error {}",
-            committed_resp.error_code
-        );
-    }
-    let mut committed: BTreeMap<(String, i32), i64> = BTreeMap::new();
-    for t in committed_resp.topics {
-        for p in t.partitions {
-            if p.committed_offset >= 0 {
-                committed.insert(
-                    (t.name.0.to_string(), p.partition_index),
-                    p.committed_offset,
-                );
+    // The group's type (classic, consumer, share) as its coordinator lists it: a classic
+    // consumer group's protocol type is also "consumer".
+    let listed: ListGroupsResponse =
+        coordinator.call(ApiKey::ListGroups, 5, &ListGroupsRequest::default())?;
+    let kind = listed
+        .groups
+        .iter()
+        .find(|g| g.group_id.0.as_str() == group)
+        .map_or_else(|| "classic".to_string(), |g| g.group_type.to_string());
+    let mut members = d.members.len();
+    if kind == "consumer" || kind == "share" {
+        // KIP-848 and KIP-932 groups: the members are in their own describe.
+        let listed = broker_assigned(&mut coordinator, group, &kind)?;
+        members = listed.len();
+        for (member, host, client, partitions) in listed {
+            for key in partitions {
+                owners.insert(key, (member.clone(), host.clone(), client.clone()));
             }
         }
     }
+    // Classic and consumer groups: committed offsets. Share groups: each share-partition's
+    // start offset (every record below it is done).
+    let committed = if kind == "share" {
+        share_starts(&mut coordinator, group)?
+    } else {
+        committed_offsets(&mut coordinator, group)?
+    };
     let partitions: BTreeSet<(String, i32)> =
         owners.keys().chain(committed.keys()).cloned().collect();
     let ends = log_end_offsets(&mut conn, &brokers, &partitions)?;
 
     let mut out = format!(
-        "GROUP {group} STATE {} PROTOCOL {} MEMBERS {}\n",
+        "GROUP {group} TYPE {} STATE {} PROTOCOL {} MEMBERS {}\n",
+        kind,
         d.group_state,
         if d.protocol_data.is_empty() {
             "-"
         } else {
             d.protocol_data.as_str()
         },
-        d.members.len()
+        members
     );
     out.push_str(&format!(
         "{:<30} {:>9} {:>14} {:>14} {:>8} {:<50} {:<18} {}\n",
         "TOPIC",
         "PARTITION",
-        "CURRENT-OFFSET",
+        if kind == "share" {
+            "START-OFFSET"
+        } else {
+            "CURRENT-OFFSET"
+        },
         "LOG-END-OFFSET",
         "LAG",
         "CONSUMER-ID",
@@ -187,6 +205,128 @@ pub fn describe(bootstrap: &str, group: &str) -> Result<String> {
             host,
             client
         ));
+    }
+    Ok(out)
+}
+
+/// A classic or consumer-protocol group's committed offsets.
+fn committed_offsets(
+    coordinator: &mut Connection,
+    group: &str,
+) -> Result<BTreeMap<(String, i32), i64>> {
+    let mut fetch = OffsetFetchRequest::default();
+    fetch.group_id = GroupId(StrBytes::from_string(group.to_string()));
+    fetch.topics = None;
+    let resp: OffsetFetchResponse = coordinator.call(ApiKey::OffsetFetch, 7, &fetch)?;
+    if resp.error_code != 0 {
+        bail!(
+            "OffsetFetch for '{group}' failed with error {}",
+            resp.error_code
+        );
+    }
+    let mut committed = BTreeMap::new();
+    for t in resp.topics {
+        for p in t.partitions {
+            if p.committed_offset >= 0 {
+                committed.insert(
+                    (t.name.0.to_string(), p.partition_index),
+                    p.committed_offset,
+                );
+            }
+        }
+    }
+    Ok(committed)
+}
+
+/// A share group's start offset per share-partition (DescribeShareGroupOffsets).
+fn share_starts(coordinator: &mut Connection, group: &str) -> Result<BTreeMap<(String, i32), i64>> {
+    let mut req = DescribeShareGroupOffsetsRequest::default();
+    let mut g = DescribeShareGroupOffsetsRequestGroup::default();
+    g.group_id = GroupId(StrBytes::from_string(group.to_string()));
+    g.topics = None;
+    req.groups = vec![g];
+    let resp: DescribeShareGroupOffsetsResponse =
+        coordinator.call(ApiKey::DescribeShareGroupOffsets, 0, &req)?;
+    let mut starts = BTreeMap::new();
+    for g in resp.groups {
+        if g.error_code != 0 {
+            bail!(
+                "DescribeShareGroupOffsets for '{group}' failed with error {}",
+                g.error_code
+            );
+        }
+        for t in g.topics {
+            for p in t.partitions {
+                if p.start_offset >= 0 {
+                    starts.insert(
+                        (t.topic_name.0.to_string(), p.partition_index),
+                        p.start_offset,
+                    );
+                }
+            }
+        }
+    }
+    Ok(starts)
+}
+
+/// A member as `strom group describe` shows it: id, host, client id, partitions.
+type ListedMember = (String, String, String, Vec<(String, i32)>);
+
+/// The members of a KIP-848 (`consumer`) or KIP-932 (`share`) group with their partitions.
+fn broker_assigned(
+    coordinator: &mut Connection,
+    group: &str,
+    kind: &str,
+) -> Result<Vec<ListedMember>> {
+    let id = GroupId(StrBytes::from_string(group.to_string()));
+    let partitions = |list: Vec<(TopicName, Vec<i32>)>| {
+        list.into_iter()
+            .flat_map(|(t, ps)| ps.into_iter().map(move |p| (t.0.to_string(), p)))
+            .collect::<Vec<_>>()
+    };
+    let mut out = Vec::new();
+    if kind == "share" {
+        let mut req = ShareGroupDescribeRequest::default();
+        req.group_ids = vec![id];
+        let resp: ShareGroupDescribeResponse =
+            coordinator.call(ApiKey::ShareGroupDescribe, 1, &req)?;
+        for g in resp.groups {
+            for m in g.members {
+                let list = m
+                    .assignment
+                    .topic_partitions
+                    .into_iter()
+                    .map(|t| (t.topic_name, t.partitions))
+                    .collect();
+                out.push((
+                    m.member_id.to_string(),
+                    m.client_host.to_string(),
+                    m.client_id.to_string(),
+                    partitions(list),
+                ));
+            }
+        }
+    } else {
+        let mut req = ConsumerGroupDescribeRequest::default();
+        req.group_ids = vec![id];
+        let resp: ConsumerGroupDescribeResponse =
+            coordinator.call(ApiKey::ConsumerGroupDescribe, 0, &req)?;
+        for g in resp.groups {
+            for m in g.members {
+                let list = m
+                    .assignment
+                    .topic_partitions
+                    .into_iter()
+                    .map(|t| (t.topic_name, t.partitions))
+                    .collect();
+                out.push((
+                    m.member_id.to_string(),
+                    m.client_host.to_string(),
+                    m.client_id.to_string(),
+                    partitions(list),
+                ));
+            }
+        }
     }
     Ok(out)
 }

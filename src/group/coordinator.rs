@@ -147,6 +147,10 @@ pub enum GroupCall {
     DescribeConfigs {
         group: String,
     },
+    /// DescribeShareGroupOffsets: every share-partition's start offset.
+    ShareOffsets {
+        group: String,
+    },
 }
 
 impl GroupCall {
@@ -167,7 +171,8 @@ impl GroupCall {
             GroupCall::ShareAcknowledge { req } => req.group_id.as_ref().map(|g| g.0.as_str()),
             GroupCall::ShareDescribe { group }
             | GroupCall::AlterConfigs { group, .. }
-            | GroupCall::DescribeConfigs { group } => Some(group),
+            | GroupCall::DescribeConfigs { group }
+            | GroupCall::ShareOffsets { group } => Some(group),
             GroupCall::FetchOffsets { group, .. }
             | GroupCall::Describe { group, .. }
             | GroupCall::Delete { group } => Some(group),
@@ -211,6 +216,8 @@ pub enum GroupReply {
     AlterConfigs(ErrorCode, Option<String>),
     /// A group's configs set explicitly.
     DescribeConfigs(Vec<(String, String)>),
+    /// A share group's share-partitions and their start offsets (None: not a share group).
+    ShareOffsets(Option<Vec<(String, i32, i64)>>),
     /// Not answered here: in a cluster, this shard does not (yet) coordinate the group.
     Refused(ErrorCode),
 }
@@ -1152,6 +1159,18 @@ impl GroupCoordinator {
                     .await;
                 GroupReply::AlterConfigs(code, message)
             }
+            GroupCall::ShareOffsets { group } => GroupReply::ShareOffsets(
+                self.groups
+                    .borrow()
+                    .get(&group)
+                    .and_then(|g| g.share.as_ref())
+                    .map(|sg| {
+                        sg.partitions
+                            .iter()
+                            .map(|((t, p), sp)| (t.clone(), *p, sp.start_offset))
+                            .collect()
+                    }),
+            ),
             GroupCall::DescribeConfigs { group } => GroupReply::DescribeConfigs(
                 self.groups
                     .borrow()

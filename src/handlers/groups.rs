@@ -2,6 +2,7 @@
 //! the group's `__consumer_offsets` partition), which is created with Kafka's defaults on first
 //! use. ListGroups asks every shard.
 
+use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use kafka_protocol::messages::delete_groups_response::DeletableGroupResult;
@@ -12,7 +13,8 @@ use kafka_protocol::messages::offset_fetch_response::{
 use kafka_protocol::messages::{
     ConsumerGroupDescribeRequest, ConsumerGroupDescribeResponse, ConsumerGroupHeartbeatRequest,
     ConsumerGroupHeartbeatResponse, DeleteGroupsRequest, DeleteGroupsResponse,
-    DescribeGroupsRequest, DescribeGroupsResponse, GroupId, HeartbeatRequest, HeartbeatResponse,
+    DescribeGroupsRequest, DescribeGroupsResponse, DescribeShareGroupOffsetsRequest,
+    DescribeShareGroupOffsetsResponse, GroupId, HeartbeatRequest, HeartbeatResponse,
     JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest, LeaveGroupResponse, ListGroupsRequest,
     ListGroupsResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetDeleteRequest,
     OffsetDeleteResponse, OffsetFetchRequest, OffsetFetchResponse, ShareAcknowledgeRequest,
@@ -602,5 +604,80 @@ pub async fn share_describe(
         },
     )
     .await;
+    response
+}
+
+/// DescribeShareGroupOffsets (KIP-932): each share-partition's start offset (every record below
+/// it is done), -1 for a partition the group has not started; the admin clients' lag is the log
+/// end offset minus it.
+pub async fn share_offsets(
+    shard: &Rc<Shard>,
+    req: DescribeShareGroupOffsetsRequest,
+) -> DescribeShareGroupOffsetsResponse {
+    use kafka_protocol::messages::describe_share_group_offsets_response::{
+        DescribeShareGroupOffsetsResponseGroup, DescribeShareGroupOffsetsResponsePartition,
+        DescribeShareGroupOffsetsResponseTopic,
+    };
+    let table = shard.topics();
+    let mut response = DescribeShareGroupOffsetsResponse::default();
+    for g in req.groups {
+        let group = g.group_id.0.to_string();
+        let mut out = DescribeShareGroupOffsetsResponseGroup::default();
+        out.group_id = g.group_id.clone();
+        let call = GroupCall::ShareOffsets {
+            group: group.clone(),
+        };
+        let known = match route(shard, &group, call).await {
+            Ok(GroupReply::ShareOffsets(Some(list))) => list,
+            Ok(GroupReply::ShareOffsets(None)) => {
+                out.error_code = ErrorCode::GROUP_ID_NOT_FOUND.0;
+                out.error_message = Some(str_bytes(&format!("group {group} is not a share group")));
+                response.groups.push(out);
+                continue;
+            }
+            other => {
+                out.error_code = error_of(other).0;
+                response.groups.push(out);
+                continue;
+            }
+        };
+        let starts: BTreeMap<(String, i32), i64> =
+            known.into_iter().map(|(t, p, o)| ((t, p), o)).collect();
+        let wanted: Vec<(String, Vec<i32>)> = match g.topics {
+            Some(topics) => topics
+                .into_iter()
+                .map(|t| (t.topic_name.0.to_string(), t.partitions))
+                .collect(),
+            None => {
+                let mut by_topic: BTreeMap<String, Vec<i32>> = BTreeMap::new();
+                for (t, p) in starts.keys() {
+                    by_topic.entry(t.clone()).or_default().push(*p);
+                }
+                by_topic.into_iter().collect()
+            }
+        };
+        for (topic, partitions) in wanted {
+            let mut t = DescribeShareGroupOffsetsResponseTopic::default();
+            t.topic_name = topic_name(&topic);
+            let meta = table.get(&topic);
+            if let Some(m) = meta {
+                t.topic_id = uuid::Uuid::from_bytes(m.id);
+            }
+            for p in partitions {
+                let mut rp = DescribeShareGroupOffsetsResponsePartition::default();
+                rp.partition_index = p;
+                rp.leader_epoch = -1;
+                if meta.is_none_or(|m| p < 0 || p >= m.partitions) {
+                    rp.error_code = ErrorCode::UNKNOWN_TOPIC_OR_PARTITION.0;
+                    rp.start_offset = -1;
+                } else {
+                    rp.start_offset = starts.get(&(topic.clone(), p)).copied().unwrap_or(-1);
+                }
+                t.partitions.push(rp);
+            }
+            out.topics.push(t);
+        }
+        response.groups.push(out);
+    }
     response
 }

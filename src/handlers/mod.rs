@@ -352,6 +352,9 @@ pub async fn dispatch(shard: &Rc<Shard>, frame: Bytes, peer: Option<SocketAddr>)
         RequestKind::ShareGroupDescribe(r) => {
             encode_response(key, version, cid, &groups::share_describe(shard, r).await)
         }
+        RequestKind::DescribeShareGroupOffsets(r) => {
+            encode_response(key, version, cid, &groups::share_offsets(shard, r).await)
+        }
         RequestKind::ShareFetch(r) => {
             encode_response(key, version, cid, &groups::share_fetch(shard, r).await)
         }
