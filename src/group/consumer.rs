@@ -328,8 +328,10 @@ impl ConsumerGroup {
         let before = self.members[&hb.member_id].assigned.clone();
         persist |= self.reconcile(&hb.member_id, hb.owned.as_ref(), now);
         let m = &self.members[&hb.member_id];
-        let assignment = (full || m.assigned != before || hb.owned.as_ref() != Some(&m.assigned))
-            .then(|| m.assigned.clone());
+        // Sent when it changed, on a full request, or when the member's view differs from it
+        // (Kafka's rule); a heartbeat that leaves `owned` out has nothing to compare.
+        let differs = hb.owned.as_ref().is_some_and(|o| *o != m.assigned);
+        let assignment = (full || m.assigned != before || differs).then(|| m.assigned.clone());
         Ok(Beat {
             member_id: hb.member_id,
             epoch: m.epoch,

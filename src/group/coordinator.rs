@@ -1775,6 +1775,14 @@ impl GroupCoordinator {
         let groups = self.groups.borrow();
         let mut out: Vec<ListedGroup> = groups
             .values()
+            // A group known only by configs set for it (Kafka lists it once it has members).
+            .filter(|g| {
+                !(g.is_empty()
+                    && g.offsets.is_empty()
+                    && g.consumer.is_none()
+                    && g.share.is_none()
+                    && g.protocol_type.is_none())
+            })
             .map(|g| {
                 let mut l = ListedGroup::default();
                 l.group_id = GroupId(sb(&g.id));
