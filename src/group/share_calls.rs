@@ -74,6 +74,22 @@ fn batch_spans(bytes: &[u8]) -> Vec<(i64, i64, bool, usize)> {
     out
 }
 
+/// The name and partition count of each topic id asked about that exists (`Shard::topic_by_id`,
+/// not a pass over every topic: a ShareFetch names a few of them).
+fn topics_by_id(
+    shard: &Shard,
+    ids: impl IntoIterator<Item = TopicId>,
+) -> BTreeMap<TopicId, (String, i32)> {
+    let table = shard.topics();
+    ids.into_iter()
+        .filter_map(|id| {
+            let name = shard.topic_by_id(&uuid::Uuid::from_bytes(id))?;
+            let partitions = table.get(&name)?.partitions;
+            Some((id, (name.to_string(), partitions)))
+        })
+        .collect()
+}
+
 /// Reads partitions from the shards that own them, answered in order.
 async fn read_partitions(
     shard: &Rc<Shard>,
@@ -468,17 +484,21 @@ impl GroupCoordinator {
             .as_ref()
             .map(|m| m.to_string())
             .unwrap_or_default();
-        let table = shard.topics();
-        let names: BTreeMap<TopicId, String> = table
-            .topics
-            .values()
-            .map(|t| (t.id, t.name.to_string()))
-            .collect();
-        let counts: BTreeMap<TopicId, i32> = table
-            .topics
-            .values()
-            .map(|t| (t.id, t.partitions))
-            .collect();
+        // Only the topics this request and the member's session name are looked up.
+        let mut ids: Vec<TopicId> = req.topics.iter().map(|t| *t.topic_id.as_bytes()).collect();
+        if let Some(s) = self
+            .groups
+            .borrow()
+            .get(&group_id)
+            .and_then(|g| g.share.as_ref())
+            .and_then(|sg| sg.sessions.get(&member))
+        {
+            ids.extend(s.partitions.iter().map(|(t, _)| *t));
+        }
+        let known = topics_by_id(shard, ids);
+        let names: BTreeMap<TopicId, String> =
+            known.iter().map(|(id, (n, _))| (*id, n.clone())).collect();
+        let counts: BTreeMap<TopicId, i32> = known.iter().map(|(id, (_, c))| (*id, *c)).collect();
         let now = Instant::now();
         let epoch = req.share_session_epoch;
         // 1. The share session.
@@ -775,12 +795,11 @@ impl GroupCoordinator {
             .as_ref()
             .map(|m| m.to_string())
             .unwrap_or_default();
-        let names: BTreeMap<TopicId, String> = shard
-            .topics()
-            .topics
-            .values()
-            .map(|t| (t.id, t.name.to_string()))
-            .collect();
+        let names: BTreeMap<TopicId, String> =
+            topics_by_id(shard, req.topics.iter().map(|t| *t.topic_id.as_bytes()))
+                .into_iter()
+                .map(|(id, (n, _))| (id, n))
+                .collect();
         let now = Instant::now();
         let check = {
             let mut groups = self.groups.borrow_mut();
