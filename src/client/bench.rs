@@ -32,9 +32,7 @@ use kafka_protocol::messages::{
     MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse, TopicName,
 };
 use kafka_protocol::protocol::{Encodable, StrBytes};
-use kafka_protocol::records::{
-    Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions,
-};
+use kafka_protocol::records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions};
 use serde::Deserialize;
 
 use super::Connection;
@@ -379,14 +377,14 @@ fn consume(address: String, topic: String, partitions: Vec<i32>, stats: Arc<Stat
                     stats.errors.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                let Some(mut records) = p.records else {
+                let Some(records) = p.records else {
                     continue;
                 };
                 if records.is_empty() {
                     continue;
                 }
                 let start = offsets.get(&p.partition_index).copied().unwrap_or(0);
-                for set in RecordBatchDecoder::decode_all(&mut records)? {
+                for set in crate::storage::records::decode_record_sets(records)? {
                     for r in set.records {
                         if r.offset < start {
                             continue;

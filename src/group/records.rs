@@ -5,9 +5,7 @@
 
 use anyhow::{Context, Result};
 use bytes::{Bytes, BytesMut};
-use kafka_protocol::records::{
-    Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions,
-};
+use kafka_protocol::records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions};
 
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq, Hash)]
 pub enum GroupKey {
@@ -325,9 +323,10 @@ where
 
 /// Decodes every record of the batches in `bytes`.
 pub fn decode_batches(bytes: Bytes) -> Result<Vec<Entry>> {
-    let mut buf = bytes;
     let mut out = Vec::new();
-    for set in RecordBatchDecoder::decode_all(&mut buf).context("decoding offsets batches")? {
+    for set in
+        crate::storage::records::decode_record_sets(bytes).context("decoding offsets batches")?
+    {
         for record in set.records {
             let Some(key) = record.key else { continue };
             let key = rkyv::from_bytes::<GroupKey, rkyv::rancor::Error>(&aligned(&key))

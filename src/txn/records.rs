@@ -4,7 +4,6 @@
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use kafka_protocol::records::RecordBatchDecoder;
 
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct TxnKey {
@@ -79,9 +78,10 @@ pub fn record(transactional_id: &str, value: Option<&TxnValue>) -> Result<(Bytes
 
 /// Decodes every record of the batches in `bytes`: (transactional id, state or tombstone).
 pub fn decode_batches(bytes: Bytes) -> Result<Vec<(String, Option<TxnValue>)>> {
-    let mut buf = bytes;
     let mut out = Vec::new();
-    for set in RecordBatchDecoder::decode_all(&mut buf).context("decoding transaction batches")? {
+    for set in crate::storage::records::decode_record_sets(bytes)
+        .context("decoding transaction batches")?
+    {
         for record in set.records {
             if record.control {
                 continue;
