@@ -187,6 +187,36 @@ enum GroupCommand {
         #[arg(long, default_value = "127.0.0.1:9092")]
         bootstrap: String,
     },
+    /// Move a share group's start offsets (the group must have no members). Prints the plan;
+    /// applies it with --execute.
+    #[command(group(clap::ArgGroup::new("to").required(true)))]
+    ResetOffsets {
+        group: String,
+        /// `TOPIC` (every partition) or `TOPIC:P,P,...`; repeatable.
+        #[arg(long = "topic", required = true)]
+        topics: Vec<String>,
+        /// The log start offset of each partition.
+        #[arg(long, group = "to")]
+        to_earliest: bool,
+        /// The log end offset of each partition: only records written from now on are read.
+        #[arg(long, group = "to")]
+        to_latest: bool,
+        #[arg(long, group = "to", value_name = "OFFSET")]
+        to_offset: Option<i64>,
+        #[arg(long)]
+        execute: bool,
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        bootstrap: String,
+    },
+    /// Forget a share group's offsets for whole topics (the group must have no members): its next
+    /// consumer starts them at `share.auto.offset.reset`.
+    DeleteOffsets {
+        group: String,
+        #[arg(long = "topic", required = true)]
+        topics: Vec<String>,
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        bootstrap: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -485,6 +515,29 @@ fn group(command: GroupCommand) -> Result<()> {
         GroupCommand::Describe { group, bootstrap } => {
             strom::client::groups::describe(&bootstrap, &group)?
         }
+        GroupCommand::ResetOffsets {
+            group,
+            topics,
+            to_earliest,
+            to_latest,
+            to_offset,
+            execute,
+            bootstrap,
+        } => {
+            use strom::client::share_offsets::{reset, ResetTo};
+            let to = match (to_earliest, to_latest, to_offset) {
+                (true, _, _) => ResetTo::Earliest,
+                (_, true, _) => ResetTo::Latest,
+                (_, _, Some(o)) => ResetTo::Offset(o),
+                _ => anyhow::bail!("give --to-earliest, --to-latest or --to-offset"),
+            };
+            reset(&bootstrap, &group, &topics, to, execute)?
+        }
+        GroupCommand::DeleteOffsets {
+            group,
+            topics,
+            bootstrap,
+        } => strom::client::share_offsets::delete(&bootstrap, &group, &topics)?,
     };
     print!("{out}");
     Ok(())

@@ -264,3 +264,115 @@ def test_strom_group_shows_a_share_group_with_its_start_offset_and_lag(sbroker):
         assert any(l.split()[:3] == ["shown", "share", "Stable"] for l in listed.stdout.splitlines())
     finally:
         c.close()
+
+
+def strom(*args):
+    from conftest import STROM_BIN
+    return subprocess.run([STROM_BIN, *args], capture_output=True, text=True, timeout=30)
+
+
+def start_row(bs, group):
+    """`strom group describe`'s first partition row (topic, partition, start, end, lag) and its
+    header line."""
+    out = strom("group", "describe", group, "--bootstrap", bs)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    return lines[0], [l.split()[:5] for l in lines[2:]]
+
+
+def read_all(bs, group, topic, want):
+    """Offsets and delivery counts a fresh explicit consumer gets (accepting each) until it has
+    `want` records and nothing more arrives for a second; then it leaves the group."""
+    c = consumer(bs, group, explicit=True)
+    c.subscribe([topic])
+    got = []
+    try:
+        def collect():
+            for m in poll(c, 0.5):
+                got.append((m.offset(), m.delivery_count()))
+                c.acknowledge(m, AcknowledgeType.ACCEPT)
+            c.commit_sync()
+            return len(got) >= want
+        wait_until(collect, 60, f"{want} records of {topic}")
+        time.sleep(1)
+        collect()
+    finally:
+        c.close()
+    wait_until(lambda: start_row(bs, group)[0].endswith("MEMBERS 0"), 30, "the group to empty")
+    return got
+
+
+def test_share_group_offsets_reset_and_delete_with_strom_group(sbroker):
+    """AlterShareGroupOffsets and DeleteShareGroupOffsets through `strom group reset-offsets` and
+    `delete-offsets` (Kafka's kafka-share-groups.sh --reset-offsets / --delete-offsets)."""
+    bs = sbroker.bootstrap
+    setup(bs, "moved", "mover", 100)
+    a = consumer(bs, "mover", explicit=True)
+    a.subscribe(["moved"])
+    accepted = set()
+    try:
+        while len(accepted) < 30:
+            for m in poll(a):
+                if m.offset() < 30:
+                    accepted.add(m.offset())
+                    a.acknowledge(m, AcknowledgeType.ACCEPT)
+                else:
+                    a.acknowledge(m, AcknowledgeType.RELEASE)
+            a.commit_sync()
+        # A member is reading: offsets stay where they are.
+        busy = strom("group", "reset-offsets", "mover", "--topic", "moved", "--to-offset", "70",
+                     "--execute", "--bootstrap", bs)
+        assert busy.returncode != 0 and "NON_EMPTY_GROUP" in busy.stderr, busy
+    finally:
+        a.close()
+    wait_until(lambda: start_row(bs, "mover")[0].endswith("MEMBERS 0"), 30, "the group to empty")
+    assert start_row(bs, "mover")[1] == [["moved", "0", "30", "100", "70"]]
+
+    # Without --execute, a plan only.
+    plan = strom("group", "reset-offsets", "mover", "--topic", "moved:0", "--to-offset", "70",
+                 "--bootstrap", bs)
+    assert plan.returncode == 0, plan.stderr
+    assert plan.stdout.splitlines()[1].split() == ["mover", "moved", "0", "70"], plan.stdout
+    assert "dry run" in plan.stdout
+    assert start_row(bs, "mover")[1] == [["moved", "0", "30", "100", "70"]]
+
+    done = strom("group", "reset-offsets", "mover", "--topic", "moved", "--to-offset", "70",
+                 "--execute", "--bootstrap", bs)
+    assert done.returncode == 0, done.stderr
+    assert start_row(bs, "mover")[1] == [["moved", "0", "70", "100", "30"]]
+    # Durable: a broker kill -9 keeps the new start.
+    sbroker.kill9()
+    sbroker.start(port=int(bs.rsplit(":", 1)[1]))
+    assert start_row(bs, "mover")[1] == [["moved", "0", "70", "100", "30"]]
+
+    # The next consumer gets exactly the records from 70 on, each for the first time.
+    got = read_all(bs, "mover", "moved", 30)
+    assert sorted(got) == [(o, 1) for o in range(70, 100)], got
+
+    # Deleting the topic's offsets: the next consumer starts at share.auto.offset.reset
+    # (earliest) and gets all 100 again.
+    deleted = strom("group", "delete-offsets", "mover", "--topic", "moved", "--bootstrap", bs)
+    assert deleted.returncode == 0, deleted.stderr
+    assert deleted.stdout.splitlines()[1].split() == ["moved", "deleted"], deleted.stdout
+    assert start_row(bs, "mover")[1] == []
+    got = read_all(bs, "mover", "moved", 100)
+    assert sorted(got) == [(o, 1) for o in range(100)], got
+
+    # --to-latest: only what is written afterwards is read.
+    latest = strom("group", "reset-offsets", "mover", "--topic", "moved", "--to-latest",
+                   "--execute", "--bootstrap", bs)
+    assert latest.returncode == 0, latest.stderr
+    assert latest.stdout.splitlines()[1].split() == ["mover", "moved", "0", "100"], latest.stdout
+    produce(bs, "moved", range(100, 105))
+    got = read_all(bs, "mover", "moved", 5)
+    assert sorted(got) == [(o, 1) for o in range(100, 105)], got
+
+    # Wrong targets get Kafka's errors.
+    for args, error in [
+        (["delete-offsets", "nobody", "--topic", "moved"], "GROUP_ID_NOT_FOUND"),
+        (["delete-offsets", "mover", "--topic", "never-read"], "UNKNOWN_TOPIC_OR_PARTITION"),
+        (["reset-offsets", "mover", "--topic", "moved:3", "--to-earliest", "--execute"],
+         "no partition 3"),
+    ]:
+        out = strom("group", *args, "--bootstrap", bs)
+        assert out.returncode != 0 and error in out.stderr, (args, out)

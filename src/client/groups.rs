@@ -23,7 +23,9 @@ use super::Connection;
 
 const METADATA_VERSION: i16 = 9;
 
-fn brokers(bootstrap: &mut Connection) -> Result<(MetadataResponse, HashMap<i32, String>)> {
+pub(super) fn brokers(
+    bootstrap: &mut Connection,
+) -> Result<(MetadataResponse, HashMap<i32, String>)> {
     let mut req = MetadataRequest::default();
     req.topics = Some(Vec::new());
     let md: MetadataResponse = bootstrap.call(ApiKey::Metadata, METADATA_VERSION, &req)?;
@@ -69,12 +71,8 @@ pub fn list(bootstrap: &str) -> Result<String> {
     Ok(out)
 }
 
-/// Prints the group's state and one row per partition it has committed or is assigned:
-/// `TOPIC PARTITION CURRENT-OFFSET LOG-END-OFFSET LAG CONSUMER-ID HOST CLIENT-ID`.
-pub fn describe(bootstrap: &str, group: &str) -> Result<String> {
-    let mut conn = Connection::connect(bootstrap)?;
-    let (_, brokers) = brokers(&mut conn)?;
-
+/// A connection to the group's coordinator.
+pub(super) fn coordinator_of(conn: &mut Connection, group: &str) -> Result<Connection> {
     let mut find = FindCoordinatorRequest::default();
     find.key = StrBytes::from_string(group.to_string());
     let found: FindCoordinatorResponse = conn.call(ApiKey::FindCoordinator, 3, &find)?;
@@ -84,7 +82,16 @@ pub fn describe(bootstrap: &str, group: &str) -> Result<String> {
             found.error_code
         );
     }
-    let mut coordinator = Connection::connect(&format!("{}:{}", found.host, found.port))?;
+    Connection::connect(&format!("{}:{}", found.host, found.port))
+}
+
+/// Prints the group's state and one row per partition it has committed or is assigned:
+/// `TOPIC PARTITION CURRENT-OFFSET LOG-END-OFFSET LAG CONSUMER-ID HOST CLIENT-ID`.
+pub fn describe(bootstrap: &str, group: &str) -> Result<String> {
+    let mut conn = Connection::connect(bootstrap)?;
+    let (_, brokers) = brokers(&mut conn)?;
+
+    let mut coordinator = coordinator_of(&mut conn, group)?;
 
     let mut req = DescribeGroupsRequest::default();
     req.groups = vec![GroupId(StrBytes::from_string(group.to_string()))];
@@ -337,6 +344,17 @@ fn log_end_offsets(
     brokers: &HashMap<i32, String>,
     partitions: &BTreeSet<(String, i32)>,
 ) -> Result<BTreeMap<(String, i32), i64>> {
+    list_offsets(conn, brokers, partitions, -1)
+}
+
+/// The offset of each partition at `timestamp` (-1: the log end, -2: the log start), asked of
+/// each partition's leader. Partitions that answer with an error are left out.
+pub(super) fn list_offsets(
+    conn: &mut Connection,
+    brokers: &HashMap<i32, String>,
+    partitions: &BTreeSet<(String, i32)>,
+    timestamp: i64,
+) -> Result<BTreeMap<(String, i32), i64>> {
     let topics: BTreeSet<&String> = partitions.iter().map(|(t, _)| t).collect();
     if topics.is_empty() {
         return Ok(BTreeMap::new());
@@ -387,7 +405,7 @@ fn log_end_offsets(
                     .map(|p| {
                         let mut lp = ListOffsetsPartition::default();
                         lp.partition_index = p;
-                        lp.timestamp = -1;
+                        lp.timestamp = timestamp;
                         lp
                     })
                     .collect();

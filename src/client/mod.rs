@@ -11,6 +11,7 @@ pub mod groups;
 pub mod produce;
 pub mod rebalance;
 pub mod records;
+pub mod share_offsets;
 pub mod status;
 pub mod topics;
 pub mod transactions;

@@ -26,12 +26,14 @@ use kafka_protocol::messages::txn_offset_commit_response::{
     TxnOffsetCommitResponsePartition, TxnOffsetCommitResponseTopic,
 };
 use kafka_protocol::messages::{
-    ConsumerGroupHeartbeatRequest, ConsumerGroupHeartbeatResponse, ConsumerProtocolSubscription,
-    GroupId, HeartbeatRequest, JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest,
-    LeaveGroupResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetDeleteRequest,
-    OffsetDeleteResponse, ShareAcknowledgeRequest, ShareAcknowledgeResponse, ShareFetchRequest,
-    ShareFetchResponse, ShareGroupHeartbeatRequest, ShareGroupHeartbeatResponse, SyncGroupRequest,
-    SyncGroupResponse, TxnOffsetCommitRequest, TxnOffsetCommitResponse,
+    AlterShareGroupOffsetsRequest, AlterShareGroupOffsetsResponse, ConsumerGroupHeartbeatRequest,
+    ConsumerGroupHeartbeatResponse, ConsumerProtocolSubscription, DeleteShareGroupOffsetsRequest,
+    DeleteShareGroupOffsetsResponse, GroupId, HeartbeatRequest, JoinGroupRequest,
+    JoinGroupResponse, LeaveGroupRequest, LeaveGroupResponse, OffsetCommitRequest,
+    OffsetCommitResponse, OffsetDeleteRequest, OffsetDeleteResponse, ShareAcknowledgeRequest,
+    ShareAcknowledgeResponse, ShareFetchRequest, ShareFetchResponse, ShareGroupHeartbeatRequest,
+    ShareGroupHeartbeatResponse, SyncGroupRequest, SyncGroupResponse, TxnOffsetCommitRequest,
+    TxnOffsetCommitResponse,
 };
 use kafka_protocol::protocol::{Decodable, StrBytes};
 
@@ -151,6 +153,12 @@ pub enum GroupCall {
     ShareOffsets {
         group: String,
     },
+    AlterShareOffsets {
+        req: AlterShareGroupOffsetsRequest,
+    },
+    DeleteShareOffsets {
+        req: DeleteShareGroupOffsetsRequest,
+    },
 }
 
 impl GroupCall {
@@ -169,6 +177,8 @@ impl GroupCall {
             GroupCall::ShareHeartbeat { req, .. } => Some(&req.group_id.0),
             GroupCall::ShareFetch { req } => req.group_id.as_ref().map(|g| g.0.as_str()),
             GroupCall::ShareAcknowledge { req } => req.group_id.as_ref().map(|g| g.0.as_str()),
+            GroupCall::AlterShareOffsets { req } => Some(&req.group_id.0),
+            GroupCall::DeleteShareOffsets { req } => Some(&req.group_id.0),
             GroupCall::ShareDescribe { group }
             | GroupCall::AlterConfigs { group, .. }
             | GroupCall::DescribeConfigs { group }
@@ -218,6 +228,8 @@ pub enum GroupReply {
     DescribeConfigs(Vec<(String, String)>),
     /// A share group's share-partitions and their start offsets (None: not a share group).
     ShareOffsets(Option<Vec<(String, i32, i64)>>),
+    AlterShareOffsets(AlterShareGroupOffsetsResponse),
+    DeleteShareOffsets(DeleteShareGroupOffsetsResponse),
     /// Not answered here: in a cluster, this shard does not (yet) coordinate the group.
     Refused(ErrorCode),
 }
@@ -310,6 +322,15 @@ impl Group {
         self.members.is_empty()
             && self.consumer.as_ref().is_none_or(|c| c.members.is_empty())
             && self.share.as_ref().is_none_or(|s| s.members.is_empty())
+    }
+
+    /// Known only by configs set for it: no members, offsets, protocol or share state.
+    pub(super) fn is_bare(&self) -> bool {
+        self.is_empty()
+            && self.offsets.is_empty()
+            && self.consumer.is_none()
+            && self.share.is_none()
+            && self.protocol_type.is_none()
     }
 
     /// A dynamic group config, if set.
@@ -1159,6 +1180,12 @@ impl GroupCoordinator {
                     .await;
                 GroupReply::AlterConfigs(code, message)
             }
+            GroupCall::AlterShareOffsets { req } => {
+                GroupReply::AlterShareOffsets(self.alter_share_offsets(shard, req).await)
+            }
+            GroupCall::DeleteShareOffsets { req } => {
+                GroupReply::DeleteShareOffsets(self.delete_share_offsets(shard, req).await)
+            }
             GroupCall::ShareOffsets { group } => GroupReply::ShareOffsets(
                 self.groups
                     .borrow()
@@ -1776,13 +1803,7 @@ impl GroupCoordinator {
         let mut out: Vec<ListedGroup> = groups
             .values()
             // A group known only by configs set for it (Kafka lists it once it has members).
-            .filter(|g| {
-                !(g.is_empty()
-                    && g.offsets.is_empty()
-                    && g.consumer.is_none()
-                    && g.share.is_none()
-                    && g.protocol_type.is_none())
-            })
+            .filter(|g| !g.is_bare())
             .map(|g| {
                 let mut l = ListedGroup::default();
                 l.group_id = GroupId(sb(&g.id));

@@ -19,6 +19,7 @@ mod consumer_calls;
 pub mod coordinator;
 pub mod records;
 pub mod share;
+mod share_admin;
 mod share_calls;
 
 pub use coordinator::{

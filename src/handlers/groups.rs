@@ -11,16 +11,17 @@ use kafka_protocol::messages::offset_fetch_response::{
     OffsetFetchResponseTopic, OffsetFetchResponseTopics,
 };
 use kafka_protocol::messages::{
-    ConsumerGroupDescribeRequest, ConsumerGroupDescribeResponse, ConsumerGroupHeartbeatRequest,
-    ConsumerGroupHeartbeatResponse, DeleteGroupsRequest, DeleteGroupsResponse,
-    DescribeGroupsRequest, DescribeGroupsResponse, DescribeShareGroupOffsetsRequest,
-    DescribeShareGroupOffsetsResponse, GroupId, HeartbeatRequest, HeartbeatResponse,
-    JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest, LeaveGroupResponse, ListGroupsRequest,
-    ListGroupsResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetDeleteRequest,
-    OffsetDeleteResponse, OffsetFetchRequest, OffsetFetchResponse, ShareAcknowledgeRequest,
-    ShareAcknowledgeResponse, ShareFetchRequest, ShareFetchResponse, ShareGroupDescribeRequest,
-    ShareGroupDescribeResponse, ShareGroupHeartbeatRequest, ShareGroupHeartbeatResponse,
-    SyncGroupRequest, SyncGroupResponse,
+    AlterShareGroupOffsetsRequest, AlterShareGroupOffsetsResponse, ConsumerGroupDescribeRequest,
+    ConsumerGroupDescribeResponse, ConsumerGroupHeartbeatRequest, ConsumerGroupHeartbeatResponse,
+    DeleteGroupsRequest, DeleteGroupsResponse, DeleteShareGroupOffsetsRequest,
+    DeleteShareGroupOffsetsResponse, DescribeGroupsRequest, DescribeGroupsResponse,
+    DescribeShareGroupOffsetsRequest, DescribeShareGroupOffsetsResponse, GroupId, HeartbeatRequest,
+    HeartbeatResponse, JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest, LeaveGroupResponse,
+    ListGroupsRequest, ListGroupsResponse, OffsetCommitRequest, OffsetCommitResponse,
+    OffsetDeleteRequest, OffsetDeleteResponse, OffsetFetchRequest, OffsetFetchResponse,
+    ShareAcknowledgeRequest, ShareAcknowledgeResponse, ShareFetchRequest, ShareFetchResponse,
+    ShareGroupDescribeRequest, ShareGroupDescribeResponse, ShareGroupHeartbeatRequest,
+    ShareGroupHeartbeatResponse, SyncGroupRequest, SyncGroupResponse,
 };
 
 use super::{str_bytes, topic_name};
@@ -605,6 +606,38 @@ pub async fn share_describe(
     )
     .await;
     response
+}
+
+/// AlterShareGroupOffsets (KIP-932), at the group's coordinator.
+pub async fn alter_share_offsets(
+    shard: &Rc<Shard>,
+    req: AlterShareGroupOffsetsRequest,
+) -> AlterShareGroupOffsetsResponse {
+    let group = req.group_id.0.to_string();
+    match route(shard, &group, GroupCall::AlterShareOffsets { req }).await {
+        Ok(GroupReply::AlterShareOffsets(r)) => r,
+        other => {
+            let mut r = AlterShareGroupOffsetsResponse::default();
+            r.error_code = error_of(other).0;
+            r
+        }
+    }
+}
+
+/// DeleteShareGroupOffsets (KIP-932), at the group's coordinator.
+pub async fn delete_share_offsets(
+    shard: &Rc<Shard>,
+    req: DeleteShareGroupOffsetsRequest,
+) -> DeleteShareGroupOffsetsResponse {
+    let group = req.group_id.0.to_string();
+    match route(shard, &group, GroupCall::DeleteShareOffsets { req }).await {
+        Ok(GroupReply::DeleteShareOffsets(r)) => r,
+        other => {
+            let mut r = DeleteShareGroupOffsetsResponse::default();
+            r.error_code = error_of(other).0;
+            r
+        }
+    }
 }
 
 /// DescribeShareGroupOffsets (KIP-932): each share-partition's start offset (every record below

@@ -355,6 +355,18 @@ pub async fn dispatch(shard: &Rc<Shard>, frame: Bytes, peer: Option<SocketAddr>)
         RequestKind::DescribeShareGroupOffsets(r) => {
             encode_response(key, version, cid, &groups::share_offsets(shard, r).await)
         }
+        RequestKind::AlterShareGroupOffsets(r) => encode_response(
+            key,
+            version,
+            cid,
+            &groups::alter_share_offsets(shard, r).await,
+        ),
+        RequestKind::DeleteShareGroupOffsets(r) => encode_response(
+            key,
+            version,
+            cid,
+            &groups::delete_share_offsets(shard, r).await,
+        ),
         RequestKind::ShareFetch(r) => {
             encode_response(key, version, cid, &groups::share_fetch(shard, r).await)
         }
