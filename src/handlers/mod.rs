@@ -39,6 +39,8 @@ use crate::shard::Shard;
 /// What the connection does with a handled request.
 pub enum Outcome {
     Respond(Bytes),
+    /// A response in chunks written in order (a fetch response's record batches by reference).
+    RespondChunks(Vec<Bytes>),
     /// `acks=0` produce: Kafka sends nothing back.
     NoResponse,
     Close(String),
@@ -158,7 +160,17 @@ pub async fn dispatch(shard: &Rc<Shard>, frame: Bytes, peer: Option<SocketAddr>)
             encode_response(key, version, cid, &response)
         }
         RequestKind::Fetch(r) => {
-            encode_response(key, version, cid, &fetch::handle(shard, r, version).await)
+            let response = fetch::handle(shard, r, version).await;
+            let payloads = response
+                .responses
+                .iter()
+                .flat_map(|t| t.partitions.iter().filter_map(|p| p.records.as_ref()));
+            return match protocol::chunked::encode_response_chunks(
+                key, version, cid, &response, payloads,
+            ) {
+                Ok(chunks) => Outcome::RespondChunks(chunks),
+                Err(e) => respond(Err(e)),
+            };
         }
         RequestKind::ListOffsets(r) => encode_response(
             key,

@@ -18,6 +18,8 @@
     )
 )]
 
+pub mod chunked;
+
 use anyhow::Result;
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{ApiKey, RequestHeader, ResponseHeader};

@@ -353,6 +353,11 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream, budget: Rc<RequestBudge
             let (outcome, _permit) = task.await;
             match outcome {
                 Outcome::Respond(bytes) => writer_stream.write_all(&bytes).await?,
+                Outcome::RespondChunks(chunks) => {
+                    for c in &chunks {
+                        writer_stream.write_all(c).await?;
+                    }
+                }
                 Outcome::NoResponse => {}
                 Outcome::Close(reason) => {
                     tracing::warn!(?peer, %reason, "closing connection");
@@ -392,6 +397,10 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream, budget: Rc<RequestBudge
                 let outcome = handlers::dispatch(&shard, frame, peer).await;
                 match &outcome {
                     Outcome::Respond(bytes) => metrics::add(Counter::BytesOut, bytes.len() as u64),
+                    Outcome::RespondChunks(chunks) => metrics::add(
+                        Counter::BytesOut,
+                        chunks.iter().map(|c| c.len() as u64).sum(),
+                    ),
                     Outcome::NoResponse | Outcome::Close(_) => {}
                 }
                 metrics::record_request(
