@@ -376,3 +376,79 @@ def test_share_group_offsets_reset_and_delete_with_strom_group(sbroker):
     ]:
         out = strom("group", *args, "--bootstrap", bs)
         assert out.returncode != 0 and error in out.stderr, (args, out)
+
+
+def test_read_committed_share_group_gets_committed_records_only(sbroker):
+    """Group config share.isolation.level=read_committed: records of aborted transactions are
+    never delivered, those of an open one only once it commits; a read_uncommitted group on the
+    same topic gets everything (so the check can tell the two apart)."""
+    bs = sbroker.bootstrap
+    setup(bs, "txq", "committed-only", 0)
+    admin = AdminClient({"bootstrap.servers": bs})
+    for group, level in [("committed-only", "read_committed"), ("everything", "read_uncommitted")]:
+        configs = [ConfigEntry("share.auto.offset.reset", "earliest",
+                               incremental_operation=AlterConfigOpType.SET),
+                   ConfigEntry("share.isolation.level", level,
+                               incremental_operation=AlterConfigOpType.SET)]
+        resource = ConfigResource(ResourceType.GROUP, group, incremental_configs=configs)
+        for f in admin.incremental_alter_configs([resource]).values():
+            f.result(30)
+    bad = ConfigResource(ResourceType.GROUP, "committed-only", incremental_configs=[
+        ConfigEntry("share.isolation.level", "serializable",
+                    incremental_operation=AlterConfigOpType.SET)])
+    with pytest.raises(Exception, match="share.isolation.level"):
+        for f in admin.incremental_alter_configs([bad]).values():
+            f.result(30)
+
+    tp = Producer({"bootstrap.servers": bs, "transactional.id": "share-txn", "linger.ms": 5})
+    tp.init_transactions(30)
+
+    def txn(prefix, n, commit):
+        tp.begin_transaction()
+        for i in range(n):
+            tp.produce("txq", value=f"{prefix}-{i}".encode())
+        assert tp.flush(30) == 0
+        if commit:
+            tp.commit_transaction(30)
+        else:
+            tp.abort_transaction(30)
+
+    txn("c", 10, True)
+    txn("a", 10, False)
+    plain = Producer({"bootstrap.servers": bs, "acks": "all"})
+    for i in range(5):
+        plain.produce("txq", value=f"n-{i}".encode())
+    assert plain.flush(30) == 0
+    txn("c2", 10, True)
+    # An open transaction: written, not yet committed.
+    tp.begin_transaction()
+    for i in range(5):
+        tp.produce("txq", value=f"o-{i}".encode())
+    assert tp.flush(30) == 0
+
+    def read(group, want, extra_wait=1.0):
+        c = consumer(bs, group)
+        c.subscribe(["txq"])
+        got = []
+        try:
+            def collect():
+                got.extend(m.value().decode() for m in poll(c, 0.5))
+                return len(got) >= want
+            wait_until(collect, 60, f"{want} records for {group}")
+            deadline = time.time() + extra_wait
+            while time.time() < deadline:
+                collect()
+        finally:
+            c.close()
+        return got
+
+    committed = ([f"c-{i}" for i in range(10)] + [f"n-{i}" for i in range(5)]
+                 + [f"c2-{i}" for i in range(10)])
+    got = read("committed-only", 25)
+    assert sorted(got) == sorted(committed), got
+    everything = read("everything", 40)
+    assert sorted(everything) == sorted(committed + [f"a-{i}" for i in range(10)]
+                                        + [f"o-{i}" for i in range(5)]), everything
+    tp.commit_transaction(30)
+    later = read("committed-only", 5)
+    assert sorted(later) == [f"o-{i}" for i in range(5)], later

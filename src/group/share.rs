@@ -72,6 +72,9 @@ pub struct Limits {
     pub record_locks_max: usize,
     /// `group.share.max.size`: members per share group.
     pub members_max: usize,
+    /// The group config `share.isolation.level=read_committed`: records are read up to the
+    /// last stable offset, and those of aborted transactions are archived, never delivered.
+    pub read_committed: bool,
 }
 
 /// One run of acquired offsets with the same delivery count, as ShareFetch reports it.
@@ -653,6 +656,7 @@ mod tests {
             delivery_count_limit: 3,
             record_locks_max: 100,
             members_max: 200,
+            read_committed: false,
         }
     }
 

@@ -41,6 +41,7 @@ use super::share::{
 use crate::model::{ErrorCode, Offset, TopicPartition};
 use crate::shard::{join_all, PartitionRead, Reply, Request, Shard};
 use crate::storage::batch::BatchHeader;
+use crate::storage::txn::AbortedTxn;
 use crate::storage::ReadResult;
 
 fn sb(s: &str) -> StrBytes {
@@ -57,8 +58,10 @@ type AckBatch = (i64, i64, Vec<i8>);
 /// Each acknowledged partition's result, and the share-partitions whose durable state changed.
 type AckOutcome = (Vec<((TopicId, i32), ErrorCode)>, Vec<(String, i32)>);
 
-/// The (first, last, is control) offsets of each whole batch in `bytes`, with where it ends.
-fn batch_spans(bytes: &[u8]) -> Vec<(i64, i64, bool, usize)> {
+/// The (first, last, never delivered) offsets of each whole batch in `bytes`, with where it ends.
+/// Control batches (transaction markers) are never delivered, nor, for a `read_committed` read,
+/// the batches of the aborted transactions in `aborted`.
+fn batch_spans(bytes: &[u8], aborted: &[AbortedTxn]) -> Vec<(i64, i64, bool, usize)> {
     let mut out = Vec::new();
     let mut pos = 0;
     while pos < bytes.len() {
@@ -69,7 +72,12 @@ fn batch_spans(bytes: &[u8]) -> Vec<(i64, i64, bool, usize)> {
             break;
         }
         pos += h.size_bytes;
-        out.push((h.base_offset.0, h.last_offset().0, h.is_control(), pos));
+        let first = h.base_offset.0;
+        let in_aborted = h.is_transactional()
+            && aborted.iter().any(|a| {
+                a.producer_id == h.producer_id && a.first_offset <= first && first <= a.last_offset
+            });
+        out.push((first, h.last_offset().0, h.is_control() || in_aborted, pos));
     }
     out
 }
@@ -132,6 +140,7 @@ async fn wait_for_records(
     shard: &Rc<Shard>,
     positions: Vec<(TopicPartition, Offset)>,
     wait: Duration,
+    committed: bool,
 ) {
     let mut by_owner: BTreeMap<usize, Vec<(TopicPartition, Offset)>> = BTreeMap::new();
     for (tp, offset) in positions {
@@ -152,7 +161,7 @@ async fn wait_for_records(
                         Request::WaitForData {
                             positions,
                             timeout_ms,
-                            committed: false,
+                            committed,
                         },
                     )
                     .await
@@ -206,6 +215,8 @@ impl GroupCoordinator {
             delivery_count_limit: self.config.group_share_delivery_count_limit,
             record_locks_max: self.config.group_share_partition_record_locks_max,
             members_max: self.config.group_share_max_size,
+            read_committed: group.and_then(|g| g.config_value("share.isolation.level"))
+                == Some("read_committed"),
         }
     }
 
@@ -420,7 +431,7 @@ impl GroupCoordinator {
         group_id: &str,
         wanted: &[(String, i32)],
     ) -> Vec<(String, i32)> {
-        let (missing, earliest) = {
+        let (missing, earliest, committed) = {
             let groups = self.groups.borrow();
             let Some(g) = groups.get(group_id) else {
                 return Vec::new();
@@ -434,7 +445,8 @@ impl GroupCoordinator {
                 .cloned()
                 .collect();
             let earliest = g.config_value("share.auto.offset.reset") == Some("earliest");
-            (missing, earliest)
+            let committed = g.config_value("share.isolation.level") == Some("read_committed");
+            (missing, earliest, committed)
         };
         let mut started = Vec::new();
         for (topic, p) in missing {
@@ -447,7 +459,7 @@ impl GroupCoordinator {
                         tp,
                         timestamp,
                         current_leader_epoch: -1,
-                        committed: false,
+                        committed,
                     },
                 ));
             let reply = call.await;
@@ -628,7 +640,7 @@ impl GroupCoordinator {
                 futures_lite::future::or(
                     released,
                     futures_lite::future::or(
-                        wait_for_records(shard, positions, wait),
+                        wait_for_records(shard, positions, wait, limits.read_committed),
                         glommio::timer::sleep(wait),
                     ),
                 )
@@ -691,7 +703,7 @@ impl GroupCoordinator {
                 offset: Offset(*offset),
                 max_bytes: SHARE_READ_BYTES_MAX,
                 current_leader_epoch: -1,
-                committed: false,
+                committed: limits.read_committed,
             })
             .collect();
         let results = read_partitions(shard, reads).await;
@@ -739,7 +751,7 @@ impl GroupCoordinator {
             if room == 0 {
                 continue;
             }
-            let spans = batch_spans(&read.records);
+            let spans = batch_spans(&read.records, &read.aborted);
             let batches: Vec<(i64, i64, bool)> =
                 spans.iter().map(|(f, l, c, _)| (*f, *l, *c)).collect();
             let got = sp.acquire(&batches, member, left.min(room), limits, now);
@@ -954,7 +966,11 @@ impl GroupCoordinator {
 }
 
 /// The group configs strom applies, with their check.
-const GROUP_CONFIGS: &[&str] = &["share.auto.offset.reset", "share.record.lock.duration.ms"];
+const GROUP_CONFIGS: &[&str] = &[
+    "share.auto.offset.reset",
+    "share.isolation.level",
+    "share.record.lock.duration.ms",
+];
 
 fn check_group_config(name: &str, value: &str) -> Result<(), String> {
     match name {
@@ -963,6 +979,13 @@ fn check_group_config(name: &str, value: &str) -> Result<(), String> {
             _ => Err(format!(
                 "Invalid value {value} for configuration share.auto.offset.reset: \
                  strom takes earliest or latest"
+            )),
+        },
+        "share.isolation.level" => match value {
+            "read_committed" | "read_uncommitted" => Ok(()),
+            _ => Err(format!(
+                "Invalid value {value} for configuration share.isolation.level: \
+                 read_committed or read_uncommitted"
             )),
         },
         "share.record.lock.duration.ms" => match value.parse::<u64>() {
