@@ -452,3 +452,49 @@ def test_read_committed_share_group_gets_committed_records_only(sbroker):
     tp.commit_transaction(30)
     later = read("committed-only", 5)
     assert sorted(later) == [f"o-{i}" for i in range(5)], later
+
+
+def test_share_auto_offset_reset_by_duration_starts_at_records_that_recent(sbroker):
+    """share.auto.offset.reset=by_duration:PT1H: a new share-partition starts at the first record
+    of the last hour; with none that recent it starts at the end."""
+    bs = sbroker.bootstrap
+    admin = AdminClient({"bootstrap.servers": bs})
+    admin.create_topics([NewTopic("timed", 1, 1), NewTopic("stale", 1, 1)])["timed"].result(30)
+    resource = ConfigResource(ResourceType.GROUP, "recent", incremental_configs=[
+        ConfigEntry("share.auto.offset.reset", "by_duration:PT1H",
+                    incremental_operation=AlterConfigOpType.SET)])
+    for f in admin.incremental_alter_configs([resource]).values():
+        f.result(30)
+    bad = ConfigResource(ResourceType.GROUP, "recent", incremental_configs=[
+        ConfigEntry("share.auto.offset.reset", "by_duration:-PT1H",
+                    incremental_operation=AlterConfigOpType.SET)])
+    with pytest.raises(Exception, match="share.auto.offset.reset"):
+        for f in admin.incremental_alter_configs([bad]).values():
+            f.result(30)
+    p = Producer({"bootstrap.servers": bs, "acks": "all"})
+    two_hours_ago = int(time.time() * 1000) - 2 * 3600 * 1000
+    for i in range(10):
+        p.produce("timed", value=f"old-{i}".encode(), timestamp=two_hours_ago + i)
+        p.produce("stale", value=f"old-{i}".encode(), timestamp=two_hours_ago + i)
+    for i in range(10):
+        p.produce("timed", value=f"new-{i}".encode())
+    assert p.flush(30) == 0
+
+    c = consumer(bs, "recent")
+    c.subscribe(["timed", "stale"])
+    got = []
+    try:
+        def collect():
+            got.extend((m.topic(), m.value().decode()) for m in poll(c, 0.5))
+            return len(got) >= 10
+        wait_until(collect, 60, "the recent records")
+        # The stale topic's partition starts at its end (10): nothing there is that recent.
+        wait_until(lambda: ["stale", "0", "10", "10", "0"] in start_row(bs, "recent")[1], 30,
+                   "the stale partition to start at its end")
+        p.produce("stale", value=b"later")
+        assert p.flush(30) == 0
+        wait_until(lambda: collect() and ("stale", "later") in got, 60, "the later record")
+    finally:
+        c.close()
+    assert sorted(got) == sorted([("timed", f"new-{i}") for i in range(10)]
+                                 + [("stale", "later")]), got

@@ -431,7 +431,7 @@ impl GroupCoordinator {
         group_id: &str,
         wanted: &[(String, i32)],
     ) -> Vec<(String, i32)> {
-        let (missing, earliest, committed) = {
+        let (missing, timestamp, committed) = {
             let groups = self.groups.borrow();
             let Some(g) = groups.get(group_id) else {
                 return Vec::new();
@@ -444,25 +444,41 @@ impl GroupCoordinator {
                 .filter(|k| !sg.partitions.contains_key(*k))
                 .cloned()
                 .collect();
-            let earliest = g.config_value("share.auto.offset.reset") == Some("earliest");
+            let reset = g
+                .config_value("share.auto.offset.reset")
+                .unwrap_or("latest");
+            // -2 the log start, -1 the end, else the first record at or after that time.
+            let timestamp = match reset {
+                "earliest" => -2,
+                other => match other.strip_prefix("by_duration:").and_then(duration_ms) {
+                    Some(ms) => (crate::storage::partition::now_ms() as i64).saturating_sub(ms),
+                    None => -1,
+                },
+            };
             let committed = g.config_value("share.isolation.level") == Some("read_committed");
-            (missing, earliest, committed)
+            (missing, timestamp, committed)
         };
         let mut started = Vec::new();
         for (topic, p) in missing {
             let tp = TopicPartition::new(&topic, p);
-            let timestamp = if earliest { -2 } else { -1 };
-            let call: std::pin::Pin<Box<dyn std::future::Future<Output = Reply>>> =
-                Box::pin(shard.call(
-                    shard.owner_of(&tp),
-                    Request::ListOffset {
-                        tp,
-                        timestamp,
-                        current_leader_epoch: -1,
-                        committed,
-                    },
-                ));
-            let reply = call.await;
+            let list = |timestamp: i64| {
+                let call: std::pin::Pin<Box<dyn std::future::Future<Output = Reply>>> =
+                    Box::pin(shard.call(
+                        shard.owner_of(&tp),
+                        Request::ListOffset {
+                            tp: tp.clone(),
+                            timestamp,
+                            current_leader_epoch: -1,
+                            committed,
+                        },
+                    ));
+                call
+            };
+            let mut reply = list(timestamp).await;
+            if timestamp >= 0 && matches!(reply, Reply::ListOffset(Ok(None))) {
+                // Nothing as recent as the duration asks: start at the end, as Kafka does.
+                reply = list(-1).await;
+            }
             let Reply::ListOffset(Ok(Some((offset, _)))) = reply else {
                 continue;
             };
@@ -965,6 +981,51 @@ impl GroupCoordinator {
     }
 }
 
+/// An ISO-8601 duration as Java's `Duration.parse` reads it (`PnDTnHnMn.nS`, each part
+/// optional, at least one), in milliseconds; None for anything else or a negative one.
+fn duration_ms(text: &str) -> Option<i64> {
+    let rest = text.strip_prefix('P').or_else(|| text.strip_prefix('p'))?;
+    let (days, time) = match rest.find(['T', 't']) {
+        Some(at) => (&rest[..at], Some(&rest[at + 1..])),
+        None => (rest, None),
+    };
+    let mut total: i64 = 0;
+    let mut parts = 0;
+    if !days.is_empty() {
+        let n = days.strip_suffix(['D', 'd'])?.parse::<i64>().ok()?;
+        total = total.checked_add(n.checked_mul(86_400_000)?)?;
+        parts += 1;
+    }
+    if let Some(mut time) = time {
+        if time.is_empty() {
+            return None;
+        }
+        for (unit, ms) in [('H', 3_600_000i64), ('M', 60_000)] {
+            if let Some(at) = time.find([unit, unit.to_ascii_lowercase()]) {
+                let n = time[..at].parse::<i64>().ok()?;
+                total = total.checked_add(n.checked_mul(ms)?)?;
+                time = &time[at + 1..];
+                parts += 1;
+            }
+        }
+        if !time.is_empty() {
+            let secs = time.strip_suffix(['S', 's'])?;
+            let (whole, fraction) = secs.split_once('.').unwrap_or((secs, ""));
+            if whole.is_empty()
+                || fraction.len() > 9
+                || !fraction.bytes().all(|b| b.is_ascii_digit())
+            {
+                return None;
+            }
+            let millis = format!("{fraction:0<3}")[..3].parse::<i64>().ok()?;
+            total = total.checked_add(whole.parse::<i64>().ok()?.checked_mul(1000)?)?;
+            total = total.checked_add(millis)?;
+            parts += 1;
+        }
+    }
+    (parts > 0 && total >= 0 && !text.contains('-')).then_some(total)
+}
+
 /// The group configs strom applies, with their check.
 const GROUP_CONFIGS: &[&str] = &[
     "share.auto.offset.reset",
@@ -976,9 +1037,16 @@ fn check_group_config(name: &str, value: &str) -> Result<(), String> {
     match name {
         "share.auto.offset.reset" => match value {
             "earliest" | "latest" => Ok(()),
+            v if v
+                .strip_prefix("by_duration:")
+                .and_then(duration_ms)
+                .is_some() =>
+            {
+                Ok(())
+            }
             _ => Err(format!(
                 "Invalid value {value} for configuration share.auto.offset.reset: \
-                 strom takes earliest or latest"
+                 earliest, latest or by_duration:<ISO-8601 duration, such as PT1H30M>"
             )),
         },
         "share.isolation.level" => match value {
@@ -1056,5 +1124,36 @@ impl GroupCoordinator {
             .or_insert_with(|| Group::new(group_id))
             .configs = configs;
         (ErrorCode::NONE, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::duration_ms;
+
+    #[test]
+    fn iso_8601_durations_as_java_reads_them() {
+        assert_eq!(duration_ms("PT1H"), Some(3_600_000));
+        assert_eq!(duration_ms("PT1H30M"), Some(5_400_000));
+        assert_eq!(duration_ms("P1D"), Some(86_400_000));
+        assert_eq!(duration_ms("P2DT3H4M5.25S"), Some(183_845_250));
+        assert_eq!(duration_ms("PT0.5S"), Some(500));
+        assert_eq!(duration_ms("PT15S"), Some(15_000));
+        for bad in [
+            "",
+            "P",
+            "PT",
+            "1H",
+            "PT-1H",
+            "P-1D",
+            "PT1.S5",
+            "PT1X",
+            "PTS",
+            "PT1.1234567891S",
+            "P99999999999999999D",
+            "PT1M1H",
+        ] {
+            assert_eq!(duration_ms(bad), None, "{bad}");
+        }
     }
 }
