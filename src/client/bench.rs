@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use hdrhistogram::Histogram;
 use kafka_protocol::messages::create_topics_request::CreatableTopic;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
@@ -35,6 +35,7 @@ use kafka_protocol::protocol::{Encodable, StrBytes};
 use kafka_protocol::records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions};
 use serde::Deserialize;
 
+use super::records::BatchWriter;
 use super::Connection;
 
 const PRODUCE_VERSION: i16 = 7;
@@ -384,26 +385,23 @@ fn consume(address: String, topic: String, partitions: Vec<i32>, stats: Arc<Stat
                     continue;
                 }
                 let start = offsets.get(&p.partition_index).copied().unwrap_or(0);
-                for set in crate::storage::records::decode_record_sets(records)? {
-                    for r in set.records {
-                        if r.offset < start {
-                            continue;
-                        }
-                        offsets.insert(p.partition_index, r.offset + 1);
-                        let Some(value) = r.value else { continue };
-                        if value.len() < 8 {
-                            continue;
-                        }
-                        let sent = u64::from_be_bytes(value[..8].try_into().unwrap_or_default());
-                        if sent < stats.measure_from_ns.load(Ordering::Relaxed) {
-                            continue;
-                        }
+                let measure_from = stats.measure_from_ns.load(Ordering::Relaxed);
+                let mut bytes = 0u64;
+                // The bounded reader of `strom consume`: values are slices of the response.
+                let next = super::records::for_each(&records, start, |r| {
+                    let Some(value) = r.value else { return true };
+                    let Some(head) = value.get(..8) else {
+                        return true;
+                    };
+                    let sent = u64::from_be_bytes(head.try_into().unwrap_or_default());
+                    if sent >= measure_from {
                         latencies.push(now.saturating_sub(sent) / 1000);
-                        stats
-                            .consumed_bytes
-                            .fetch_add(value.len() as u64, Ordering::Relaxed);
+                        bytes += value.len() as u64;
                     }
-                }
+                    true
+                })?;
+                offsets.insert(p.partition_index, next);
+                stats.consumed_bytes.fetch_add(bytes, Ordering::Relaxed);
             }
         }
         if !latencies.is_empty() {
@@ -545,15 +543,21 @@ fn produce(w: Workload, setup: ProducerSetup, stats: Arc<Stats>) -> Result<()> {
             stats.now_ns()
         };
         let offset = (sent as usize * 31) % 4096;
-        let mut value = BytesMut::with_capacity(w.message_size);
-        value.put_u64(intended);
-        value.extend_from_slice(&payload_source[offset + 8..offset + w.message_size]);
         let key = match w.key_distribution.as_str() {
-            "KEY_ROUND_ROBIN" => Some(Bytes::from((sent % 10_000).to_string())),
-            "RANDOM_NANO" => Some(Bytes::from(stats.now_ns().to_string())),
+            "KEY_ROUND_ROBIN" => Some((sent % 10_000).to_string()),
+            "RANDOM_NANO" => Some(stats.now_ns().to_string()),
             _ => None,
         };
-        out.add(partition, intended, key, value.freeze());
+        // The value: the intended send time (for the consumer's end-to-end latency), then payload.
+        out.add(
+            partition,
+            intended,
+            key.as_deref().map(str::as_bytes),
+            &[
+                &intended.to_be_bytes(),
+                &payload_source[offset + 8..offset + w.message_size],
+            ],
+        );
         sent += 1;
         let due = out.pending_bytes >= w.batch_size || out.first_pending.elapsed() >= linger;
         let full = out.pending_bytes >= w.batch_size * setup.partitions.len();
@@ -584,27 +588,49 @@ struct Outbox {
     acks: i16,
     options: RecordEncodeOptions,
     in_flight: Arc<AtomicU64>,
-    pending: BTreeMap<i32, Vec<Record>>,
+    pending: BTreeMap<i32, Pending>,
     pending_ns: Vec<u64>,
     pending_bytes: usize,
     first_pending: Instant,
     correlation: i32,
 }
 
+/// A partition's records waiting to be sent: written straight into their batch when it goes
+/// uncompressed (the common case), else kept for kafka-protocol's encoder to compress.
+enum Pending {
+    Direct(BatchWriter),
+    Records(Vec<Record>),
+}
+
 impl Outbox {
-    fn add(&mut self, partition: i32, intended_ns: u64, key: Option<Bytes>, value: Bytes) {
+    /// Adds one record whose value is `value` (its parts one after another).
+    fn add(&mut self, partition: i32, intended_ns: u64, key: Option<&[u8]>, value: &[&[u8]]) {
         if self.pending_ns.is_empty() {
             self.first_pending = Instant::now();
         }
-        self.pending_bytes += value.len();
-        let batch = self.pending.entry(partition).or_default();
-        let index = batch.len() as i64;
-        batch.push(crate::storage::records::plain_record(
-            index,
-            crate::storage::partition::now_ms() as i64,
-            key,
-            Some(value),
-        ));
+        let value_len: usize = value.iter().map(|p| p.len()).sum();
+        self.pending_bytes += value_len;
+        let now_ms = crate::storage::partition::now_ms() as i64;
+        let direct = self.options.compression == Compression::None;
+        let batch = self.pending.entry(partition).or_insert_with(|| {
+            if direct {
+                Pending::Direct(BatchWriter::new(64 * 1024))
+            } else {
+                Pending::Records(Vec::new())
+            }
+        });
+        match batch {
+            Pending::Direct(w) => w.push_parts(now_ms, key, value),
+            Pending::Records(records) => {
+                let index = records.len() as i64;
+                records.push(crate::storage::records::plain_record(
+                    index,
+                    now_ms,
+                    key.map(Bytes::copy_from_slice),
+                    Some(Bytes::from(value.concat())),
+                ));
+            }
+        }
         self.pending_ns.push(intended_ns);
     }
 
@@ -612,12 +638,18 @@ impl Outbox {
     fn flush(&mut self) -> Result<()> {
         let mut td = TopicProduceData::default();
         td.name = TopicName(StrBytes::from_string(self.topic.clone()));
-        for (partition, records) in std::mem::take(&mut self.pending) {
-            let mut buf = BytesMut::new();
-            RecordBatchEncoder::encode(&mut buf, &records, &self.options)?;
+        for (partition, pending) in std::mem::take(&mut self.pending) {
+            let records = match pending {
+                Pending::Direct(w) => w.finish(),
+                Pending::Records(records) => {
+                    let mut buf = BytesMut::new();
+                    RecordBatchEncoder::encode(&mut buf, &records, &self.options)?;
+                    buf.freeze()
+                }
+            };
             let mut pd = PartitionProduceData::default();
             pd.index = partition;
-            pd.records = Some(buf.freeze());
+            pd.records = Some(records);
             td.partition_data.push(pd);
         }
         let mut req = ProduceRequest::default();
@@ -647,13 +679,22 @@ impl Outbox {
         self.tx
             .send(flight)
             .map_err(|_| anyhow::anyhow!("the producer's reader stopped"))?;
-        write_request(
-            &mut self.stream,
+        // The batches go to the socket as they are, not copied into the request's buffer.
+        let payloads = req.topic_data[0]
+            .partition_data
+            .iter()
+            .filter_map(|p| p.records.as_ref());
+        let chunks = super::encode_request_chunks(
             ApiKey::Produce,
             PRODUCE_VERSION,
             self.correlation,
             &req,
-        )
+            payloads,
+        )?;
+        for c in &chunks {
+            self.stream.write_all(c)?;
+        }
+        Ok(())
     }
 }
 

@@ -88,13 +88,43 @@ pub fn encode_request<R: Encodable>(
     header.request_api_version = version;
     header.correlation_id = correlation_id;
     header.client_id = Some(StrBytes::from_static_str("strom-cli"));
-    let mut buf = BytesMut::new();
-    buf.put_i32(0);
-    header.encode(&mut buf, key.request_header_version(version))?;
+    let header_version = key.request_header_version(version);
+    // Sized up front: a produce request of megabytes would otherwise be copied at every doubling.
+    let size = header.compute_size(header_version)? + req.compute_size(version)?;
+    let mut buf = BytesMut::with_capacity(4 + size);
+    buf.put_i32(i32::try_from(size)?);
+    header.encode(&mut buf, header_version)?;
     req.encode(&mut buf, version)?;
-    let len = i32::try_from(buf.len() - 4)?;
-    buf[0..4].copy_from_slice(&len.to_be_bytes());
     Ok(buf)
+}
+
+/// [`encode_request`] into chunks: the payloads of at least
+/// [`crate::protocol::chunked::SHARED_MIN_BYTES`] among `payloads` (a produce request's batches)
+/// are referenced, not copied; the chunks are written in order.
+pub fn encode_request_chunks<'a, R: Encodable>(
+    key: ApiKey,
+    version: i16,
+    correlation_id: i32,
+    req: &R,
+    payloads: impl IntoIterator<Item = &'a Bytes>,
+) -> Result<Vec<Bytes>> {
+    use kafka_protocol::protocol::buf::ByteBufMut;
+    let mut header = RequestHeader::default();
+    header.request_api_key = key as i16;
+    header.request_api_version = version;
+    header.correlation_id = correlation_id;
+    header.client_id = Some(StrBytes::from_static_str("strom-cli"));
+    let header_version = key.request_header_version(version);
+    let size = header.compute_size(header_version)? + req.compute_size(version)?;
+    let mut buf = crate::protocol::chunked::ChunkedBuf::new(payloads, 4 * 1024);
+    buf.put_i32(i32::try_from(size)?);
+    header.encode(&mut buf, header_version)?;
+    req.encode(&mut buf, version)?;
+    anyhow::ensure!(
+        buf.offset() == size + 4,
+        "{key:?} v{version} encoded to another size"
+    );
+    Ok(buf.finish())
 }
 
 /// Reads one response frame (bounded by [`RESPONSE_SIZE_BYTES_MAX`]) and decodes it; returns the
@@ -119,4 +149,41 @@ pub fn read_response<R: Decodable>(
         tracing::debug!(left = body.remaining(), ?key, "response had trailing bytes");
     }
     Ok((header.correlation_id, response))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+    use kafka_protocol::messages::{ProduceRequest, TopicName};
+
+    #[test]
+    fn a_chunked_request_is_the_one_buffer_request_with_its_batches_shared() {
+        let mut w = records::BatchWriter::new(0);
+        for i in 0..40u8 {
+            w.push(1_000, None, &[i; 1000]);
+        }
+        let batch = w.finish();
+        let mut td = TopicProduceData::default();
+        td.name = TopicName(StrBytes::from_static_str("t"));
+        for p in 0..3 {
+            let mut pd = PartitionProduceData::default();
+            pd.index = p;
+            pd.records = Some(batch.clone());
+            td.partition_data.push(pd);
+        }
+        let mut req = ProduceRequest::default();
+        req.acks = -1;
+        req.topic_data = vec![td];
+        let whole = encode_request(ApiKey::Produce, 9, 5, &req).unwrap();
+        let chunks =
+            encode_request_chunks(ApiKey::Produce, 9, 5, &req, std::iter::once(&batch)).unwrap();
+        let joined: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+        assert_eq!(joined, whole.to_vec());
+        let shared = chunks
+            .iter()
+            .filter(|c| c.as_ptr() == batch.as_ptr())
+            .count();
+        assert_eq!(shared, 3);
+    }
 }
