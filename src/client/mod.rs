@@ -76,6 +76,16 @@ impl Connection {
     }
 }
 
+/// The header strom's clients send with each request.
+fn request_header(key: ApiKey, version: i16, correlation_id: i32) -> RequestHeader {
+    let mut header = RequestHeader::default();
+    header.request_api_key = key as i16;
+    header.request_api_version = version;
+    header.correlation_id = correlation_id;
+    header.client_id = Some(StrBytes::from_static_str("strom-cli"));
+    header
+}
+
 /// A size-prefixed request frame.
 pub fn encode_request<R: Encodable>(
     key: ApiKey,
@@ -83,11 +93,7 @@ pub fn encode_request<R: Encodable>(
     correlation_id: i32,
     req: &R,
 ) -> Result<BytesMut> {
-    let mut header = RequestHeader::default();
-    header.request_api_key = key as i16;
-    header.request_api_version = version;
-    header.correlation_id = correlation_id;
-    header.client_id = Some(StrBytes::from_static_str("strom-cli"));
+    let header = request_header(key, version, correlation_id);
     let header_version = key.request_header_version(version);
     // Sized up front: a produce request of megabytes would otherwise be copied at every doubling.
     let size = header.compute_size(header_version)? + req.compute_size(version)?;
@@ -108,23 +114,13 @@ pub fn encode_request_chunks<'a, R: Encodable>(
     req: &R,
     payloads: impl IntoIterator<Item = &'a Bytes>,
 ) -> Result<Vec<Bytes>> {
-    use kafka_protocol::protocol::buf::ByteBufMut;
-    let mut header = RequestHeader::default();
-    header.request_api_key = key as i16;
-    header.request_api_version = version;
-    header.correlation_id = correlation_id;
-    header.client_id = Some(StrBytes::from_static_str("strom-cli"));
-    let header_version = key.request_header_version(version);
-    let size = header.compute_size(header_version)? + req.compute_size(version)?;
-    let mut buf = crate::protocol::chunked::ChunkedBuf::new(payloads, 4 * 1024);
-    buf.put_i32(i32::try_from(size)?);
-    header.encode(&mut buf, header_version)?;
-    req.encode(&mut buf, version)?;
-    anyhow::ensure!(
-        buf.offset() == size + 4,
-        "{key:?} v{version} encoded to another size"
-    );
-    Ok(buf.finish())
+    crate::protocol::chunked::encode_frame_chunks(
+        &request_header(key, version, correlation_id),
+        key.request_header_version(version),
+        req,
+        version,
+        payloads,
+    )
 }
 
 /// Reads one response frame (bounded by [`RESPONSE_SIZE_BYTES_MAX`]) and decodes it; returns the

@@ -121,6 +121,29 @@ impl ByteBufMut for ChunkedBuf {
     }
 }
 
+/// A size-prefixed frame (`header` at `header_version`, then `body` at `version`) in chunks: the
+/// payloads of at least [`SHARED_MIN_BYTES`] among `payloads` are referenced, not copied.
+pub fn encode_frame_chunks<'a, H: Encodable, M: Encodable>(
+    header: &H,
+    header_version: i16,
+    body: &M,
+    version: i16,
+    payloads: impl IntoIterator<Item = &'a Bytes>,
+) -> Result<Vec<Bytes>> {
+    let size = header.compute_size(header_version)? + body.compute_size(version)?;
+    let mut buf = ChunkedBuf::new(payloads, 4 * 1024);
+    buf.put_i32(i32::try_from(size)?);
+    header.encode(&mut buf, header_version)?;
+    body.encode(&mut buf, version)?;
+    anyhow::ensure!(
+        buf.offset() == size + 4,
+        "v{version} encoded to {} bytes, sized {}",
+        buf.offset(),
+        size + 4
+    );
+    Ok(buf.finish())
+}
+
 /// [`super::encode_response`] into chunks: the payloads of at least [`SHARED_MIN_BYTES`] among
 /// `payloads` are referenced, not copied.
 pub fn encode_response_chunks<'a, M: Encodable>(
@@ -130,21 +153,15 @@ pub fn encode_response_chunks<'a, M: Encodable>(
     body: &M,
     payloads: impl IntoIterator<Item = &'a Bytes>,
 ) -> Result<Vec<Bytes>> {
-    let header_version = key.response_header_version(version);
     let mut header = ResponseHeader::default();
     header.correlation_id = correlation_id;
-    let size = header.compute_size(header_version)? + body.compute_size(version)?;
-    let mut buf = ChunkedBuf::new(payloads, 4 * 1024);
-    buf.put_i32(i32::try_from(size)?);
-    header.encode(&mut buf, header_version)?;
-    body.encode(&mut buf, version)?;
-    anyhow::ensure!(
-        buf.offset() == size + 4,
-        "{key:?} v{version} encoded to {} bytes, sized {}",
-        buf.offset(),
-        size + 4
-    );
-    Ok(buf.finish())
+    encode_frame_chunks(
+        &header,
+        key.response_header_version(version),
+        body,
+        version,
+        payloads,
+    )
 }
 
 #[cfg(test)]
