@@ -59,7 +59,18 @@ def test_metrics_show_histograms_and_counters_after_traffic(broker):
     assert {"0", "1"} <= set(re.findall(r'strom_partitions\{shard="(\d+)"\}', text))
     assert metric(text, "strom_request_latency_microseconds_count", api="Produce") == \
         metric(text, "strom_requests_total", api="Produce")
-    assert metric(text, "strom_request_latency_microseconds_bucket", api="Produce", le="+Inf") >= 1
+    # Prometheus buckets are cumulative: they never fall, and +Inf holds every request.
+    shards = set(re.findall(r'strom_request_latency_microseconds_count\{api="Produce",shard="(\d+)"\}', text))
+    assert shards
+    for shard in shards:
+        les = [(float(le), float(v)) for le, v in re.findall(
+            r'strom_request_latency_microseconds_bucket\{le="([^"]+)",api="Produce",shard="'
+            + shard + r'"\} (\S+)', text)]
+        assert les, f"no Produce buckets for shard {shard}"
+        assert [v for _, v in les] == sorted(v for _, v in les)
+        assert les[-1][0] == float("inf")
+        assert les[-1][1] == metric(text, "strom_request_latency_microseconds_count",
+                                    api="Produce", shard=shard)
     assert metric(text, "strom_request_latency_quantile_microseconds", api="Produce", quantile="0.99") > 0
     assert metric(text, "strom_records_produced_total") == 1000
     assert metric(text, "strom_fsyncs_total") >= 1

@@ -79,6 +79,21 @@ impl EncodeMetric for HistogramValue {
     }
 }
 
+/// The request-latency histogram's buckets as prometheus-client takes them: each bound with the
+/// count of its own bucket alone (the encoder sums them into Prometheus' cumulative `le`
+/// series), the last bound +Inf, so that `le="+Inf"` equals the count.
+fn bucket_counts(h: &hdrhistogram::Histogram<u64>) -> Vec<(f64, u64)> {
+    let mut out = Vec::with_capacity(LATENCY_BUCKETS_US.len() + 1);
+    let mut below = 0;
+    for b in LATENCY_BUCKETS_US {
+        let upto = h.count_between(0, *b).max(below);
+        out.push((*b as f64, upto - below));
+        below = upto;
+    }
+    out.push((f64::INFINITY, h.len().saturating_sub(below)));
+    out
+}
+
 fn api_name(key: i16) -> String {
     if key == super::UNSUPPORTED_API_BUCKET {
         return "unsupported".to_string();
@@ -103,11 +118,7 @@ pub fn render(hub: &MetricsHub) -> Result<String> {
             requests.push((labels.clone(), CounterValue(stats.requests)));
             errors.push((labels.clone(), CounterValue(stats.errors)));
             let h = &stats.latency_us;
-            let mut buckets: Vec<(f64, u64)> = LATENCY_BUCKETS_US
-                .iter()
-                .map(|b| (*b as f64, h.count_between(0, *b)))
-                .collect();
-            buckets.push((f64::INFINITY, h.len()));
+            let buckets = bucket_counts(h);
             latency.push((
                 labels.clone(),
                 HistogramValue {
@@ -317,4 +328,27 @@ pub fn serve(addr: SocketAddr, hub: Arc<MetricsHub>) -> Result<SocketAddr> {
             }
         })?;
     Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_bucket_holds_its_own_count_and_they_sum_to_the_total() {
+        let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+        for _ in 0..10 {
+            h.record(40).unwrap();
+        }
+        for _ in 0..5 {
+            h.record(300).unwrap();
+        }
+        h.record(10_000_000).unwrap();
+        let b = bucket_counts(&h);
+        assert_eq!(b.len(), LATENCY_BUCKETS_US.len() + 1);
+        assert_eq!(b[0], (50.0, 10));
+        assert_eq!(b[3], (500.0, 5));
+        assert_eq!(*b.last().unwrap(), (f64::INFINITY, 1));
+        assert_eq!(b.iter().map(|(_, n)| n).sum::<u64>(), h.len());
+    }
 }
