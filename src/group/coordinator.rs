@@ -131,11 +131,15 @@ pub enum GroupCall {
         req: ShareGroupHeartbeatRequest,
         client: ClientInfo,
     },
+    /// `origin`: the broker that passed the request on, which the member's share session there
+    /// is told apart by (`None`: the member sent it here).
     ShareFetch {
         req: ShareFetchRequest,
+        origin: Option<i32>,
     },
     ShareAcknowledge {
         req: ShareAcknowledgeRequest,
+        origin: Option<i32>,
     },
     ShareDescribe {
         group: String,
@@ -175,8 +179,8 @@ impl GroupCall {
             GroupCall::ConsumerHeartbeat { req, .. } => Some(&req.group_id.0),
             GroupCall::ConsumerDescribe { group } => Some(group),
             GroupCall::ShareHeartbeat { req, .. } => Some(&req.group_id.0),
-            GroupCall::ShareFetch { req } => req.group_id.as_ref().map(|g| g.0.as_str()),
-            GroupCall::ShareAcknowledge { req } => req.group_id.as_ref().map(|g| g.0.as_str()),
+            GroupCall::ShareFetch { req, .. } => req.group_id.as_ref().map(|g| g.0.as_str()),
+            GroupCall::ShareAcknowledge { req, .. } => req.group_id.as_ref().map(|g| g.0.as_str()),
             GroupCall::AlterShareOffsets { req } => Some(&req.group_id.0),
             GroupCall::DeleteShareOffsets { req } => Some(&req.group_id.0),
             GroupCall::ShareDescribe { group }
@@ -1161,11 +1165,11 @@ impl GroupCoordinator {
             GroupCall::ShareHeartbeat { req, client } => {
                 GroupReply::ShareHeartbeat(self.share_heartbeat(shard, req, client).await)
             }
-            GroupCall::ShareFetch { req } => {
-                GroupReply::ShareFetch(self.share_fetch(shard, req).await)
+            GroupCall::ShareFetch { req, origin } => {
+                GroupReply::ShareFetch(self.share_fetch(shard, req, origin).await)
             }
-            GroupCall::ShareAcknowledge { req } => {
-                GroupReply::ShareAcknowledge(self.share_acknowledge(shard, req).await)
+            GroupCall::ShareAcknowledge { req, origin } => {
+                GroupReply::ShareAcknowledge(self.share_acknowledge(shard, req, origin).await)
             }
             GroupCall::ShareDescribe { group } => {
                 GroupReply::ShareDescribe(self.share_describe(shard, &group))

@@ -21,6 +21,7 @@ pub mod records;
 pub mod share;
 mod share_admin;
 mod share_calls;
+mod share_remote;
 
 pub use coordinator::{
     partition_for_group, ClientInfo, GroupCall, GroupCoordinator, GroupReply, OFFSETS_TOPIC,

@@ -392,6 +392,21 @@ pub struct ShareSession {
     pub partitions: BTreeSet<(TopicId, i32)>,
 }
 
+/// The key of a member's share session in [`ShareGroup::sessions`]. A member keeps one session
+/// per broker it fetches from (the leaders of its partitions); those passed on to the
+/// coordinator by another broker (`origin`) are kept apart by that broker's id.
+pub fn session_key(member: &str, origin: Option<i32>) -> String {
+    match origin {
+        None => member.to_string(),
+        Some(node) => format!("{member}\u{0}{node}"),
+    }
+}
+
+/// The member a [`session_key`] belongs to.
+pub fn session_member(key: &str) -> &str {
+    key.split_once('\u{0}').map_or(key, |(member, _)| member)
+}
+
 #[derive(Default)]
 pub struct ShareGroup {
     pub epoch: i32,
@@ -401,6 +416,7 @@ pub struct ShareGroup {
     pub metadata: BTreeMap<String, (TopicId, i32)>,
     /// Share-partition states, by topic name and partition.
     pub partitions: BTreeMap<(String, i32), SharePartition>,
+    /// Share sessions by [`session_key`].
     pub sessions: BTreeMap<String, ShareSession>,
 }
 
@@ -573,7 +589,7 @@ impl ShareGroup {
     pub fn remove(&mut self, member: &str, limits: &Limits, now: Instant) -> Vec<(String, i32)> {
         self.members.remove(member);
         self.target.remove(member);
-        self.sessions.remove(member);
+        self.sessions.retain(|key, _| session_member(key) != member);
         self.epoch += 1;
         let mut changed = Vec::new();
         for (key, p) in self.partitions.iter_mut() {

@@ -8,7 +8,7 @@
 //! at `share.auto.offset.reset` (durably too); then records are read and acquired, waiting up to
 //! `max_wait_ms` for some to arrive, come back from another member, or have their lock expire.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -35,9 +35,10 @@ use super::consumer::TopicId;
 use super::coordinator::{ClientInfo, Group, GroupCoordinator};
 use super::records;
 use super::share::{
-    Limits, ShareGroup, ShareHeartbeat, SharePartition, ShareSession, INVALID_SHARE_SESSION_EPOCH,
-    SHARE_SESSION_NOT_FOUND,
+    session_key, session_member, Limits, ShareGroup, ShareHeartbeat, SharePartition, ShareSession,
+    INVALID_SHARE_SESSION_EPOCH, SHARE_SESSION_NOT_FOUND,
 };
+use super::share_remote;
 use crate::model::{ErrorCode, Offset, TopicPartition};
 use crate::shard::{join_all, PartitionRead, Reply, Request, Shard};
 use crate::storage::batch::BatchHeader;
@@ -98,30 +99,57 @@ fn topics_by_id(
         .collect()
 }
 
-/// Reads partitions from the shards that own them, answered in order.
+type BoxedFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T>>>;
+
+/// Where a share-partition's records are read: a shard of this broker, or the broker leading
+/// the partition in a cluster.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Source {
+    Shard(usize),
+    Leader(i32),
+}
+
+fn source_of(shard: &Shard, tp: &TopicPartition) -> Source {
+    match share_remote::remote_leader(shard, tp) {
+        Some(leader) => Source::Leader(leader),
+        None => Source::Shard(shard.owner_of(tp).0),
+    }
+}
+
+/// Reads partitions from the shards that own them, or in a cluster from their leaders,
+/// answered in order.
 async fn read_partitions(
     shard: &Rc<Shard>,
     reads: Vec<PartitionRead>,
 ) -> Vec<Result<ReadResult, ErrorCode>> {
-    let mut by_owner: BTreeMap<usize, (Vec<usize>, Vec<PartitionRead>)> = BTreeMap::new();
+    let mut by_source: BTreeMap<Source, (Vec<usize>, Vec<PartitionRead>)> = BTreeMap::new();
     let count = reads.len();
     for (i, r) in reads.into_iter().enumerate() {
-        let (at, list) = by_owner.entry(shard.owner_of(&r.tp).0).or_default();
+        let (at, list) = by_source.entry(source_of(shard, &r.tp)).or_default();
         at.push(i);
         list.push(r);
     }
-    let calls = by_owner.into_iter().map(|(owner, (at, list))| {
+    let calls = by_source.into_iter().map(|(source, (at, list))| {
         let shard = shard.clone();
         async move {
             let n = list.len();
             // Boxed: this call is made from within a shard's handling of a group call, and the
             // future types would otherwise contain themselves.
-            let read: std::pin::Pin<Box<dyn std::future::Future<Output = Reply>>> =
-                Box::pin(shard.call(crate::model::ShardId(owner), Request::Read(list)));
-            match read.await {
-                Reply::Read(r) => (at, r),
-                _ => (at, vec![Err(ErrorCode::UNKNOWN_SERVER_ERROR); n]),
-            }
+            let read: BoxedFuture<Vec<Result<ReadResult, ErrorCode>>> = match source {
+                Source::Shard(owner) => Box::pin(async move {
+                    match shard
+                        .call(crate::model::ShardId(owner), Request::Read(list))
+                        .await
+                    {
+                        Reply::Read(r) => r,
+                        _ => vec![Err(ErrorCode::UNKNOWN_SERVER_ERROR); n],
+                    }
+                }),
+                Source::Leader(leader) => Box::pin(async move {
+                    share_remote::read(&shard, leader, &list, Duration::ZERO).await
+                }),
+            };
+            (at, read.await)
         }
     });
     let mut out: Vec<Result<ReadResult, ErrorCode>> =
@@ -142,30 +170,47 @@ async fn wait_for_records(
     wait: Duration,
     committed: bool,
 ) {
-    let mut by_owner: BTreeMap<usize, Vec<(TopicPartition, Offset)>> = BTreeMap::new();
+    let mut by_source: BTreeMap<Source, Vec<(TopicPartition, Offset)>> = BTreeMap::new();
     for (tp, offset) in positions {
-        by_owner
-            .entry(shard.owner_of(&tp).0)
+        by_source
+            .entry(source_of(shard, &tp))
             .or_default()
             .push((tp, offset));
     }
     let timeout_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
-    let mut waits: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = Reply>>>> = by_owner
+    let mut waits: Vec<BoxedFuture<()>> = by_source
         .into_iter()
-        .map(|(owner, positions)| {
+        .map(|(source, positions)| {
             let shard = shard.clone();
-            Box::pin(async move {
-                shard
-                    .call(
-                        crate::model::ShardId(owner),
-                        Request::WaitForData {
-                            positions,
-                            timeout_ms,
+            match source {
+                Source::Shard(owner) => Box::pin(async move {
+                    shard
+                        .call(
+                            crate::model::ShardId(owner),
+                            Request::WaitForData {
+                                positions,
+                                timeout_ms,
+                                committed,
+                            },
+                        )
+                        .await;
+                }) as BoxedFuture<()>,
+                // A leader's long-poll Fetch of one byte from each position: it answers when
+                // one of them has a record (whole, however large its batch) or after `wait`.
+                Source::Leader(leader) => Box::pin(async move {
+                    let reads: Vec<PartitionRead> = positions
+                        .into_iter()
+                        .map(|(tp, offset)| PartitionRead {
+                            tp,
+                            offset,
+                            max_bytes: 1,
+                            current_leader_epoch: -1,
                             committed,
-                        },
-                    )
-                    .await
-            }) as std::pin::Pin<Box<dyn std::future::Future<Output = Reply>>>
+                        })
+                        .collect();
+                    share_remote::read(&shard, leader, &reads, wait).await;
+                }),
+            }
         })
         .collect();
     if waits.is_empty() {
@@ -376,12 +421,16 @@ impl GroupCoordinator {
         (results, changed)
     }
 
-    /// A member's final request (session epoch -1): its session closes and the records it holds
-    /// go back to the queue. Returns the share-partitions whose durable state changed.
+    /// A member's final request (session epoch -1) to one broker: that session closes, and the
+    /// records the member holds in its partitions (in every partition, when it was the member's
+    /// last session) go back to the queue. Returns the share-partitions whose durable state
+    /// changed.
     fn close_share_session(
         &self,
+        shard: &Shard,
         group_id: &str,
         member: &str,
+        session: &str,
         now: Instant,
     ) -> Vec<(String, i32)> {
         let mut changed = Vec::new();
@@ -391,9 +440,18 @@ impl GroupCoordinator {
         };
         let limits = self.share_limits(Some(g));
         if let Some(sg) = g.share.as_mut() {
-            sg.sessions.remove(member);
+            let closed = sg.sessions.remove(session);
+            let last = !sg.sessions.keys().any(|k| session_member(k) == member);
+            let covered: BTreeSet<(String, i32)> = closed
+                .iter()
+                .flat_map(|s| s.partitions.iter())
+                .filter_map(|(id, p)| {
+                    let name = shard.topic_by_id(&uuid::Uuid::from_bytes(*id))?;
+                    Some((name.to_string(), *p))
+                })
+                .collect();
             for (key, p) in sg.partitions.iter_mut() {
-                if p.release(Some(member), &limits, now) {
+                if (last || covered.contains(key)) && p.release(Some(member), &limits, now) {
                     changed.push(key.clone());
                 }
             }
@@ -461,25 +519,32 @@ impl GroupCoordinator {
         let mut started = Vec::new();
         for (topic, p) in missing {
             let tp = TopicPartition::new(&topic, p);
-            let list = |timestamp: i64| {
-                let call: std::pin::Pin<Box<dyn std::future::Future<Output = Reply>>> =
-                    Box::pin(shard.call(
-                        shard.owner_of(&tp),
-                        Request::ListOffset {
-                            tp: tp.clone(),
+            let list = |timestamp: i64| -> BoxedFuture<Result<Option<Offset>, ErrorCode>> {
+                let (shard, tp) = (shard.clone(), tp.clone());
+                match source_of(&shard, &tp) {
+                    Source::Leader(leader) => Box::pin(async move {
+                        share_remote::list_offset(&shard, leader, &tp, timestamp, committed).await
+                    }),
+                    Source::Shard(owner) => Box::pin(async move {
+                        let request = Request::ListOffset {
+                            tp,
                             timestamp,
                             current_leader_epoch: -1,
                             committed,
-                        },
-                    ));
-                call
+                        };
+                        match shard.call(crate::model::ShardId(owner), request).await {
+                            Reply::ListOffset(r) => r.map(|found| found.map(|(o, _)| o)),
+                            _ => Err(ErrorCode::UNKNOWN_SERVER_ERROR),
+                        }
+                    }),
+                }
             };
-            let mut reply = list(timestamp).await;
-            if timestamp >= 0 && matches!(reply, Reply::ListOffset(Ok(None))) {
+            let mut found = list(timestamp).await;
+            if timestamp >= 0 && matches!(found, Ok(None)) {
                 // Nothing as recent as the duration asks: start at the end, as Kafka does.
-                reply = list(-1).await;
+                found = list(-1).await;
             }
-            let Reply::ListOffset(Ok(Some((offset, _)))) = reply else {
+            let Ok(Some(offset)) = found else {
                 continue;
             };
             let mut groups = self.groups.borrow_mut();
@@ -500,6 +565,7 @@ impl GroupCoordinator {
         &self,
         shard: &Rc<Shard>,
         req: ShareFetchRequest,
+        origin: Option<i32>,
     ) -> ShareFetchResponse {
         let mut response = ShareFetchResponse::default();
         let group_id = req
@@ -512,6 +578,7 @@ impl GroupCoordinator {
             .as_ref()
             .map(|m| m.to_string())
             .unwrap_or_default();
+        let skey = session_key(&member, origin);
         // Only the topics this request and the member's session name are looked up.
         let mut ids: Vec<TopicId> = req.topics.iter().map(|t| *t.topic_id.as_bytes()).collect();
         if let Some(s) = self
@@ -519,7 +586,7 @@ impl GroupCoordinator {
             .borrow()
             .get(&group_id)
             .and_then(|g| g.share.as_ref())
-            .and_then(|sg| sg.sessions.get(&member))
+            .and_then(|sg| sg.sessions.get(&skey))
         {
             ids.extend(s.partitions.iter().map(|(t, _)| *t));
         }
@@ -552,10 +619,10 @@ impl GroupCoordinator {
                             partitions: listed.collect(),
                         };
                         let parts = s.partitions.iter().copied().collect();
-                        sg.sessions.insert(member.clone(), s);
+                        sg.sessions.insert(skey.clone(), s);
                         Ok(parts)
                     } else {
-                        match sg.sessions.get_mut(&member) {
+                        match sg.sessions.get_mut(&skey) {
                             None => Err(SHARE_SESSION_NOT_FOUND),
                             Some(_) if epoch == -1 => Ok(Vec::new()),
                             Some(s) if s.epoch != epoch => Err(INVALID_SHARE_SESSION_EPOCH),
@@ -602,7 +669,7 @@ impl GroupCoordinator {
             .collect();
         let (ack_results, mut changed) = self.apply_acks(&group_id, &member, &acks, &names, now);
         if epoch == -1 {
-            changed.extend(self.close_share_session(&group_id, &member, now));
+            changed.extend(self.close_share_session(shard, &group_id, &member, &skey, now));
         }
         let wanted: Vec<(String, i32)> = session
             .iter()
@@ -811,6 +878,7 @@ impl GroupCoordinator {
         &self,
         shard: &Rc<Shard>,
         req: ShareAcknowledgeRequest,
+        origin: Option<i32>,
     ) -> ShareAcknowledgeResponse {
         let mut response = ShareAcknowledgeResponse::default();
         let group_id = req
@@ -823,6 +891,7 @@ impl GroupCoordinator {
             .as_ref()
             .map(|m| m.to_string())
             .unwrap_or_default();
+        let skey = session_key(&member, origin);
         let names: BTreeMap<TopicId, String> =
             topics_by_id(shard, req.topics.iter().map(|t| *t.topic_id.as_bytes()))
                 .into_iter()
@@ -832,22 +901,19 @@ impl GroupCoordinator {
         let check = {
             let mut groups = self.groups.borrow_mut();
             match groups.get_mut(&group_id).and_then(|g| g.share.as_mut()) {
-                Some(sg) if sg.members.contains_key(&member) => {
-                    match sg.sessions.get_mut(&member) {
-                        None => Err(SHARE_SESSION_NOT_FOUND),
-                        Some(_) if req.share_session_epoch == -1 => Ok(()),
-                        Some(s)
-                            if s.epoch != req.share_session_epoch
-                                || req.share_session_epoch == 0 =>
-                        {
-                            Err(INVALID_SHARE_SESSION_EPOCH)
-                        }
-                        Some(s) => {
-                            s.epoch = if s.epoch == i32::MAX { 1 } else { s.epoch + 1 };
-                            Ok(())
-                        }
+                Some(sg) if sg.members.contains_key(&member) => match sg.sessions.get_mut(&skey) {
+                    None => Err(SHARE_SESSION_NOT_FOUND),
+                    Some(_) if req.share_session_epoch == -1 => Ok(()),
+                    Some(s)
+                        if s.epoch != req.share_session_epoch || req.share_session_epoch == 0 =>
+                    {
+                        Err(INVALID_SHARE_SESSION_EPOCH)
                     }
-                }
+                    Some(s) => {
+                        s.epoch = if s.epoch == i32::MAX { 1 } else { s.epoch + 1 };
+                        Ok(())
+                    }
+                },
                 _ => Err(ErrorCode::UNKNOWN_MEMBER_ID),
             }
         };
@@ -872,7 +938,7 @@ impl GroupCoordinator {
             .collect();
         let (results, mut changed) = self.apply_acks(&group_id, &member, &acks, &names, now);
         if req.share_session_epoch == -1 {
-            changed.extend(self.close_share_session(&group_id, &member, now));
+            changed.extend(self.close_share_session(shard, &group_id, &member, &skey, now));
         }
         let written = self
             .persist_share_partitions(shard, &group_id, &changed)

@@ -31,7 +31,7 @@ const RESOURCE_BROKER: i8 = 4;
 const RESOURCE_GROUP: i8 = 32;
 const RESOURCE_GROUP_LIBRDKAFKA: i8 = 3;
 
-fn is_group(kind: i8) -> bool {
+pub(super) fn is_group(kind: i8) -> bool {
     kind == RESOURCE_GROUP || kind == RESOURCE_GROUP_LIBRDKAFKA
 }
 

@@ -41,6 +41,12 @@ fn forwarded(key: i16, frame: &Bytes) -> bool {
             _ => false,
         };
     }
+    if (key == ApiKey::AlterConfigs as i16 || key == ApiKey::IncrementalAlterConfigs as i16)
+        && config_groups(frame).is_some()
+    {
+        // A group's configs live with its coordinator (see [`to_group_coordinator`]).
+        return false;
+    }
     [
         ApiKey::CreateTopics,
         ApiKey::DeleteTopics,
@@ -51,6 +57,34 @@ fn forwarded(key: i16, frame: &Bytes) -> bool {
     ]
     .iter()
     .any(|k| *k as i16 == key)
+}
+
+/// The groups a config request (DescribeConfigs, AlterConfigs, IncrementalAlterConfigs) names,
+/// when it names groups only.
+fn config_groups(frame: &Bytes) -> Option<Vec<String>> {
+    let is_group = super::configs::is_group;
+    let names: Vec<(i8, String)> = match super::decode_request(frame.clone()).ok()?.request {
+        RequestKind::DescribeConfigs(r) => r
+            .resources
+            .iter()
+            .map(|r| (r.resource_type, r.resource_name.to_string()))
+            .collect(),
+        RequestKind::AlterConfigs(r) => r
+            .resources
+            .iter()
+            .map(|r| (r.resource_type, r.resource_name.to_string()))
+            .collect(),
+        RequestKind::IncrementalAlterConfigs(r) => r
+            .resources
+            .iter()
+            .map(|r| (r.resource_type, r.resource_name.to_string()))
+            .collect(),
+        _ => return None,
+    };
+    if names.is_empty() || !names.iter().all(|(kind, _)| is_group(*kind)) {
+        return None;
+    }
+    Some(names.into_iter().map(|(_, name)| name).collect())
 }
 
 /// The controller's answer to `frame` (a request without its length prefix, the answer with
@@ -67,14 +101,79 @@ pub async fn to_controller(shard: &Rc<Shard>, frame: &Bytes) -> Option<Bytes> {
     if controller < 0 || controller == cluster.node_id {
         return None;
     }
-    let marked = mark(frame)?;
-    let (host, port) = shard.topics().brokers.get(&controller)?.clone();
+    let marked = mark(frame, "")?;
+    pass_on(shard, controller, key, &marked, "the controller").await
+}
+
+/// Prefix (after [`MARK`]) of the client id of a share request passed on to the group's
+/// coordinator, followed by the passing broker's node id and `/`.
+const SHARE_FROM: &str = "share-from-";
+
+/// Requests a group's coordinator must answer, which clients send to other brokers.
+/// - KIP-932 clients send ShareFetch and ShareAcknowledge to the leader of each partition they
+///   read; strom keeps a share group's state, share-partitions included, at the group's
+///   coordinator. The request's client id is marked with this broker's node id: the member keeps
+///   one share session per broker it fetches from, and the coordinator keeps them apart by it.
+/// - Admin clients send a group's DescribeConfigs and (Incremental)AlterConfigs to any broker;
+///   strom keeps a group's configs at its coordinator.
+///
+/// A broker in a cluster that is not the coordinator passes such a request on to the
+/// coordinator's client listener and hands the answer back unchanged. `None`: handle it here
+/// (a request naming groups of different coordinators too: each gets `NOT_COORDINATOR` but
+/// this broker's own).
+pub async fn to_group_coordinator(shard: &Rc<Shard>, frame: &Bytes) -> Option<Bytes> {
+    let cluster = shard.cluster()?;
+    let key = i16::from_be_bytes([*frame.first()?, *frame.get(1)?]);
+    let (groups, tag) =
+        if key == ApiKey::ShareFetch as i16 || key == ApiKey::ShareAcknowledge as i16 {
+            let group = match super::decode_request(frame.clone()).ok()?.request {
+                RequestKind::ShareFetch(r) => r.group_id?.0.to_string(),
+                RequestKind::ShareAcknowledge(r) => r.group_id?.0.to_string(),
+                _ => return None,
+            };
+            (vec![group], format!("{SHARE_FROM}{}/", cluster.node_id))
+        } else if key == ApiKey::DescribeConfigs as i16
+            || key == ApiKey::AlterConfigs as i16
+            || key == ApiKey::IncrementalAlterConfigs as i16
+        {
+            (config_groups(frame)?, String::new())
+        } else {
+            return None;
+        };
+    let mut coordinators = groups
+        .iter()
+        .map(|g| super::groups::coordinator_node(shard, g));
+    let coordinator = coordinators.next()??;
+    if coordinator == cluster.node_id || !coordinators.all(|c| c == Some(coordinator)) {
+        return None;
+    }
+    let marked = mark(frame, &tag)?;
+    pass_on(shard, coordinator, key, &marked, "the group's coordinator").await
+}
+
+/// The broker a share request was passed on from (see [`to_group_coordinator`]), by its client
+/// id; `None` when a client sent it here itself.
+pub fn share_origin(client_id: Option<&str>) -> Option<i32> {
+    let rest = client_id?.strip_prefix(MARK)?.strip_prefix(SHARE_FROM)?;
+    rest.split_once('/')?.0.parse().ok()
+}
+
+/// Sends `marked` (a request frame without its length prefix) to broker `node`'s client
+/// listener and returns the answer with its length prefix; `None` (logged) when that fails.
+async fn pass_on(
+    shard: &Rc<Shard>,
+    node: i32,
+    key: i16,
+    marked: &Bytes,
+    whom: &str,
+) -> Option<Bytes> {
+    let (host, port) = shard.topics().brokers.get(&node)?.clone();
     let address = format!("{host}:{port}");
     let exchange = async {
         let mut stream = glommio::net::TcpStream::connect(address.as_str()).await?;
         let mut out = BytesMut::with_capacity(4 + marked.len());
         out.put_u32(u32::try_from(marked.len()).map_err(std::io::Error::other)?);
-        out.put_slice(&marked);
+        out.put_slice(marked);
         stream.write_all(&out).await?;
         let mut len = [0u8; 4];
         stream.read_exact(&mut len).await?;
@@ -89,19 +188,15 @@ pub async fn to_controller(shard: &Rc<Shard>, frame: &Bytes) -> Option<Bytes> {
     };
     match glommio::timer::timeout(FORWARD_TIMEOUT, async { Ok(exchange.await) }).await {
         Ok(Ok(answer)) => {
-            tracing::debug!(
-                controller,
-                api_key = key,
-                "request forwarded to the controller"
-            );
+            tracing::debug!(node, api_key = key, "request passed on to {whom}");
             Some(Bytes::from(answer))
         }
         Ok(Err(e)) => {
-            tracing::warn!(controller, %address, error = %e, "forwarding to the controller failed");
+            tracing::warn!(node, %address, error = %e, "passing a request on to {whom} failed");
             None
         }
         Err(_) => {
-            tracing::warn!(controller, %address, "forwarding to the controller timed out");
+            tracing::warn!(node, %address, "passing a request on to {whom} timed out");
             None
         }
     }
@@ -170,7 +265,7 @@ where
 /// `frame` with its client id prefixed by [`MARK`]; `None` if it is marked already or its
 /// header does not parse. The request header keeps the client id at a fixed place in every
 /// version: api key, api version, correlation id, then a nullable string (i16 length).
-fn mark(frame: &Bytes) -> Option<Bytes> {
+fn mark(frame: &Bytes, tag: &str) -> Option<Bytes> {
     let len = i16::from_be_bytes([*frame.get(8)?, *frame.get(9)?]);
     let id: &[u8] = if len < 0 {
         &[]
@@ -180,12 +275,13 @@ fn mark(frame: &Bytes) -> Option<Bytes> {
     if id.starts_with(MARK.as_bytes()) {
         return None;
     }
-    let new_len = i16::try_from(MARK.len() + id.len()).ok()?;
+    let new_len = i16::try_from(MARK.len() + tag.len() + id.len()).ok()?;
     let rest = &frame[10 + id.len()..];
-    let mut out = BytesMut::with_capacity(frame.len() + MARK.len());
+    let mut out = BytesMut::with_capacity(frame.len() + MARK.len() + tag.len());
     out.put_slice(&frame[..8]);
     out.put_i16(new_len);
     out.put_slice(MARK.as_bytes());
+    out.put_slice(tag.as_bytes());
     out.put_slice(id);
     out.put_slice(rest);
     Some(out.freeze())
@@ -213,11 +309,39 @@ mod tests {
 
     #[test]
     fn marks_the_client_id_once() {
-        let marked = mark(&frame(Some("admin"))).unwrap();
+        let marked = mark(&frame(Some("admin")), "").unwrap();
         assert_eq!(marked, frame(Some("strom-forwarded/admin")));
-        assert!(mark(&marked).is_none());
-        assert_eq!(mark(&frame(None)).unwrap(), frame(Some("strom-forwarded/")));
+        assert!(mark(&marked, "").is_none());
+        assert_eq!(
+            mark(&frame(None), "").unwrap(),
+            frame(Some("strom-forwarded/"))
+        );
         // A header cut short is not forwarded.
-        assert!(mark(&Bytes::from_static(&[0, 44, 0, 1, 0, 0, 0, 7, 0, 9, b'a'])).is_none());
+        assert!(mark(
+            &Bytes::from_static(&[0, 44, 0, 1, 0, 0, 0, 7, 0, 9, b'a']),
+            ""
+        )
+        .is_none());
+    }
+
+    #[test]
+    fn a_share_request_names_the_broker_it_came_through() {
+        let marked = mark(&frame(Some("rdkafka")), "share-from-3/").unwrap();
+        assert_eq!(marked, frame(Some("strom-forwarded/share-from-3/rdkafka")));
+        assert!(
+            mark(&marked, "share-from-2/").is_none(),
+            "never passed on twice"
+        );
+        assert_eq!(
+            share_origin(Some("strom-forwarded/share-from-3/rdkafka")),
+            Some(3)
+        );
+        assert_eq!(
+            share_origin(Some("strom-forwarded/share-from-12/")),
+            Some(12)
+        );
+        assert_eq!(share_origin(Some("rdkafka")), None);
+        assert_eq!(share_origin(Some("strom-forwarded/admin")), None);
+        assert_eq!(share_origin(None), None);
     }
 }

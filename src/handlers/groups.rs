@@ -62,15 +62,23 @@ pub async fn route_call(
     route(shard, group, call).await
 }
 
+/// In a cluster, the broker coordinating `group`: the leader of the group's offsets partition
+/// (`None` when no leader is known, or outside a cluster).
+pub fn coordinator_node(shard: &Shard, group: &str) -> Option<i32> {
+    let p = partition_for_group(group, shard.options.broker.offsets_topic_partitions);
+    shard
+        .partition_leader(&TopicPartition::new(OFFSETS_TOPIC, p))
+        .map(|(leader, _)| leader)
+        .filter(|leader| *leader > 0)
+}
+
 async fn route(shard: &Rc<Shard>, group: &str, call: GroupCall) -> Result<GroupReply, ErrorCode> {
     ensure_offsets_topic(shard).await?;
     if let Some(cluster) = shard.cluster() {
-        // The coordinator is the leader of the group's offsets partition.
-        let p = partition_for_group(group, shard.options.broker.offsets_topic_partitions);
-        match cluster.leader_of(&TopicPartition::new(OFFSETS_TOPIC, p)) {
-            Some((leader, _)) if leader == cluster.node_id => {}
-            Some((leader, _)) if leader > 0 => return Err(ErrorCode::NOT_COORDINATOR),
-            _ => return Err(ErrorCode::COORDINATOR_NOT_AVAILABLE),
+        match coordinator_node(shard, group) {
+            Some(leader) if leader == cluster.node_id => {}
+            Some(_) => return Err(ErrorCode::NOT_COORDINATOR),
+            None => return Err(ErrorCode::COORDINATOR_NOT_AVAILABLE),
         }
     }
     match shard
@@ -530,7 +538,12 @@ pub async fn share_heartbeat(
 
 /// ShareFetch (KIP-932): the whole request goes to the group's coordinator, which holds the
 /// group's share-partitions and reads their records from the shards that own them.
-pub async fn share_fetch(shard: &Rc<Shard>, req: ShareFetchRequest) -> ShareFetchResponse {
+/// `origin`: the broker that passed the request on (see `forward::to_group_coordinator`).
+pub async fn share_fetch(
+    shard: &Rc<Shard>,
+    req: ShareFetchRequest,
+    origin: Option<i32>,
+) -> ShareFetchResponse {
     let group = req
         .group_id
         .as_ref()
@@ -541,7 +554,7 @@ pub async fn share_fetch(shard: &Rc<Shard>, req: ShareFetchRequest) -> ShareFetc
         r.error_code = ErrorCode::INVALID_REQUEST.0;
         return r;
     }
-    match route(shard, &group, GroupCall::ShareFetch { req }).await {
+    match route(shard, &group, GroupCall::ShareFetch { req, origin }).await {
         Ok(GroupReply::ShareFetch(r)) => r,
         other => {
             let mut r = ShareFetchResponse::default();
@@ -555,6 +568,7 @@ pub async fn share_fetch(shard: &Rc<Shard>, req: ShareFetchRequest) -> ShareFetc
 pub async fn share_acknowledge(
     shard: &Rc<Shard>,
     req: ShareAcknowledgeRequest,
+    origin: Option<i32>,
 ) -> ShareAcknowledgeResponse {
     let group = req
         .group_id
@@ -566,7 +580,7 @@ pub async fn share_acknowledge(
         r.error_code = ErrorCode::INVALID_REQUEST.0;
         return r;
     }
-    match route(shard, &group, GroupCall::ShareAcknowledge { req }).await {
+    match route(shard, &group, GroupCall::ShareAcknowledge { req, origin }).await {
         Ok(GroupReply::ShareAcknowledge(r)) => r,
         other => {
             let mut r = ShareAcknowledgeResponse::default();

@@ -161,7 +161,6 @@ pub fn controller_id(shard: &Shard) -> i32 {
 
 fn describe(shard: &Shard, topic: &Topic, node: i32) -> MetadataResponseTopic {
     let table = shard.topics();
-    let leaders = &table.leaders;
     let mut t = MetadataResponseTopic::default();
     t.name = Some(topic_name(&topic.name));
     t.topic_id = uuid::Uuid::from_bytes(topic.id);
@@ -183,17 +182,8 @@ fn describe(shard: &Shard, topic: &Topic, node: i32) -> MetadataResponseTopic {
                         .and_then(|i| topic.replicas.get(i))
                         .map(|r| r.iter().map(|id| BrokerId(*id)).collect())
                         .unwrap_or_default();
-                    // This broker's own view for partitions it holds (the freshest); the
-                    // controller's record for the others, and where it has a newer epoch (a
-                    // replica this broker gave up in a reassignment).
                     let tp = TopicPartition::new(&topic.name, p);
-                    let own = c.leader_of(&tp);
-                    let recorded = leaders.get(&(topic.name.to_string(), p)).copied();
-                    let (leader, epoch) = match (own, recorded) {
-                        (Some(o), Some(r)) if r.1 > o.1 => r,
-                        (Some(o), _) => o,
-                        (None, r) => r.unwrap_or((-1, -1)),
-                    };
+                    let (leader, epoch) = shard.partition_leader(&tp).unwrap_or((-1, -1));
                     // A fenced broker's partitions are offline until another replica leads.
                     let leader = if table.fenced.contains(&leader) && c.leader_of(&tp).is_none() {
                         -1

@@ -130,6 +130,9 @@ pub async fn dispatch(shard: &Rc<Shard>, frame: Bytes, peer: Option<SocketAddr>)
     if let Some(answer) = forward::to_controller(shard, &frame).await {
         return Outcome::Respond(answer);
     }
+    if let Some(answer) = forward::to_group_coordinator(shard, &frame).await {
+        return Outcome::Respond(answer);
+    }
     let Decoded {
         key,
         version,
@@ -380,14 +383,23 @@ pub async fn dispatch(shard: &Rc<Shard>, frame: Bytes, peer: Option<SocketAddr>)
             &groups::delete_share_offsets(shard, r).await,
         ),
         RequestKind::ShareFetch(r) => {
-            encode_response(key, version, cid, &groups::share_fetch(shard, r).await)
+            let origin = forward::share_origin(header.client_id.as_deref());
+            encode_response(
+                key,
+                version,
+                cid,
+                &groups::share_fetch(shard, r, origin).await,
+            )
         }
-        RequestKind::ShareAcknowledge(r) => encode_response(
-            key,
-            version,
-            cid,
-            &groups::share_acknowledge(shard, r).await,
-        ),
+        RequestKind::ShareAcknowledge(r) => {
+            let origin = forward::share_origin(header.client_id.as_deref());
+            encode_response(
+                key,
+                version,
+                cid,
+                &groups::share_acknowledge(shard, r, origin).await,
+            )
+        }
         RequestKind::ConsumerGroupDescribe(r) => encode_response(
             key,
             version,

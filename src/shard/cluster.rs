@@ -150,6 +150,25 @@ impl Shard {
         self.cluster.as_ref()
     }
 
+    /// The leader and leader epoch of a partition, as this broker best knows them: its own view
+    /// where it holds a replica (the freshest), the controller's record for the others and where
+    /// that has a newer epoch (a replica this broker gave up in a reassignment). `None` outside a
+    /// cluster.
+    pub fn partition_leader(&self, tp: &TopicPartition) -> Option<(i32, i32)> {
+        let c = self.cluster()?;
+        let own = c.leader_of(tp);
+        let recorded = self
+            .topics()
+            .leaders
+            .get(&(tp.topic.to_string(), tp.partition.0))
+            .copied();
+        Some(match (own, recorded) {
+            (Some(o), Some(r)) if r.1 > o.1 => r,
+            (Some(o), _) => o,
+            (None, r) => r.unwrap_or((-1, -1)),
+        })
+    }
+
     /// Opens the Raft group of a partition replica this shard owns, in `dir`, over `voters`.
     /// `applied_end`: the partition already holds every batch below it.
     pub async fn open_group(

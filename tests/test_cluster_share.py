@@ -1,0 +1,99 @@
+"""KIP-932 share groups on a three-broker cluster: librdkafka's ShareConsumer sends ShareFetch and
+ShareAcknowledge to the leader of each partition it reads; the brokers that do not coordinate the
+group pass them on to the coordinator, which reads the partitions it does not lead from their
+leaders. Every record is consumed and accepted once across the group, whichever broker leads
+its partition. The group's configs, which admin clients send to any broker, reach its
+coordinator too."""
+
+import threading
+import time
+
+from confluent_kafka import Producer, ShareConsumer
+from confluent_kafka.admin import (AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource,
+                                   ResourceType)
+
+from test_cluster import PARTITIONS, bootstrap, cluster, create_topic  # noqa: F401 (fixture)
+from test_groups import wait_until
+
+RECORDS = 6000
+EARLY = 600
+
+
+def produce(bs, numbers):
+    p = Producer({"bootstrap.servers": bs, "acks": "all", "linger.ms": 5})
+    for i in numbers:
+        p.produce("cq", value=f"r-{i}".encode(), partition=i % PARTITIONS)
+        if i % 1000 == 0:
+            p.poll(0)
+    assert p.flush(60) == 0
+
+
+def test_share_consumers_read_every_partition_whichever_broker_leads_it(cluster):  # noqa: F811
+    nodes = cluster
+    leaders = create_topic(nodes, "cq", PARTITIONS, rf=3)
+    print(f"leaders {leaders}")
+    assert len(set(leaders.values())) >= 2, f"partitions all led by one broker: {leaders}"
+    bs = bootstrap(nodes)
+    # Each broker in turn takes the group's config change: two of them pass it on.
+    for n in nodes:
+        admin = AdminClient({"bootstrap.servers": n.bootstrap})
+        entry = ConfigEntry("share.auto.offset.reset", "earliest",
+                            incremental_operation=AlterConfigOpType.SET)
+        resource = ConfigResource(ResourceType.GROUP, "cluster-workers", incremental_configs=[entry])
+        for f in admin.incremental_alter_configs([resource]).values():
+            f.result(30)
+        described = admin.describe_configs(
+            [ConfigResource(ResourceType.GROUP, "cluster-workers")])
+        for f in described.values():
+            assert f.result(30)["share.auto.offset.reset"].value == "earliest"
+    # Records written before any member: the share-partitions start at the log start.
+    produce(bs, range(EARLY))
+    seen = {i: [] for i in range(3)}
+    polled = {i: 0 for i in range(3)}
+    stop = threading.Event()
+    errors = []
+
+    def work(i):
+        c = ShareConsumer({"bootstrap.servers": bs, "group.id": "cluster-workers"})
+        c.subscribe(["cq"])
+        while not stop.is_set():
+            # Implicit mode: a poll accepts what the previous poll returned.
+            for m in c.poll(0.5):
+                if m.error() is None:
+                    seen[i].append((m.partition(), m.value()))
+                else:
+                    errors.append(str(m.error()))
+            polled[i] += 1
+        c.close()
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: all(n >= 2 for n in polled.values()), 90, "3 consumers polling")
+        produce(bs, range(EARLY, RECORDS))
+        wait_until(lambda: sum(len(v) for v in seen.values()) >= RECORDS, 120,
+                   f"{RECORDS} records")
+        time.sleep(2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    values = [v for vs in seen.values() for _, v in vs]
+    duplicated = len(values) - len(set(values))
+    lost = RECORDS - len(set(values))
+    partitions = {p for vs in seen.values() for p, _ in vs}
+    print(f"cluster share 3x{PARTITIONS}: acknowledged {len(set(values))}, read back "
+          f"{len(values)}, lost {lost}, duplicated {duplicated}, "
+          f"per consumer {[len(v) for v in seen.values()]}, errors {errors[:3]}")
+    assert lost == 0 and duplicated == 0
+    assert partitions == set(range(PARTITIONS))
+    # Everything was accepted: a new member of the group gets nothing.
+    late = ShareConsumer({"bootstrap.servers": bs, "group.id": "cluster-workers"})
+    late.subscribe(["cq"])
+    extra = []
+    deadline = time.time() + 6
+    while time.time() < deadline:
+        extra.extend(m for m in late.poll(0.5) if m.error() is None)
+    late.close()
+    assert extra == []
