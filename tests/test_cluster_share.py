@@ -8,7 +8,7 @@ coordinator too."""
 import threading
 import time
 
-from confluent_kafka import Producer, ShareConsumer
+from confluent_kafka import AcknowledgeType, KafkaException, Producer, ShareConsumer
 from confluent_kafka.admin import (AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource,
                                    ResourceType)
 
@@ -17,6 +17,26 @@ from test_groups import wait_until
 
 RECORDS = 6000
 EARLY = 600
+
+
+def set_earliest(bs, group):
+    """share.auto.offset.reset=earliest for `group`, through the broker at `bs`. Retried: on a
+    new cluster the first group request creates `__consumer_offsets`, and the answer is
+    COORDINATOR_NOT_AVAILABLE until its partitions have leaders."""
+    admin = AdminClient({"bootstrap.servers": bs})
+    entry = ConfigEntry("share.auto.offset.reset", "earliest",
+                        incremental_operation=AlterConfigOpType.SET)
+    resource = ConfigResource(ResourceType.GROUP, group, incremental_configs=[entry])
+    deadline = time.time() + 30
+    while True:
+        try:
+            for f in admin.incremental_alter_configs([resource]).values():
+                f.result(30)
+            return admin
+        except KafkaException as e:
+            if time.time() > deadline or "COORDINATOR_NOT_AVAILABLE" not in str(e):
+                raise
+            time.sleep(0.5)
 
 
 def produce(bs, numbers):
@@ -36,12 +56,7 @@ def test_share_consumers_read_every_partition_whichever_broker_leads_it(cluster)
     bs = bootstrap(nodes)
     # Each broker in turn takes the group's config change: two of them pass it on.
     for n in nodes:
-        admin = AdminClient({"bootstrap.servers": n.bootstrap})
-        entry = ConfigEntry("share.auto.offset.reset", "earliest",
-                            incremental_operation=AlterConfigOpType.SET)
-        resource = ConfigResource(ResourceType.GROUP, "cluster-workers", incremental_configs=[entry])
-        for f in admin.incremental_alter_configs([resource]).values():
-            f.result(30)
+        admin = set_earliest(n.bootstrap, "cluster-workers")
         described = admin.describe_configs(
             [ConfigResource(ResourceType.GROUP, "cluster-workers")])
         for f in described.values():
@@ -97,3 +112,44 @@ def test_share_consumers_read_every_partition_whichever_broker_leads_it(cluster)
         extra.extend(m for m in late.poll(0.5) if m.error() is None)
     late.close()
     assert extra == []
+
+
+def test_records_acknowledged_as_a_consumer_closes_are_not_delivered_again(cluster):  # noqa: F811
+    """A member that acknowledges its last records and closes sends those acknowledgements in
+    its final ShareAcknowledge to each leader (passed on to the coordinator), while its leave
+    heartbeat goes straight to the coordinator and usually gets there first. The records must
+    count as accepted, not come back to the next member. (librdkafka sends explicit
+    acknowledgements at close; implicit ones only ride on the next poll.)"""
+    nodes = cluster
+    leaders = create_topic(nodes, "closing", PARTITIONS, rf=3)
+    assert len(set(leaders.values())) >= 2, f"partitions all led by one broker: {leaders}"
+    bs = bootstrap(nodes)
+    set_earliest(bs, "closers")
+    p = Producer({"bootstrap.servers": bs, "acks": "all", "linger.ms": 5})
+    total = 1200
+    for i in range(total):
+        p.produce("closing", value=f"c-{i}".encode(), partition=i % PARTITIONS)
+    assert p.flush(60) == 0
+    got = []
+    rounds = 0
+    # Each member takes one poll's worth and closes, which accepts it.
+    while len({v for v, _ in got}) < total and rounds < 60:
+        rounds += 1
+        c = ShareConsumer({"bootstrap.servers": bs, "group.id": "closers",
+                           "share.acknowledgement.mode": "explicit"})
+        c.subscribe(["closing"])
+        batch = []
+        deadline = time.time() + 10
+        while not batch and time.time() < deadline:
+            batch = [m for m in c.poll(0.5) if m.error() is None]
+        got.extend((m.value(), m.delivery_count()) for m in batch)
+        for m in batch:
+            c.acknowledge(m, AcknowledgeType.ACCEPT)
+        c.close()
+    values = [v for v, _ in got]
+    again = [v for v, n in got if n > 1]
+    lost = total - len(set(values))
+    duplicated = len(values) - len(set(values))
+    print(f"closing members: acknowledged {len(set(values))}, read back {len(values)}, lost {lost}, "
+          f"duplicated {duplicated}, members {rounds}, redelivered {len(again)}")
+    assert lost == 0 and duplicated == 0 and again == []

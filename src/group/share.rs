@@ -392,6 +392,10 @@ pub struct ShareSession {
     pub partitions: BTreeSet<(TopicId, i32)>,
 }
 
+/// How long a member that left keeps its open share sessions, and the records they hold, for
+/// its final requests to close them (see [`ShareGroup::leave`]).
+pub const DEPARTED_GRACE: Duration = Duration::from_secs(5);
+
 /// The key of a member's share session in [`ShareGroup::sessions`]. A member keeps one session
 /// per broker it fetches from (the leaders of its partitions); those passed on to the
 /// coordinator by another broker (`origin`) are kept apart by that broker's id.
@@ -418,6 +422,9 @@ pub struct ShareGroup {
     pub partitions: BTreeMap<(String, i32), SharePartition>,
     /// Share sessions by [`session_key`].
     pub sessions: BTreeMap<String, ShareSession>,
+    /// Members that left with share sessions still open, and when what they hold is released
+    /// if those sessions are not closed first (see [`ShareGroup::leave`]).
+    pub departed: BTreeMap<String, Instant>,
 }
 
 /// A ShareGroupHeartbeat.
@@ -456,7 +463,7 @@ impl ShareGroup {
     ) -> Result<ShareBeat, (ErrorCode, String)> {
         if hb.epoch == super::consumer::LEAVE_EPOCH {
             if self.members.contains_key(&hb.member_id) {
-                let released = self.remove(&hb.member_id, limits, now);
+                let released = self.leave(&hb.member_id, limits, now);
                 return Ok(ShareBeat {
                     epoch: hb.epoch,
                     assignment: None,
@@ -485,6 +492,8 @@ impl ShareGroup {
                         ),
                     ));
                 }
+                // Back within its grace: what it still holds stays its own.
+                self.departed.remove(&hb.member_id);
                 self.members.insert(
                     hb.member_id.clone(),
                     ShareMember {
@@ -585,10 +594,36 @@ impl ShareGroup {
         self.assignment_epoch = self.epoch;
     }
 
-    /// Removes a member: its session closes and what it holds is released at once.
+    /// A member leaves the group (its heartbeat with epoch -1). Its final ShareFetch or
+    /// ShareAcknowledge to each broker it fetched from, which closes that share session and
+    /// carries the acknowledgements of its last records, may come after the leave: in a cluster
+    /// those pass through the partitions' leaders while the leave goes straight to the
+    /// coordinator. So a member with sessions still open keeps them, and what it holds, for
+    /// [`DEPARTED_GRACE`]; each session's close releases its part, and the grace's end the rest.
+    /// A member without open sessions is removed at once.
+    pub fn leave(&mut self, member: &str, limits: &Limits, now: Instant) -> Vec<(String, i32)> {
+        if !self.sessions.keys().any(|k| session_member(k) == member) {
+            return self.remove(member, limits, now);
+        }
+        self.members.remove(member);
+        self.target.remove(member);
+        self.epoch += 1;
+        self.departed
+            .insert(member.to_string(), now + DEPARTED_GRACE);
+        Vec::new()
+    }
+
+    /// Whether `member` may still close a share session: a member, or one that left with
+    /// sessions open less than [`DEPARTED_GRACE`] ago.
+    pub fn may_close_session(&self, member: &str) -> bool {
+        self.members.contains_key(member) || self.departed.contains_key(member)
+    }
+
+    /// Removes a member: its sessions close and what it holds is released at once.
     pub fn remove(&mut self, member: &str, limits: &Limits, now: Instant) -> Vec<(String, i32)> {
         self.members.remove(member);
         self.target.remove(member);
+        self.departed.remove(member);
         self.sessions.retain(|key, _| session_member(key) != member);
         self.epoch += 1;
         let mut changed = Vec::new();
@@ -611,6 +646,15 @@ impl ShareGroup {
             .collect();
         let mut changed = Vec::new();
         for m in &gone {
+            changed.extend(self.remove(m, limits, now));
+        }
+        let lapsed: Vec<String> = self
+            .departed
+            .iter()
+            .filter(|(_, until)| now >= **until)
+            .map(|(m, _)| m.clone())
+            .collect();
+        for m in &lapsed {
             changed.extend(self.remove(m, limits, now));
         }
         for (key, p) in self.partitions.iter_mut() {
@@ -718,6 +762,44 @@ mod tests {
             }]
         );
         assert_eq!(p.next_read_offset(), 10);
+    }
+
+    #[test]
+    fn a_member_that_leaves_with_open_sessions_keeps_its_records_for_their_close() {
+        let l = limits();
+        let now = Instant::now();
+        let member = |id: &str| ShareMember {
+            id: id.to_string(),
+            epoch: 1,
+            previous_epoch: 0,
+            rack_id: None,
+            client_id: String::new(),
+            client_host: String::new(),
+            subscribed_names: Vec::new(),
+            session_deadline: now + Duration::from_secs(45),
+            sent: None,
+        };
+        let mut g = ShareGroup::default();
+        g.members.insert("a".into(), member("a"));
+        g.members.insert("b".into(), member("b"));
+        g.sessions
+            .insert(session_key("a", Some(2)), ShareSession::default());
+        let mut p = SharePartition::new(0);
+        assert_eq!(p.acquire(&[(0, 9, false)], "a", 10, &l, now).len(), 1);
+        g.partitions.insert(("t".into(), 0), p);
+        // a leaves with a session open: still holds its records, may still close the session.
+        assert!(g.leave("a", &l, now).is_empty());
+        assert!(!g.members.contains_key("a") && g.may_close_session("a"));
+        let held = |g: &ShareGroup| g.partitions[&("t".to_string(), 0)].held_by("a");
+        assert_eq!(held(&g), 10);
+        // Its grace runs out before the close: the records go back.
+        let (gone, _) = g.expire(&l, now + DEPARTED_GRACE);
+        assert!(gone.is_empty());
+        assert_eq!(held(&g), 0);
+        assert!(!g.may_close_session("a") && g.sessions.is_empty());
+        // b has no session open: it is gone at once.
+        g.leave("b", &l, now);
+        assert!(!g.may_close_session("b"));
     }
 
     #[test]

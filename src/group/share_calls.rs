@@ -442,6 +442,9 @@ impl GroupCoordinator {
         if let Some(sg) = g.share.as_mut() {
             let closed = sg.sessions.remove(session);
             let last = !sg.sessions.keys().any(|k| session_member(k) == member);
+            if last {
+                sg.departed.remove(member);
+            }
             let covered: BTreeSet<(String, i32)> = closed
                 .iter()
                 .flat_map(|s| s.partitions.iter())
@@ -601,7 +604,13 @@ impl GroupCoordinator {
             let mut groups = self.groups.borrow_mut();
             match groups.get_mut(&group_id).and_then(|g| g.share.as_mut()) {
                 None => Err(ErrorCode::UNKNOWN_MEMBER_ID),
-                Some(sg) if !sg.members.contains_key(&member) => Err(ErrorCode::UNKNOWN_MEMBER_ID),
+                // A member that left may still close its sessions (see ShareGroup::leave).
+                Some(sg)
+                    if !(sg.members.contains_key(&member)
+                        || epoch == -1 && sg.may_close_session(&member)) =>
+                {
+                    Err(ErrorCode::UNKNOWN_MEMBER_ID)
+                }
                 Some(sg) => {
                     // Only partitions that exist join a session: its size is bounded by the
                     // cluster's, whatever a client lists.
@@ -901,19 +910,25 @@ impl GroupCoordinator {
         let check = {
             let mut groups = self.groups.borrow_mut();
             match groups.get_mut(&group_id).and_then(|g| g.share.as_mut()) {
-                Some(sg) if sg.members.contains_key(&member) => match sg.sessions.get_mut(&skey) {
-                    None => Err(SHARE_SESSION_NOT_FOUND),
-                    Some(_) if req.share_session_epoch == -1 => Ok(()),
-                    Some(s)
-                        if s.epoch != req.share_session_epoch || req.share_session_epoch == 0 =>
-                    {
-                        Err(INVALID_SHARE_SESSION_EPOCH)
+                Some(sg)
+                    if sg.members.contains_key(&member)
+                        || (req.share_session_epoch == -1 && sg.may_close_session(&member)) =>
+                {
+                    match sg.sessions.get_mut(&skey) {
+                        None => Err(SHARE_SESSION_NOT_FOUND),
+                        Some(_) if req.share_session_epoch == -1 => Ok(()),
+                        Some(s)
+                            if s.epoch != req.share_session_epoch
+                                || req.share_session_epoch == 0 =>
+                        {
+                            Err(INVALID_SHARE_SESSION_EPOCH)
+                        }
+                        Some(s) => {
+                            s.epoch = if s.epoch == i32::MAX { 1 } else { s.epoch + 1 };
+                            Ok(())
+                        }
                     }
-                    Some(s) => {
-                        s.epoch = if s.epoch == i32::MAX { 1 } else { s.epoch + 1 };
-                        Ok(())
-                    }
-                },
+                }
                 _ => Err(ErrorCode::UNKNOWN_MEMBER_ID),
             }
         };
