@@ -86,7 +86,14 @@ def test_four_share_consumers_on_one_partition_each_record_once(sbroker):
         # Workers waiting on an empty queue, then the work arrives.
         wait_until(lambda: all(n >= 2 for n in polled.values()), 60, "4 consumers polling")
         produce(bs, "queue", range(20_000))
-        wait_until(lambda: sum(len(v) for v in seen.values()) >= 20_000, 120, "20,000 records")
+        try:
+            wait_until(lambda: sum(len(v) for v in seen.values()) >= 20_000, 120, "20,000 records")
+        except AssertionError:
+            got = {v for vs in seen.values() for v in vs}
+            missing = sorted(int(v[2:]) for v in {f"r-{i}".encode() for i in range(20_000)} - got)
+            print(f"share 4x1 timed out: per consumer {[len(v) for v in seen.values()]}, "
+                  f"polls {polled}, missing {len(missing)}: {missing[:20]}")
+            raise
         time.sleep(1)
     finally:
         stop.set()
