@@ -83,6 +83,25 @@ fn batch_spans(bytes: &[u8], aborted: &[AbortedTxn]) -> Vec<(i64, i64, bool, usi
     out
 }
 
+/// Fairness: with several members fetching a share-partition, none may hold more than its share
+/// of the in-flight window, so a member waiting is not starved by members that acknowledge and
+/// re-acquire in one request. How many more records `member` may acquire there.
+fn room_of(
+    sessions: &BTreeMap<String, ShareSession>,
+    key: (TopicId, i32),
+    sp: &SharePartition,
+    member: &str,
+    limits: &Limits,
+) -> usize {
+    let fetching = sessions
+        .values()
+        .filter(|s| s.partitions.contains(&key))
+        .count()
+        .max(1);
+    let share = (limits.record_locks_max / fetching).max(1);
+    share.saturating_sub(sp.held_by(member))
+}
+
 /// The name and partition count of each topic id asked about that exists (`Shard::topic_by_id`,
 /// not a pass over every topic: a ShareFetch names a few of them).
 fn topics_by_id(
@@ -230,11 +249,19 @@ async fn wait_for_records(
 
 impl GroupCoordinator {
     /// The end offsets of a session's share-partitions: new records there can be acquired.
+    ///
+    /// Only share-partitions where `member` could acquire more: one whose in-flight window is
+    /// full, or where the member holds its whole share, waits for acknowledgements and
+    /// releases (`share_progress`) instead. Waiting on its records, which are there already,
+    /// would wake at once, again and again, and keep the shard from everything else until the
+    /// fetch's deadline (that stalled a 4-member queue for two minutes).
     fn share_positions(
         &self,
         group_id: &str,
+        member: &str,
         session: &[(TopicId, i32)],
         names: &BTreeMap<TopicId, String>,
+        limits: &Limits,
     ) -> Vec<(TopicPartition, Offset)> {
         let groups = self.groups.borrow();
         let Some(sg) = groups.get(group_id).and_then(|g| g.share.as_ref()) else {
@@ -245,6 +272,11 @@ impl GroupCoordinator {
             .filter_map(|(id, p)| {
                 let name = names.get(id)?;
                 let sp = sg.partitions.get(&(name.clone(), *p))?;
+                if sp.in_flight() >= limits.record_locks_max
+                    || room_of(&sg.sessions, (*id, *p), sp, member, limits) == 0
+                {
+                    return None;
+                }
                 Some((TopicPartition::new(name, *p), Offset(sp.end_offset)))
             })
             .collect()
@@ -728,7 +760,7 @@ impl GroupCoordinator {
                 let wait = deadline
                     .saturating_duration_since(Instant::now())
                     .min(SHARE_WAIT_SLICE);
-                let positions = self.share_positions(&group_id, &session, &names);
+                let positions = self.share_positions(&group_id, &member, &session, &names, &limits);
                 futures_lite::future::or(
                     released,
                     futures_lite::future::or(
@@ -737,6 +769,8 @@ impl GroupCoordinator {
                     ),
                 )
                 .await;
+                // Whatever woke the wait, the shard's other work gets its turn.
+                glommio::yield_if_needed().await;
             }
         }
         response.acquisition_lock_timeout_ms =
@@ -829,17 +863,7 @@ impl GroupCoordinator {
             if left == 0 {
                 continue;
             }
-            // Fairness: with several members fetching a partition, none may hold more than its
-            // share of the in-flight window, so a member waiting is not starved by members that
-            // acknowledge and re-acquire in one request.
-            let fetching = sg
-                .sessions
-                .values()
-                .filter(|s| s.partitions.contains(&(id, p)))
-                .count()
-                .max(1);
-            let share = (limits.record_locks_max / fetching).max(1);
-            let room = share.saturating_sub(sp.held_by(member));
+            let room = room_of(&sg.sessions, (id, p), sp, member, limits);
             if room == 0 {
                 continue;
             }
