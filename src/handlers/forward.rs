@@ -169,24 +169,14 @@ async fn pass_on(
 ) -> Option<Bytes> {
     let (host, port) = shard.topics().brokers.get(&node)?.clone();
     let address = format!("{host}:{port}");
-    let exchange = async {
-        let mut stream = glommio::net::TcpStream::connect(address.as_str()).await?;
-        let mut out = BytesMut::with_capacity(4 + marked.len());
-        out.put_u32(u32::try_from(marked.len()).map_err(std::io::Error::other)?);
-        out.put_slice(marked);
-        stream.write_all(&out).await?;
-        let mut len = [0u8; 4];
-        stream.read_exact(&mut len).await?;
-        let size = u32::from_be_bytes(len) as usize;
-        if size > RESPONSE_SIZE_BYTES_MAX {
-            return Err(std::io::Error::other(format!("answer of {size} bytes")));
-        }
-        let mut answer = vec![0u8; 4 + size];
-        answer[..4].copy_from_slice(&len);
-        stream.read_exact(&mut answer[4..]).await?;
-        Ok(answer)
-    };
-    match glommio::timer::timeout(FORWARD_TIMEOUT, async { Ok(exchange.await) }).await {
+    let mut out = BytesMut::with_capacity(4 + marked.len());
+    out.put_u32(u32::try_from(marked.len()).ok()?);
+    out.put_slice(marked);
+    match glommio::timer::timeout(FORWARD_TIMEOUT, async {
+        Ok(round_trip(&address, &out, true).await)
+    })
+    .await
+    {
         Ok(Ok(answer)) => {
             tracing::debug!(node, api_key = key, "request passed on to {whom}");
             Some(Bytes::from(answer))
@@ -240,26 +230,34 @@ where
     let len = u32::try_from(body.len() - 4)?;
     body[0..4].copy_from_slice(&len.to_be_bytes());
     let address = format!("{host}:{port}");
-    let exchange = async {
-        let mut stream = glommio::net::TcpStream::connect(address.as_str()).await?;
-        stream.write_all(&body).await?;
-        let mut len = [0u8; 4];
-        stream.read_exact(&mut len).await?;
-        let size = u32::from_be_bytes(len) as usize;
-        if size > RESPONSE_SIZE_BYTES_MAX {
-            return Err(std::io::Error::other(format!("answer of {size} bytes")));
-        }
-        let mut answer = vec![0u8; size];
-        stream.read_exact(&mut answer).await?;
-        Ok(answer)
-    };
-    let answer = glommio::timer::timeout(FORWARD_TIMEOUT, async { Ok(exchange.await) })
-        .await
-        .map_err(|_| anyhow::anyhow!("{key:?} to broker {broker} at {address} timed out"))?
-        .map_err(|e| anyhow::anyhow!("{key:?} to broker {broker} at {address}: {e}"))?;
+    let answer = glommio::timer::timeout(FORWARD_TIMEOUT, async {
+        Ok(round_trip(&address, &body, false).await)
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("{key:?} to broker {broker} at {address} timed out"))?
+    .map_err(|e| anyhow::anyhow!("{key:?} to broker {broker} at {address}: {e}"))?;
     let mut answer = Bytes::from(answer);
     ResponseHeader::decode(&mut answer, key.response_header_version(version))?;
     Resp::decode(&mut answer, version)
+}
+
+/// Connects to `address`, sends `request` (a whole frame, length prefix included) and reads one
+/// answer of at most [`RESPONSE_SIZE_BYTES_MAX`] bytes, with its length prefix when
+/// `keep_prefix`.
+async fn round_trip(address: &str, request: &[u8], keep_prefix: bool) -> std::io::Result<Vec<u8>> {
+    let prefix = if keep_prefix { 4 } else { 0 };
+    let mut stream = glommio::net::TcpStream::connect(address).await?;
+    stream.write_all(request).await?;
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).await?;
+    let size = u32::from_be_bytes(len) as usize;
+    if size > RESPONSE_SIZE_BYTES_MAX {
+        return Err(std::io::Error::other(format!("answer of {size} bytes")));
+    }
+    let mut answer = vec![0u8; prefix + size];
+    answer[..prefix].copy_from_slice(&len[..prefix]);
+    stream.read_exact(&mut answer[prefix..]).await?;
+    Ok(answer)
 }
 
 /// `frame` with its client id prefixed by [`MARK`]; `None` if it is marked already or its
