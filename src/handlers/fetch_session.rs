@@ -18,7 +18,7 @@ use std::time::Instant;
 use indexmap::IndexMap;
 use kafka_protocol::messages::{FetchRequest, TopicName};
 
-use crate::model::{ErrorCode, Offset, TopicPartition};
+use crate::model::{ErrorCode, Offset, PartitionHasher, TopicPartition};
 
 /// What the broker last told the client about a partition in a session, and the client's
 /// position there.
@@ -36,7 +36,7 @@ pub struct SessionPartition {
 struct Session {
     /// The epoch the next request must carry.
     epoch: i32,
-    partitions: IndexMap<TopicPartition, SessionPartition>,
+    partitions: IndexMap<TopicPartition, SessionPartition, PartitionHasher>,
     last_used: Instant,
 }
 

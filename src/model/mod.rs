@@ -64,6 +64,14 @@ impl fmt::Display for TopicPartition {
     }
 }
 
+/// The hasher of maps keyed by [`TopicPartition`] that requests look up per partition: foldhash,
+/// seeded at random per process, in place of SipHash (4% of a shard's CPU at 1,000 partitions,
+/// where a Fetch looks up every partition of its session).
+pub type PartitionHasher = foldhash::fast::RandomState;
+
+/// A map keyed by partition, with [`PartitionHasher`].
+pub type PartitionMap<V> = std::collections::HashMap<TopicPartition, V, PartitionHasher>;
+
 /// A Kafka protocol error code (see Kafka's `Errors` enum); `NONE` is success.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ErrorCode(pub i16);

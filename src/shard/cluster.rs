@@ -15,7 +15,7 @@ use raft::eraftpb::Message;
 use super::{join_all, Reply, Request, Shard};
 use crate::cluster::metadata::{MetadataCommand, METADATA_TOPIC};
 use crate::group::OFFSETS_TOPIC;
-use crate::model::{ShardId, TopicPartition};
+use crate::model::{PartitionMap, ShardId, TopicPartition};
 use crate::replication::group::{Group, Limits, Role, Sink};
 use crate::replication::transport::Transport;
 use crate::replication::wal::WalStore;
@@ -34,12 +34,12 @@ pub struct ClusterNode {
     pub node_id: i32,
     pub voters: Vec<(i32, (String, u16))>,
     pub transport: Rc<Transport>,
-    groups: RefCell<HashMap<TopicPartition, Rc<Group>>>,
+    groups: RefCell<PartitionMap<Rc<Group>>>,
     /// Leader and leader epoch of every Raft group on this broker, as last announced.
-    leaders: RefCell<HashMap<TopicPartition, (i32, i32)>>,
+    leaders: RefCell<PartitionMap<(i32, i32)>>,
     /// Each partition's replicas as this broker last saw them, and since when (a reassignment
     /// that completed hands leadership to its preferred replica without waiting).
-    assigned: RefCell<HashMap<TopicPartition, Assigned>>,
+    assigned: RefCell<PartitionMap<Assigned>>,
 }
 
 impl ClusterNode {
@@ -62,9 +62,9 @@ impl ClusterNode {
             node_id,
             transport: Transport::start(&peers, local),
             voters,
-            groups: RefCell::new(HashMap::new()),
-            leaders: RefCell::new(HashMap::new()),
-            assigned: RefCell::new(HashMap::new()),
+            groups: RefCell::new(PartitionMap::default()),
+            leaders: RefCell::new(PartitionMap::default()),
+            assigned: RefCell::new(PartitionMap::default()),
         }
     }
 

@@ -27,7 +27,7 @@ use crate::cluster::{Topic, TopicTable};
 use crate::config::{BrokerConfig, LogConfig, ServeOptions};
 use crate::group::{GroupCall, GroupCoordinator, GroupReply, OFFSETS_TOPIC};
 use crate::metrics::MetricsHub;
-use crate::model::{ErrorCode, Offset, ShardId, TopicPartition};
+use crate::model::{ErrorCode, Offset, PartitionMap, ShardId, TopicPartition};
 use crate::replication::group::Quorum;
 use crate::storage::txn::Outcome;
 use crate::storage::{AppendError, Appended, Origin, PartitionFacts, PartitionLog, ReadResult};
@@ -372,7 +372,7 @@ pub struct Shard {
     topic_ids: RefCell<Rc<HashMap<[u8; 16], Arc<str>>>>,
     /// Static settings with the dynamic broker configs of the current table applied.
     effective: RefCell<Rc<BrokerConfig>>,
-    partitions: RefCell<HashMap<TopicPartition, PartitionLog>>,
+    partitions: RefCell<PartitionMap<PartitionLog>>,
     senders: Senders<Envelope>,
     waiting: RefCell<HashMap<u64, oneshot::Sender<Reply>>>,
     next_call_id: Cell<u64>,
@@ -443,7 +443,7 @@ impl Shard {
             topics: RefCell::new(Arc::new(TopicTable::default())),
             topic_ids: RefCell::new(Rc::new(HashMap::new())),
             effective: RefCell::new(Rc::new(options.broker.clone())),
-            partitions: RefCell::new(HashMap::new()),
+            partitions: RefCell::new(PartitionMap::default()),
             senders,
             waiting: RefCell::new(HashMap::new()),
             next_call_id: Cell::new(1),

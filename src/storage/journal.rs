@@ -70,7 +70,7 @@ use glommio::io::{DmaFile, OpenOptions};
 
 use super::files::GlommioResultExt;
 use super::partition::PartitionLog;
-use crate::model::{Offset, TopicPartition};
+use crate::model::{Offset, PartitionMap, TopicPartition};
 
 pub const JOURNAL_DIR: &str = "journal";
 const MAGIC: u32 = 0x4e52_4a53; // "SJRN"
@@ -292,7 +292,7 @@ struct State {
     current: usize,
     position: u64,
     /// Per file: the partitions it holds batches of, and the end of what it holds.
-    members: Vec<HashMap<TopicPartition, (PartitionLog, Offset)>>,
+    members: Vec<PartitionMap<(PartitionLog, Offset)>>,
     /// Per file: a checkpoint is still running, so it cannot be reused yet.
     checkpointing: Vec<bool>,
     /// Per file: written through to its full size, so rounds overwrite allocated blocks.
@@ -382,7 +382,7 @@ impl Journal {
                     next_seq: 1,
                     current: 0,
                     position: 0,
-                    members: (0..files).map(|_| HashMap::new()).collect(),
+                    members: (0..files).map(|_| PartitionMap::default()).collect(),
                     checkpointing: vec![false; files],
                     filled,
                     filling: vec![false; files],
@@ -767,11 +767,7 @@ impl Journal {
 
     /// Makes the segments of every partition file `index` covers durable up to what it holds;
     /// then the file may be reused.
-    async fn checkpoint(
-        self,
-        index: usize,
-        members: HashMap<TopicPartition, (PartitionLog, Offset)>,
-    ) {
+    async fn checkpoint(self, index: usize, members: PartitionMap<(PartitionLog, Offset)>) {
         let started = std::time::Instant::now();
         let partitions = members.len();
         // The segments are written out a few partitions at a time, then made durable with one
