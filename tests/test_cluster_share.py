@@ -5,8 +5,10 @@ leaders. Every record is consumed and accepted once across the group, whichever 
 its partition. The group's configs, which admin clients send to any broker, reach its
 coordinator too."""
 
+import re
 import threading
 import time
+import urllib.request
 
 from confluent_kafka import AcknowledgeType, KafkaException, Producer, ShareConsumer
 from confluent_kafka.admin import (AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource,
@@ -38,6 +40,26 @@ def set_earliest(bs, group):
             if time.time() > deadline or "COORDINATOR_NOT_AVAILABLE" not in str(e):
                 raise
             time.sleep(0.5)
+
+
+def connections_accepted(nodes):
+    """Connections each broker's client listener accepted so far (`/metrics`)."""
+    total = {}
+    for n in nodes:
+        text = urllib.request.urlopen(f"http://{n.admin}/metrics", timeout=10).read().decode()
+        total[n.node_id] = sum(
+            int(v) for v in re.findall(r'strom_connections_accepted_total\{shard="\d+"\} (\d+)', text))
+    return total
+
+
+def share_requests(nodes):
+    """ShareFetch and ShareAcknowledge requests the brokers handled, passed-on ones included."""
+    total = 0
+    for n in nodes:
+        text = urllib.request.urlopen(f"http://{n.admin}/metrics", timeout=10).read().decode()
+        total += sum(int(v) for v in re.findall(
+            r'strom_requests_total\{api="Share(?:Fetch|Acknowledge)",shard="\d+"\} (\d+)', text))
+    return total
 
 
 def produce(bs, numbers):
@@ -87,14 +109,23 @@ def test_share_consumers_read_every_partition_whichever_broker_leads_it(cluster)
         t.start()
     try:
         wait_until(lambda: all(n >= 2 for n in polled.values()), 90, "3 consumers polling")
+        accepted_before, share_before = connections_accepted(nodes), share_requests(nodes)
         produce(bs, range(EARLY, RECORDS))
         wait_until(lambda: sum(len(v) for v in seen.values()) >= RECORDS, 120,
                    f"{RECORDS} records")
         time.sleep(2)
+        accepted_after, share_after = connections_accepted(nodes), share_requests(nodes)
     finally:
         stop.set()
         for t in threads:
             t.join(30)
+    # Brokers pass share requests on, and the coordinator reads from the other leaders, over
+    # connections kept open: not one new connection per request.
+    accepted = {k: accepted_after[k] - accepted_before[k] for k in accepted_after}
+    print(f"while consuming: {share_after - share_before} share requests handled, "
+          f"connections accepted per broker {accepted}")
+    assert share_after - share_before > 30
+    assert sum(accepted.values()) <= 40, accepted
     values = [v for vs in seen.values() for _, v in vs]
     duplicated = len(values) - len(set(values))
     lost = RECORDS - len(set(values))

@@ -4,9 +4,16 @@
 //! the controller passes such a request to the controller's client listener unchanged (its
 //! client id marked, so that it is never passed on twice) and hands the answer back as it came:
 //! the client sees the controller's response, correlation id included.
+//!
+//! Every request one broker sends another's client listener (passed on, or its own: share reads
+//! from other leaders, transaction markers) goes over a connection kept open between requests
+//! ([`PeerConnections`]): a forwarded ShareFetch comes many times a second, and a connection each
+//! cost a handshake each and left a socket in TIME_WAIT each.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -22,6 +29,49 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The largest answer taken back from the controller.
 const RESPONSE_SIZE_BYTES_MAX: usize = 64 << 20;
+
+/// Idle connections kept per broker address, per shard: as many as requests to that broker
+/// overlapped lately, up to this.
+const IDLE_PER_ADDRESS_MAX: usize = 8;
+
+/// An idle connection older than this is closed rather than used: well inside the other broker's
+/// `connections.max.idle.ms` (10 minutes by default), after which it closes its end.
+const IDLE_FOR_MAX: Duration = Duration::from_secs(60);
+
+/// A shard's open connections to other brokers' client listeners, idle between round trips. A
+/// connection is taken for one request and its answer, and put back only once the whole answer
+/// was read, so a connection given up half-way (a timeout, an error) is closed, never reused.
+#[derive(Default)]
+pub struct PeerConnections {
+    idle: RefCell<HashMap<String, Vec<(glommio::net::TcpStream, Instant)>>>,
+}
+
+impl PeerConnections {
+    fn take(&self, address: &str) -> Option<glommio::net::TcpStream> {
+        let mut idle = self.idle.borrow_mut();
+        let kept = idle.get_mut(address)?;
+        while let Some((stream, since)) = kept.pop() {
+            if since.elapsed() < IDLE_FOR_MAX {
+                return Some(stream);
+            }
+        }
+        None
+    }
+
+    fn put(&self, address: &str, stream: glommio::net::TcpStream) {
+        let mut idle = self.idle.borrow_mut();
+        let kept = idle.entry(address.to_string()).or_default();
+        kept.retain(|(_, since)| since.elapsed() < IDLE_FOR_MAX);
+        if kept.len() < IDLE_PER_ADDRESS_MAX {
+            kept.push((stream, Instant::now()));
+        }
+    }
+
+    /// Closes every idle connection (the shard is stopping).
+    pub fn clear(&self) {
+        self.idle.borrow_mut().clear();
+    }
+}
 
 /// The requests a broker that is not the controller forwards: DescribeQuorum when it names the
 /// metadata partition only (the controller leads that group; other groups are described by
@@ -173,7 +223,7 @@ async fn pass_on(
     out.put_u32(u32::try_from(marked.len()).ok()?);
     out.put_slice(marked);
     match glommio::timer::timeout(FORWARD_TIMEOUT, async {
-        Ok(round_trip(&address, &out, true).await)
+        Ok(round_trip(&shard.peer_connections, &address, &out, true).await)
     })
     .await
     {
@@ -231,7 +281,7 @@ where
     body[0..4].copy_from_slice(&len.to_be_bytes());
     let address = format!("{host}:{port}");
     let answer = glommio::timer::timeout(FORWARD_TIMEOUT, async {
-        Ok(round_trip(&address, &body, false).await)
+        Ok(round_trip(&shard.peer_connections, &address, &body, false).await)
     })
     .await
     .map_err(|_| anyhow::anyhow!("{key:?} to broker {broker} at {address} timed out"))?
@@ -241,12 +291,52 @@ where
     Resp::decode(&mut answer, version)
 }
 
-/// Connects to `address`, sends `request` (a whole frame, length prefix included) and reads one
-/// answer of at most [`RESPONSE_SIZE_BYTES_MAX`] bytes, with its length prefix when
-/// `keep_prefix`.
-async fn round_trip(address: &str, request: &[u8], keep_prefix: bool) -> std::io::Result<Vec<u8>> {
-    let prefix = if keep_prefix { 4 } else { 0 };
+/// Sends `request` (a whole frame, length prefix included) to `address` and reads one answer of
+/// at most [`RESPONSE_SIZE_BYTES_MAX`] bytes, with its length prefix when `keep_prefix`; over an
+/// idle connection of the shard's when there is one. An idle connection the other broker closed
+/// meanwhile (it restarted, or its idle limit passed) fails before any answer: the request then
+/// goes once more over a new connection.
+async fn round_trip(
+    peers: &PeerConnections,
+    address: &str,
+    request: &[u8],
+    keep_prefix: bool,
+) -> std::io::Result<Vec<u8>> {
+    if let Some(mut stream) = peers.take(address) {
+        match answer_on(&mut stream, request, keep_prefix).await {
+            Ok(answer) => {
+                peers.put(address, stream);
+                return Ok(answer);
+            }
+            Err(e) if closed_meanwhile(&e) => {
+                tracing::debug!(%address, error = %e, "an idle connection to another broker was closed; reconnecting");
+            }
+            Err(e) => return Err(e),
+        }
+    }
     let mut stream = glommio::net::TcpStream::connect(address).await?;
+    stream.set_nodelay(true)?;
+    let answer = answer_on(&mut stream, request, keep_prefix).await?;
+    peers.put(address, stream);
+    Ok(answer)
+}
+
+/// Whether a round trip over a kept connection failed because the other end had closed it.
+fn closed_meanwhile(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    matches!(
+        e.kind(),
+        BrokenPipe | ConnectionAborted | ConnectionReset | UnexpectedEof
+    )
+}
+
+/// One request and its answer over `stream`.
+async fn answer_on(
+    stream: &mut glommio::net::TcpStream,
+    request: &[u8],
+    keep_prefix: bool,
+) -> std::io::Result<Vec<u8>> {
+    let prefix = if keep_prefix { 4 } else { 0 };
     stream.write_all(request).await?;
     let mut len = [0u8; 4];
     stream.read_exact(&mut len).await?;
@@ -341,5 +431,84 @@ mod tests {
         assert_eq!(share_origin(Some("rdkafka")), None);
         assert_eq!(share_origin(Some("strom-forwarded/admin")), None);
         assert_eq!(share_origin(None), None);
+    }
+
+    /// A listener that answers each request frame with its body reversed, on connections it
+    /// keeps or closes after one answer; returns its address and a count of connections accepted.
+    fn echo_server(close_after_one: bool) -> (String, Rc<std::cell::Cell<usize>>) {
+        let listener = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let accepted = Rc::new(std::cell::Cell::new(0));
+        let count = accepted.clone();
+        glommio::spawn_local(async move {
+            while let Ok(mut stream) = listener.accept().await {
+                count.set(count.get() + 1);
+                glommio::spawn_local(async move {
+                    loop {
+                        let mut len = [0u8; 4];
+                        if stream.read_exact(&mut len).await.is_err() {
+                            return;
+                        }
+                        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+                        if stream.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                        body.reverse();
+                        let mut out = len.to_vec();
+                        out.extend_from_slice(&body);
+                        if stream.write_all(&out).await.is_err() || close_after_one {
+                            return;
+                        }
+                    }
+                })
+                .detach();
+            }
+        })
+        .detach();
+        (address, accepted)
+    }
+
+    fn run_in_executor<F, Fut>(f: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + 'static,
+    {
+        glommio::LocalExecutorBuilder::default()
+            .spawn(f)
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    #[test]
+    fn round_trips_to_a_broker_share_one_connection() {
+        run_in_executor(|| async {
+            let (address, accepted) = echo_server(false);
+            let peers = PeerConnections::default();
+            for _ in 0..3 {
+                let answer = round_trip(&peers, &address, &[0, 0, 0, 3, b'a', b'b', b'c'], false)
+                    .await
+                    .unwrap();
+                assert_eq!(answer, b"cba");
+            }
+            assert_eq!(accepted.get(), 1);
+        });
+    }
+
+    #[test]
+    fn a_kept_connection_the_other_broker_closed_is_replaced_without_an_error() {
+        run_in_executor(|| async {
+            let (address, accepted) = echo_server(true);
+            let peers = PeerConnections::default();
+            for _ in 0..3 {
+                let answer = round_trip(&peers, &address, &[0, 0, 0, 2, b'x', b'y'], true)
+                    .await
+                    .unwrap();
+                assert_eq!(answer, [0, 0, 0, 2, b'y', b'x']);
+                // Let the server's close reach this end before the next request.
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(accepted.get(), 3);
+        });
     }
 }

@@ -373,6 +373,8 @@ pub struct Shard {
     /// Static settings with the dynamic broker configs of the current table applied.
     effective: RefCell<Rc<BrokerConfig>>,
     partitions: RefCell<PartitionMap<PartitionLog>>,
+    /// Connections to other brokers' client listeners, kept between requests.
+    pub peer_connections: crate::handlers::forward::PeerConnections,
     senders: Senders<Envelope>,
     waiting: RefCell<HashMap<u64, oneshot::Sender<Reply>>>,
     next_call_id: Cell<u64>,
@@ -444,6 +446,7 @@ impl Shard {
             topic_ids: RefCell::new(Rc::new(HashMap::new())),
             effective: RefCell::new(Rc::new(options.broker.clone())),
             partitions: RefCell::new(PartitionMap::default()),
+            peer_connections: Default::default(),
             senders,
             waiting: RefCell::new(HashMap::new()),
             next_call_id: Cell::new(1),

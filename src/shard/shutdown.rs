@@ -82,6 +82,7 @@ pub async fn finish(shard: &Rc<Shard>) -> ShardReport {
     // Dropped (cancelled) when the shard has stopped.
     let _watchdog = glommio::spawn_local(watch(shard.clone(), step.clone(), open.clone(), started));
     let abandoned_connections = shard.drain_connections(DRAIN_GRACE).await;
+    shard.peer_connections.clear();
     step.set("waiting for the other shards to drain");
     all_arrive(&DRAINED, shard.count).await;
     // Raft groups stop before their partitions close: nothing is applied to a closed log, and
