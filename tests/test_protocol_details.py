@@ -12,7 +12,9 @@ def admin_for(broker):
 def test_keyless_records_in_a_compacted_topic_are_named_one_by_one(broker):
     """KIP-467: the broker names the 10 keyless records of a 100-record batch (record_errors with
     their batch_index), so librdkafka fails exactly those with INVALID_RECORD and reports the
-    other 90 as failed only because of them (_INVALID_DIFFERENT_RECORD)."""
+    other 90 as failed only because of them (_INVALID_DIFFERENT_RECORD). On a loaded machine
+    librdkafka may split the 100 into several batches; a batch with no keyless record is then
+    written, and only such batches' records succeed."""
     admin = admin_for(broker)
     admin.create_topics([NewTopic("compacted", 1, 1, topic_configs={"cleanup.policy": "compact"})])
     admin.close()
@@ -28,8 +30,11 @@ def test_keyless_records_in_a_compacted_topic_are_named_one_by_one(broker):
     culprits = sorted(v for err, _, v in reports if err and err.code() == KafkaError.INVALID_RECORD)
     assert culprits == sorted(b"v%d" % i for i in range(3, 100, 10)), culprits
     others = [err for err, _, _ in reports if err and err.code() != KafkaError.INVALID_RECORD]
-    assert len(others) == 90
+    written = sorted(int(v[1:]) for err, _, v in reports if err is None)
+    print(f"{len(others)} failed because of another record, {len(written)} written: {written}")
+    assert len(others) + len(written) == 90
     assert {e.code() for e in others} == {KafkaError._INVALID_DIFFERENT_RECORD}
+    assert others, "no record was failed only because of another one in its batch"
 
 
 STORED_CONFIGS = {

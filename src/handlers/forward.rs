@@ -30,9 +30,11 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 /// The largest answer taken back from the controller.
 const RESPONSE_SIZE_BYTES_MAX: usize = 64 << 20;
 
-/// Idle connections kept per broker address, per shard: as many as requests to that broker
-/// overlapped lately, up to this.
-const IDLE_PER_ADDRESS_MAX: usize = 8;
+/// Idle connections kept per broker address, per shard. The most recently used is taken first,
+/// so those beyond what requests to that broker overlap by lately age out ([`IDLE_FOR_MAX`]).
+/// A share coordinator long-polls each leader once per ShareFetch it holds (9 at once with three
+/// members reading through three brokers): with 8 kept, those beyond were a new connection each.
+const IDLE_PER_ADDRESS_MAX: usize = 64;
 
 /// An idle connection older than this is closed rather than used: well inside the other broker's
 /// `connections.max.idle.ms` (10 minutes by default), after which it closes its end.
@@ -41,14 +43,22 @@ const IDLE_FOR_MAX: Duration = Duration::from_secs(60);
 /// A shard's open connections to other brokers' client listeners, idle between round trips. A
 /// connection is taken for one request and its answer, and put back only once the whole answer
 /// was read, so a connection given up half-way (a timeout, an error) is closed, never reused.
-#[derive(Default)]
+/// Cheap to clone (shared).
+#[derive(Default, Clone)]
 pub struct PeerConnections {
+    inner: Rc<Pool>,
+}
+
+#[derive(Default)]
+struct Pool {
     idle: RefCell<HashMap<String, Vec<(glommio::net::TcpStream, Instant)>>>,
+    /// Set when the shard stops: connections are closed rather than kept from then on.
+    closed: std::cell::Cell<bool>,
 }
 
 impl PeerConnections {
     fn take(&self, address: &str) -> Option<glommio::net::TcpStream> {
-        let mut idle = self.idle.borrow_mut();
+        let mut idle = self.inner.idle.borrow_mut();
         let kept = idle.get_mut(address)?;
         while let Some((stream, since)) = kept.pop() {
             if since.elapsed() < IDLE_FOR_MAX {
@@ -59,7 +69,10 @@ impl PeerConnections {
     }
 
     fn put(&self, address: &str, stream: glommio::net::TcpStream) {
-        let mut idle = self.idle.borrow_mut();
+        if self.inner.closed.get() {
+            return;
+        }
+        let mut idle = self.inner.idle.borrow_mut();
         let kept = idle.entry(address.to_string()).or_default();
         kept.retain(|(_, since)| since.elapsed() < IDLE_FOR_MAX);
         if kept.len() < IDLE_PER_ADDRESS_MAX {
@@ -67,9 +80,11 @@ impl PeerConnections {
         }
     }
 
-    /// Closes every idle connection (the shard is stopping).
+    /// Closes every idle connection, and those in use as their round trips end (the shard is
+    /// stopping).
     pub fn clear(&self) {
-        self.idle.borrow_mut().clear();
+        self.inner.closed.set(true);
+        self.inner.idle.borrow_mut().clear();
     }
 }
 
@@ -222,21 +237,13 @@ async fn pass_on(
     let mut out = BytesMut::with_capacity(4 + marked.len());
     out.put_u32(u32::try_from(marked.len()).ok()?);
     out.put_slice(marked);
-    match glommio::timer::timeout(FORWARD_TIMEOUT, async {
-        Ok(round_trip(&shard.peer_connections, &address, &out, true).await)
-    })
-    .await
-    {
-        Ok(Ok(answer)) => {
+    match round_trip(&shard.peer_connections, &address, out.freeze(), true).await {
+        Ok(answer) => {
             tracing::debug!(node, api_key = key, "request passed on to {whom}");
             Some(Bytes::from(answer))
         }
-        Ok(Err(e)) => {
+        Err(e) => {
             tracing::warn!(node, %address, error = %e, "passing a request on to {whom} failed");
-            None
-        }
-        Err(_) => {
-            tracing::warn!(node, %address, "passing a request on to {whom} timed out");
             None
         }
     }
@@ -280,12 +287,9 @@ where
     let len = u32::try_from(body.len() - 4)?;
     body[0..4].copy_from_slice(&len.to_be_bytes());
     let address = format!("{host}:{port}");
-    let answer = glommio::timer::timeout(FORWARD_TIMEOUT, async {
-        Ok(round_trip(&shard.peer_connections, &address, &body, false).await)
-    })
-    .await
-    .map_err(|_| anyhow::anyhow!("{key:?} to broker {broker} at {address} timed out"))?
-    .map_err(|e| anyhow::anyhow!("{key:?} to broker {broker} at {address}: {e}"))?;
+    let answer = round_trip(&shard.peer_connections, &address, body.freeze(), false)
+        .await
+        .map_err(|e| anyhow::anyhow!("{key:?} to broker {broker} at {address}: {e}"))?;
     let mut answer = Bytes::from(answer);
     ResponseHeader::decode(&mut answer, key.response_header_version(version))?;
     Resp::decode(&mut answer, version)
@@ -296,7 +300,38 @@ where
 /// idle connection of the shard's when there is one. An idle connection the other broker closed
 /// meanwhile (it restarted, or its idle limit passed) fails before any answer: the request then
 /// goes once more over a new connection.
+///
+/// The round trip runs as a task of its own, bounded by [`FORWARD_TIMEOUT`]: a caller that stops
+/// waiting (a share coordinator drops its long-polls of the other leaders once one has records)
+/// leaves it to read its answer and put its connection back, rather than closing it.
 async fn round_trip(
+    peers: &PeerConnections,
+    address: &str,
+    request: Bytes,
+    keep_prefix: bool,
+) -> std::io::Result<Vec<u8>> {
+    let (tx, rx) = futures_channel::oneshot::channel();
+    let peers = peers.clone();
+    let address = address.to_string();
+    glommio::spawn_local(async move {
+        let answer = glommio::timer::timeout(FORWARD_TIMEOUT, async {
+            Ok(pooled_round_trip(&peers, &address, &request, keep_prefix).await)
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer in time",
+            ))
+        });
+        let _ = tx.send(answer);
+    })
+    .detach();
+    rx.await
+        .unwrap_or_else(|_| Err(std::io::Error::other("the round trip's task was dropped")))
+}
+
+async fn pooled_round_trip(
     peers: &PeerConnections,
     address: &str,
     request: &[u8],
@@ -315,6 +350,7 @@ async fn round_trip(
         }
     }
     let mut stream = glommio::net::TcpStream::connect(address).await?;
+    crate::metrics::add(crate::metrics::Counter::PeerConnectionsOpened, 1);
     stream.set_nodelay(true)?;
     let answer = answer_on(&mut stream, request, keep_prefix).await?;
     peers.put(address, stream);
@@ -433,9 +469,10 @@ mod tests {
         assert_eq!(share_origin(None), None);
     }
 
-    /// A listener that answers each request frame with its body reversed, on connections it
-    /// keeps or closes after one answer; returns its address and a count of connections accepted.
-    fn echo_server(close_after_one: bool) -> (String, Rc<std::cell::Cell<usize>>) {
+    /// A listener that answers each request frame with its body reversed, after `delay`, on
+    /// connections it keeps or closes after one answer; returns its address and a count of
+    /// connections accepted.
+    fn echo_server(close_after_one: bool, delay: Duration) -> (String, Rc<std::cell::Cell<usize>>) {
         let listener = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let accepted = Rc::new(std::cell::Cell::new(0));
@@ -454,6 +491,7 @@ mod tests {
                             return;
                         }
                         body.reverse();
+                        glommio::timer::sleep(delay).await;
                         let mut out = len.to_vec();
                         out.extend_from_slice(&body);
                         if stream.write_all(&out).await.is_err() || close_after_one {
@@ -483,12 +521,17 @@ mod tests {
     #[test]
     fn round_trips_to_a_broker_share_one_connection() {
         run_in_executor(|| async {
-            let (address, accepted) = echo_server(false);
+            let (address, accepted) = echo_server(false, Duration::ZERO);
             let peers = PeerConnections::default();
             for _ in 0..3 {
-                let answer = round_trip(&peers, &address, &[0, 0, 0, 3, b'a', b'b', b'c'], false)
-                    .await
-                    .unwrap();
+                let answer = round_trip(
+                    &peers,
+                    &address,
+                    Bytes::from_static(&[0, 0, 0, 3, b'a', b'b', b'c']),
+                    false,
+                )
+                .await
+                .unwrap();
                 assert_eq!(answer, b"cba");
             }
             assert_eq!(accepted.get(), 1);
@@ -498,17 +541,41 @@ mod tests {
     #[test]
     fn a_kept_connection_the_other_broker_closed_is_replaced_without_an_error() {
         run_in_executor(|| async {
-            let (address, accepted) = echo_server(true);
+            let (address, accepted) = echo_server(true, Duration::ZERO);
             let peers = PeerConnections::default();
             for _ in 0..3 {
-                let answer = round_trip(&peers, &address, &[0, 0, 0, 2, b'x', b'y'], true)
-                    .await
-                    .unwrap();
+                let answer = round_trip(
+                    &peers,
+                    &address,
+                    Bytes::from_static(&[0, 0, 0, 2, b'x', b'y']),
+                    true,
+                )
+                .await
+                .unwrap();
                 assert_eq!(answer, [0, 0, 0, 2, b'y', b'x']);
                 // Let the server's close reach this end before the next request.
                 glommio::timer::sleep(Duration::from_millis(20)).await;
             }
             assert_eq!(accepted.get(), 3);
+        });
+    }
+
+    #[test]
+    fn a_round_trip_its_caller_gave_up_on_still_puts_its_connection_back() {
+        run_in_executor(|| async {
+            let (address, accepted) = echo_server(false, Duration::from_millis(50));
+            let peers = PeerConnections::default();
+            let request = Bytes::from_static(&[0, 0, 0, 1, b'q']);
+            // A long-poll given up before its answer (another leader had records first).
+            let given_up = glommio::timer::timeout(Duration::from_millis(10), async {
+                Ok(round_trip(&peers, &address, request.clone(), false).await)
+            })
+            .await;
+            assert!(given_up.is_err());
+            glommio::timer::sleep(Duration::from_millis(100)).await;
+            let answer = round_trip(&peers, &address, request, false).await.unwrap();
+            assert_eq!(answer, b"q");
+            assert_eq!(accepted.get(), 1);
         });
     }
 }

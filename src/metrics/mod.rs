@@ -35,6 +35,7 @@ pub enum Counter {
     WriteBehindWaits,
     ConnectionsAccepted,
     ConnectionsClosed,
+    PeerConnectionsOpened,
     RaftMessagesDropped,
     RaftMessagesSent,
     RaftFramesSent,
@@ -42,7 +43,7 @@ pub enum Counter {
     TransactionsAborted,
 }
 
-pub const COUNTERS: [(Counter, &str, &str); 20] = [
+pub const COUNTERS: [(Counter, &str, &str); 21] = [
     (Counter::BytesIn, "strom_bytes_in", "Request bytes received"),
     (Counter::BytesOut, "strom_bytes_out", "Response bytes sent"),
     (
@@ -109,6 +110,11 @@ pub const COUNTERS: [(Counter, &str, &str); 20] = [
         Counter::ConnectionsClosed,
         "strom_connections_closed",
         "Client connections closed",
+    ),
+    (
+        Counter::PeerConnectionsOpened,
+        "strom_peer_connections_opened",
+        "Connections opened to other brokers' client listeners (requests passed on, reads from other leaders, transaction markers); kept open between requests",
     ),
     (
         Counter::RaftMessagesDropped,
