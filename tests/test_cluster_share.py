@@ -16,7 +16,7 @@ from confluent_kafka.admin import (AdminClient, AlterConfigOpType, ConfigEntry, 
 
 from test_cluster import (PARTITIONS, bootstrap, cluster, create_topic,  # noqa: F401 (fixture)
                           wait_for_leaders)
-from test_groups import wait_until
+from test_groups import lost_and_duplicated, wait_until
 
 RECORDS = 6000
 EARLY = 600
@@ -129,8 +129,7 @@ def test_share_consumers_read_every_partition_whichever_broker_leads_it(cluster)
     assert share_after - share_before > 20
     assert sum(opened.values()) <= 30, opened
     values = [v for vs in seen.values() for _, v in vs]
-    duplicated = len(values) - len(set(values))
-    lost = RECORDS - len(set(values))
+    lost, duplicated = lost_and_duplicated(values, RECORDS)
     partitions = {p for vs in seen.values() for p, _ in vs}
     print(f"cluster share 3x{PARTITIONS}: acknowledged {len(set(values))}, read back "
           f"{len(values)}, lost {lost}, duplicated {duplicated}, "
@@ -182,8 +181,7 @@ def test_records_acknowledged_as_a_consumer_closes_are_not_delivered_again(clust
         c.close()
     values = [v for v, _ in got]
     again = [v for v, n in got if n > 1]
-    lost = total - len(set(values))
-    duplicated = len(values) - len(set(values))
+    lost, duplicated = lost_and_duplicated(values, total)
     print(f"closing members: acknowledged {len(set(values))}, read back {len(values)}, lost {lost}, "
           f"duplicated {duplicated}, members {rounds}, redelivered {len(again)}")
     assert lost == 0 and duplicated == 0 and again == []
@@ -248,8 +246,7 @@ def test_a_share_group_survives_its_coordinator_killed(cluster):  # noqa: F811
         for t in threads:
             t.join(60)
     values = [v for vs in seen.values() for v in vs]
-    lost = total - len(set(values))
-    duplicated = len(values) - len(set(values))
+    lost, duplicated = lost_and_duplicated(values, total)
     print(f"share coordinator kill -9: acknowledged {len(set(values))}, read back {len(values)}, "
           f"lost {lost}, duplicated {duplicated}")
     assert lost == 0

@@ -11,7 +11,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from test_groups import wait_until
+from test_groups import lost_and_duplicated, wait_until
 
 SETTINGS = ["--set", "offsets.topic.num.partitions=10",
             "--set", "group.consumer.heartbeat.interval.ms=500"]
@@ -136,8 +136,7 @@ def test_members_join_and_leave_while_records_flow_and_the_others_never_stop(kbr
                    f"all {sent} records consumed")
         time.sleep(1)
         values = [v for m in everyone for *_, v in m.records]
-        duplicated = len(values) - len(set(values))
-        lost = sent - len(set(values))
+        lost, duplicated = lost_and_duplicated(values, sent)
         print(f"kip848 join/leave: sent {sent}, consumed {len(set(values))}, lost {lost}, "
               f"duplicated {duplicated}")
         assert lost == 0 and duplicated == 0

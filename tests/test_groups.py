@@ -86,6 +86,13 @@ def wait_until(cond, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def lost_and_duplicated(values, total):
+    """Of `total` records sent, how many of `values` (every record read, in any order) are
+    missing, and how many reads were of a record read already."""
+    distinct = len(set(values))
+    return total - distinct, len(values) - distinct
+
+
 def test_queue_four_members_one_partition_each_every_record_once(gbroker):
     create_topic(gbroker.bootstrap, "queue", 4)
     members = [Member(gbroker.bootstrap, "workers", "queue") for _ in range(4)]

@@ -14,7 +14,7 @@ from confluent_kafka import AcknowledgeType, Producer, ShareConsumer
 from confluent_kafka.admin import (AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource,
                                    NewTopic, ResourceType)
 
-from test_groups import wait_until
+from test_groups import lost_and_duplicated, wait_until
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SETTINGS = ["--set", "offsets.topic.num.partitions=10",
@@ -100,8 +100,7 @@ def test_four_share_consumers_on_one_partition_each_record_once(sbroker):
         for t in threads:
             t.join(30)
     values = [v for vs in seen.values() for v in vs]
-    duplicated = len(values) - len(set(values))
-    lost = 20_000 - len(set(values))
+    lost, duplicated = lost_and_duplicated(values, 20_000)
     print(f"share 4x1: acknowledged {len(set(values))}, lost {lost}, duplicated {duplicated}, "
           f"per consumer {[len(v) for v in seen.values()]}")
     assert lost == 0 and duplicated == 0

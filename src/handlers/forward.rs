@@ -73,7 +73,13 @@ impl PeerConnections {
             return;
         }
         let mut idle = self.inner.idle.borrow_mut();
-        let kept = idle.entry(address.to_string()).or_default();
+        // The address is copied once per broker, not once per round trip.
+        if !idle.contains_key(address) {
+            idle.insert(address.to_string(), Vec::new());
+        }
+        let Some(kept) = idle.get_mut(address) else {
+            return;
+        };
         kept.retain(|(_, since)| since.elapsed() < IDLE_FOR_MAX);
         if kept.len() < IDLE_PER_ADDRESS_MAX {
             kept.push((stream, Instant::now()));
