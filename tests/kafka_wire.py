@@ -52,6 +52,18 @@ def produce_v3(topic: bytes, partition: int, records: bytes, acks=1, correlation
     return frame(body)
 
 
+def produce_v3_partitions(topic: bytes, batches, acks=1, correlation_id=1):
+    """One Produce v3 request for one topic: `batches` lists (partition, records)."""
+    body = request_header(0, 3, correlation_id)
+    body += struct.pack(">h", -1)
+    body += struct.pack(">hi", acks, 5000)
+    body += struct.pack(">i", 1) + kstring(topic)
+    body += struct.pack(">i", len(batches))
+    for partition, records in batches:
+        body += struct.pack(">ii", partition, len(records)) + records
+    return frame(body)
+
+
 def parse_produce_v3(resp: bytes):
     """Returns (correlation_id, [(topic, partition, error_code, base_offset)])."""
     cid, = struct.unpack_from(">i", resp, 0)

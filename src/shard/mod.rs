@@ -63,10 +63,12 @@ pub struct TopicSpec {
 
 /// Work sent to the shard that owns it.
 pub enum Request {
-    /// Append batches; the reply comes once written (`acks=1`) or durable (`acks=all`).
+    /// A Produce request's batches for the partitions this shard owns, one entry per partition;
+    /// the reply (one result each, in order) comes once all are written (`acks=1`) or durable
+    /// (`acks=all`). One call per owner and request, not one per partition: a request spread
+    /// over 1,000 partitions costs each owner one message, not hundreds.
     Append {
-        tp: TopicPartition,
-        records: Bytes,
+        batches: Vec<(TopicPartition, Bytes)>,
         acks: i16,
         /// The producer's transactional id: a transaction's first batch to a partition is
         /// checked with its coordinator (KIP-890).
@@ -332,7 +334,7 @@ impl Shard {
 pub type TopicResult = Result<Topic, (ErrorCode, String)>;
 
 pub enum Reply {
-    Append(Result<Appended, AppendError>),
+    Append(Vec<Result<Appended, AppendError>>),
     Read(Vec<Result<ReadResult, ErrorCode>>),
     DataReady,
     ListOffset(Result<Option<(Offset, i64)>, ErrorCode>),
@@ -635,55 +637,17 @@ impl Shard {
     async fn handle(self: &Rc<Self>, req: Request) -> Reply {
         match req {
             Request::Append {
-                tp,
-                records,
+                batches,
                 acks,
                 transactional_id,
             } => {
-                let Some(log) = self.partition(&tp) else {
-                    return Reply::Append(Err(self.missing_partition_error(&tp).into()));
-                };
-                if let Err(code) = self
-                    .verify_transaction(&tp, &log, &records, transactional_id.as_deref())
-                    .await
-                {
-                    return Reply::Append(Err(code.into()));
-                }
-                if let Some(group) = self.cluster().and_then(|c| c.group(&tp)) {
-                    let min_insync = log.config().min_insync_replicas;
-                    let appended = group
-                        .produce(&log, records, acks, min_insync, Origin::Client)
-                        .await;
-                    if let Ok(a) = &appended {
-                        crate::metrics::add(
-                            crate::metrics::Counter::RecordsProduced,
-                            u64::try_from(a.records).unwrap_or(0),
-                        );
-                    }
-                    return Reply::Append(appended);
-                }
-                let durable = acks == -1;
-                if durable && log.config().min_insync_replicas > 1 {
-                    // One replica per partition on a single node: the in-sync set is just this one.
-                    return Reply::Append(Err(ErrorCode::NOT_ENOUGH_REPLICAS.into()));
-                }
-                let appended = match log.append(records, durable, Origin::Client) {
-                    Ok(a) => a,
-                    Err(e) => return Reply::Append(Err(e)),
-                };
-                crate::metrics::add(
-                    crate::metrics::Counter::RecordsProduced,
-                    u64::try_from(appended.records).unwrap_or(0),
-                );
-                // acks=0 gets no answer, but its request still completes only once the batches
-                // are written: the connection's request budget and in-flight limit then hold a
-                // producer that outruns the disk, instead of an unbounded queue in memory.
-                Reply::Append(
-                    log.wait_for(appended.end_offset, durable)
-                        .await
-                        .map(|()| appended)
-                        .map_err(AppendError::from),
-                )
+                let appends = batches
+                    .into_iter()
+                    .map(|(tp, records)| {
+                        self.append_local(tp, records, acks, transactional_id.as_deref())
+                    })
+                    .collect();
+                Reply::Append(join_all(appends).await)
             }
             Request::Read(reads) => Reply::Read(self.read_local(reads).await),
             Request::WaitForData {
@@ -892,6 +856,59 @@ impl Shard {
         }
         group.set_copier(self.snapshot_copier(tp.clone()));
         Ok(())
+    }
+
+    /// Appends one partition's batches on this shard (its owner); completes once they are
+    /// written (`acks=1`, `acks=0`) or durable (`acks=all`).
+    async fn append_local(
+        self: &Rc<Self>,
+        tp: TopicPartition,
+        records: Bytes,
+        acks: i16,
+        transactional_id: Option<&str>,
+    ) -> Result<Appended, AppendError> {
+        let Some(log) = self.partition(&tp) else {
+            return Err(self.missing_partition_error(&tp).into());
+        };
+        if let Err(code) = self
+            .verify_transaction(&tp, &log, &records, transactional_id)
+            .await
+        {
+            return Err(code.into());
+        }
+        if let Some(group) = self.cluster().and_then(|c| c.group(&tp)) {
+            let min_insync = log.config().min_insync_replicas;
+            let appended = group
+                .produce(&log, records, acks, min_insync, Origin::Client)
+                .await;
+            if let Ok(a) = &appended {
+                crate::metrics::add(
+                    crate::metrics::Counter::RecordsProduced,
+                    u64::try_from(a.records).unwrap_or(0),
+                );
+            }
+            return appended;
+        }
+        let durable = acks == -1;
+        if durable && log.config().min_insync_replicas > 1 {
+            // One replica per partition on a single node: the in-sync set is just this one.
+            return Err(ErrorCode::NOT_ENOUGH_REPLICAS.into());
+        }
+        let appended = match log.append(records, durable, Origin::Client) {
+            Ok(a) => a,
+            Err(e) => return Err(e),
+        };
+        crate::metrics::add(
+            crate::metrics::Counter::RecordsProduced,
+            u64::try_from(appended.records).unwrap_or(0),
+        );
+        // acks=0 gets no answer, but its request still completes only once the batches
+        // are written: the connection's request budget and in-flight limit then hold a
+        // producer that outruns the disk, instead of an unbounded queue in memory.
+        log.wait_for(appended.end_offset, durable)
+            .await
+            .map(|()| appended)
+            .map_err(AppendError::from)
     }
 
     pub fn partition(&self, tp: &TopicPartition) -> Option<PartitionLog> {
