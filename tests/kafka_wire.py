@@ -161,3 +161,34 @@ def fetch_v4(topic: bytes, partition: int, offset: int, max_bytes: int, partitio
     body += struct.pack(">i", 1) + kstring(topic)
     body += struct.pack(">i", 1) + struct.pack(">iqi", partition, offset, partition_max_bytes)
     return frame(body)
+
+
+def fetch_v4_topics(topics, correlation_id=1, partition_max_bytes=1 << 20):
+    """A Fetch v4 (no wait, min_bytes 0) for `topics`: a list of (topic, [(partition, offset)]),
+    in that order, a topic possibly named twice."""
+    body = request_header(1, 4, correlation_id)
+    body += struct.pack(">iiiib", -1, 0, 0, 8 << 20, 0)
+    body += struct.pack(">i", len(topics))
+    for topic, partitions in topics:
+        body += kstring(topic) + struct.pack(">i", len(partitions))
+        for partition, offset in partitions:
+            body += struct.pack(">iqi", partition, offset, partition_max_bytes)
+    return frame(body)
+
+
+def parse_fetch_v4(resp: bytes):
+    """Returns (correlation_id, [(topic, partition, error_code, high_watermark, records)])."""
+    cid, _throttle, n_topics = struct.unpack_from(">iii", resp, 0)
+    pos = 12
+    out = []
+    for _ in range(n_topics):
+        nlen, = struct.unpack_from(">h", resp, pos); pos += 2
+        name = resp[pos:pos + nlen]; pos += nlen
+        n_parts, = struct.unpack_from(">i", resp, pos); pos += 4
+        for _ in range(n_parts):
+            idx, err, hw, _lso, n_aborted = struct.unpack_from(">ihqqi", resp, pos); pos += 26
+            pos += 16 * max(n_aborted, 0)
+            size, = struct.unpack_from(">i", resp, pos); pos += 4
+            records = resp[pos:pos + max(size, 0)]; pos += max(size, 0)
+            out.append((name, idx, err, hw, records))
+    return cid, out

@@ -58,3 +58,33 @@ def test_one_produce_request_crosses_to_each_other_shard_once(broker_factory):
                          capture_output=True, text=True, timeout=60)
     rows = sorted(r for r in out.stdout.split("\n") if r)
     assert rows == sorted(f"{p} v{p}" for p in range(64))
+
+
+def test_a_fetch_answers_partitions_of_several_topics_in_request_order(broker_factory):
+    """Partitions of two topics on both shards, a topic named twice, an unknown partition and an
+    unknown topic: each answer comes back in its request slot with its own watermark and records."""
+    b = broker_factory(name="sharded-fetch")
+    admin = KafkaAdminClient(bootstrap_servers=b.bootstrap, request_timeout_ms=10000)
+    admin.create_topics([NewTopic("left", 4, 1), NewTopic("right", 3, 1)])
+    admin.close()
+    s = kw.connect(b.bootstrap)
+    for topic, partition in ((b"left", 1), (b"right", 2), (b"left", 3)):
+        s.sendall(kw.produce_v3(topic, partition, kw.record_batch([b"x" + topic]), acks=-1))
+        assert kw.read_produce_error(s, 1) == (0, 0)
+    asked = [(b"left", [(0, 0), (1, 0), (9, 0)]), (b"right", [(2, 0), (0, 0)]),
+             (b"left", [(3, 0), (2, 0)]), (b"nosuch", [(0, 0)])]
+    s.sendall(kw.fetch_v4_topics(asked, correlation_id=9))
+    cid, answers = kw.parse_fetch_v4(kw.read_frame(s))
+    s.close()
+    assert cid == 9
+    written = {(b"left", 1), (b"right", 2), (b"left", 3)}
+    expected = []
+    for topic, partitions in asked:
+        for p, _ in partitions:
+            if topic == b"nosuch" or p == 9:
+                expected.append((topic, p, 3, -1, False))
+            else:
+                hw = 1 if (topic, p) in written else 0
+                expected.append((topic, p, 0, hw, hw == 1))
+    got = [(t, p, e, hw, b"x" + t in records) for t, p, e, hw, records in answers]
+    assert got == expected

@@ -16,6 +16,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -25,8 +26,9 @@ use kafka_protocol::messages::fetch_response::{
 use kafka_protocol::messages::{FetchRequest, FetchResponse, ProducerId};
 
 use super::fetch_session::Plan;
+use crate::cluster::TopicTable;
 use crate::model::{ErrorCode, Offset, ShardId, TopicPartition};
-use crate::shard::{join_all, PartitionRead, Reply, Request, Shard};
+use crate::shard::{join_all, PartitionRead, Reply, Request, Shard, TopicOwners};
 use crate::storage::{batch, ReadResult};
 
 struct Wanted {
@@ -108,16 +110,18 @@ async fn read_round(shard: &Rc<Shard>, wanted: &[Wanted]) -> Vec<Result<ReadResu
     let table = shard.topics();
     let mut results: Vec<Result<ReadResult, ErrorCode>> = Vec::with_capacity(wanted.len());
     let mut by_owner: BTreeMap<usize, (Vec<usize>, Vec<PartitionRead>)> = BTreeMap::new();
+    let mut topics = TopicRuns::new(shard);
     for (i, w) in wanted.iter().enumerate() {
-        let known = table
-            .get(&w.tp.topic)
-            .is_some_and(|t| w.tp.partition.0 >= 0 && w.tp.partition.0 < t.partitions);
+        let (partitions, owners) = topics.of(&w.tp.topic, &table);
+        let known = w.tp.partition.0 >= 0 && w.tp.partition.0 < partitions;
         results.push(if w.unknown_id {
             Err(ErrorCode::UNKNOWN_TOPIC_ID)
         } else if !known {
             Err(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION)
         } else {
-            let (at, reads) = by_owner.entry(shard.owner_of(&w.tp).0).or_default();
+            let (at, reads) = by_owner
+                .entry(owners.owner(w.tp.partition.0).0)
+                .or_default();
             at.push(i);
             reads.push(PartitionRead {
                 tp: w.tp.clone(),
@@ -157,9 +161,12 @@ async fn read_round(shard: &Rc<Shard>, wanted: &[Wanted]) -> Vec<Result<ReadResu
 async fn wait_for_data(shard: &Rc<Shard>, wanted: &[Wanted], timeout: Duration) {
     let committed = wanted.iter().any(|w| w.committed);
     let mut by_owner: BTreeMap<usize, Vec<(TopicPartition, Offset)>> = BTreeMap::new();
+    let table = shard.topics();
+    let mut topics = TopicRuns::new(shard);
     for w in wanted {
+        let (_, owners) = topics.of(&w.tp.topic, &table);
         by_owner
-            .entry(shard.owner_of(&w.tp).0)
+            .entry(owners.owner(w.tp.partition.0).0)
             .or_default()
             .push((w.tp.clone(), w.offset));
     }
@@ -193,6 +200,37 @@ async fn wait_for_data(shard: &Rc<Shard>, wanted: &[Wanted], timeout: Duration) 
     .await;
 }
 
+/// A Fetch's partitions come grouped by topic: what a round needs of a topic (its partition
+/// count and owners) is worked out once per run of its partitions.
+struct TopicRuns {
+    shard_count: usize,
+    last: Option<(Arc<str>, i32, TopicOwners)>,
+}
+
+impl TopicRuns {
+    fn new(shard: &Shard) -> TopicRuns {
+        TopicRuns {
+            shard_count: shard.count,
+            last: None,
+        }
+    }
+
+    /// The topic's partition count (0: no such topic) and owners.
+    fn of(&mut self, topic: &Arc<str>, table: &TopicTable) -> (i32, &TopicOwners) {
+        let same = self
+            .last
+            .as_ref()
+            .is_some_and(|(t, _, _)| Arc::ptr_eq(t, topic) || t == topic);
+        if !same {
+            let partitions = table.get(topic).map_or(0, |t| t.partitions);
+            let owners = TopicOwners::new(topic, self.shard_count);
+            self.last = Some((topic.clone(), partitions, owners));
+        }
+        let (_, partitions, owners) = self.last.as_ref().expect("set above");
+        (*partitions, owners)
+    }
+}
+
 fn build_response(
     shard: &Rc<Shard>,
     plan: &Plan,
@@ -203,7 +241,7 @@ fn build_response(
     let mut response = FetchResponse::default();
     response.session_id = plan.session_id;
     let mut total = 0usize;
-    for ((tp, p), result) in plan.partitions.iter().zip(results) {
+    for (i, ((tp, p), result)) in plan.partitions.iter().zip(results).enumerate() {
         let mut d = PartitionData::default();
         d.partition_index = tp.partition.0;
         d.aborted_transactions = Some(Vec::new());
@@ -268,6 +306,12 @@ fn build_response(
             let mut t = FetchableTopicResponse::default();
             t.topic = p.topic.clone();
             t.topic_id = p.topic_id;
+            // Room for the topic's run of partitions at once (not regrown 10 times at 1,000).
+            let run = plan.partitions[i..]
+                .iter()
+                .take_while(|(_, q)| q.topic == p.topic && q.topic_id == p.topic_id)
+                .count();
+            t.partitions.reserve(run);
             response.responses.push(t);
         }
         if let Some(t) = response.responses.last_mut() {

@@ -13,12 +13,13 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use indexmap::IndexMap;
 use kafka_protocol::messages::{FetchRequest, TopicName};
 
-use crate::model::{ErrorCode, Offset, PartitionHasher, TopicPartition};
+use crate::model::{ErrorCode, Offset, PartitionHasher, PartitionId, TopicPartition};
 
 /// What the broker last told the client about a partition in a session, and the client's
 /// position there.
@@ -106,9 +107,13 @@ impl FetchSessions {
         let listed = || {
             let mut out = Vec::new();
             for t in &req.topics {
-                let name = resolve(&t.topic, &t.topic_id);
+                // One name shared by the topic's partitions, not a copy each.
+                let name: Arc<str> = Arc::from(resolve(&t.topic, &t.topic_id).unwrap_or_default());
                 for p in &t.partitions {
-                    let tp = TopicPartition::new(name.as_deref().unwrap_or_default(), p.partition);
+                    let tp = TopicPartition {
+                        topic: name.clone(),
+                        partition: PartitionId(p.partition),
+                    };
                     out.push((
                         tp,
                         SessionPartition {

@@ -9,6 +9,7 @@
 
 pub mod cluster;
 pub mod controller;
+pub mod owned;
 pub mod shutdown;
 pub mod startup;
 
@@ -27,7 +28,7 @@ use crate::cluster::{Topic, TopicTable};
 use crate::config::{BrokerConfig, LogConfig, ServeOptions};
 use crate::group::{GroupCall, GroupCoordinator, GroupReply, OFFSETS_TOPIC};
 use crate::metrics::MetricsHub;
-use crate::model::{ErrorCode, Offset, PartitionMap, ShardId, TopicPartition};
+use crate::model::{ErrorCode, Offset, ShardId, TopicPartition};
 use crate::replication::group::Quorum;
 use crate::storage::txn::Outcome;
 use crate::storage::{AppendError, Appended, Origin, PartitionFacts, PartitionLog, ReadResult};
@@ -38,18 +39,46 @@ pub const MESH_CHANNEL_CAPACITY: usize = 1024;
 
 /// The shard that owns a partition. Consecutive partitions of a topic land on consecutive shards.
 pub fn shard_for(tp: &TopicPartition, shard_count: usize) -> ShardId {
-    let h = u64::from(crc32c::crc32c(tp.topic.as_bytes()));
-    let p = u64::try_from(tp.partition.0).unwrap_or(0);
-    ShardId(((h + p) % shard_count as u64) as usize)
+    spread(topic_hash(&tp.topic), tp.partition.0, shard_count)
+}
+
+fn topic_hash(topic: &str) -> u64 {
+    u64::from(crc32c::crc32c(topic.as_bytes()))
+}
+
+fn spread(topic_hash: u64, partition: i32, shard_count: usize) -> ShardId {
+    let p = u64::try_from(partition).unwrap_or(0);
+    ShardId(((topic_hash + p) % shard_count.max(1) as u64) as usize)
 }
 
 /// The shard that owns `tp` among `shard_count`.
 pub fn owner_of_partition(tp: &TopicPartition, shard_count: usize) -> ShardId {
-    if &*tp.topic == crate::cluster::metadata::METADATA_TOPIC {
-        // The metadata group feeds the controller, which lives on shard 0.
-        return ShardId(0);
+    TopicOwners::new(&tp.topic, shard_count).owner(tp.partition.0)
+}
+
+/// The owners of one topic's partitions, the topic's name hashed once (a Fetch or Produce names
+/// many partitions of a topic).
+pub struct TopicOwners {
+    /// None: the metadata topic, whose group feeds the controller on shard 0.
+    hash: Option<u64>,
+    shard_count: usize,
+}
+
+impl TopicOwners {
+    pub fn new(topic: &str, shard_count: usize) -> TopicOwners {
+        let metadata = topic == crate::cluster::metadata::METADATA_TOPIC;
+        TopicOwners {
+            hash: (!metadata).then(|| topic_hash(topic)),
+            shard_count,
+        }
     }
-    shard_for(tp, shard_count)
+
+    pub fn owner(&self, partition: i32) -> ShardId {
+        match self.hash {
+            Some(hash) => spread(hash, partition, self.shard_count),
+            None => ShardId(0),
+        }
+    }
 }
 
 /// A topic to create, as CreateTopics or auto-creation asks for it.
@@ -197,21 +226,37 @@ impl Shard {
     ) -> Vec<Result<ReadResult, ErrorCode>> {
         let mut out: Vec<Option<Result<ReadResult, ErrorCode>>> = Vec::with_capacity(reads.len());
         let mut from_disk = Vec::new();
-        for (i, r) in reads.iter().enumerate() {
-            let answer = match self.partition(&r.tp) {
-                None => Some(Err(self.missing_partition_error(&r.tp))),
-                Some(log) => match self.check_leader_epoch(&r.tp, &log, r.current_leader_epoch) {
-                    Err(code) => Some(Err(code)),
-                    Ok(()) => {
-                        let now = log.read_from_memory(r.offset, r.max_bytes, r.committed);
-                        if now.is_none() {
-                            from_disk.push((i, log));
+        {
+            let owned = self.partitions.borrow();
+            // The topic of the previous read and its partitions here: reads come grouped by
+            // topic, so a topic is looked up once per run of its partitions.
+            let mut topic: Option<(&Arc<str>, Option<&owned::TopicLogs<PartitionLog>>)> = None;
+            for (i, r) in reads.iter().enumerate() {
+                let same =
+                    topic.is_some_and(|(t, _)| Arc::ptr_eq(t, &r.tp.topic) || *t == r.tp.topic);
+                if !same {
+                    topic = Some((&r.tp.topic, owned.topic(&r.tp.topic)));
+                }
+                let log = topic
+                    .and_then(|(_, logs)| logs)
+                    .and_then(|logs| owned::OwnedPartitions::in_topic(logs, r.tp.partition));
+                let answer = match log {
+                    None => Some(Err(self.missing_partition_error(&r.tp))),
+                    Some(log) => {
+                        match self.check_leader_epoch(&r.tp, log, r.current_leader_epoch) {
+                            Err(code) => Some(Err(code)),
+                            Ok(()) => {
+                                let now = log.read_from_memory(r.offset, r.max_bytes, r.committed);
+                                if now.is_none() {
+                                    from_disk.push((i, log.clone()));
+                                }
+                                now
+                            }
                         }
-                        now
                     }
-                },
-            };
-            out.push(answer);
+                };
+                out.push(answer);
+            }
         }
         if !from_disk.is_empty() {
             let reads = &reads;
@@ -374,7 +419,7 @@ pub struct Shard {
     topic_ids: RefCell<Rc<HashMap<[u8; 16], Arc<str>>>>,
     /// Static settings with the dynamic broker configs of the current table applied.
     effective: RefCell<Rc<BrokerConfig>>,
-    partitions: RefCell<PartitionMap<PartitionLog>>,
+    partitions: RefCell<owned::OwnedPartitions<PartitionLog>>,
     /// Connections to other brokers' client listeners, kept between requests.
     pub peer_connections: crate::handlers::forward::PeerConnections,
     senders: Senders<Envelope>,
@@ -447,7 +492,7 @@ impl Shard {
             topics: RefCell::new(Arc::new(TopicTable::default())),
             topic_ids: RefCell::new(Rc::new(HashMap::new())),
             effective: RefCell::new(Rc::new(options.broker.clone())),
-            partitions: RefCell::new(PartitionMap::default()),
+            partitions: RefCell::new(owned::OwnedPartitions::default()),
             peer_connections: Default::default(),
             senders,
             waiting: RefCell::new(HashMap::new()),
@@ -611,7 +656,7 @@ impl Shard {
         self.partitions
             .borrow()
             .iter()
-            .map(|(tp, log)| (tp.clone(), log.clone()))
+            .map(|(tp, log)| (tp, log.clone()))
             .collect()
     }
 
@@ -1029,8 +1074,8 @@ impl Shard {
             .partitions
             .borrow()
             .iter()
-            .filter(|(tp, log)| wanted.get(*tp).is_none_or(|(_, id)| log.topic_id() != *id))
-            .map(|(tp, log)| (tp.clone(), log.clone()))
+            .filter(|(tp, log)| wanted.get(tp).is_none_or(|(_, id)| log.topic_id() != *id))
+            .map(|(tp, log)| (tp, log.clone()))
             .collect();
         for (tp, log) in stale {
             tracing::info!(partition = %tp, "the partition's topic is gone or was recreated, or this broker no longer holds a replica: deleting it");
@@ -1110,7 +1155,7 @@ impl Shard {
         }
         for (tp, log) in self.partitions.borrow().iter() {
             log.set_cache_limit(cache_each);
-            if let Some(config) = configs.get(tp) {
+            if let Some(config) = configs.get(&tp) {
                 log.set_config(config.clone());
             }
         }
