@@ -163,11 +163,12 @@ def fetch_v4(topic: bytes, partition: int, offset: int, max_bytes: int, partitio
     return frame(body)
 
 
-def fetch_v4_topics(topics, correlation_id=1, partition_max_bytes=1 << 20):
-    """A Fetch v4 (no wait, min_bytes 0) for `topics`: a list of (topic, [(partition, offset)]),
-    in that order, a topic possibly named twice."""
+def fetch_v4_topics(topics, correlation_id=1, partition_max_bytes=1 << 20, max_wait_ms=0,
+                    min_bytes=0):
+    """A Fetch v4 for `topics`: a list of (topic, [(partition, offset)]), in that order, a topic
+    possibly named twice."""
     body = request_header(1, 4, correlation_id)
-    body += struct.pack(">iiiib", -1, 0, 0, 8 << 20, 0)
+    body += struct.pack(">iiiib", -1, max_wait_ms, min_bytes, 8 << 20, 0)
     body += struct.pack(">i", len(topics))
     for topic, partitions in topics:
         body += kstring(topic) + struct.pack(">i", len(partitions))

@@ -3,6 +3,8 @@ through the mesh, and the responses come back in request order."""
 
 import re
 import subprocess
+import threading
+import time
 
 from confluent_kafka import Producer
 from kafka.admin import KafkaAdminClient, NewTopic
@@ -88,3 +90,35 @@ def test_a_fetch_answers_partitions_of_several_topics_in_request_order(broker_fa
                 expected.append((topic, p, 0, hw, hw == 1))
     got = [(t, p, e, hw, b"x" + t in records) for t, p, e, hw, records in answers]
     assert got == expected
+
+
+def test_a_long_poll_on_partitions_of_both_shards_wakes_when_either_gets_a_record(broker_factory):
+    """A Fetch waiting (min_bytes 1, 20 s) on 40 partitions spread over both shards returns as
+    soon as a record lands in one of them, whichever shard owns it, with that record."""
+    b = broker_factory(name="sharded-poll")
+    admin = KafkaAdminClient(bootstrap_servers=b.bootstrap, request_timeout_ms=10000)
+    admin.create_topics([NewTopic("poll", 40, 1)])
+    admin.close()
+    s = kw.connect(b.bootstrap, timeout=30)
+    producer = kw.connect(b.bootstrap)
+    offsets = {p: 0 for p in range(40)}
+    # Consecutive partitions are owned by different shards: one of the two is the other shard's.
+    for n, partition in enumerate((6, 7)):
+        asked = [(b"poll", sorted(offsets.items()))]
+        s.sendall(kw.fetch_v4_topics(asked, correlation_id=n, max_wait_ms=20_000, min_bytes=1))
+
+        def produce(partition=partition):
+            time.sleep(0.5)
+            producer.sendall(kw.produce_v3(b"poll", partition, kw.record_batch([b"woke"]), acks=-1))
+        threading.Thread(target=produce).start()
+        started = time.monotonic()
+        cid, answers = kw.parse_fetch_v4(kw.read_frame(s))
+        waited = time.monotonic() - started
+        assert cid == n
+        assert kw.read_produce_error(producer, 1) == (0, 0)
+        assert waited < 10, f"the fetch waited {waited:.1f} s for a record produced after 0.5 s"
+        with_records = [(p, hw) for _, p, e, hw, records in answers if b"woke" in records]
+        assert with_records == [(partition, 1)]
+        offsets[partition] = 1
+    s.close()
+    producer.close()

@@ -436,6 +436,9 @@ pub struct Shard {
     stop_progress: event_listener::Event,
     /// Client connections open on this shard.
     connections: Cell<usize>,
+    /// Notified whenever a partition of this shard progresses (its high watermark or durable
+    /// offset moves, or it fails or closes): what a Fetch waiting on many of them listens to.
+    data_progress: Rc<event_listener::Event>,
     /// Incremental fetch sessions of this shard's connections (KIP-227).
     pub fetch_sessions: crate::handlers::fetch_session::FetchSessions,
     /// Set when this broker is part of a cluster (`controller.quorum.voters`).
@@ -506,6 +509,7 @@ impl Shard {
             stopping: Cell::new(false),
             stop_progress: event_listener::Event::new(),
             connections: Cell::new(0),
+            data_progress: Rc::new(event_listener::Event::new()),
             fetch_sessions: crate::handlers::fetch_session::FetchSessions::new(
                 id.0,
                 count,
@@ -704,20 +708,19 @@ impl Shard {
                     .into_iter()
                     .filter_map(|(tp, offset)| self.partition(&tp).map(|log| (log, offset)))
                     .collect();
+                // One listener on the shard's progress for all the partitions, rechecked on each
+                // wake-up, rather than one per partition.
                 let wait_all = async {
-                    let mut futs: Vec<_> = waits
-                        .iter()
-                        .map(|(log, offset)| Box::pin(log.wait_for_data(*offset, committed)))
-                        .collect();
-                    futures_lite::future::poll_fn(move |cx| {
-                        for f in futs.iter_mut() {
-                            if f.as_mut().poll(cx).is_ready() {
-                                return std::task::Poll::Ready(());
-                            }
+                    loop {
+                        let listener = self.data_progress.listen();
+                        if waits
+                            .iter()
+                            .any(|(log, offset)| log.visible_past(*offset, committed))
+                        {
+                            return;
                         }
-                        std::task::Poll::Pending
-                    })
-                    .await
+                        listener.await;
+                    }
                 };
                 let _ = glommio::timer::timeout(Duration::from_millis(timeout_ms), async {
                     wait_all.await;
@@ -1144,6 +1147,7 @@ impl Shard {
                     if &*tp.topic == TRANSACTION_TOPIC && self.cluster.is_none() {
                         self.txns.clone().load(self, &log).await;
                     }
+                    log.notify_shard(self.data_progress.clone());
                     self.partitions.borrow_mut().insert(tp, log);
                 }
                 Err(e) => {

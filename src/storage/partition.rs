@@ -326,15 +326,30 @@ fn end_of_batches(records: &[u8]) -> Option<Offset> {
 }
 
 /// A shared handle to a partition on its owning shard.
+/// One reference count for the whole handle: a Fetch of 1,000 partitions clones and drops
+/// handles by the thousand.
 #[derive(Clone)]
-pub struct PartitionLog {
-    state: Rc<RefCell<PartitionState>>,
+pub struct PartitionLog(Rc<LogShared>);
+
+pub struct LogShared {
+    state: RefCell<PartitionState>,
     /// Notified when batches are queued or a sync is wanted: wakes the flusher.
-    work: Rc<Event>,
+    work: Event,
     /// Notified when journaled batches may be due for their segment write: wakes the writer.
-    write_work: Rc<Event>,
+    write_work: Event,
     /// Notified when `high_watermark` or `durable` advance, or the partition fails or closes.
-    progress: Rc<Event>,
+    progress: Event,
+    /// The owning shard's event for the same, shared by all of its partitions: one Fetch
+    /// waiting on many partitions listens once there, not once per partition.
+    shard_progress: RefCell<Option<Rc<Event>>>,
+}
+
+impl std::ops::Deref for PartitionLog {
+    type Target = LogShared;
+
+    fn deref(&self) -> &LogShared {
+        &self.0
+    }
 }
 
 impl PartitionLog {
@@ -488,12 +503,13 @@ impl PartitionLog {
             write_out_upto: end,
             device,
         };
-        let log = PartitionLog {
-            state: Rc::new(RefCell::new(state)),
-            work: Rc::new(Event::new()),
-            write_work: Rc::new(Event::new()),
-            progress: Rc::new(Event::new()),
-        };
+        let log = PartitionLog(Rc::new(LogShared {
+            state: RefCell::new(state),
+            work: Event::new(),
+            write_work: Event::new(),
+            progress: Event::new(),
+            shard_progress: RefCell::new(None),
+        }));
         let flusher = log.clone();
         glommio::spawn_local(async move { flusher.run_flusher().await }).detach();
         let writer = log.clone();
@@ -775,16 +791,8 @@ impl PartitionLog {
     pub async fn wait_for_data(&self, offset: Offset, committed: bool) {
         loop {
             let listener = self.progress.listen();
-            {
-                let st = self.state.borrow();
-                let visible = if committed {
-                    st.txns.last_stable_offset(st.high_watermark)
-                } else {
-                    st.high_watermark
-                };
-                if visible > offset || st.failed || st.closed {
-                    return;
-                }
+            if self.visible_past(offset, committed) {
+                return;
             }
             listener.await;
         }
@@ -1093,7 +1101,7 @@ impl PartitionLog {
     pub fn close(&self) {
         self.state.borrow_mut().closed = true;
         self.work.notify(usize::MAX);
-        self.progress.notify(usize::MAX);
+        self.notify_progress();
     }
 
     /// Where the partition's writes and syncs stand, for a log line when a wait takes too long
@@ -1555,7 +1563,7 @@ impl PartitionLog {
             }
         }
         self.state.borrow().check_offsets();
-        self.progress.notify(usize::MAX);
+        self.notify_progress();
         Ok(())
     }
 
@@ -1598,7 +1606,7 @@ impl PartitionLog {
                 let tp = self.topic_partition();
                 tracing::error!(partition = %tp, error = %format!("{e:#}"), "log write failed; partition is offline");
                 self.state.borrow_mut().failed = true;
-                self.progress.notify(usize::MAX);
+                self.notify_progress();
                 return;
             }
         }
@@ -1619,7 +1627,7 @@ impl PartitionLog {
         if roll {
             self.write_out_all().await?;
             self.roll().await?;
-            self.progress.notify(usize::MAX);
+            self.notify_progress();
         }
         self.attach_journal_when_open().await?;
         self.wait_for_writer().await?;
@@ -1678,7 +1686,7 @@ impl PartitionLog {
             if due {
                 self.write_work.notify(1);
             }
-            self.progress.notify(usize::MAX);
+            self.notify_progress();
             return self.sync_if_wanted().await;
         }
         // The segment is written here: whatever waits for the writer goes first.
@@ -1689,7 +1697,7 @@ impl PartitionLog {
             st.track_written(&chunk)?;
             st.take_chunk(chunk, false);
         }
-        self.progress.notify(usize::MAX);
+        self.notify_progress();
         self.sync_if_wanted().await
     }
 
@@ -1749,7 +1757,7 @@ impl PartitionLog {
                             tracing::error!(partition = %st.tp, "the shard's journal failed; partition is offline");
                             st.failed = true;
                             drop(st);
-                            log.progress.notify(usize::MAX);
+                            log.notify_progress();
                         }
                     }
                 })
@@ -1777,7 +1785,7 @@ impl PartitionLog {
         }
         st.durable = upto;
         drop(st);
-        self.progress.notify(usize::MAX);
+        self.notify_progress();
     }
 
     /// The partition's segment writer (write-behind): writes journaled batches to the active
@@ -1804,7 +1812,7 @@ impl PartitionLog {
                 st.writing = false;
                 st.failed = true;
                 drop(st);
-                self.progress.notify(usize::MAX);
+                self.notify_progress();
                 return;
             }
         }
@@ -1851,7 +1859,7 @@ impl PartitionLog {
         st.unwritten_bytes -= bytes;
         add_unwritten(-(bytes as isize));
         drop(st);
-        self.progress.notify(usize::MAX);
+        self.notify_progress();
         Ok(())
     }
 
@@ -1930,6 +1938,33 @@ impl PartitionLog {
     }
 
     /// Gives the partition its shard's journal; it is used once every shard has started.
+    /// Wakes what waits on this partition's progress, and the shard's waiters on any partition.
+    fn notify_progress(&self) {
+        self.progress.notify(usize::MAX);
+        if let Ok(shard) = self.shard_progress.try_borrow() {
+            if let Some(event) = shard.as_ref() {
+                event.notify(usize::MAX);
+            }
+        }
+    }
+
+    /// Notifies `event` too whenever this partition progresses (see [`Self::visible_past`]).
+    pub fn notify_shard(&self, event: Rc<Event>) {
+        *self.shard_progress.borrow_mut() = Some(event);
+    }
+
+    /// Whether a reader at `offset` has something to read (or will never have: the partition
+    /// failed or closed). `committed` readers see up to the last stable offset.
+    pub fn visible_past(&self, offset: Offset, committed: bool) -> bool {
+        let st = self.state.borrow();
+        let visible = if committed {
+            st.txns.last_stable_offset(st.high_watermark)
+        } else {
+            st.high_watermark
+        };
+        visible > offset || st.failed || st.closed
+    }
+
     pub fn attach_journal(&self, journal: Journal) {
         self.state.borrow_mut().journal = Some(journal);
         self.work.notify(1);
@@ -1966,7 +2001,7 @@ impl PartitionLog {
             let tp = self.topic_partition();
             tracing::error!(partition = %tp, error = %format!("{e:#}"), "segment fdatasync for a journal checkpoint failed; partition is offline");
             self.state.borrow_mut().failed = true;
-            self.progress.notify(usize::MAX);
+            self.notify_progress();
         }
     }
 
@@ -1992,7 +2027,7 @@ impl PartitionLog {
         let mut st = self.state.borrow_mut();
         st.segments_durable = st.segments_durable.max(end);
         drop(st);
-        self.progress.notify(usize::MAX);
+        self.notify_progress();
     }
 
     /// The device (`st_dev`) of the partition's directory.
