@@ -222,11 +222,17 @@ impl TopicRuns {
             .as_ref()
             .is_some_and(|(t, _, _)| Arc::ptr_eq(t, topic) || t == topic);
         if !same {
-            let partitions = table.get(topic).map_or(0, |t| t.partitions);
-            let owners = TopicOwners::new(topic, self.shard_count);
-            self.last = Some((topic.clone(), partitions, owners));
+            self.last = None;
         }
-        let (_, partitions, owners) = self.last.as_ref().expect("set above");
+        let shard_count = self.shard_count;
+        let (_, partitions, owners) = self.last.get_or_insert_with(|| {
+            let partitions = table.get(topic).map_or(0, |t| t.partitions);
+            (
+                topic.clone(),
+                partitions,
+                TopicOwners::new(topic, shard_count),
+            )
+        });
         (*partitions, owners)
     }
 }

@@ -325,12 +325,12 @@ fn end_of_batches(records: &[u8]) -> Option<Offset> {
     end
 }
 
-/// A shared handle to a partition on its owning shard.
-/// One reference count for the whole handle: a Fetch of 1,000 partitions clones and drops
-/// handles by the thousand.
+/// A shared handle to a partition on its owning shard: one reference count for the whole
+/// handle, since a Fetch of 1,000 partitions clones and drops handles by the thousand.
 #[derive(Clone)]
 pub struct PartitionLog(Rc<LogShared>);
 
+/// What the handles of one partition share.
 pub struct LogShared {
     state: RefCell<PartitionState>,
     /// Notified when batches are queued or a sync is wanted: wakes the flusher.
