@@ -1,8 +1,9 @@
 //! Shards: one pinned glommio executor per core in the core mapping. Each partition is owned by
-//! exactly one shard ([`shard_for`]); a shard that accepted a request for a partition it does not
-//! own sends the work to the owner as a typed [`Request`] over glommio's channel mesh (bounded,
-//! lock-free SPSC queues) and awaits the [`Reply`]. Nothing here takes a lock: per-shard state is
-//! `RefCell`/`Cell` on the shard's own thread; what crosses shards is moved, or shared immutably.
+//! exactly one shard ([`owner_of_partition`]); a shard that accepted a request for a partition it
+//! does not own sends the work to the owner as a typed [`Request`] over glommio's channel mesh
+//! (bounded, lock-free SPSC queues) and awaits the [`Reply`]. Nothing here takes a lock: per-shard
+//! state is `RefCell`/`Cell` on the shard's own thread; what crosses shards is moved, or shared
+//! immutably.
 //!
 //! The controller role of a single node (changing the topic table, allocating producer ids) lives
 //! on shard 0, which persists the table and hands every shard a snapshot before answering.
@@ -37,11 +38,6 @@ use crate::txn::{TxnCall, TxnCoordinator, TxnReply, TRANSACTION_TOPIC};
 /// Messages queued per direction between two shards before a sender waits.
 pub const MESH_CHANNEL_CAPACITY: usize = 1024;
 
-/// The shard that owns a partition. Consecutive partitions of a topic land on consecutive shards.
-pub fn shard_for(tp: &TopicPartition, shard_count: usize) -> ShardId {
-    spread(topic_hash(&tp.topic), tp.partition.0, shard_count)
-}
-
 fn topic_hash(topic: &str) -> u64 {
     u64::from(crc32c::crc32c(topic.as_bytes()))
 }
@@ -51,7 +47,8 @@ fn spread(topic_hash: u64, partition: i32, shard_count: usize) -> ShardId {
     ShardId(((topic_hash + p) % shard_count.max(1) as u64) as usize)
 }
 
-/// The shard that owns `tp` among `shard_count`.
+/// The shard that owns `tp` among `shard_count`. Consecutive partitions of a topic land on
+/// consecutive shards.
 pub fn owner_of_partition(tp: &TopicPartition, shard_count: usize) -> ShardId {
     TopicOwners::new(&tp.topic, shard_count).owner(tp.partition.0)
 }
