@@ -108,8 +108,21 @@ def test_bench_refuses_an_unknown_workload_field(tmp_path):
 def test_tune_reports_each_check_and_fails_without_a_usable_data_dir(tmp_path):
     ok = subprocess.run([STROM_BIN, "tune", "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=30)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    for name in ("io_uring", "memlock", "O_DIRECT", "cpu governor", "transparent huge pages", "open files"):
+    for name in ("io_uring", "memlock", "O_DIRECT", "online discard", "cpu governor", "transparent huge pages", "open files"):
         assert name in ok.stdout
+    # Online discard is reported as the data directory's file system is mounted: a warning with
+    # the fstrim advice if its mount (the longest mount point above it) has `discard`.
+    mounts = []
+    for line in open("/proc/self/mountinfo"):
+        left, right = line.split(" - ", 1)
+        point, options = left.split()[4].replace("\\040", " "), left.split()[5]
+        mounts.append((point, options.split(",") + right.split()[2].split(",")))
+    data = str((tmp_path / "data").resolve())
+    point, options = max((m for m in mounts if data.startswith(m[0])), key=lambda m: len(m[0]))
+    online = "discard" in options or "discard=sync" in options
+    line = next(l for l in ok.stdout.splitlines() if "online discard" in l)
+    assert line.startswith("[warn]" if online else "[ok  ]"), (line, point, options)
+    assert ("fstrim.timer" in ok.stdout) == online
     assert "ready: strom can run here" in ok.stdout
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")

@@ -130,3 +130,36 @@ def test_a_consumer_reading_from_disk_is_served_by_read_ahead_and_misses_nothing
     misses = metric(text, "strom_fetch_cache_misses_total")
     ahead = metric(text, "strom_fetch_readahead_hits_total")
     assert misses > 20 and ahead > misses / 2, (misses, ahead)
+
+
+def test_metrics_time_the_journal_and_the_shards(broker):
+    """An operator can tell a slow device from a busy shard: after acks=all produces, /metrics
+    holds per-shard histograms of the journal's writes and fdatasyncs (one sample per round and
+    per sync, so never more than the journal counts itself) and of how late each shard's 10 ms
+    probe timer fired."""
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap, request_timeout_ms=10000)
+    admin.create_topics([NewTopic("timed", 4, 1)])
+    admin.close()
+    p = Producer({"bootstrap.servers": broker.bootstrap, "acks": "all", "linger.ms": 0})
+    for i in range(200):
+        p.produce("timed", value=b"t" * 100, partition=i % 4)
+        p.flush(10)  # one at a time: each record its own round and sync
+    assert p.flush(10) == 0
+    time.sleep(2.5)  # several probe periods, and the once-a-second publish after them
+    _, _, text = scrape(broker, "/metrics")
+    writes = metric(text, "strom_journal_write_latency_microseconds_count")
+    syncs = metric(text, "strom_journal_sync_latency_microseconds_count")
+    rounds = metric(text, "strom_journal_rounds_total")
+    assert rounds >= 100, rounds
+    assert writes == rounds, (writes, rounds)
+    assert 100 <= syncs <= metric(text, "strom_fsyncs_total"), syncs
+    for name in ("strom_journal_write_latency_microseconds", "strom_journal_sync_latency_microseconds"):
+        # A write or sync takes at least a microsecond, and p99 is never above the max.
+        p99 = metric(text, name.replace("_microseconds", "_quantile_microseconds"), quantile="0.99")
+        top = metric(text, name.replace("_microseconds", "_quantile_microseconds"), quantile="1")
+        assert 0 < p99 <= top, (name, p99, top)
+        assert metric(text, name + "_bucket", le="+Inf") == metric(text, name + "_count")
+    for shard in ("0", "1"):
+        # 2.5 s of 10 ms probes, on each shard, whatever it did meanwhile.
+        probes = metric(text, "strom_shard_lateness_microseconds_count", shard=shard)
+        assert probes >= 100, (shard, probes)

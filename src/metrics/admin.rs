@@ -11,7 +11,7 @@ use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use super::{MetricsHub, COUNTERS};
+use super::{MetricsHub, COUNTERS, TIMINGS};
 
 /// Histogram bucket bounds for request latency, in microseconds.
 const LATENCY_BUCKETS_US: &[u64] = &[
@@ -94,6 +94,29 @@ fn bucket_counts(h: &hdrhistogram::Histogram<u64>) -> Vec<(f64, u64)> {
     out
 }
 
+/// Adds an HDR histogram as a Prometheus histogram (the latency buckets) under `labels`, and its
+/// p50, p99, p99.9 and max as gauges with a `quantile` label.
+fn push_histogram(
+    h: &hdrhistogram::Histogram<u64>,
+    labels: &Labels,
+    histograms: &mut Vec<(Labels, HistogramValue)>,
+    quantiles: &mut Vec<(Labels, GaugeValue)>,
+) {
+    histograms.push((
+        labels.clone(),
+        HistogramValue {
+            sum: h.mean() * h.len() as f64,
+            count: h.len(),
+            buckets: bucket_counts(h),
+        },
+    ));
+    for (q, name) in [(0.5, "0.5"), (0.99, "0.99"), (0.999, "0.999"), (1.0, "1")] {
+        let mut l = labels.clone();
+        l.push(("quantile".to_string(), name.to_string()));
+        quantiles.push((l, GaugeValue(h.value_at_quantile(q) as f64)));
+    }
+}
+
 fn api_name(key: i16) -> String {
     if key == super::UNSUPPORTED_API_BUCKET {
         return "unsupported".to_string();
@@ -117,21 +140,7 @@ pub fn render(hub: &MetricsHub) -> Result<String> {
             ];
             requests.push((labels.clone(), CounterValue(stats.requests)));
             errors.push((labels.clone(), CounterValue(stats.errors)));
-            let h = &stats.latency_us;
-            let buckets = bucket_counts(h);
-            latency.push((
-                labels.clone(),
-                HistogramValue {
-                    sum: h.mean() * h.len() as f64,
-                    count: h.len(),
-                    buckets,
-                },
-            ));
-            for (q, name) in [(0.5, "0.5"), (0.99, "0.99"), (0.999, "0.999"), (1.0, "1")] {
-                let mut l = labels.clone();
-                l.push(("quantile".to_string(), name.to_string()));
-                quantiles.push((l, GaugeValue(h.value_at_quantile(q) as f64)));
-            }
+            push_histogram(&stats.latency_us, &labels, &mut latency, &mut quantiles);
         }
     }
     registry.register(
@@ -183,6 +192,32 @@ pub fn render(hub: &MetricsHub) -> Result<String> {
             Series {
                 kind: MetricType::Counter,
                 series,
+            },
+        );
+    }
+    for (i, (_, name, help)) in TIMINGS.iter().enumerate() {
+        let (mut histograms, mut quantiles) = (Vec::new(), Vec::new());
+        for (shard, s) in snapshots.iter().enumerate() {
+            if let Some(h) = s.timings.get(i) {
+                let labels = vec![("shard".to_string(), shard.to_string())];
+                push_histogram(h, &labels, &mut histograms, &mut quantiles);
+            }
+        }
+        registry.register(
+            *name,
+            *help,
+            Series {
+                kind: MetricType::Histogram,
+                series: histograms,
+            },
+        );
+        let quantile_name = name.replace("_microseconds", "_quantile_microseconds");
+        registry.register(
+            quantile_name,
+            format!("{help}: quantiles from the HDR histogram"),
+            Series {
+                kind: MetricType::Gauge,
+                series: quantiles,
             },
         );
     }

@@ -143,6 +143,51 @@ pub const COUNTERS: [(Counter, &str, &str); 21] = [
     ),
 ];
 
+/// Shard-wide latency histograms of the broker's own operations, indexed by [`Timing`]: they
+/// tell an operator whether a produce's tail came from the device or from the shard's CPU.
+#[derive(Clone, Copy, Debug)]
+pub enum Timing {
+    /// One journal round's write, from submitted to completed.
+    JournalWrite,
+    /// One journal fdatasync (the device flush every `acks=all` produce on the shard waits for).
+    JournalSync,
+    /// A checkpoint's syncfs, making the segments behind a journal file durable.
+    CheckpointSync,
+    /// How late the shard's probe timer fired: the time the shard's thread spent on other tasks
+    /// or was not run by the kernel, which every task on the shard waited too.
+    ShardLateness,
+}
+
+pub const TIMINGS: [(Timing, &str, &str); 4] = [
+    (
+        Timing::JournalWrite,
+        "strom_journal_write_latency_microseconds",
+        "Journal round writes, submitted to completed, per shard",
+    ),
+    (
+        Timing::JournalSync,
+        "strom_journal_sync_latency_microseconds",
+        "Journal fdatasyncs (acks=all produces wait for them), per shard",
+    ),
+    (
+        Timing::CheckpointSync,
+        "strom_checkpoint_sync_latency_microseconds",
+        "Journal checkpoints' syncfs of the segments' file system, per shard",
+    ),
+    (
+        Timing::ShardLateness,
+        "strom_shard_lateness_microseconds",
+        "How late a shard's 10 ms probe timer fired (the shard busy with other tasks, or its thread not run), per shard",
+    ),
+];
+
+/// How often each shard's lateness probe wakes.
+pub const LATENESS_PROBE: Duration = Duration::from_millis(10);
+
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LATENCY_US_MAX, 3).expect("valid histogram bounds")
+}
+
 /// One API's numbers on one shard.
 #[derive(Clone)]
 pub struct ApiStats {
@@ -154,8 +199,7 @@ pub struct ApiStats {
 impl ApiStats {
     fn new() -> Self {
         ApiStats {
-            latency_us: Histogram::new_with_bounds(1, LATENCY_US_MAX, 3)
-                .expect("valid histogram bounds"),
+            latency_us: latency_histogram(),
             requests: 0,
             errors: 0,
         }
@@ -167,6 +211,8 @@ impl ApiStats {
 pub struct ShardSnapshot {
     pub apis: BTreeMap<i16, ApiStats>,
     pub counters: [u64; COUNTERS.len()],
+    /// By [`Timing`]; empty until the shard records its first timing.
+    pub timings: Vec<Histogram<u64>>,
     pub partitions: u64,
     /// The Raft groups this shard drives (a cluster).
     pub raft: Vec<RaftGauge>,
@@ -213,6 +259,36 @@ pub fn record_request(api_key: i16, latency: Duration, error: bool) {
         let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         stats.latency_us.saturating_record(us.max(1));
     });
+}
+
+/// Records one timing of the broker's own operations on this shard.
+pub fn record_timing(timing: Timing, took: Duration) {
+    LOCAL.with(|m| {
+        let mut m = m.borrow_mut();
+        if m.timings.is_empty() {
+            m.timings = TIMINGS.iter().map(|_| latency_histogram()).collect();
+        }
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        m.timings[timing as usize].saturating_record(us.max(1));
+    });
+}
+
+/// Whether a shard may log a warning about its own timings now: at most once a second, so that
+/// a slow device is reported without flooding the log.
+pub fn may_warn() -> bool {
+    thread_local! {
+        static LAST: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+    }
+    LAST.with(|last| {
+        let now = Instant::now();
+        let due = last
+            .get()
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
+        if due {
+            last.set(Some(now));
+        }
+        due
+    })
 }
 
 /// Adds `n` to a shard-wide counter.

@@ -529,6 +529,7 @@ impl Shard {
         TxnCoordinator::start_ticker(&shard);
         start_log_cleaner(&shard);
         start_metrics_publisher(&shard);
+        start_lateness_probe(&shard);
         // Raft traffic flows before the table is loaded: a broker joining the cluster receives
         // the metadata log this way.
         if let Some(socket) = peer_socket {
@@ -1359,6 +1360,31 @@ fn start_log_cleaner(shard: &Rc<Shard>) {
         }
         Err(e) => tracing::error!(error = %e, "the log cleaner could not start"),
     }
+}
+
+/// Measures how late a timer fires on this shard, every [`crate::metrics::LATENESS_PROBE`]: what
+/// any task on the shard waits beyond its own work when the shard's thread is busy elsewhere or
+/// not run by the kernel (`strom_shard_lateness_microseconds`). A stall of 50 ms or more is
+/// logged, at most once a second.
+fn start_lateness_probe(shard: &Rc<Shard>) {
+    let weak = Rc::downgrade(shard);
+    glommio::spawn_local(async move {
+        while weak.strong_count() > 0 {
+            let asleep = std::time::Instant::now();
+            glommio::timer::sleep(crate::metrics::LATENESS_PROBE).await;
+            let late = asleep
+                .elapsed()
+                .saturating_sub(crate::metrics::LATENESS_PROBE);
+            crate::metrics::record_timing(crate::metrics::Timing::ShardLateness, late);
+            if late >= Duration::from_millis(50) && crate::metrics::may_warn() {
+                tracing::warn!(
+                    late_ms = late.as_millis(),
+                    "shard stalled: its tasks ran late"
+                );
+            }
+        }
+    })
+    .detach();
 }
 
 /// Copies this shard's metrics into the shared hub once a second; shard 0 also reports the facts

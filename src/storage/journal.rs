@@ -62,6 +62,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
@@ -70,6 +71,7 @@ use glommio::io::{DmaFile, OpenOptions};
 
 use super::files::GlommioResultExt;
 use super::partition::PartitionLog;
+use crate::metrics::Timing;
 use crate::model::{Offset, PartitionMap, TopicPartition};
 
 pub const JOURNAL_DIR: &str = "journal";
@@ -86,6 +88,10 @@ const CHECKPOINT_LANES_CALM: usize = 2;
 const CHECKPOINT_LANES_URGENT: usize = 8;
 /// A round carries at most this much; more waits for the next round.
 const ROUND_BYTES_MAX: usize = 8 << 20;
+
+/// A journal or checkpoint sync or write taking this long is logged (at most once a second per
+/// shard): every `acks=all` produce on the shard waited for it.
+const SLOW_IO: Duration = Duration::from_millis(50);
 
 /// Set once every shard has opened its partitions (and so applied what the journals held):
 /// journals may be written from then on. Before it, flushes sync their segments directly.
@@ -532,6 +538,15 @@ impl Journal {
         }
     }
 
+    /// Records how long an I/O `timing` started at `started` took, and logs it if it was slow.
+    fn timed(&self, timing: Timing, started: Instant) {
+        let took = started.elapsed();
+        crate::metrics::record_timing(timing, took);
+        if took >= SLOW_IO && crate::metrics::may_warn() {
+            tracing::warn!(journal = %self.inner.dir.display(), op = ?timing, took_ms = took.as_millis(), "slow journal I/O: acks=all produces on this shard waited for the device");
+        }
+    }
+
     fn fail(&self, what: &str, e: &anyhow::Error) {
         tracing::error!(journal = %self.inner.dir.display(), error = %format!("{e:#}"), "journal {what} failed; partitions waiting on it go offline");
         self.inner.st.borrow_mut().failed = true;
@@ -545,7 +560,9 @@ impl Journal {
             (st.written, st.current)
         };
         // Rounds written to a file the writer has left were synced as it left it.
+        let started = Instant::now();
         self.inner.files[index].fdatasync().await.io()?;
+        self.timed(Timing::JournalSync, started);
         crate::metrics::add(crate::metrics::Counter::Fsyncs, 1);
         let mut st = self.inner.st.borrow_mut();
         st.durable = st.durable.max(upto);
@@ -595,7 +612,9 @@ impl Journal {
             let mut buffer = file.alloc_dma_buffer(aligned);
             encode_round(buffer.as_bytes_mut(), inner.run, seq, &views);
             drop(views);
+            let started = Instant::now();
             file.write_at(buffer, position).await.io()?;
+            self.timed(Timing::JournalWrite, started);
             crate::metrics::add(crate::metrics::Counter::JournalRounds, 1);
             crate::metrics::add(crate::metrics::Counter::JournalBytes, aligned as u64);
             let mut st = inner.st.borrow_mut();
@@ -646,7 +665,9 @@ impl Journal {
             st.written > st.durable
         };
         if unsynced {
+            let started = Instant::now();
             inner.files[current].fdatasync().await.io()?;
+            self.timed(Timing::JournalSync, started);
             crate::metrics::add(crate::metrics::Counter::Fsyncs, 1);
             let mut st = inner.st.borrow_mut();
             st.durable = st.durable.max(st.written);
@@ -790,7 +811,10 @@ impl Journal {
             .collect();
         let mut fallback = elsewhere;
         if !written.is_empty() {
-            match super::files::syncfs(&self.inner.dir).await {
+            let syncing = Instant::now();
+            let synced = super::files::syncfs(&self.inner.dir).await;
+            self.timed(Timing::CheckpointSync, syncing);
+            match synced {
                 Ok(()) => {
                     crate::metrics::add(crate::metrics::Counter::Fsyncs, 1);
                     for (log, end) in &written {
