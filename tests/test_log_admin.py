@@ -322,3 +322,56 @@ def test_acks_all_needs_min_insync_replicas(lbroker):
     p1.produce("strict-isr", value=b"y", on_delivery=lambda err, msg: ok.append(err))
     p1.flush(10)
     assert ok == [None]
+
+
+def test_a_large_segment_deleted_by_retention_is_trimmed_at_the_deletion_pace(broker_factory):
+    """With paced deletion (strom.delete.pacing, on by itself where the file system trims online),
+    a segment that retention deletes leaves the log at once (the log start moves, nothing reads
+    it) but its file is renamed `….deleted` and truncated 8 MiB at a time at the shard's pace,
+    not unlinked in one go. A crash mid-way leaves the renamed file, which the next start removes
+    without touching the log."""
+    broker = broker_factory(extra_args=FAST_CLEANER + [
+        "--set", "strom.delete.pacing=on",
+        "--set", "strom.delete.bytes.per.second.per.shard=4194304"], name="paced")
+    mib = 1 << 20
+    create_topic(broker.bootstrap, "paced", segment_bytes=32 * mib, retention_bytes=4 * mib)
+    p = Producer({"bootstrap.servers": broker.bootstrap, "acks": "all", "linger.ms": 5})
+    n = 40_000
+    for i in range(n):
+        p.produce("paced", value=f"{i:08d}".encode().ljust(1000, b"."), partition=0)
+        if i % 2000 == 0:
+            p.poll(0)
+    assert p.flush(60) == 0
+    first = os.path.join(broker.data_dir, "paced-0", "00000000000000000000.log")
+    doomed = first + ".deleted"
+    # The oldest 32 MiB segment leaves the log ...
+    wait_until(lambda: watermarks(broker.bootstrap, "paced")[0] > 0, 20, "the log start offset to move")
+    low, high = watermarks(broker.bootstrap, "paced")
+    assert high == n and not os.path.exists(first)
+    # ... and its file shrinks a chunk every 2 s (4 MiB/s), from 32 MiB to nothing.
+    sizes = set()
+    deadline = time.time() + 3
+    while time.time() < deadline:
+        try:
+            sizes.add(os.path.getsize(doomed))
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    print(f"sizes of the deleted segment seen (MiB): {sorted(s / mib for s in sizes)}")
+    assert any(8 * mib < s < 32 * mib for s in sizes), sizes
+    assert os.path.exists(doomed)
+    # A crash mid-way: the next start removes the leftover, and the log is as acknowledged.
+    broker.kill9()
+    broker.start()
+    assert not os.path.exists(doomed)
+    assert watermarks(broker.bootstrap, "paced") == (low, high)
+    c = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "after-paced", "enable.auto.commit": False})
+    c.assign([TopicPartition("paced", 0, low)])
+    got = []
+    deadline = time.time() + 60
+    while len(got) < high - low and time.time() < deadline:
+        m = c.poll(0.5)
+        if m is not None and not m.error():
+            got.append((m.offset(), int(m.value()[:8])))
+    c.close()
+    assert got == [(o, o) for o in range(low, high)]

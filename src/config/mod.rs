@@ -365,6 +365,22 @@ pub const BROKER_SETTINGS: &[SettingDef] = &[
         "Size of each file of a shard's durability journal (acks=all is one journal write and one fdatasync per flush round, whatever the partition count)",
     ),
     def(
+        "strom.delete.pacing",
+        Some("auto"),
+        T::String,
+        false,
+        None,
+        "When large deleted files are truncated a chunk at a time at a pace instead of unlinked at once: auto (when the data directory's file system is mounted with online discard, whose trims otherwise hold up the journal's syncs), on or off",
+    ),
+    def(
+        "strom.delete.bytes.per.second.per.shard",
+        Some("134217728"),
+        T::Long,
+        false,
+        None,
+        "Pace of paced deletions per shard (strom.delete.pacing); a shard with more than 4 GiB waiting deletes without pacing",
+    ),
+    def(
         "strom.journal.files",
         Some("4"),
         T::Int,
@@ -1004,6 +1020,10 @@ pub struct BrokerConfig {
     pub journal_file_bytes: u64,
     /// `strom.journal.files`: journal files per shard (0: no journal).
     pub journal_files: usize,
+    /// `strom.delete.pacing`: when deletions of large files are paced.
+    pub delete_pacing: crate::storage::trash::Pacing,
+    /// `strom.delete.bytes.per.second.per.shard`.
+    pub delete_bytes_per_second: u64,
     /// `offsets.topic.num.partitions`: partitions of `__consumer_offsets`, fixed once created.
     pub offsets_topic_partitions: i32,
     /// `offsets.topic.replication.factor`.
@@ -1102,6 +1122,8 @@ impl Default for BrokerConfig {
             cache_size_bytes_per_shard: 64 * 1024 * 1024,
             journal_file_bytes: 64 * 1024 * 1024,
             journal_files: 4,
+            delete_pacing: crate::storage::trash::Pacing::Auto,
+            delete_bytes_per_second: 128 << 20,
             offsets_topic_partitions: 50,
             offsets_topic_replication_factor: 3,
             txn_topic_partitions: 50,
@@ -1323,6 +1345,17 @@ impl BrokerConfig {
                 self.journal_file_bytes = parse_in(value, 1 << 20, 1 << 40)? as u64
             }
             "strom.journal.files" => self.journal_files = parse_in(value, 0, 64)? as usize,
+            "strom.delete.pacing" => {
+                self.delete_pacing = match value {
+                    "auto" => crate::storage::trash::Pacing::Auto,
+                    "on" => crate::storage::trash::Pacing::On,
+                    "off" => crate::storage::trash::Pacing::Off,
+                    _ => bail!("'{value}' is not auto, on or off"),
+                }
+            }
+            "strom.delete.bytes.per.second.per.shard" => {
+                self.delete_bytes_per_second = parse_in(value, 1 << 20, i64::MAX)? as u64
+            }
             "offsets.topic.replication.factor" => {
                 self.offsets_topic_replication_factor =
                     parse_in(value, 1, i64::from(i16::MAX))? as i16

@@ -83,6 +83,16 @@ pub fn run(mut options: ServeOptions, on_ready: impl FnOnce(SocketAddr, SocketAd
     options.data_dir = std::fs::canonicalize(&options.data_dir)
         .with_context(|| format!("resolving data directory {}", options.data_dir.display()))?;
     crate::storage::files::finish_deletions(&options.data_dir)?;
+    if crate::storage::trash::configure(
+        &options.data_dir,
+        options.broker.delete_pacing,
+        options.broker.delete_bytes_per_second,
+    ) {
+        tracing::info!(
+            bytes_per_second_per_shard = options.broker.delete_bytes_per_second,
+            "large deleted files are trimmed a chunk at a time (strom.delete.pacing)"
+        );
+    }
     options.clean_start = shutdown::take_marker(&options.data_dir)?;
     if options.clean_start {
         tracing::info!(

@@ -26,6 +26,7 @@ pub mod open_files;
 pub mod partition;
 pub mod records;
 pub mod segment;
+pub mod trash;
 pub mod txn;
 
 pub use partition::{

@@ -1581,7 +1581,26 @@ impl PartitionLog {
         let paths = segment.paths();
         drop(segment);
         for path in paths {
-            files::remove_file(&path).await?;
+            let len = super::trash::size_of(&path).await;
+            if !super::trash::paced(len) {
+                files::remove_file(&path).await?;
+                continue;
+            }
+            // Renamed first: nothing opens it again, and a crash leaves a name the next open
+            // removes rather than a shortened segment.
+            let mut doomed = path.clone().into_os_string();
+            doomed.push(super::trash::DELETED_SUFFIX);
+            let doomed = PathBuf::from(doomed);
+            glommio::io::rename(&path, &doomed)
+                .await
+                .io()
+                .with_context(|| format!("renaming {} for deletion", path.display()))?;
+            glommio::spawn_local(async move {
+                if let Err(e) = super::trash::trickle(doomed, len).await {
+                    tracing::warn!(error = %format!("{e:#}"), "deleting a segment failed; removed at next start");
+                }
+            })
+            .detach();
         }
         tracing::info!(partition = %self.topic_partition(), log_start = next_base.0, "segment deleted by retention");
         Ok(())
@@ -2544,11 +2563,19 @@ async fn write_partition_meta(path: &Path, meta: &PartitionMeta) -> Result<()> {
 }
 
 /// Lists the base offsets of the segments in a partition directory, ascending.
+/// The base offsets of the segments in `dir`. Segment files renamed for a paced deletion that a
+/// restart interrupted ([`super::trash`]) are removed here.
 fn list_segments(dir: &Path) -> Result<Vec<Offset>> {
     let mut bases = Vec::new();
     for entry in std::fs::read_dir(dir)? {
-        let name = entry?.file_name();
+        let entry = entry?;
+        let name = entry.file_name();
         let name = name.to_string_lossy();
+        if name.ends_with(super::trash::DELETED_SUFFIX) {
+            std::fs::remove_file(entry.path())?;
+            tracing::info!(file = %entry.path().display(), "finished an interrupted segment deletion");
+            continue;
+        }
         if let Some(stem) = name.strip_suffix(".log") {
             if let Ok(base) = stem.parse::<i64>() {
                 bases.push(Offset(base));
