@@ -332,7 +332,7 @@ def test_a_large_segment_deleted_by_retention_is_trimmed_at_the_deletion_pace(br
     without touching the log."""
     broker = broker_factory(extra_args=FAST_CLEANER + [
         "--set", "strom.delete.pacing=on",
-        "--set", "strom.delete.bytes.per.second.per.shard=4194304"], name="paced")
+        "--set", "strom.delete.bytes.per.second.per.shard=2097152"], name="paced")
     mib = 1 << 20
     create_topic(broker.bootstrap, "paced", segment_bytes=32 * mib, retention_bytes=4 * mib)
     p = Producer({"bootstrap.servers": broker.bootstrap, "acks": "all", "linger.ms": 5})
@@ -348,7 +348,7 @@ def test_a_large_segment_deleted_by_retention_is_trimmed_at_the_deletion_pace(br
     wait_until(lambda: watermarks(broker.bootstrap, "paced")[0] > 0, 20, "the log start offset to move")
     low, high = watermarks(broker.bootstrap, "paced")
     assert high == n and not os.path.exists(first)
-    # ... and its file shrinks a chunk every 2 s (4 MiB/s), from 32 MiB to nothing.
+    # ... and its file shrinks a chunk every 4 s (2 MiB/s), from 32 MiB to nothing.
     sizes = set()
     deadline = time.time() + 3
     while time.time() < deadline:
@@ -375,3 +375,32 @@ def test_a_large_segment_deleted_by_retention_is_trimmed_at_the_deletion_pace(br
             got.append((m.offset(), int(m.value()[:8])))
     c.close()
     assert got == [(o, o) for o in range(low, high)]
+    # A deleted topic's large files go the same way: the directory is renamed `…-delete` at once
+    # (the topic is gone for clients), its 20 MB segment is trimmed at the pace, then it is removed.
+    create_topic(broker.bootstrap, "gone", segment_bytes=32 * mib)
+    p = Producer({"bootstrap.servers": broker.bootstrap, "acks": "all", "linger.ms": 5})
+    for i in range(20_000):
+        p.produce("gone", value=b"g" * 1000, partition=0)
+        if i % 2000 == 0:
+            p.poll(0)
+    assert p.flush(60) == 0
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap, request_timeout_ms=10000)
+    admin.delete_topics(["gone"])
+    assert "gone" not in admin.list_topics()
+    admin.close()
+    doomed_dirs = []
+    deadline = time.time() + 5
+    while not doomed_dirs and time.time() < deadline:
+        doomed_dirs = glob.glob(os.path.join(broker.data_dir, "gone-0.*-delete"))
+        time.sleep(0.05)
+    assert doomed_dirs and not os.path.exists(os.path.join(broker.data_dir, "gone-0"))
+
+    def shrunk_by_one_chunk():
+        try:
+            return any(8 * mib < os.path.getsize(f) < 20_000_000 - 4 * mib
+                       for f in glob.glob(os.path.join(doomed_dirs[0], "*.log")))
+        except FileNotFoundError:
+            return False
+    # The first chunk goes at once, the next one 4 s later.
+    wait_until(shrunk_by_one_chunk, 3, "the deleted topic's segment to lose a chunk")
+    wait_until(lambda: not os.path.exists(doomed_dirs[0]), 20, "the deleted topic's directory to go")
