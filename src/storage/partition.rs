@@ -2562,8 +2562,7 @@ async fn write_partition_meta(path: &Path, meta: &PartitionMeta) -> Result<()> {
     files::write_meta(path, META_VERSION, &bytes).await
 }
 
-/// Lists the base offsets of the segments in a partition directory, ascending.
-/// The base offsets of the segments in `dir`. Segment files renamed for a paced deletion that a
+/// The base offsets of the segments in partition directory `dir`, ascending. Segment files renamed for a paced deletion that a
 /// restart interrupted ([`super::trash`]) are removed here.
 fn list_segments(dir: &Path) -> Result<Vec<Offset>> {
     let mut bases = Vec::new();
