@@ -184,10 +184,11 @@ pub async fn retire_dir(dir: &Path) -> Result<()> {
         .io()
         .with_context(|| format!("renaming {} for deletion", dir.display()))?;
     sync_dir(dir.parent().unwrap_or(Path::new("."))).await?;
-    if super::trash::has_paced_files(&doomed).await {
+    let large = super::trash::large_files(&doomed).await;
+    if !large.is_empty() {
         // Large files go at the shard's deletion pace, off the caller's path.
         glommio::spawn_local(async move {
-            if let Err(e) = super::trash::trickle_dir(doomed.clone()).await {
+            if let Err(e) = super::trash::trickle_dir(doomed.clone(), large).await {
                 tracing::warn!(dir = %doomed.display(), error = %format!("{e:#}"), "removing a deleted directory failed; retried at next start");
             }
         })

@@ -1581,11 +1581,10 @@ impl PartitionLog {
         let paths = segment.paths();
         drop(segment);
         for path in paths {
-            let len = super::trash::size_of(&path).await;
-            if !super::trash::paced(len) {
+            let Some(len) = super::trash::paced_len(&path).await else {
                 files::remove_file(&path).await?;
                 continue;
-            }
+            };
             // Renamed first: nothing opens it again, and a crash leaves a name the next open
             // removes rather than a shortened segment.
             let mut doomed = path.clone().into_os_string();

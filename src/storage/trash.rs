@@ -110,11 +110,15 @@ pub fn mount_of(dir: &Path) -> Option<(String, String, Vec<String>)> {
     best
 }
 
-/// Whether the file system holding `dir` trims freed blocks inside its commits (btrfs'
-/// `discard=async` queues them off the commit path, and is not counted).
+/// Whether the file system holding `dir` trims freed blocks inside its commits.
 pub fn online_discard(dir: &Path) -> bool {
-    mount_of(dir)
-        .is_some_and(|(_, _, opts)| opts.iter().any(|o| o == "discard" || o == "discard=sync"))
+    mount_of(dir).is_some_and(|(_, _, opts)| trims_online(&opts))
+}
+
+/// Whether mount options ask for online discard (btrfs' `discard=async` queues the trims off the
+/// commit path, and is not counted).
+pub fn trims_online(opts: &[String]) -> bool {
+    opts.iter().any(|o| o == "discard" || o == "discard=sync")
 }
 
 /// Waits for this shard's turn to trim one chunk, unless its backlog is too large to wait.
@@ -173,23 +177,10 @@ async fn trim(path: &Path, len: u64) -> Result<()> {
     result
 }
 
-/// Removes a directory already renamed for deletion: its large files trimmed one after another
-/// (all of them counted in the shard's backlog from the start), then the rest at once.
-pub async fn trickle_dir(dir: PathBuf) -> Result<()> {
-    let listed = dir.clone();
-    let large: Vec<(PathBuf, u64)> = files::blocking(move || {
-        let mut out = Vec::new();
-        for entry in std::fs::read_dir(&listed)? {
-            let entry = entry?;
-            let meta = entry.metadata()?;
-            if meta.is_file() && paced(meta.len()) {
-                out.push((entry.path(), meta.len()));
-            }
-        }
-        Ok::<_, std::io::Error>(out)
-    })
-    .await
-    .with_context(|| format!("listing {}", dir.display()))?;
+/// Removes a directory already renamed for deletion whose large files are `large` (from
+/// [`large_files`]): those trimmed one after another (all of them counted in the shard's backlog
+/// from the start), then the rest at once.
+pub async fn trickle_dir(dir: PathBuf, large: Vec<(PathBuf, u64)>) -> Result<()> {
     let waiting: u64 = large.iter().map(|(_, len)| len).sum();
     BACKLOG.with(|b| b.set(b.get() + waiting));
     let mut trimmed = Ok(());
@@ -207,24 +198,35 @@ pub async fn trickle_dir(dir: PathBuf) -> Result<()> {
         .with_context(|| format!("removing {}", dir.display()))
 }
 
-/// The size of `path`, 0 if it cannot be read.
-pub async fn size_of(path: &Path) -> u64 {
+/// The size of file `path` if it is to be trickled away; `None` (without looking at the file)
+/// while deletions are not paced.
+pub async fn paced_len(path: &Path) -> Option<u64> {
+    if pace() == 0 {
+        return None;
+    }
     let owned = path.to_path_buf();
-    files::blocking(move || std::fs::metadata(owned).map(|m| m.len()).unwrap_or(0)).await
+    let len = files::blocking(move || std::fs::metadata(owned).map(|m| m.len())).await;
+    len.ok().filter(|len| paced(*len))
 }
 
-/// Whether any file directly in `dir` is large enough to be trickled away.
-pub async fn has_paced_files(dir: &Path) -> bool {
+/// The files directly in `dir` large enough to be trickled away, with their sizes; empty (without
+/// listing it) while deletions are not paced.
+pub async fn large_files(dir: &Path) -> Vec<(PathBuf, u64)> {
     if pace() == 0 {
-        return false;
+        return Vec::new();
     }
     let owned = dir.to_path_buf();
     files::blocking(move || {
-        std::fs::read_dir(owned).is_ok_and(|entries| {
-            entries
-                .flatten()
-                .any(|e| e.metadata().is_ok_and(|m| m.is_file() && paced(m.len())))
-        })
+        let Ok(entries) = std::fs::read_dir(owned) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let meta = e.metadata().ok()?;
+                (meta.is_file() && paced(meta.len())).then(|| (e.path(), meta.len()))
+            })
+            .collect()
     })
     .await
 }

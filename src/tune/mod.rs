@@ -173,7 +173,7 @@ pub fn check_o_direct(data_dir: &Path) -> Check {
 /// was deleted, against at most 8.6 ms in four runs with the file system remounted without
 /// discard.
 pub fn check_discard(data_dir: &Path) -> Check {
-    let Some((point, fstype, _)) = crate::storage::trash::mount_of(data_dir) else {
+    let Some((point, fstype, opts)) = crate::storage::trash::mount_of(data_dir) else {
         return Check {
             name: "online discard",
             verdict: Verdict::Ok,
@@ -181,7 +181,7 @@ pub fn check_discard(data_dir: &Path) -> Check {
             advice: None,
         };
     };
-    let online = crate::storage::trash::online_discard(data_dir);
+    let online = crate::storage::trash::trims_online(&opts);
     Check {
         name: "online discard",
         verdict: if online { Verdict::Warn } else { Verdict::Ok },
