@@ -2,11 +2,14 @@
 responses carry only partitions with news; kafka-python's consumer (which uses sessions) reads
 every record of a many-partition topic through them."""
 
+import os
 import socket
 import struct
+import threading
 import time
 
-from confluent_kafka import Producer
+from confluent_kafka import Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 from kafka import KafkaConsumer
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.protocol.consumer.fetch import FetchRequest, FetchResponse
@@ -21,10 +24,11 @@ class Conn:
         self.s = socket.create_connection((host, int(port)), timeout=10)
         self.cid = 0
 
-    def fetch(self, session_id, epoch, partitions, forgotten=(), topic="sess", max_wait_ms=10):
+    def fetch(self, session_id, epoch, partitions, forgotten=(), topic="sess", max_wait_ms=10,
+              min_bytes=0):
         self.cid += 1
         req = FetchRequest[12](
-            replica_id=-1, max_wait_ms=max_wait_ms, min_bytes=0, max_bytes=1 << 20,
+            replica_id=-1, max_wait_ms=max_wait_ms, min_bytes=min_bytes, max_bytes=1 << 20,
             isolation_level=0, session_id=session_id, session_epoch=epoch,
             topics=[FT(topic=topic, partitions=[FP(
                 partition=p, current_leader_epoch=-1, fetch_offset=o, last_fetched_epoch=-1,
@@ -110,3 +114,65 @@ def test_kafka_python_consumer_reads_every_partition_through_sessions(broker):
             got.extend(m.value for m in batch)
     consumer.close()
     assert sorted(got) == sorted(b"v%d" % i for i in range(4500))
+
+
+def cpu_seconds(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_waiting_session_wakes_on_data_and_reports_every_kind_of_news(broker):
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap, request_timeout_ms=10000)
+    admin.create_topics([NewTopic("sess", 8, 1)])
+    admin.close()
+    produce(broker.bootstrap, 2, 10)
+    c = Conn(broker.bootstrap)
+    r, listed = c.fetch(0, 0, [(p, 0) for p in range(8)], max_wait_ms=0)
+    sid = r.session_id
+    assert sid > 0 and (2, 10) in listed
+    r, listed = c.fetch(sid, 1, [(2, 10)], max_wait_ms=0)
+    assert listed == set()
+    # A quiet session long-polls; a record on one partition ends the wait with that partition.
+    threading.Timer(0.5, produce, (broker.bootstrap, 5, 1)).start()
+    started = time.monotonic()
+    r, listed = c.fetch(sid, 2, [], max_wait_ms=8000)
+    assert listed == {(5, 1)}
+    assert time.monotonic() - started < 6
+    r, listed = c.fetch(sid, 3, [(5, 1)], max_wait_ms=0)
+    assert listed == set()
+    # A log start moved on a partition without new records is news too.
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    [(_, fut)] = admin.delete_records([TopicPartition("sess", 2, 4)]).items()
+    fut.result(10)
+    r, _ = c.fetch(sid, 4, [], max_wait_ms=0)
+    (part,) = r.responses[0].partitions
+    assert (part.partition_index, part.high_watermark, part.log_start_offset) == (2, 10, 4)
+    assert not part.records
+    # A position out of range is answered with its error at once, not after the wait.
+    started = time.monotonic()
+    r, _ = c.fetch(sid, 5, [(2, 1)], max_wait_ms=8000)
+    (part,) = r.responses[0].partitions
+    assert (part.partition_index, part.error_code) == (2, 1)  # OFFSET_OUT_OF_RANGE
+    assert time.monotonic() - started < 6
+
+
+def test_a_fetch_short_of_min_bytes_waits_for_more_without_spinning(broker):
+    """Data below `min_bytes` is not re-read in a loop until the wait is up: the broker waits for
+    more (it used to spin a core for the whole `max_wait_ms`)."""
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap, request_timeout_ms=10000)
+    admin.create_topics([NewTopic("sess", 2, 1)])
+    admin.close()
+    produce(broker.bootstrap, 0, 3)
+    c = Conn(broker.bootstrap)
+    before = cpu_seconds(broker.proc.pid)
+    for session_epoch, session in ((-1, 0), (0, 0)):
+        for _ in range(4):
+            started = time.monotonic()
+            r, listed = c.fetch(session, session_epoch, [(0, 0), (1, 0)], max_wait_ms=800,
+                                min_bytes=1 << 20)
+            # The wait runs its course and the records come back.
+            assert time.monotonic() - started >= 0.7
+            assert (0, 3) in listed
+    spent = cpu_seconds(broker.proc.pid) - before
+    print(f"broker CPU over 8 fetches waiting 0.8 s each: {spent:.2f} s")
+    assert spent < 2.0

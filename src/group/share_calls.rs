@@ -40,7 +40,7 @@ use super::share::{
 };
 use super::share_remote;
 use crate::model::{ErrorCode, Offset, TopicPartition};
-use crate::shard::{join_all, PartitionRead, Reply, Request, Shard};
+use crate::shard::{join_all, PartitionRead, Reply, Request, Shard, WaitOver};
 use crate::storage::batch::BatchHeader;
 use crate::storage::txn::AbortedTxn;
 use crate::storage::ReadResult;
@@ -197,10 +197,12 @@ async fn wait_for_records(
             .push((tp, offset));
     }
     let timeout_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+    let over = WaitOver::default();
     let mut waits: Vec<BoxedFuture<()>> = by_source
         .into_iter()
         .map(|(source, positions)| {
             let shard = shard.clone();
+            let over = over.clone();
             match source {
                 Source::Shard(owner) => Box::pin(async move {
                     shard
@@ -210,6 +212,7 @@ async fn wait_for_records(
                                 positions,
                                 timeout_ms,
                                 committed,
+                                over: over.clone(),
                             },
                         )
                         .await;
@@ -245,6 +248,7 @@ async fn wait_for_records(
         std::task::Poll::Pending
     })
     .await;
+    over.end();
 }
 
 impl GroupCoordinator {

@@ -28,7 +28,9 @@ use kafka_protocol::messages::{FetchRequest, FetchResponse, ProducerId};
 use super::fetch_session::Plan;
 use crate::cluster::TopicTable;
 use crate::model::{ErrorCode, Offset, ShardId, TopicPartition};
-use crate::shard::{join_all, PartitionRead, Reply, Request, Shard, TopicOwners};
+use crate::shard::{
+    join_all, PartitionProbe, PartitionRead, Reply, Request, Shard, TopicOwners, WaitOver,
+};
 use crate::storage::{batch, ReadResult};
 
 struct Wanted {
@@ -86,8 +88,22 @@ pub async fn handle(shard: &Rc<Shard>, req: FetchRequest, version: i16) -> Fetch
             committed,
         })
         .collect();
+    // The partitions a round reads: every one, except in an incremental session, where each owner
+    // reads only those with news (see `Shard::probe_local`).
+    let everyone: Vec<usize> = (0..wanted.len()).collect();
+    // Per partition, the end of what was read: a wait is for data past it, so that a round short
+    // of `min_bytes` waits for more rather than reading the same records again at once.
+    let mut seen: Vec<Offset> = wanted.iter().map(|w| w.offset).collect();
     loop {
-        let results = read_round(shard, &wanted).await;
+        let remaining = max_wait.saturating_sub(started.elapsed());
+        let (at, results) = if plan.incremental {
+            probe_round(shard, &plan, &wanted, &seen, remaining).await
+        } else {
+            (
+                everyone.clone(),
+                read_round(shard, &wanted, &everyone).await,
+            )
+        };
         let total: usize = results
             .iter()
             .map(|r| r.as_ref().map_or(0, |r| r.records.len()))
@@ -95,42 +111,160 @@ pub async fn handle(shard: &Rc<Shard>, req: FetchRequest, version: i16) -> Fetch
         let any_error = results.iter().any(|r| r.is_err());
         let elapsed = started.elapsed();
         if total >= min_bytes.max(1) || any_error || elapsed >= max_wait || wanted.is_empty() {
-            return build_response(shard, &plan, results, max_bytes, version);
+            return build_response(shard, &plan, &at, results, max_bytes, version);
         }
-        wait_for_data(shard, &wanted, max_wait - elapsed).await;
-        if started.elapsed() >= max_wait {
-            let results = read_round(shard, &wanted).await;
-            return build_response(shard, &plan, results, max_bytes, version);
+        for (i, r) in at.iter().zip(&results) {
+            if let Ok(r) = r {
+                let end = if wanted[*i].committed {
+                    r.last_stable_offset
+                } else {
+                    r.high_watermark
+                };
+                seen[*i] = seen[*i].max(end);
+            }
+        }
+        if !plan.incremental {
+            wait_for_data(shard, &wanted, &seen, max_wait - elapsed).await;
         }
     }
 }
 
-/// Reads every wanted partition: one request per owning shard, answered in the request's order.
-async fn read_round(shard: &Rc<Shard>, wanted: &[Wanted]) -> Vec<Result<ReadResult, ErrorCode>> {
+/// Partitions read and their reads: the indices in an owner's probes, or in the fetch's
+/// partitions.
+type Probed = (Vec<usize>, Vec<Result<ReadResult, ErrorCode>>);
+
+/// Asks each owner to read those of an incremental session's partitions that have news, waiting
+/// up to `timeout` for data past `seen` first: the indices read, in order, and their reads.
+async fn probe_round(
+    shard: &Rc<Shard>,
+    plan: &Plan,
+    wanted: &[Wanted],
+    seen: &[Offset],
+    timeout: Duration,
+) -> Probed {
     let table = shard.topics();
-    let mut results: Vec<Result<ReadResult, ErrorCode>> = Vec::with_capacity(wanted.len());
+    let mut topics = TopicRuns::new(shard);
+    let mut read: Vec<(usize, Result<ReadResult, ErrorCode>)> = Vec::new();
+    let mut by_owner: BTreeMap<usize, (Vec<usize>, Vec<PartitionProbe>)> = BTreeMap::new();
+    for (i, w) in wanted.iter().enumerate() {
+        match topics.owner_of(w, &table) {
+            Err(code) => read.push((i, Err(code))),
+            Ok(owner) => {
+                let (indices, probes) = by_owner.entry(owner).or_default();
+                indices.push(i);
+                probes.push(PartitionProbe {
+                    tp: w.tp.clone(),
+                    offset: w.offset,
+                    seen: seen[i],
+                    max_bytes: w.max_bytes,
+                    current_leader_epoch: w.current_leader_epoch,
+                    committed: w.committed,
+                    sent: plan.partitions[i].1.sent,
+                });
+            }
+        }
+    }
+    // No wait when there is an error to report already; rounded up, as a wait of under a
+    // millisecond is still a wait, not a spin.
+    let timeout_ms = if read.is_empty() {
+        u64::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(u64::MAX)
+    } else {
+        0
+    };
+    let owners: Vec<(ShardId, Vec<usize>, Vec<PartitionProbe>)> = by_owner
+        .into_iter()
+        .map(|(owner, (indices, probes))| (ShardId(owner), indices, probes))
+        .collect();
+    let over = WaitOver::default();
+    let ask = |owner: ShardId, probes: Vec<PartitionProbe>, timeout_ms: u64| {
+        let shard = shard.clone();
+        let over = over.clone();
+        let asked = probes.len();
+        Box::pin(async move {
+            if owner == shard.id {
+                shard.probe_local(probes, timeout_ms, &over).await
+            } else {
+                let probe = Request::Probe {
+                    probes,
+                    timeout_ms,
+                    over,
+                };
+                match shard.call(owner, probe).await {
+                    Reply::Probed(news, reads) => (news, reads),
+                    _ => (
+                        (0..asked).collect(),
+                        vec![Err(ErrorCode::UNKNOWN_SERVER_ERROR); asked],
+                    ),
+                }
+            }
+        })
+    };
+    let mut answers: Vec<Option<Probed>> = vec![None; owners.len()];
+    if timeout_ms > 0 && owners.len() > 1 {
+        // The first owner to see data ends the wait, and the others are asked again without one.
+        let mut waits: Vec<_> = owners
+            .iter()
+            .map(|(owner, _, probes)| ask(*owner, probes.clone(), timeout_ms))
+            .collect();
+        let (k, answer) = futures_lite::future::poll_fn(|cx| {
+            for (k, w) in waits.iter_mut().enumerate() {
+                if let std::task::Poll::Ready(answer) = w.as_mut().poll(cx) {
+                    return std::task::Poll::Ready((k, answer));
+                }
+            }
+            std::task::Poll::Pending
+        })
+        .await;
+        over.end();
+        answers[k] = Some(answer);
+    }
+    let wait_ms = if owners.len() > 1 { 0 } else { timeout_ms };
+    let rest = owners
+        .iter()
+        .zip(&answers)
+        .filter(|(_, answer)| answer.is_none())
+        .map(|((owner, _, probes), _)| ask(*owner, probes.clone(), wait_ms))
+        .collect();
+    let mut rest = join_all(rest).await.into_iter();
+    for ((_, indices, _), answer) in owners.iter().zip(answers) {
+        let Some((news, reads)) = answer.or_else(|| rest.next()) else {
+            continue;
+        };
+        for (n, r) in news.into_iter().zip(reads) {
+            if let Some(i) = indices.get(n) {
+                read.push((*i, r));
+            }
+        }
+    }
+    read.sort_unstable_by_key(|(i, _)| *i);
+    read.into_iter().unzip()
+}
+
+/// Reads the wanted partitions at `at`: one request per owning shard, answered in `at`'s order.
+async fn read_round(
+    shard: &Rc<Shard>,
+    wanted: &[Wanted],
+    at: &[usize],
+) -> Vec<Result<ReadResult, ErrorCode>> {
+    let table = shard.topics();
+    let mut results: Vec<Result<ReadResult, ErrorCode>> = Vec::with_capacity(at.len());
     let mut by_owner: BTreeMap<usize, (Vec<usize>, Vec<PartitionRead>)> = BTreeMap::new();
     let mut topics = TopicRuns::new(shard);
-    for (i, w) in wanted.iter().enumerate() {
-        let (partitions, owners) = topics.of(&w.tp.topic, &table);
-        let known = w.tp.partition.0 >= 0 && w.tp.partition.0 < partitions;
-        results.push(if w.unknown_id {
-            Err(ErrorCode::UNKNOWN_TOPIC_ID)
-        } else if !known {
-            Err(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION)
-        } else {
-            let (at, reads) = by_owner
-                .entry(owners.owner(w.tp.partition.0).0)
-                .or_default();
-            at.push(i);
-            reads.push(PartitionRead {
-                tp: w.tp.clone(),
-                offset: w.offset,
-                max_bytes: w.max_bytes,
-                current_leader_epoch: w.current_leader_epoch,
-                committed: w.committed,
-            });
-            Ok(ReadResult::default())
+    for (i, w) in at.iter().map(|i| &wanted[*i]).enumerate() {
+        results.push(match topics.owner_of(w, &table) {
+            Err(code) => Err(code),
+            Ok(owner) => {
+                let (at, reads) = by_owner.entry(owner).or_default();
+                at.push(i);
+                reads.push(PartitionRead {
+                    tp: w.tp.clone(),
+                    offset: w.offset,
+                    max_bytes: w.max_bytes,
+                    current_leader_epoch: w.current_leader_epoch,
+                    committed: w.committed,
+                });
+                Ok(ReadResult::default())
+            }
         });
     }
     let calls = by_owner.into_iter().map(|(owner, (at, reads))| {
@@ -158,23 +292,25 @@ async fn read_round(shard: &Rc<Shard>, wanted: &[Wanted]) -> Vec<Result<ReadResu
 
 /// Asks each owning shard to report when one of its partitions passes the fetch position; returns
 /// when the first one does, or when `timeout` is up.
-async fn wait_for_data(shard: &Rc<Shard>, wanted: &[Wanted], timeout: Duration) {
+async fn wait_for_data(shard: &Rc<Shard>, wanted: &[Wanted], seen: &[Offset], timeout: Duration) {
     let committed = wanted.iter().any(|w| w.committed);
     let mut by_owner: BTreeMap<usize, Vec<(TopicPartition, Offset)>> = BTreeMap::new();
     let table = shard.topics();
     let mut topics = TopicRuns::new(shard);
-    for w in wanted {
+    for (w, seen) in wanted.iter().zip(seen) {
         let (_, owners) = topics.of(&w.tp.topic, &table);
         by_owner
             .entry(owners.owner(w.tp.partition.0).0)
             .or_default()
-            .push((w.tp.clone(), w.offset));
+            .push((w.tp.clone(), *seen));
     }
     let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+    let over = WaitOver::default();
     let mut waits: Vec<_> = by_owner
         .into_iter()
         .map(|(owner, positions)| {
             let shard = shard.clone();
+            let over = over.clone();
             Box::pin(async move {
                 shard
                     .call(
@@ -183,6 +319,7 @@ async fn wait_for_data(shard: &Rc<Shard>, wanted: &[Wanted], timeout: Duration) 
                             positions,
                             timeout_ms,
                             committed,
+                            over: over.clone(),
                         },
                     )
                     .await
@@ -198,6 +335,7 @@ async fn wait_for_data(shard: &Rc<Shard>, wanted: &[Wanted], timeout: Duration) 
         std::task::Poll::Pending
     })
     .await;
+    over.end();
 }
 
 /// A Fetch's partitions come grouped by topic: what a round needs of a topic (its partition
@@ -212,6 +350,18 @@ impl TopicRuns {
         TopicRuns {
             shard_count: shard.count,
             last: None,
+        }
+    }
+
+    /// The shard that owns a wanted partition, or the error a read of it gets.
+    fn owner_of(&mut self, w: &Wanted, table: &TopicTable) -> Result<usize, ErrorCode> {
+        let (partitions, owners) = self.of(&w.tp.topic, table);
+        if w.unknown_id {
+            Err(ErrorCode::UNKNOWN_TOPIC_ID)
+        } else if w.tp.partition.0 < 0 || w.tp.partition.0 >= partitions {
+            Err(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION)
+        } else {
+            Ok(owners.owner(w.tp.partition.0).0)
         }
     }
 
@@ -240,6 +390,7 @@ impl TopicRuns {
 fn build_response(
     shard: &Rc<Shard>,
     plan: &Plan,
+    at: &[usize],
     results: Vec<Result<ReadResult, ErrorCode>>,
     max_bytes: usize,
     version: i16,
@@ -247,7 +398,8 @@ fn build_response(
     let mut response = FetchResponse::default();
     response.session_id = plan.session_id;
     let mut total = 0usize;
-    for (i, ((tp, p), result)) in plan.partitions.iter().zip(results).enumerate() {
+    for (k, (i, result)) in at.iter().zip(results).enumerate() {
+        let (tp, p) = &plan.partitions[*i];
         let mut d = PartitionData::default();
         d.partition_index = tp.partition.0;
         d.aborted_transactions = Some(Vec::new());
@@ -313,9 +465,10 @@ fn build_response(
             t.topic = p.topic.clone();
             t.topic_id = p.topic_id;
             // Room for the topic's run of partitions at once (not regrown 10 times at 1,000).
-            let run = plan.partitions[i..]
+            let run = at[k..]
                 .iter()
-                .take_while(|(_, q)| q.topic == p.topic && q.topic_id == p.topic_id)
+                .map(|i| &plan.partitions[*i].1)
+                .take_while(|q| q.topic == p.topic && q.topic_id == p.topic_id)
                 .count();
             t.partitions.reserve(run);
             response.responses.push(t);

@@ -108,6 +108,16 @@ pub enum Request {
         positions: Vec<(TopicPartition, Offset)>,
         timeout_ms: u64,
         committed: bool,
+        /// Set by the fetch once another owner ended its wait.
+        over: WaitOver,
+    },
+    /// An incremental fetch session's partitions here: replies with the reads of those that
+    /// have news for the session (see [`Shard::probe_local`]), once any has data past its `seen`
+    /// offset (or an error), or after the timeout (0: at once).
+    Probe {
+        probes: Vec<PartitionProbe>,
+        timeout_ms: u64,
+        over: WaitOver,
     },
     ListOffset {
         tp: TopicPartition,
@@ -179,6 +189,7 @@ impl Request {
             Request::Append { .. } => "Append",
             Request::Read(_) => "Read",
             Request::WaitForData { .. } => "WaitForData",
+            Request::Probe { .. } => "Probe",
             Request::ListOffset { .. } => "ListOffset",
             Request::ApplyTopics(_) => "ApplyTopics",
             Request::CreateTopics { .. } => "CreateTopics",
@@ -212,7 +223,129 @@ pub struct PartitionRead {
     pub committed: bool,
 }
 
+/// Shared by the owners a fetch waits on: the first to answer ends the others' waits.
+#[derive(Debug, Clone, Default)]
+pub struct WaitOver(Arc<std::sync::atomic::AtomicBool>);
+
+impl WaitOver {
+    pub fn end(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn is_over(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// One partition of an incremental fetch session, as [`Shard::probe_local`] checks it.
+#[derive(Debug, Clone)]
+pub struct PartitionProbe {
+    pub tp: TopicPartition,
+    /// The session's position in the partition.
+    pub offset: Offset,
+    /// Data past this offset ends the wait: the position, or the end the fetch already read.
+    pub seen: Offset,
+    pub max_bytes: usize,
+    pub current_leader_epoch: i32,
+    pub committed: bool,
+    /// High watermark, last stable offset and log start the session last sent.
+    pub sent: Option<(i64, i64, i64)>,
+}
+
 impl Shard {
+    /// Reads those of an incremental fetch session's partitions here that have news: records at
+    /// the session's position, an error (no such partition here, a fenced epoch, a position out
+    /// of range), or offsets other than those last sent. A read of any other one would return
+    /// nothing the incremental response includes, so only these are read: a session of 1,000
+    /// quiet partitions costs one comparison each, not a read. With a timeout, waits first until
+    /// one has data past its `seen` offset or an error. Returns the indices of the probes read,
+    /// with their reads.
+    pub async fn probe_local(
+        &self,
+        probes: Vec<PartitionProbe>,
+        timeout_ms: u64,
+        over: &WaitOver,
+    ) -> (Vec<usize>, Vec<Result<ReadResult, ErrorCode>>) {
+        let logs: Vec<Result<PartitionLog, ()>> = {
+            let owned = self.partitions.borrow();
+            let mut topic: Option<(&Arc<str>, Option<&owned::TopicLogs<PartitionLog>>)> = None;
+            probes
+                .iter()
+                .map(|p| {
+                    let same =
+                        topic.is_some_and(|(t, _)| Arc::ptr_eq(t, &p.tp.topic) || *t == p.tp.topic);
+                    if !same {
+                        topic = Some((&p.tp.topic, owned.topic(&p.tp.topic)));
+                    }
+                    topic
+                        .and_then(|(_, logs)| logs)
+                        .and_then(|logs| owned::OwnedPartitions::in_topic(logs, p.tp.partition))
+                        .filter(|log| {
+                            self.check_leader_epoch(&p.tp, log, p.current_leader_epoch)
+                                .is_ok()
+                        })
+                        .cloned()
+                        .ok_or(())
+                })
+                .collect()
+        };
+        self.wait_for_progress(timeout_ms, over, || {
+            probes.iter().zip(&logs).any(|(p, log)| match log {
+                Ok(log) => log.visible_past(p.seen, p.committed) || log.out_of_range(p.offset),
+                Err(()) => true,
+            })
+        })
+        .await;
+        let news: Vec<usize> = probes
+            .iter()
+            .zip(&logs)
+            .enumerate()
+            .filter(|(_, (p, log))| match log {
+                Ok(log) => log.has_news(p.offset, p.committed, p.sent),
+                Err(()) => true,
+            })
+            .map(|(i, _)| i)
+            .collect();
+        drop(logs);
+        let mut probes: Vec<Option<PartitionProbe>> = probes.into_iter().map(Some).collect();
+        let reads = news
+            .iter()
+            .filter_map(|i| probes[*i].take())
+            .map(|p| PartitionRead {
+                tp: p.tp,
+                offset: p.offset,
+                max_bytes: p.max_bytes,
+                current_leader_epoch: p.current_leader_epoch,
+                committed: p.committed,
+            })
+            .collect();
+        (news, self.read_local(reads).await)
+    }
+
+    /// Waits up to `timeout_ms` until `ready` holds, rechecking it each time a partition here
+    /// moves its high watermark (one listener for all of a fetch's partitions, not one each), or
+    /// until the fetch says the wait is over (another owner ended it), so that a wait nobody
+    /// awaits does not recheck its partitions on every move until its timeout.
+    async fn wait_for_progress(&self, timeout_ms: u64, over: &WaitOver, ready: impl Fn() -> bool) {
+        if timeout_ms == 0 {
+            return;
+        }
+        let wait = async {
+            loop {
+                let listener = self.data_progress.listen();
+                if over.is_over() || ready() {
+                    return;
+                }
+                listener.await;
+            }
+        };
+        let _ = glommio::timer::timeout(Duration::from_millis(timeout_ms), async {
+            wait.await;
+            Ok(())
+        })
+        .await;
+    }
+
     /// Reads partitions this shard owns, in order. What memory can answer (a partition with
     /// nothing new, or its recent batches) is answered at once; only reads that go to disk run
     /// as futures, concurrently. A consumer of 1,000 partitions thus costs a lookup and a check
@@ -379,6 +512,8 @@ pub enum Reply {
     Append(Vec<Result<Appended, AppendError>>),
     Read(Vec<Result<ReadResult, ErrorCode>>),
     DataReady,
+    /// The probes with news (their indices) and their reads.
+    Probed(Vec<usize>, Vec<Result<ReadResult, ErrorCode>>),
     ListOffset(Result<Option<(Offset, i64)>, ErrorCode>),
     /// The partitions that failed to open, with why.
     Applied(Vec<(TopicPartition, String)>),
@@ -697,32 +832,28 @@ impl Shard {
                 Reply::Append(join_all(appends).await)
             }
             Request::Read(reads) => Reply::Read(self.read_local(reads).await),
+            Request::Probe {
+                probes,
+                timeout_ms,
+                over,
+            } => {
+                let (news, reads) = self.probe_local(probes, timeout_ms, &over).await;
+                Reply::Probed(news, reads)
+            }
             Request::WaitForData {
                 positions,
                 timeout_ms,
                 committed,
+                over,
             } => {
                 let waits: Vec<_> = positions
                     .into_iter()
                     .filter_map(|(tp, offset)| self.partition(&tp).map(|log| (log, offset)))
                     .collect();
-                // One listener on the shard's progress for all the partitions, rechecked on each
-                // wake-up, rather than one per partition.
-                let wait_all = async {
-                    loop {
-                        let listener = self.data_progress.listen();
-                        if waits
-                            .iter()
-                            .any(|(log, offset)| log.visible_past(*offset, committed))
-                        {
-                            return;
-                        }
-                        listener.await;
-                    }
-                };
-                let _ = glommio::timer::timeout(Duration::from_millis(timeout_ms), async {
-                    wait_all.await;
-                    Ok(())
+                self.wait_for_progress(timeout_ms, &over, || {
+                    waits
+                        .iter()
+                        .any(|(log, offset)| log.visible_past(*offset, committed))
                 })
                 .await;
                 Reply::DataReady

@@ -854,7 +854,7 @@ impl PartitionLog {
     /// log.
     fn read_start(&self, offset: Offset) -> Result<ReadResult, ErrorCode> {
         let st = self.state.borrow();
-        if offset < st.log_start || offset > st.high_watermark {
+        if st.out_of_range(offset) {
             return Err(ErrorCode::OFFSET_OUT_OF_RANGE);
         }
         Ok(ReadResult {
@@ -1983,6 +1983,25 @@ impl PartitionLog {
         visible > offset || st.failed || st.closed
     }
 
+    /// Whether a read at `offset` would have news for a fetch session that last sent `sent`
+    /// (high watermark, last stable offset, log start): records, an error (out of range, a
+    /// failed or closed log), or other offsets.
+    pub fn has_news(&self, offset: Offset, committed: bool, sent: Option<(i64, i64, i64)>) -> bool {
+        let st = self.state.borrow();
+        let lso = st.txns.last_stable_offset(st.high_watermark);
+        let visible = if committed { lso } else { st.high_watermark };
+        visible > offset
+            || st.out_of_range(offset)
+            || st.failed
+            || st.closed
+            || sent != Some((st.high_watermark.0, lso.0, st.log_start.0))
+    }
+
+    /// Whether a read at `offset` gets OFFSET_OUT_OF_RANGE.
+    pub fn out_of_range(&self, offset: Offset) -> bool {
+        self.state.borrow().out_of_range(offset)
+    }
+
     pub fn attach_journal(&self, journal: Journal) {
         self.state.borrow_mut().journal = Some(journal);
         self.work.notify(1);
@@ -2124,6 +2143,11 @@ impl PartitionLog {
 }
 
 impl PartitionState {
+    /// Below the log start or past the high watermark: a read there gets OFFSET_OUT_OF_RANGE.
+    fn out_of_range(&self, offset: Offset) -> bool {
+        offset < self.log_start || offset > self.high_watermark
+    }
+
     /// The order the module header promises: `log_start <= durable <= high_watermark <=
     /// next_offset`. A violation is a bug in strom, not bad input: debug builds stop on it, release
     /// builds log it loudly.
