@@ -1762,24 +1762,11 @@ impl PartitionLog {
         match journaled {
             // Everything taken since the journal took over is in it.
             Some((journal, Some(ticket))) => {
-                let log = self.clone();
                 {
                     let mut st = self.state.borrow_mut();
                     st.durable_pending = st.durable_pending.max(upto);
                 }
-                glommio::spawn_local(async move {
-                    match journal.wait_durable(ticket).await {
-                        Ok(()) => log.mark_durable(upto),
-                        Err(()) => {
-                            let mut st = log.state.borrow_mut();
-                            tracing::error!(partition = %st.tp, "the shard's journal failed; partition is offline");
-                            st.failed = true;
-                            drop(st);
-                            log.notify_progress();
-                        }
-                    }
-                })
-                .detach();
+                journal.when_durable(ticket, self, upto);
                 return Ok(());
             }
             // Nothing taken since the journal took over, which synced the segment.
@@ -1793,10 +1780,20 @@ impl PartitionLog {
         Ok(())
     }
 
+    /// The shard's journal failed before this partition's batches in it were durable: the
+    /// partition goes offline.
+    pub fn journal_failed(&self) {
+        let mut st = self.state.borrow_mut();
+        tracing::error!(partition = %st.tp, "the shard's journal failed; partition is offline");
+        st.failed = true;
+        drop(st);
+        self.notify_progress();
+    }
+
     /// Every offset below `upto` is durable: advances `durable` and wakes whoever waits for it.
     /// Every advance goes through here, so none can leave a waiter parked (a shutdown once
     /// waited forever on a sync made by the journal's attach, which advanced it silently).
-    fn mark_durable(&self, upto: Offset) {
+    pub fn mark_durable(&self, upto: Offset) {
         let mut st = self.state.borrow_mut();
         if upto <= st.durable {
             return;
