@@ -38,6 +38,7 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 
 use super::cluster::{retriable, BrokerConnection, Cluster, TopicLayout};
+use super::fetch_session::FetchSession;
 use super::records::{self, ConsumedRecord};
 use crate::model::ErrorCode;
 
@@ -649,6 +650,7 @@ pub fn run(options: &ConsumeOptions) -> Result<u64> {
     let mut printed = 0u64;
     let mut line = Vec::new();
     let wanted = options.num.unwrap_or(u64::MAX);
+    let mut sessions: HashMap<i32, FetchSession> = HashMap::new();
     'consume: while printed < wanted && !stop.load(Ordering::Relaxed) {
         if let Some(m) = membership.as_mut() {
             if let Heartbeat::Rejoin = m.heartbeat_if_due()? {
@@ -683,38 +685,53 @@ pub fn run(options: &ConsumeOptions) -> Result<u64> {
             req.max_wait_ms = wait;
             req.min_bytes = 1;
             req.max_bytes = 50 << 20;
-            req.session_epoch = -1;
+            let offsets: BTreeMap<i32, i64> = ps
+                .iter()
+                .map(|p| (*p, positions.get(p).copied().unwrap_or(0)))
+                .collect();
+            // An incremental fetch session per leader: after the first request only moved
+            // positions are sent, and only partitions with news come back.
+            let session = sessions.entry(leader).or_default();
             let mut ft = FetchTopic::default();
             ft.topic = TopicName(sb(&options.topic));
-            ft.partitions = ps
-                .iter()
-                .map(|p| {
+            ft.partitions = session
+                .next(&mut req, &offsets)
+                .into_iter()
+                .map(|(p, o)| {
                     let mut fp = FetchPartition::default();
-                    fp.partition = *p;
-                    fp.fetch_offset = positions.get(p).copied().unwrap_or(0);
+                    fp.partition = p;
+                    fp.fetch_offset = o;
                     fp.partition_max_bytes = 1 << 20;
                     fp.current_leader_epoch = -1;
                     fp.log_start_offset = -1;
                     fp
                 })
                 .collect();
-            req.topics = vec![ft];
+            if !ft.partitions.is_empty() {
+                req.topics = vec![ft];
+            }
             let resp: FetchResponse = match cluster.broker(leader) {
                 Ok(b) => match b.call(ApiKey::Fetch, &req) {
                     Ok(r) => r,
                     Err(e) => {
                         eprintln!("strom consume: fetch from broker {leader}: {e:#}");
                         cluster.drop_broker(leader);
+                        session.id = 0;
                         refresh = true;
                         continue;
                     }
                 },
                 Err(e) => {
                     eprintln!("strom consume: {e:#}");
+                    session.id = 0;
                     refresh = true;
                     continue;
                 }
             };
+            if session.answered(&resp) {
+                // The broker lost the session: the next request opens a new one.
+                continue;
+            }
             if resp.error_code != 0 {
                 bail!("fetch: {}", ErrorCode(resp.error_code).name());
             }

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod bench_report;
 pub mod cluster;
 pub mod consume;
+pub mod fetch_session;
 pub mod groups;
 pub mod produce;
 pub mod rebalance;
