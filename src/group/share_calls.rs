@@ -40,7 +40,7 @@ use super::share::{
 };
 use super::share_remote;
 use crate::model::{ErrorCode, Offset, TopicPartition};
-use crate::shard::{join_all, PartitionRead, Reply, Request, Shard, WaitOver};
+use crate::shard::{first_of, join_all, PartitionRead, Reply, Request, Shard, WaitOver};
 use crate::storage::batch::BatchHeader;
 use crate::storage::txn::AbortedTxn;
 use crate::storage::ReadResult;
@@ -239,16 +239,7 @@ async fn wait_for_records(
         glommio::timer::sleep(wait).await;
         return;
     }
-    futures_lite::future::poll_fn(|cx| {
-        for w in waits.iter_mut() {
-            if w.as_mut().poll(cx).is_ready() {
-                return std::task::Poll::Ready(());
-            }
-        }
-        std::task::Poll::Pending
-    })
-    .await;
-    over.end();
+    first_of(&mut waits, &over).await;
 }
 
 impl GroupCoordinator {

@@ -14,7 +14,6 @@
 //! changed and its response only partitions with news.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,7 +28,7 @@ use super::fetch_session::Plan;
 use crate::cluster::TopicTable;
 use crate::model::{ErrorCode, Offset, ShardId, TopicPartition};
 use crate::shard::{
-    join_all, PartitionProbe, PartitionRead, Reply, Request, Shard, TopicOwners, WaitOver,
+    first_of, join_all, PartitionProbe, PartitionRead, Reply, Request, Shard, TopicOwners, WaitOver,
 };
 use crate::storage::{batch, ReadResult};
 
@@ -171,18 +170,19 @@ async fn probe_round(
     } else {
         0
     };
-    let owners: Vec<(ShardId, Vec<usize>, Vec<PartitionProbe>)> = by_owner
+    // Shared, not copied: a wait is asked again without one if another owner ends it.
+    let owners: Vec<(ShardId, Vec<usize>, Arc<[PartitionProbe]>)> = by_owner
         .into_iter()
-        .map(|(owner, (indices, probes))| (ShardId(owner), indices, probes))
+        .map(|(owner, (indices, probes))| (ShardId(owner), indices, probes.into()))
         .collect();
     let over = WaitOver::default();
-    let ask = |owner: ShardId, probes: Vec<PartitionProbe>, timeout_ms: u64| {
+    let ask = |owner: ShardId, probes: Arc<[PartitionProbe]>, timeout_ms: u64| {
         let shard = shard.clone();
         let over = over.clone();
         let asked = probes.len();
         Box::pin(async move {
             if owner == shard.id {
-                shard.probe_local(probes, timeout_ms, &over).await
+                shard.probe_local(&probes, timeout_ms, &over).await
             } else {
                 let probe = Request::Probe {
                     probes,
@@ -206,16 +206,7 @@ async fn probe_round(
             .iter()
             .map(|(owner, _, probes)| ask(*owner, probes.clone(), timeout_ms))
             .collect();
-        let (k, answer) = futures_lite::future::poll_fn(|cx| {
-            for (k, w) in waits.iter_mut().enumerate() {
-                if let std::task::Poll::Ready(answer) = w.as_mut().poll(cx) {
-                    return std::task::Poll::Ready((k, answer));
-                }
-            }
-            std::task::Poll::Pending
-        })
-        .await;
-        over.end();
+        let (k, answer) = first_of(&mut waits, &over).await;
         answers[k] = Some(answer);
     }
     let wait_ms = if owners.len() > 1 { 0 } else { timeout_ms };
@@ -326,16 +317,7 @@ async fn wait_for_data(shard: &Rc<Shard>, wanted: &[Wanted], seen: &[Offset], ti
             })
         })
         .collect();
-    futures_lite::future::poll_fn(|cx| {
-        for w in waits.iter_mut() {
-            if w.as_mut().poll(cx).is_ready() {
-                return std::task::Poll::Ready(());
-            }
-        }
-        std::task::Poll::Pending
-    })
-    .await;
-    over.end();
+    first_of(&mut waits, &over).await;
 }
 
 /// A Fetch's partitions come grouped by topic: what a round needs of a topic (its partition

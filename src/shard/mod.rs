@@ -115,7 +115,7 @@ pub enum Request {
     /// have news for the session (see [`Shard::probe_local`]), once any has data past its `seen`
     /// offset (or an error), or after the timeout (0: at once).
     Probe {
-        probes: Vec<PartitionProbe>,
+        probes: Arc<[PartitionProbe]>,
         timeout_ms: u64,
         over: WaitOver,
     },
@@ -237,8 +237,25 @@ impl WaitOver {
     }
 }
 
+/// Waits for the first of a fetch's waits on several shards to finish, then ends the others
+/// (they stop rechecking their partitions at the next progress instead of at their timeout): the
+/// index of the one that finished, and its output.
+pub async fn first_of<F: Future + Unpin>(waits: &mut [F], over: &WaitOver) -> (usize, F::Output) {
+    let first = futures_lite::future::poll_fn(|cx| {
+        for (k, w) in waits.iter_mut().enumerate() {
+            if let std::task::Poll::Ready(out) = std::pin::Pin::new(w).poll(cx) {
+                return std::task::Poll::Ready((k, out));
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await;
+    over.end();
+    first
+}
+
 /// One partition of an incremental fetch session, as [`Shard::probe_local`] checks it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct PartitionProbe {
     pub tp: TopicPartition,
     /// The session's position in the partition.
@@ -262,7 +279,7 @@ impl Shard {
     /// with their reads.
     pub async fn probe_local(
         &self,
-        probes: Vec<PartitionProbe>,
+        probes: &[PartitionProbe],
         timeout_ms: u64,
         over: &WaitOver,
     ) -> (Vec<usize>, Vec<Result<ReadResult, ErrorCode>>) {
@@ -307,12 +324,11 @@ impl Shard {
             .map(|(i, _)| i)
             .collect();
         drop(logs);
-        let mut probes: Vec<Option<PartitionProbe>> = probes.into_iter().map(Some).collect();
         let reads = news
             .iter()
-            .filter_map(|i| probes[*i].take())
+            .map(|i| &probes[*i])
             .map(|p| PartitionRead {
-                tp: p.tp,
+                tp: p.tp.clone(),
                 offset: p.offset,
                 max_bytes: p.max_bytes,
                 current_leader_epoch: p.current_leader_epoch,
@@ -837,7 +853,7 @@ impl Shard {
                 timeout_ms,
                 over,
             } => {
-                let (news, reads) = self.probe_local(probes, timeout_ms, &over).await;
+                let (news, reads) = self.probe_local(&probes, timeout_ms, &over).await;
                 Reply::Probed(news, reads)
             }
             Request::WaitForData {
