@@ -55,7 +55,7 @@ use crate::metrics::{self, Counter};
 use crate::shard::Shard;
 
 const LISTEN_BACKLOG: i32 = 1024;
-/// The body buffer grows by at most this much per read.
+/// At most this much of a frame's reserved buffer is zeroed and read into per read.
 const READ_STEP_BYTES: usize = 64 * 1024;
 
 /// Fetches one connection may have in flight, their responses included until written. Kafka's own
@@ -318,6 +318,10 @@ impl FrameReader {
             _ => return Err(FrameError::TooLarge(i64::from(size))),
         };
         let permit = budget.take(4 + size).await?;
+        // The budget now holds the frame's bytes: reserve them at once, so that filling a large
+        // frame does not reallocate (and copy) the buffer as it grows. Pages are touched only as
+        // the bytes arrive.
+        self.buf.reserve((4 + size).saturating_sub(self.buf.len()));
         self.fill(4 + size).await?;
         let mut frame = self.buf.split_to(4 + size);
         if self.buf.is_empty() {
