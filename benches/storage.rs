@@ -170,9 +170,15 @@ fn bench_flush_round(c: &mut Criterion) {
                         let _ = std::fs::remove_dir_all(&dir);
                         std::fs::create_dir_all(&dir).expect("bench directory");
                         let journal = if journaled {
-                            strom::storage::journal::Journal::start(&dir, 0, 4, 64 << 20)
-                                .await
-                                .expect("journal")
+                            strom::storage::journal::Journal::start(
+                                &dir,
+                                0,
+                                4,
+                                64 << 20,
+                                usize::MAX,
+                            )
+                            .await
+                            .expect("journal")
                         } else {
                             None
                         };

@@ -149,8 +149,10 @@ def test_journal_files_are_reused_after_checkpoints_and_a_crash_replays_nothing_
     each reuse after the partitions' segments were synced (a checkpoint). kill -9 mid-stream:
     the restart replays what the journal holds without duplicating a record or reviving one from
     an earlier pass over the files."""
+    # Chunks of 256 KiB and more skip the journal; this test is about the journal's files.
     broker = broker_factory(extra_args=["--set", "strom.journal.file.bytes=1048576",
-                                        "--set", "strom.journal.files=2"])
+                                        "--set", "strom.journal.files=2",
+                                        "--set", "strom.journal.bypass.bytes=1073741824"])
     partitions = 4
     create(broker, "wrap", partitions)
     records = [(i % partitions, f"w-{i}-".encode() + b"y" * 1000) for i in range(12000)]
@@ -172,6 +174,69 @@ def test_journal_files_are_reused_after_checkpoints_and_a_crash_replays_nothing_
     print(f"acknowledged {len(acked)}, read back {len(found)}, lost {len(lost)}, "
           f"duplicated {len(found) - len(set(found.values()))}")
     assert not lost and len(found) == len(acked) == len(set(found.values()))
+
+
+def test_large_chunks_skip_the_journal_and_mixed_with_small_ones_survive_kill9(broker_factory):
+    """Large batches (acks=1, 512 KiB each) go straight to the segment: the journal does not
+    write their bytes a second time, and each is fdatasynced although no producer waits for it.
+    Then small acks=all batches to the same partitions go through the journal in between large
+    ones; a journal round claims durability up to its end, so the large chunks before it must
+    already be durable. kill -9 and restart: every acknowledged record is back, once, at its
+    offset."""
+    seed = random.randrange(1 << 30)
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    broker = broker_factory()
+    partitions = 2
+    create(broker, "mixed", partitions)
+    big = Producer({"bootstrap.servers": broker.bootstrap, "acks": "1", "linger.ms": 200,
+                    "batch.size": 1 << 20, "message.max.bytes": 2 << 20})
+    big_acked = {}
+
+    def on_big(err, msg):
+        if err is None:
+            big_acked[(msg.partition(), msg.offset())] = msg.value()
+
+    def produce_large(rnd):
+        # 512 KiB of 16 KiB records per partition, lingered into one large batch each.
+        for p in range(partitions):
+            for i in range(32):
+                value = f"big-{rnd}-{p}-{i}-".encode() + rng.randbytes(16 << 10)
+                big.produce("mixed", value=value, partition=p, on_delivery=on_big)
+        assert big.flush(30) == 0
+
+    produce_large(-1)  # the first write of each partition syncs its new segment
+    time.sleep(1.5)  # shards publish their counters once a second
+    text = scrape(broker, "/metrics")[2]
+    journaled_before = metric(text, "strom_journal_bytes_total")
+    fsyncs_before = metric(text, "strom_fsyncs_total")
+    for rnd in range(3):
+        produce_large(rnd)
+    time.sleep(1.5)
+    text = scrape(broker, "/metrics")[2]
+    journaled = metric(text, "strom_journal_bytes_total") - journaled_before
+    synced = metric(text, "strom_fsyncs_total") - fsyncs_before
+    large_chunks = 3 * partitions
+    print(f"{large_chunks} large acks=1 batches of 512 KiB: journal wrote {journaled / 1e6:.2f} MB, "
+          f"{synced:.0f} fdatasyncs")
+    assert journaled < 256 << 10, "the large batches went through the journal"
+    assert synced >= large_chunks, "a chunk that skipped the journal was not fdatasynced"
+    small_acked = {}
+    for rnd in range(3, 8):
+        produce_large(rnd)
+        small = [(rng.randrange(partitions), f"small-{rnd}-{i}".encode()) for i in range(50)]
+        small_acked.update(produce_acked(broker, "mixed", small, **{"linger.ms": 0}))
+    assert len(big_acked) == 9 * partitions * 32
+    broker.kill9()
+    broker.start()
+    found = read_all(broker, "mixed", partitions)
+    acked = {**big_acked, **small_acked}
+    lost = [k for k, v in acked.items() if found.get(k) != v]
+    values = list(found.values())
+    print(f"acknowledged {len(acked)}, read back {len(found)}, lost {len(lost)}, "
+          f"duplicated {len(values) - len(set(values))}")
+    assert not lost, f"acknowledged records lost (seed {seed}): {lost[:10]}"
+    assert len(found) == len(acked) == len(set(values))
 
 
 def test_a_checkpoint_over_a_thousand_partitions_keeps_the_broker_up(broker_factory):

@@ -381,6 +381,14 @@ pub const BROKER_SETTINGS: &[SettingDef] = &[
         "Pace of paced deletions per shard (strom.delete.pacing); a shard with more than 4 GiB waiting deletes without pacing",
     ),
     def(
+        "strom.journal.bypass.bytes",
+        Some("262144"),
+        T::Long,
+        false,
+        None,
+        "A partition's flush chunk this large or larger is written to its segment and fdatasynced there instead of going through the journal (which would write its bytes twice)",
+    ),
+    def(
         "strom.journal.files",
         Some("4"),
         T::Int,
@@ -1020,6 +1028,8 @@ pub struct BrokerConfig {
     pub journal_file_bytes: u64,
     /// `strom.journal.files`: journal files per shard (0: no journal).
     pub journal_files: usize,
+    /// `strom.journal.bypass.bytes`: a partition's chunk this large skips the journal.
+    pub journal_bypass_bytes: usize,
     /// `strom.delete.pacing`: when deletions of large files are paced.
     pub delete_pacing: crate::storage::trash::Pacing,
     /// `strom.delete.bytes.per.second.per.shard`.
@@ -1122,6 +1132,7 @@ impl Default for BrokerConfig {
             cache_size_bytes_per_shard: 64 * 1024 * 1024,
             journal_file_bytes: 64 * 1024 * 1024,
             journal_files: 4,
+            journal_bypass_bytes: 256 << 10,
             delete_pacing: crate::storage::trash::Pacing::Auto,
             delete_bytes_per_second: 128 << 20,
             offsets_topic_partitions: 50,
@@ -1345,6 +1356,9 @@ impl BrokerConfig {
                 self.journal_file_bytes = parse_in(value, 1 << 20, 1 << 40)? as u64
             }
             "strom.journal.files" => self.journal_files = parse_in(value, 0, 64)? as usize,
+            "strom.journal.bypass.bytes" => {
+                self.journal_bypass_bytes = parse_in(value, 1, i64::MAX)? as usize
+            }
             "strom.delete.pacing" => {
                 self.delete_pacing = match value {
                     "auto" => crate::storage::trash::Pacing::Auto,

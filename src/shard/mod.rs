@@ -632,6 +632,7 @@ impl Shard {
             id.0,
             options.broker.journal_files,
             options.broker.journal_file_bytes,
+            options.broker.journal_bypass_bytes,
         )
         .await?;
         let shard = Rc::new(Shard {

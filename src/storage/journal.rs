@@ -34,6 +34,15 @@
 //! `run` is the start time (ns) of the broker run that wrote it and `seq` counts rounds from 1 in
 //! that run, so rounds a file kept from an earlier pass or run end the file's replay.
 //!
+//! # Large chunks
+//! A partition's chunk of `strom.journal.bypass.bytes` (256 KiB) or more skips the journal: it is
+//! written to the segment and fdatasynced there (see "Large chunks bypass the journal" in
+//! [`PartitionLog`]). A round exists to share one sync among many small chunks; journaling a
+//! chunk that large only writes its bytes twice. Measured with `rdkafka_performance` producing
+//! 2 GB flat out (1 MB batches, 16 partitions, `acks=all`), two paired rounds: through the
+//! journal the device wrote 4.3 GB, the produce took 2.76-2.83 s and the broker 2.44-2.63 CPU
+//! seconds; with the bypass 2.0 GB, 2.28-2.50 s and 1.87-2.09 CPU seconds.
+//!
 //! # Files and checkpoints
 //! `strom.journal.files` files of `strom.journal.file.bytes` in `journal/shard-N/`, used in turn.
 //! Before a file is reused, a checkpoint makes the segments of every partition it covers durable
@@ -317,6 +326,8 @@ struct Inner {
     device: Option<u64>,
     run: u64,
     file_bytes: u64,
+    /// `strom.journal.bypass.bytes`: a partition's chunk this large skips the journal.
+    bypass_bytes: usize,
     files: Vec<Rc<DmaFile>>,
     st: RefCell<State>,
     /// Notified when work is queued.
@@ -339,6 +350,7 @@ impl Journal {
         shard: usize,
         files: usize,
         file_bytes: u64,
+        bypass_bytes: usize,
     ) -> Result<Option<Journal>> {
         if files == 0 {
             return Ok(None);
@@ -381,6 +393,7 @@ impl Journal {
                 device,
                 run,
                 file_bytes,
+                bypass_bytes,
                 files: opened,
                 st: RefCell::new(State {
                     failed: false,
@@ -407,6 +420,12 @@ impl Journal {
         let syncer = journal.clone();
         glommio::spawn_local(async move { syncer.run_syncer().await }).detach();
         Ok(Some(journal))
+    }
+
+    /// A partition's chunk of this many bytes or more is written to its segment and fdatasynced
+    /// there instead of journaled (see "Large chunks" above).
+    pub fn bypass_bytes(&self) -> usize {
+        self.inner.bypass_bytes
     }
 
     /// Where the journal stands, for a log line when a wait takes too long.
