@@ -66,6 +66,7 @@ pub struct Workload {
     pub acks: String,
     #[serde(default = "default_linger_ms")]
     pub linger_ms: u64,
+    /// A partition's batch bytes at which its request goes (Kafka's `batch.size`, per partition).
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
     #[serde(default = "default_max_in_flight")]
@@ -524,6 +525,8 @@ fn produce(w: Workload, setup: ProducerSetup, stats: Arc<Stats>) -> Result<()> {
         pending: BTreeMap::new(),
         pending_ns: Vec::new(),
         pending_bytes: 0,
+        partition_bytes: BTreeMap::new(),
+        fullest: 0,
         first_pending: Instant::now(),
         correlation: 0,
     };
@@ -573,7 +576,10 @@ fn produce(w: Workload, setup: ProducerSetup, stats: Arc<Stats>) -> Result<()> {
             ],
         );
         sent += 1;
-        let due = out.pending_bytes >= w.batch_size || out.first_pending.elapsed() >= linger;
+        // batch_size is per partition, as Kafka's batch.size: a request goes once one
+        // partition's batch is full (taking every other partition's along) or the first record
+        // has lingered long enough.
+        let due = out.fullest >= w.batch_size || out.first_pending.elapsed() >= linger;
         let full = out.pending_bytes >= w.batch_size * setup.partitions.len();
         if (due && slot_free(&in_flight)) || full {
             out.flush()?;
@@ -605,6 +611,9 @@ struct Outbox {
     pending: BTreeMap<i32, Pending>,
     pending_ns: Vec<u64>,
     pending_bytes: usize,
+    /// Value bytes pending per partition, and the most any partition has.
+    partition_bytes: BTreeMap<i32, usize>,
+    fullest: usize,
     first_pending: Instant,
     correlation: i32,
 }
@@ -624,6 +633,9 @@ impl Outbox {
         }
         let value_len: usize = value.iter().map(|p| p.len()).sum();
         self.pending_bytes += value_len;
+        let bytes = self.partition_bytes.entry(partition).or_default();
+        *bytes += value_len;
+        self.fullest = self.fullest.max(*bytes);
         let now_ms = crate::storage::partition::now_ms() as i64;
         let direct = self.options.compression == Compression::None;
         let batch = self.pending.entry(partition).or_insert_with(|| {
@@ -650,6 +662,8 @@ impl Outbox {
 
     /// Sends everything pending as one ProduceRequest (one batch per partition).
     fn flush(&mut self) -> Result<()> {
+        self.partition_bytes.clear();
+        self.fullest = 0;
         let mut td = TopicProduceData::default();
         td.name = TopicName(StrBytes::from_string(self.topic.clone()));
         for (partition, pending) in std::mem::take(&mut self.pending) {
