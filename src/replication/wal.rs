@@ -414,16 +414,18 @@ mod tests {
         }
     }
 
-    fn tempdir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("strom-wal-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+    /// A fresh directory, removed when the test drops it.
+    fn tempdir(name: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("strom-wal-{name}-"))
+            .tempdir()
+            .unwrap()
     }
 
     #[test]
     fn replays_entries_conflicts_hard_state_and_cuts_a_torn_tail() {
-        let dir = tempdir("replay");
+        let tmp = tempdir("replay");
+        let dir = tmp.path().to_path_buf();
         {
             let s = WalStore::open(&dir, &[1, 2, 3]).unwrap();
             s.persist_entries(&[entry(1, 1, b"a"), entry(2, 1, b"b"), entry(3, 1, b"c")])
@@ -467,7 +469,8 @@ mod tests {
 
     #[test]
     fn compaction_keeps_the_tail_and_survives_reopen() {
-        let dir = tempdir("compact");
+        let tmp = tempdir("compact");
+        let dir = tmp.path().to_path_buf();
         let s = WalStore::open(&dir, &[1]).unwrap();
         let entries: Vec<Entry> = (1..=100).map(|i| entry(i, 1, &[i as u8; 100])).collect();
         s.persist_entries(&entries).unwrap();
@@ -500,7 +503,8 @@ mod tests {
     /// made raft-rs panic when the replica started.
     #[test]
     fn a_commit_point_past_the_log_is_an_error_not_a_panic() {
-        let dir = tempdir("commit");
+        let tmp = tempdir("commit");
+        let dir = tmp.path().to_path_buf();
         let mut bytes = Vec::new();
         frame(&mut bytes, KIND_HARD_STATE, &[0x18, 0x02]); // commit: 2, no entries
         std::fs::write(dir.join(WAL_FILE), &bytes).unwrap();
@@ -517,7 +521,8 @@ mod tests {
     /// configuration) made it panic.
     #[test]
     fn a_membership_raft_cannot_restore_is_an_error_not_a_panic() {
-        let dir = tempdir("membership");
+        let tmp = tempdir("membership");
+        let dir = tmp.path().to_path_buf();
         let mut cs = ConfState::from((vec![1], Vec::new()));
         cs.auto_leave = true;
         let mut bytes = Vec::new();
@@ -542,7 +547,8 @@ mod tests {
 
     #[test]
     fn a_frame_claiming_gigabytes_is_corrupt_not_allocated() {
-        let dir = tempdir("huge");
+        let tmp = tempdir("huge");
+        let dir = tmp.path().to_path_buf();
         std::fs::write(dir.join(WAL_FILE), [0xff, 0xff, 0xff, 0x7f, 0, 0, 0, 0, 1]).unwrap();
         let s = WalStore::open(&dir, &[1]).unwrap();
         assert_eq!(s.last_index(), 0);

@@ -2743,11 +2743,12 @@ mod tests {
             .expect("executor finishes");
     }
 
-    fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("strom-test-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+    /// A fresh directory, removed when the test drops it.
+    fn temp_dir(name: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("strom-test-{name}-"))
+            .tempdir()
+            .unwrap()
     }
 
     async fn open(dir: &Path, segment_size_bytes: u64) -> PartitionLog {
@@ -2798,7 +2799,8 @@ mod tests {
     /// the shutdown, which then waited forever.
     #[test]
     fn shutdown_finishes_when_the_journals_attach_made_its_batches_durable() {
-        let dir = temp_dir("attach-wakes-shutdown");
+        let tmp = temp_dir("attach-wakes-shutdown");
+        let dir = tmp.path().to_path_buf();
         run(move || async move {
             let log = open(&dir, 1 << 20).await;
             let mut end = Offset(0);
@@ -2829,7 +2831,8 @@ mod tests {
 
     #[test]
     fn appended_batches_read_back_across_segments_after_restart() {
-        let dir = temp_dir("segments");
+        let tmp = temp_dir("segments");
+        let dir = tmp.path().to_path_buf();
         run(move || async move {
             let log = open(&dir, 1_000).await;
             let end = append_durable(&log, 60).await;
@@ -2864,7 +2867,8 @@ mod tests {
 
     #[test]
     fn torn_tail_is_truncated_on_recovery() {
-        let dir = temp_dir("torn");
+        let tmp = temp_dir("torn");
+        let dir = tmp.path().to_path_buf();
         run(move || async move {
             let log = open(&dir, 1 << 30).await;
             append_durable(&log, 10).await;
@@ -2895,7 +2899,8 @@ mod tests {
 
     #[test]
     fn idempotent_retry_returns_the_original_offset() {
-        let dir = temp_dir("idem");
+        let tmp = temp_dir("idem");
+        let dir = tmp.path().to_path_buf();
         run(move || async move {
             let log = open(&dir, 1 << 30).await;
             let mut b = make_batch(0, 2, 7);

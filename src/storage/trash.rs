@@ -238,9 +238,11 @@ mod tests {
 
     #[test]
     fn a_paced_deletion_trims_chunk_by_chunk_at_the_pace_unless_the_shard_is_far_behind() {
-        let dir = std::env::temp_dir().join(format!("strom-test-trash-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("strom-test-trash-")
+            .tempdir()
+            .unwrap();
+        let dir = tmp.path().to_path_buf();
         let path = dir.join("00000000000000000000.log.deleted");
         // Three chunks and a bit: three truncations, a chunk's turn apart, then the unlink.
         let len = 3 * CHUNK_BYTES + 4096;
