@@ -18,6 +18,40 @@ def test_shipped_workloads_parse_and_declare_acks_all():
         assert w["acks"] == "all" and w["partitions_per_topic"] == 16 and w["message_size"] == 1024
     with open(os.path.join(WORKLOADS, "1-topic-16-partitions-1kb.toml"), "rb") as f:
         assert tomllib.load(f)["producer_rate"] == 50000
+    # The produce-only max-rate workload is the max-rate one without its consumer.
+    loaded = {}
+    for name in ("max-rate-1-topic-16-partitions-1kb.toml",
+                 "max-rate-produce-only-1-topic-16-partitions-1kb.toml"):
+        with open(os.path.join(WORKLOADS, name), "rb") as f:
+            loaded[name] = tomllib.load(f)
+    both, alone = loaded.values()
+    assert alone["consumers_per_topic"] == 0
+    assert {k: v for k, v in alone.items() if k not in ("name", "consumers_per_topic")} == \
+        {k: v for k, v in both.items() if k not in ("name", "consumers_per_topic")}
+
+
+def test_bench_produces_without_consumers(broker, tmp_path):
+    workload = tmp_path / "alone.toml"
+    workload.write_text("""
+name = "alone"
+topics = 1
+partitions_per_topic = 4
+message_size = 256
+producers_per_topic = 1
+consumers_per_topic = 0
+producer_rate = 2000
+acks = "all"
+warmup_s = 1
+duration_s = 2
+""")
+    out_json = tmp_path / "alone.json"
+    run = subprocess.run([STROM_BIN, "bench", "--bootstrap", broker.bootstrap, "--workload", str(workload),
+                          "--duration-s", "2", "--json", str(out_json)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    r = json.loads(out_json.read_text())
+    assert r["errors"] == 0 and r["consumed"] == 0
+    assert 1000 < r["produce_msgs_per_s"] < 3000
+    assert 0 < r["publish_latency_ms"]["p50"] <= r["publish_latency_ms"]["p99"]
 
 
 def test_bench_runs_a_workload_and_writes_json(broker, tmp_path):
