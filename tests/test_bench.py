@@ -30,52 +30,43 @@ def test_shipped_workloads_parse_and_declare_acks_all():
         {k: v for k, v in both.items() if k not in ("name", "consumers_per_topic")}
 
 
-def test_bench_produces_without_consumers(broker, tmp_path):
-    workload = tmp_path / "alone.toml"
-    workload.write_text("""
-name = "alone"
-topics = 1
-partitions_per_topic = 4
-message_size = 256
-producers_per_topic = 1
-consumers_per_topic = 0
-producer_rate = 2000
-acks = "all"
-warmup_s = 1
-duration_s = 2
-""")
-    out_json = tmp_path / "alone.json"
-    run = subprocess.run([STROM_BIN, "bench", "--bootstrap", broker.bootstrap, "--workload", str(workload),
-                          "--duration-s", "2", "--json", str(out_json)], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr
-    r = json.loads(out_json.read_text())
-    assert r["errors"] == 0 and r["consumed"] == 0
-    assert 1000 < r["produce_msgs_per_s"] < 3000
-    assert 0 < r["publish_latency_ms"]["p50"] <= r["publish_latency_ms"]["p99"]
-
-
-def test_bench_runs_a_workload_and_writes_json(broker, tmp_path):
-    workload = tmp_path / "small.toml"
-    workload.write_text("""
+SMALL = """
 name = "small"
 topics = 1
 partitions_per_topic = 4
 message_size = 256
 payload_random = true
 producers_per_topic = 1
-consumers_per_topic = 1
+consumers_per_topic = {consumers}
 producer_rate = 2000
 acks = "all"
 linger_ms = 1
 warmup_s = 1
 duration_s = 2
-""")
+"""
+
+
+def run_small(broker, tmp_path, consumers):
+    """A 2-second run of 2,000 msg/s to 4 partitions: the process and its JSON report."""
+    workload = tmp_path / "small.toml"
+    workload.write_text(SMALL.format(consumers=consumers))
     out_json = tmp_path / "result.json"
     run = subprocess.run([STROM_BIN, "bench", "--bootstrap", broker.bootstrap, "--workload", str(workload),
                           "--duration-s", "2", "--json", str(out_json)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
+    return run, json.loads(out_json.read_text())
+
+
+def test_bench_produces_without_consumers(broker, tmp_path):
+    _, r = run_small(broker, tmp_path, consumers=0)
+    assert r["errors"] == 0 and r["consumed"] == 0
+    assert 1000 < r["produce_msgs_per_s"] < 3000
+    assert 0 < r["publish_latency_ms"]["p50"] <= r["publish_latency_ms"]["p99"]
+
+
+def test_bench_runs_a_workload_and_writes_json(broker, tmp_path):
+    run, r = run_small(broker, tmp_path, consumers=1)
     assert "publish" in run.stdout and "end-to-end" in run.stdout and "p99.99" in run.stdout
-    r = json.loads(out_json.read_text())
     for key in ("produce_msgs_per_s", "produce_mb_per_s", "consume_msgs_per_s"):
         assert r[key] > 0, key
     for hist in ("publish_latency_ms", "e2e_latency_ms"):
