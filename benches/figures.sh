@@ -13,7 +13,8 @@ rounds=${ROUNDS:-3}
 plot=${PLOT:-/tmp/strom-figures.svg}
 cargo build --release --quiet
 work=$(mktemp -d "$PWD/bench-run.XXXXXX")
-trap 'kill "${broker:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
+# The broker writes out what it holds as it stops: wait for it before removing its directory.
+trap 'if [ -n "${broker:-}" ]; then kill "$broker" 2>/dev/null; wait "$broker" 2>/dev/null; fi; rm -rf "$work"' EXIT
 
 iperf3 -s -1 -p 25201 >/dev/null 2>&1 &
 sleep 0.5
