@@ -57,6 +57,8 @@ use crate::shard::Shard;
 const LISTEN_BACKLOG: i32 = 1024;
 /// At most this much of a frame's reserved buffer is zeroed and read into per read.
 const READ_STEP_BYTES: usize = 64 * 1024;
+/// Every read asks for at least this much (it may pick up the start of the next frame).
+const MIN_READ_STEP_BYTES: usize = 4096;
 
 /// Fetches one connection may have in flight, their responses included until written. Kafka's own
 /// clients send one fetch per connection at a time; without this bound a client that pipelines
@@ -289,7 +291,7 @@ impl FrameReader {
     /// Ensures at least `n` bytes are buffered, reading at most `READ_STEP_BYTES` at a time.
     async fn fill(&mut self, n: usize) -> Result<(), FrameError> {
         while self.buf.len() < n {
-            let step = (n - self.buf.len()).clamp(4096, READ_STEP_BYTES);
+            let step = (n - self.buf.len()).clamp(MIN_READ_STEP_BYTES, READ_STEP_BYTES);
             let old = self.buf.len();
             self.buf.resize(old + step, 0);
             let read = self
@@ -320,8 +322,9 @@ impl FrameReader {
         let permit = budget.take(4 + size).await?;
         // The budget now holds the frame's bytes: reserve them at once, so that filling a large
         // frame does not reallocate (and copy) the buffer as it grows. Pages are touched only as
-        // the bytes arrive.
-        self.buf.reserve((4 + size).saturating_sub(self.buf.len()));
+        // the bytes arrive. The slack is the smallest read step, which the last read may take.
+        self.buf
+            .reserve((4 + size + MIN_READ_STEP_BYTES).saturating_sub(self.buf.len()));
         self.fill(4 + size).await?;
         let mut frame = self.buf.split_to(4 + size);
         if self.buf.is_empty() {
