@@ -21,18 +21,18 @@
 //! write per partition per request, 1,000 partitions meant 1,000 extending O_DIRECT writes, each
 //! a trip through the kernel's io_uring workers, before a record became visible. Without a
 //! journal (or before it opens) the flusher writes the segment itself and fdatasyncs it.
-//!
-//! # Large chunks bypass the journal
-//! A chunk of `strom.journal.bypass.bytes` ([`Journal::bypass_bytes`]) or more goes straight to the segment (after whatever is
-//! unwritten) and is made durable there with an fdatasync, whether or not a producer waits for
-//! it: a later chunk's journal round may only claim durability up to its end if everything
-//! before it is durable. The journal exists to share one sync among many small chunks; a chunk
-//! that large has a sync to itself anyway, and journaling it would write every byte twice. With
-//! `rdkafka_performance` producing flat out (1 MB batches, 16 partitions, `acks=all`) the device
-//! wrote 4.3 GB for 2 GB produced through the journal, and the write bandwidth, not the CPU, was
-//! what ran out first.
 //! Offsets: `log_start <= written_end <= high_watermark`, where `written_end` is the front of
 //! `unwritten` (the high watermark when it is empty).
+//!
+//! # Large chunks bypass the journal
+//! A chunk of `strom.journal.bypass.bytes` ([`Journal::bypass_bytes`]) or more goes straight to
+//! the segment (after whatever is unwritten) and is made durable there with an fdatasync, whether
+//! or not a producer waits for it: a later chunk's journal round may only claim durability up to
+//! its end if everything before it is durable. The journal exists to share one sync among many
+//! small chunks; a chunk that large has a sync to itself anyway, and journaling it would write
+//! every byte twice. With `rdkafka_performance` producing flat out (1 MB batches, 16 partitions,
+//! `acks=all`) the device wrote 4.3 GB for 2 GB produced through the journal, and the write
+//! bandwidth, not the CPU, was what ran out first.
 //!
 //! For replication the log is already shaped as a Raft log would need: every batch carries the
 //! leader epoch in `partitionLeaderEpoch`, the partition's epoch is persisted in `partition.meta`,
@@ -1642,9 +1642,10 @@ impl PartitionLog {
 
     /// Takes one chunk of queued batches (rolling the segment first when due). With the journal
     /// attached, the chunk is journaled and left to the writer (write-behind) unless it is large
-    /// enough to bypass the journal; otherwise it is written to the segment here. If a producer waits for durability, the chunk is made
-    /// durable: through the journal, or by fdatasyncing the segment when there is no journal or
-    /// it cannot take the chunk.
+    /// enough to bypass the journal; otherwise it is written to the segment here. If a producer
+    /// waits for durability, the chunk is made durable: through the journal, or by fdatasyncing
+    /// the segment when there is no journal or it cannot take the chunk. A chunk that bypassed
+    /// the journal is always fdatasynced.
     async fn flush_once(&self) -> Result<()> {
         let roll = {
             let mut st = self.state.borrow_mut();
@@ -1659,7 +1660,7 @@ impl PartitionLog {
         }
         self.attach_journal_when_open().await?;
         self.wait_for_writer().await?;
-        let chunk = {
+        let (chunk, chunk_bytes) = {
             let st = self.state.borrow();
             let Some(active) = st.segments.last() else {
                 anyhow::bail!("a partition has an active segment");
@@ -1682,7 +1683,6 @@ impl PartitionLog {
             }
             (chunk, data_len)
         };
-        let (chunk, chunk_bytes) = chunk;
         let Some((last, _)) = chunk.last() else {
             return self.sync_if_wanted().await;
         };
