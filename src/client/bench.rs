@@ -491,8 +491,8 @@ fn produce(w: Workload, setup: ProducerSetup, stats: Arc<Stats>) -> Result<()> {
         None
     };
     // Requests go to the socket from their own thread, so that the producer encodes the next
-    // one while the last is written (one thread doing both reached 0.65 of
-    // rdkafka_performance's rate against the same broker, two connections 1.0).
+    // one while the last is written (one connection producing alone against the same broker:
+    // 568 MB/s with one thread doing both, 815 MB/s with this one).
     let (writes, writer) = if acks != 0 {
         let mut write_stream = stream.try_clone()?;
         let (writes, requests) = mpsc::sync_channel::<Vec<Bytes>>(w.max_in_flight.max(1));
