@@ -546,7 +546,6 @@ fn produce(w: Workload, setup: ProducerSetup, stats: Arc<Stats>) -> Result<()> {
         pending: BTreeMap::new(),
         pending_ns: Vec::new(),
         pending_bytes: 0,
-        partition_bytes: BTreeMap::new(),
         fullest: 0,
         first_pending: Instant::now(),
         correlation: 0,
@@ -635,11 +634,11 @@ struct Outbox {
     acks: i16,
     options: RecordEncodeOptions,
     in_flight: Arc<AtomicU64>,
-    pending: BTreeMap<i32, Pending>,
+    /// Each partition's batch and the value bytes in it.
+    pending: BTreeMap<i32, (Pending, usize)>,
     pending_ns: Vec<u64>,
     pending_bytes: usize,
-    /// Value bytes pending per partition, and the most any partition has.
-    partition_bytes: BTreeMap<i32, usize>,
+    /// The most value bytes any partition has pending.
     fullest: usize,
     first_pending: Instant,
     correlation: i32,
@@ -660,18 +659,18 @@ impl Outbox {
         }
         let value_len: usize = value.iter().map(|p| p.len()).sum();
         self.pending_bytes += value_len;
-        let bytes = self.partition_bytes.entry(partition).or_default();
-        *bytes += value_len;
-        self.fullest = self.fullest.max(*bytes);
         let now_ms = crate::storage::partition::now_ms() as i64;
         let direct = self.options.compression == Compression::None;
-        let batch = self.pending.entry(partition).or_insert_with(|| {
-            if direct {
+        let (batch, bytes) = self.pending.entry(partition).or_insert_with(|| {
+            let batch = if direct {
                 Pending::Direct(BatchWriter::new(64 * 1024))
             } else {
                 Pending::Records(Vec::new())
-            }
+            };
+            (batch, 0)
         });
+        *bytes += value_len;
+        self.fullest = self.fullest.max(*bytes);
         match batch {
             Pending::Direct(w) => w.push_parts(now_ms, key, value),
             Pending::Records(records) => {
@@ -689,11 +688,10 @@ impl Outbox {
 
     /// Sends everything pending as one ProduceRequest (one batch per partition).
     fn flush(&mut self) -> Result<()> {
-        self.partition_bytes.clear();
         self.fullest = 0;
         let mut td = TopicProduceData::default();
         td.name = TopicName(StrBytes::from_string(self.topic.clone()));
-        for (partition, pending) in std::mem::take(&mut self.pending) {
+        for (partition, (pending, _)) in std::mem::take(&mut self.pending) {
             let records = match pending {
                 Pending::Direct(w) => w.finish(),
                 Pending::Records(records) => {
