@@ -170,3 +170,48 @@ def test_large_batches_read_back_byte_for_byte_from_memory_and_from_disk(broker)
     broker.kill9()
     broker.start(port=int(broker.bootstrap.rsplit(":", 1)[1]))
     assert read_all() == expected
+
+
+@pytest.mark.parametrize("limits", [
+    {},
+    {"fetch.max.bytes": 100_000, "message.max.bytes": 100_000, "max.partition.fetch.bytes": 40_000},
+    {"fetch.max.bytes": 1_000, "message.max.bytes": 1_000, "max.partition.fetch.bytes": 1},
+])
+def test_many_cached_batches_reach_a_consumer_intact_under_every_fetch_limit(broker, limits):
+    """A read from the broker's memory hands the Fetch response its cached batches as they are,
+    several to a partition, not copied together: small and large ones mixed, cut at whole batches
+    by the consumer's limits (at least one batch per response: KIP-74). Every record must arrive
+    once, in order, with its bytes."""
+    import hashlib
+    import random
+    seed = random.randrange(1 << 30)
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    topic = f"pieces-{uuid.uuid4().hex[:8]}"
+    create_topic(broker.bootstrap, topic, 2)
+    # One record per batch (linger 0, flushed after each): small ones and some past 32 KiB.
+    p = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 0, "acks": "all"})
+    sent = {0: [], 1: []}
+    for i in range(400):
+        size = rng.choice([rng.randrange(1, 2_000), rng.randrange(30_000, 70_000)])
+        value = rng.randbytes(size)
+        part = i % 2
+        p.produce(topic, value=value, partition=part)
+        sent[part].append(hashlib.sha256(value).hexdigest())
+        if i % 3 == 0:
+            p.flush(10)
+    assert p.flush(30) == 0
+    c = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"g-{uuid.uuid4()}",
+                  "enable.auto.commit": False, "check.crcs": True, **limits})
+    c.assign([TopicPartition(topic, part, 0) for part in (0, 1)])
+    got = {0: [], 1: []}
+    deadline = time.time() + 60
+    while sum(map(len, got.values())) < 400 and time.time() < deadline:
+        m = c.poll(0.5)
+        if m is None:
+            continue
+        assert m.error() is None, m.error()
+        assert m.offset() == len(got[m.partition()]), "a record out of order or twice"
+        got[m.partition()].append(hashlib.sha256(m.value()).hexdigest())
+    c.close()
+    assert got == sent

@@ -121,6 +121,7 @@ pub fn encode_request_chunks<'a, R: Encodable>(
         req,
         version,
         payloads,
+        crate::protocol::chunked::StandIns::default(),
     )
 }
 

@@ -350,11 +350,11 @@ pub const BROKER_SETTINGS: &[SettingDef] = &[
     ),
     def(
         "strom.cache.bytes.per.shard",
-        Some("67108864"),
+        Some("-1"),
         T::Long,
         false,
         None,
-        "Recent-batch cache per shard",
+        "Recent-batch cache per shard; -1: an eighth of the memory the broker may use (the machine's, or its cgroup's limit) split among the shards, at least 64 MiB",
     ),
     def(
         "strom.journal.file.bytes",
@@ -1022,8 +1022,9 @@ pub struct BrokerConfig {
     pub connections_max: usize,
     /// `max.connections.per.ip`.
     pub connections_per_ip_max: usize,
-    /// `strom.cache.bytes.per.shard`: recent batches kept in memory per shard for fetches.
-    pub cache_size_bytes_per_shard: usize,
+    /// `strom.cache.bytes.per.shard`: recent batches kept in memory per shard for fetches;
+    /// `None` (-1): sized from the memory the broker may use ([`BrokerConfig::cache_bytes_per_shard`]).
+    pub cache_size_bytes_per_shard: Option<usize>,
     /// `strom.journal.file.bytes`: size of each file of a shard's durability journal.
     pub journal_file_bytes: u64,
     /// `strom.journal.files`: journal files per shard (0: no journal).
@@ -1129,7 +1130,7 @@ impl Default for BrokerConfig {
             connection_idle_ms_max: 600_000,
             connections_max: 16_384,
             connections_per_ip_max: i32::MAX as usize,
-            cache_size_bytes_per_shard: 64 * 1024 * 1024,
+            cache_size_bytes_per_shard: None,
             journal_file_bytes: 64 * 1024 * 1024,
             journal_files: 4,
             journal_bypass_bytes: 256 << 10,
@@ -1171,6 +1172,50 @@ impl Default for BrokerConfig {
     }
 }
 
+/// The smallest recent-batch cache a shard sizes for itself (`strom.cache.bytes.per.shard=-1`).
+pub const CACHE_BYTES_PER_SHARD_MIN: usize = 64 << 20;
+
+/// The memory this process may use: the machine's (`MemTotal`), or less where a cgroup (v2 or v1)
+/// limits it. `None` where neither can be read.
+pub fn usable_memory_bytes() -> Option<u64> {
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+    });
+    // The limit files of the process's own cgroup (from /proc/self/cgroup: the v2 `0::` line,
+    // the v1 `memory` controller's line) and of the hierarchy's root (what a container with its
+    // own cgroup namespace sees). "max" (no limit) does not parse and is skipped.
+    let mut files = vec![
+        "/sys/fs/cgroup/memory.max".to_string(),
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes".to_string(),
+    ];
+    for line in std::fs::read_to_string("/proc/self/cgroup")
+        .unwrap_or_default()
+        .lines()
+    {
+        if let Some(path) = line.strip_prefix("0::") {
+            files.push(format!(
+                "/sys/fs/cgroup{}/memory.max",
+                path.trim_end_matches('/')
+            ));
+        } else if let Some((_, path)) = line.split_once(":memory:") {
+            let dir = path.trim_end_matches('/');
+            files.push(format!("/sys/fs/cgroup/memory{dir}/memory.limit_in_bytes"));
+        }
+    }
+    let limit = files
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .filter_map(|v| v.trim().parse::<u64>().ok())
+        .min();
+    match (total, limit) {
+        (Some(t), Some(l)) => Some(t.min(l)),
+        (t, l) => t.or(l),
+    }
+}
+
 impl BrokerConfig {
     /// Builds the configuration from an optional TOML file and `name=value` overrides.
     pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<Self> {
@@ -1196,6 +1241,19 @@ impl BrokerConfig {
                 .with_context(|| format!("setting '{name}' = '{value}'"))?;
         }
         Ok(config)
+    }
+
+    /// The recent-batch cache of each of `shards` shards: as set, or an eighth of the memory the
+    /// broker may use split among them, at least [`CACHE_BYTES_PER_SHARD_MIN`]. A consumer a few
+    /// seconds behind at full rate then reads from memory, as Kafka's would from the page cache,
+    /// rather than from the disk (which reads at half the rate it writes on this kind of machine).
+    pub fn cache_bytes_per_shard(&self, shards: usize) -> usize {
+        self.cache_size_bytes_per_shard.unwrap_or_else(|| {
+            let share = usable_memory_bytes().map_or(0, |m| m / 8 / shards.max(1) as u64);
+            usize::try_from(share)
+                .unwrap_or(usize::MAX)
+                .max(CACHE_BYTES_PER_SHARD_MIN)
+        })
     }
 
     /// This configuration with dynamic (AlterConfigs) broker settings applied on top.
@@ -1350,7 +1408,10 @@ impl BrokerConfig {
                 self.connections_max = parse_in(value, 1, i32::MAX as i64)? as usize
             }
             "strom.cache.bytes.per.shard" => {
-                self.cache_size_bytes_per_shard = parse_in(value, 0, i64::MAX)? as usize
+                self.cache_size_bytes_per_shard = match parse_in(value, -1, i64::MAX)? {
+                    -1 => None,
+                    v => Some(v as usize),
+                }
             }
             "strom.journal.file.bytes" => {
                 self.journal_file_bytes = parse_in(value, 1 << 20, 1 << 40)? as u64
@@ -1764,6 +1825,25 @@ mod tests {
     fn unknown_setting_is_refused_with_its_name() {
         let err = BrokerConfig::load(None, &["log.retention.hourz=5".into()]).unwrap_err();
         assert!(format!("{err:#}").contains("unknown broker setting 'log.retention.hourz'"));
+    }
+
+    #[test]
+    fn the_cache_is_as_set_or_an_eighth_of_memory_among_the_shards() {
+        let set = BrokerConfig::load(None, &["strom.cache.bytes.per.shard=65536".into()]).unwrap();
+        assert_eq!(set.cache_bytes_per_shard(4), 65536);
+        let auto = BrokerConfig::default();
+        let memory = usable_memory_bytes().unwrap();
+        for shards in [1, 2, 64] {
+            let each = auto.cache_bytes_per_shard(shards) as u64;
+            let share = memory / 8 / shards as u64;
+            assert_eq!(
+                each,
+                share.max(CACHE_BYTES_PER_SHARD_MIN as u64),
+                "{shards} shards"
+            );
+        }
+        let back = BrokerConfig::load(None, &["strom.cache.bytes.per.shard=-1".into()]).unwrap();
+        assert_eq!(back.cache_size_bytes_per_shard, None);
     }
 
     #[test]

@@ -862,7 +862,8 @@ impl GroupCoordinator {
             if room == 0 {
                 continue;
             }
-            let spans = batch_spans(&read.records, &read.aborted);
+            let records = read.records.into_bytes();
+            let spans = batch_spans(&records, &read.aborted);
             let batches: Vec<(i64, i64, bool)> =
                 spans.iter().map(|(f, l, c, _)| (*f, *l, *c)).collect();
             let got = sp.acquire(&batches, member, left.min(room), limits, now);
@@ -884,7 +885,7 @@ impl GroupCoordinator {
                     end = *batch_end;
                 }
             }
-            entry.records = Some(read.records.slice(start..end.max(start)));
+            entry.records = Some(records.slice(start..end.max(start)));
             entry.acquired_records = got
                 .into_iter()
                 .map(|a| {

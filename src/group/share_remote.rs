@@ -21,7 +21,7 @@ use crate::model::{ErrorCode, Offset, TopicPartition};
 use crate::shard::{PartitionRead, Shard};
 use crate::storage::batch::BatchHeader;
 use crate::storage::txn::AbortedTxn;
-use crate::storage::ReadResult;
+use crate::storage::{Batches, ReadResult};
 
 const FETCH_VERSION: i16 = 12;
 const LIST_OFFSETS_VERSION: i16 = 7;
@@ -95,7 +95,7 @@ pub async fn read(
                         .map(|a| (a.producer_id.0, a.first_offset)),
                 );
                 Ok(ReadResult {
-                    records,
+                    records: Batches::one(records),
                     high_watermark: Offset(p.high_watermark),
                     log_start_offset: Offset(p.log_start_offset),
                     last_stable_offset: Offset(p.last_stable_offset),

@@ -27,10 +27,11 @@ use kafka_protocol::messages::{FetchRequest, FetchResponse, ProducerId};
 use super::fetch_session::Plan;
 use crate::cluster::TopicTable;
 use crate::model::{ErrorCode, Offset, ShardId, TopicPartition};
+use crate::protocol::chunked::StandIns;
 use crate::shard::{
     first_of, join_all, PartitionProbe, PartitionRead, Reply, Request, Shard, TopicOwners, WaitOver,
 };
-use crate::storage::{batch, ReadResult};
+use crate::storage::ReadResult;
 
 struct Wanted {
     tp: TopicPartition,
@@ -43,7 +44,15 @@ struct Wanted {
     committed: bool,
 }
 
-pub async fn handle(shard: &Rc<Shard>, req: FetchRequest, version: i16) -> FetchResponse {
+/// A Fetch response, with the stand-ins for its records in several pieces (see
+/// [`crate::protocol::chunked`]): encode it with them.
+#[derive(Default)]
+pub struct Fetched {
+    pub response: FetchResponse,
+    pub stand_ins: StandIns,
+}
+
+pub async fn handle(shard: &Rc<Shard>, req: FetchRequest, version: i16) -> Fetched {
     let started = Instant::now();
     let committed = req.isolation_level == 1;
     let max_wait = Duration::from_millis(u64::try_from(req.max_wait_ms.max(0)).unwrap_or(0));
@@ -68,9 +77,9 @@ pub async fn handle(shard: &Rc<Shard>, req: FetchRequest, version: i16) -> Fetch
     let plan = match shard.fetch_sessions.plan(&req, version, resolve) {
         Ok(plan) => plan,
         Err(code) => {
-            let mut response = FetchResponse::default();
-            response.error_code = code.0;
-            return response;
+            let mut fetched = Fetched::default();
+            fetched.response.error_code = code.0;
+            return fetched;
         }
     };
     let wanted: Vec<Wanted> = plan
@@ -376,7 +385,8 @@ fn build_response(
     results: Vec<Result<ReadResult, ErrorCode>>,
     max_bytes: usize,
     version: i16,
-) -> FetchResponse {
+) -> Fetched {
+    let mut stand_ins = StandIns::default();
     let mut response = FetchResponse::default();
     response.session_id = plan.session_id;
     let mut total = 0usize;
@@ -408,12 +418,14 @@ fn build_response(
                 let len = r.records.len();
                 if len > 0 && total == 0 {
                     // The first data may hold more than `max_bytes` only by its first batch.
-                    let keep = batch::whole_batches_within(&r.records, max_bytes);
+                    let mut records = r.records;
+                    let keep = records.whole_batches_within(max_bytes);
+                    records.truncate(keep);
                     total = keep;
-                    d.records = Some(r.records.slice(..keep));
+                    d.records = Some(stand_ins.records(records));
                 } else if len > 0 && total + len <= max_bytes {
                     total += len;
-                    d.records = Some(r.records);
+                    d.records = Some(stand_ins.records(r.records));
                 } else {
                     d.records = Some(Bytes::new());
                 }
@@ -459,5 +471,8 @@ fn build_response(
             t.partitions.push(d);
         }
     }
-    response
+    Fetched {
+        response,
+        stand_ins,
+    }
 }

@@ -163,13 +163,19 @@ pub async fn dispatch(shard: &Rc<Shard>, frame: Bytes, peer: Option<SocketAddr>)
             encode_response(key, version, cid, &response)
         }
         RequestKind::Fetch(r) => {
-            let response = fetch::handle(shard, r, version).await;
+            let fetched = fetch::handle(shard, r, version).await;
+            let response = &fetched.response;
             let payloads = response
                 .responses
                 .iter()
                 .flat_map(|t| t.partitions.iter().filter_map(|p| p.records.as_ref()));
             return match protocol::chunked::encode_response_chunks(
-                key, version, cid, &response, payloads,
+                key,
+                version,
+                cid,
+                response,
+                payloads,
+                fetched.stand_ins,
             ) {
                 Ok(chunks) => Outcome::RespondChunks(chunks),
                 Err(e) => respond(Err(e)),

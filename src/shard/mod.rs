@@ -1242,7 +1242,7 @@ impl Shard {
         let effective = Rc::new(self.options.broker.with_dynamic(&table.broker_configs));
         *self.effective.borrow_mut() = effective.clone();
         let n_partitions = wanted.len().max(1);
-        let cache_each = self.options.broker.cache_size_bytes_per_shard / n_partitions;
+        let cache_each = self.options.broker.cache_bytes_per_shard(self.count) / n_partitions;
         let configs: HashMap<TopicPartition, LogConfig> = wanted
             .iter()
             .map(|(tp, (topic, _))| (tp.clone(), LogConfig::resolve(&effective, &topic.configs)))

@@ -83,6 +83,10 @@ pub fn run(mut options: ServeOptions, on_ready: impl FnOnce(SocketAddr, SocketAd
     options.data_dir = std::fs::canonicalize(&options.data_dir)
         .with_context(|| format!("resolving data directory {}", options.data_dir.display()))?;
     crate::storage::files::finish_deletions(&options.data_dir)?;
+    tracing::info!(
+        bytes_per_shard = options.broker.cache_bytes_per_shard(options.cores.len()),
+        "recent-batch cache (strom.cache.bytes.per.shard)"
+    );
     if crate::storage::trash::configure(
         &options.data_dir,
         options.broker.delete_pacing,

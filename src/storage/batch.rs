@@ -276,6 +276,18 @@ pub fn whole_batches_within(bytes: &[u8], limit_bytes: usize) -> usize {
     end
 }
 
+/// The offset after the last batch of `records`, if they all parse as batches.
+pub fn end_offset(records: &[u8]) -> Option<Offset> {
+    let mut at = 0;
+    let mut end = None;
+    while at < records.len() {
+        let h = BatchHeader::parse(&records[at..]).ok()?;
+        end = Some(h.last_offset().next());
+        at += h.size_bytes;
+    }
+    end
+}
+
 /// The length of the run of whole batches at the start of `bytes` that begin below `limit` (a
 /// `read_committed` read stops at the last stable offset, which is always a batch's base offset).
 pub fn batches_below(bytes: &[u8], limit: Offset) -> usize {

@@ -24,6 +24,7 @@ pub mod files;
 pub mod journal;
 pub mod open_files;
 pub mod partition;
+pub mod read;
 pub mod records;
 pub mod segment;
 pub mod trash;
@@ -32,3 +33,4 @@ pub mod txn;
 pub use partition::{
     ActiveProducer, AppendError, Appended, Origin, PartitionFacts, PartitionLog, ReadResult,
 };
+pub use read::Batches;

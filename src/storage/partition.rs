@@ -52,6 +52,7 @@ use super::batch::{self, BatchHeader};
 use super::files::{self, GlommioResultExt};
 use super::journal::Journal;
 use super::open_files::FileSlot;
+use super::read::Batches;
 use super::segment::{self, Segment};
 use super::txn::{self, AbortedTxn, TxnState};
 use crate::config::LogConfig;
@@ -215,7 +216,7 @@ impl AppendError {
 /// The answer to a read: batches (possibly none) and the partition's offsets.
 #[derive(Clone, Debug, Default)]
 pub struct ReadResult {
-    pub records: Bytes,
+    pub records: Batches,
     pub high_watermark: Offset,
     pub log_start_offset: Offset,
     pub last_stable_offset: Offset,
@@ -321,18 +322,6 @@ impl Drop for ReadAhead {
     fn drop(&mut self) {
         READAHEAD_BYTES.with(|b| b.set(b.get().saturating_sub(self.max_bytes)));
     }
-}
-
-/// The offset after the last whole batch of `records`.
-fn end_of_batches(records: &[u8]) -> Option<Offset> {
-    let mut at = 0;
-    let mut end = None;
-    while at < records.len() {
-        let h = BatchHeader::parse(&records[at..]).ok()?;
-        end = Some(h.last_offset().next());
-        at += h.size_bytes;
-    }
-    end
 }
 
 /// A shared handle to a partition on its owning shard: one reference count for the whole
@@ -823,7 +812,7 @@ impl PartitionLog {
         }
         let mut result = self.read_start(offset)?;
         crate::metrics::add(crate::metrics::Counter::CacheMisses, 1);
-        result.records = match self.take_readahead(offset, max_bytes) {
+        let bytes = match self.take_readahead(offset, max_bytes) {
             Some(ahead) => {
                 crate::metrics::add(crate::metrics::Counter::ReadAheadHits, 1);
                 ahead.wait().await?
@@ -833,7 +822,8 @@ impl PartitionLog {
                     .await?
             }
         };
-        self.read_ahead(&result.records, max_bytes);
+        self.read_ahead(&bytes, max_bytes);
+        result.records = Batches::one(bytes);
         Ok(self.finish_read(result, offset, committed))
     }
 
@@ -868,7 +858,7 @@ impl PartitionLog {
             return Err(ErrorCode::OFFSET_OUT_OF_RANGE);
         }
         Ok(ReadResult {
-            records: Bytes::new(),
+            records: Batches::default(),
             high_watermark: st.high_watermark,
             log_start_offset: st.log_start,
             last_stable_offset: st.txns.last_stable_offset(st.high_watermark),
@@ -885,12 +875,12 @@ impl PartitionLog {
         // Without open or aborted transactions (the common case) there is nothing to cut or to
         // list, and the batches are not walked again.
         if result.last_stable_offset < result.high_watermark {
-            let kept = batch::batches_below(&result.records, result.last_stable_offset);
+            let kept = result.records.batches_below(result.last_stable_offset);
             result.records.truncate(kept);
         }
         let st = self.state.borrow();
         if st.txns.has_aborted() {
-            if let Some(end) = end_of_batches(&result.records) {
+            if let Some(end) = result.records.end_offset() {
                 result.aborted = st.txns.aborted_between(offset, end);
             }
         }
@@ -907,13 +897,14 @@ impl PartitionLog {
                 Ok(r) if !r.records.is_empty() => r,
                 _ => return,
             };
-            let batches = batch::split_batches(&read.records).unwrap_or_default();
+            let records = read.records.into_bytes();
+            let batches = batch::split_batches(&records).unwrap_or_default();
             match batches.last() {
                 Some((_, last)) => at = last.last_offset().next(),
                 None => return,
             }
             for (pos, h) in batches {
-                f(read.records.slice(pos..pos + h.size_bytes), h);
+                f(records.slice(pos..pos + h.size_bytes), h);
             }
         }
     }
@@ -949,7 +940,7 @@ impl PartitionLog {
         if records.len() < max_bytes / 2 || max_bytes == 0 {
             return;
         }
-        let Some(next) = end_of_batches(records) else {
+        let Some(next) = batch::end_offset(records) else {
             return;
         };
         let hw = {
@@ -2316,7 +2307,7 @@ impl PartitionState {
     }
 
     /// Serves a read from the cache when it holds the batch containing `offset`.
-    fn read_cache(&self, offset: Offset, max_bytes: usize) -> Option<Bytes> {
+    fn read_cache(&self, offset: Offset, max_bytes: usize) -> Option<Batches> {
         let first = self.cache.front()?;
         if first.base_offset > offset {
             return None;
@@ -2327,7 +2318,7 @@ impl PartitionState {
 
     /// Serves a read from the batches not yet written to the segment, when they hold `offset`
     /// (the cache may have let them go; the segment does not have them yet).
-    fn read_unwritten(&self, offset: Offset, max_bytes: usize) -> Option<Bytes> {
+    fn read_unwritten(&self, offset: Offset, max_bytes: usize) -> Option<Batches> {
         let first = self.unwritten.front()?;
         if first.header.base_offset > offset {
             return None;
@@ -2339,24 +2330,22 @@ impl PartitionState {
     }
 }
 
-/// Whole batches from `batches` up to `max_bytes`, at least one: the batch itself when it alone
-/// fills the read (no copy), else one buffer.
+/// Whole batches from `batches` up to `max_bytes`, at least one, as they are (not copied
+/// together).
 fn concat_batches<'a>(
     mut batches: impl Iterator<Item = &'a Bytes>,
     max_bytes: usize,
-) -> Option<Bytes> {
-    let first = batches.next()?;
-    if first.len() >= max_bytes {
-        return Some(first.clone());
-    }
-    let mut out = BytesMut::from(&first[..]);
+) -> Option<Batches> {
+    let mut out = Batches::one(batches.next()?.clone());
+    let mut len = out.len();
     for b in batches {
-        if out.len() + b.len() > max_bytes {
+        if len + b.len() > max_bytes {
             break;
         }
-        out.extend_from_slice(b);
+        len += b.len();
+        out.push(b.clone());
     }
-    Some(out.freeze())
+    Some(out)
 }
 
 /// The idempotent producers of a partition as a clean shutdown leaves them (`producers.snapshot`),
@@ -2785,7 +2774,7 @@ mod tests {
             if r.records.is_empty() {
                 return out;
             }
-            let batches = batch::split_batches(&r.records).unwrap();
+            let batches = batch::split_batches(&r.records.into_bytes()).unwrap();
             for (_, h) in batches {
                 at = h.last_offset().next();
                 out.push(h);
@@ -2853,7 +2842,7 @@ mod tests {
             }
             // A read from inside a batch returns that whole batch first.
             let r = log.read(Offset(100), 1, false).await.unwrap();
-            let first = BatchHeader::parse(&r.records).unwrap();
+            let first = BatchHeader::parse(&r.records.into_bytes()).unwrap();
             assert_eq!(first.base_offset, Offset(99));
             // New appends continue at the recovered end.
             let a = log
