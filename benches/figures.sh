@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Measures strom with the shipped workloads and, in the same run, the baselines it is judged
-# against: raw loopback TCP throughput (iperf3), O_DIRECT sequential write bandwidth and
+# against: raw loopback TCP throughput (iperf3), O_DIRECT sequential write and read bandwidth and
 # fdatasync latency of the data directory's disk (fio). Prints one summary with ratios.
 #   bash benches/figures.sh [MEASURED_SECONDS]      (needs: apt-get install iperf3 fio kcat)
 #   ROUNDS=3 (rounds per workload), PEER=HOST:PORT (a broker to compare with, in the same rounds),
@@ -21,19 +21,24 @@ sleep 0.5
 iperf3 -c 127.0.0.1 -p 25201 -t 5 -J >"$work/iperf.json"
 fio --name=seqwrite --directory="$work" --rw=write --bs=128k --size=1G --direct=1 --ioengine=io_uring \
     --iodepth=4 --runtime=8 --time_based --output-format=json >"$work/fio-write.json"
+fio --name=seqread --directory="$work" --rw=read --bs=1M --size=1G --direct=1 --ioengine=io_uring \
+    --iodepth=4 --runtime=8 --time_based --output-format=json >"$work/fio-read.json"
 fio --name=fsync --directory="$work" --rw=write --bs=4k --size=64M --direct=1 --ioengine=sync \
     --fdatasync=1 --runtime=8 --time_based --output-format=json >"$work/fio-sync.json"
-rm -f "$work"/seqwrite* "$work"/fsync*
+rm -f "$work"/seqwrite* "$work"/seqread* "$work"/fsync*
 # On a file system with online discard the 1 GB just deleted is trimmed in the next commits: let
 # that happen before strom is measured (it held journal writes for up to 230 ms here).
 sync -f "$work"
 sleep 6
 
 started_ns=$(date +%s%N)
-./target/release/strom serve --listen 127.0.0.1:29092 --admin-listen 127.0.0.1:0 \
-    --data-dir "$work/strom" >"$work/broker.out" 2>"$work/broker.err" &
-broker=$!
-until grep -q "strom listening" "$work/broker.out"; do sleep 0.005; done
+serve() {
+    ./target/release/strom serve --listen 127.0.0.1:29092 --admin-listen 127.0.0.1:0 \
+        --data-dir "$work/strom" >"$work/broker.out" 2>>"$work/broker.err" &
+    broker=$!
+    until grep -q "strom listening" "$work/broker.out"; do sleep 0.005; done
+}
+serve
 startup_ms=$(( ($(date +%s%N) - started_ns) / 1000000 ))
 rss_idle_kib=$(awk '/VmRSS/ {print $2}' /proc/$broker/status)
 admin=$(sed -n 's/^strom admin on //p' "$work/broker.out")
@@ -93,6 +98,8 @@ rdk=${RDKAFKA_PERFORMANCE:-$(command -v rdkafka_performance || true)}
 rdk_produce=""
 rdk_consume=""
 rdk_cpu=""
+rdk_disk=""
+rss_loaded_kib=0
 if [ -n "$rdk" ] && [ -x "$rdk" ]; then
     ticks() { awk '{print $14 + $15}' "/proc/$broker/stat"; }
     hz=$(getconf CLK_TCK)
@@ -116,16 +123,26 @@ if [ -n "$rdk" ] && [ -x "$rdk" ]; then
             --workload benches/workloads/max-rate-produce-only-1-topic-16-partitions-1kb.toml \
             --duration-s "$duration" --json "$work/produce-only-$round.json" | grep '^produce' || true
     done
+    # The last round's 2 GB once more after a restart, so from the segments: the cache (an eighth
+    # of memory by default) held it all above, as Kafka's page cache would have.
+    rss_loaded_kib=$(awk '/VmRSS/ {print $2}' /proc/$broker/status)
+    kill "$broker"
+    wait "$broker" || true
+    serve
+    echo "load average before the consume from disk: $(cut -d' ' -f1-3 /proc/loadavg)"
+    rdk_disk=$("$rdk" -C -t "figures-rdk-$rounds" -b 127.0.0.1:29092 "${all_partitions[@]}" -o beginning \
+        -c 2000000 -q -u 2>&1 | grep '^| *[0-9]' | tail -1 | awk -F'|' '{print $7 + 0}' || true)
 fi
 
 python3 - "$work" "$rss_idle_kib" "$startup_ms" "$consumed_mb" "$consume_s" "$fsyncs_16" "$fsyncs_1000" \
-    "$rdk_produce" "$rdk_consume" "$rdk_cpu" <<'PY'
+    "$rdk_produce" "$rdk_consume" "$rdk_cpu" "$rdk_disk" "$rss_loaded_kib" <<'PY'
 import glob, json, sys
 work, rss, startup = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 consumed_mb, consume_s = float(sys.argv[4]), float(sys.argv[5])
 fsyncs_16, fsyncs_1000 = float(sys.argv[6]), float(sys.argv[7])
 tcp = json.load(open(f"{work}/iperf.json"))["end"]["sum_received"]["bits_per_second"] / 8e6
 disk = json.load(open(f"{work}/fio-write.json"))["jobs"][0]["write"]["bw_bytes"] / 1e6
+disk_read = json.load(open(f"{work}/fio-read.json"))["jobs"][0]["read"]["bw_bytes"] / 1e6
 sync = json.load(open(f"{work}/fio-sync.json"))["jobs"][0]["sync"]["lat_ns"]["percentile"]
 sync_p99 = sync["99.000000"] / 1e6
 
@@ -156,6 +173,7 @@ p99 = spread(fx, "e2e_p99_ms")["median"]
 p999 = spread(fx, "e2e_p999_ms")["median"]
 print(f"baseline loopback TCP            {tcp:10.1f} MB/s")
 print(f"baseline O_DIRECT seq write      {disk:10.1f} MB/s")
+print(f"baseline O_DIRECT seq read       {disk_read:10.1f} MB/s")
 print(f"baseline fdatasync p99           {sync_p99:10.2f} ms  (p50 {sync['50.000000']/1e6:.2f} ms)")
 print(f"max-rate produce, acks=all       {fmt(mx, 'produce_mb_per_s', 'MB/s')}  = {mb / bound:.2f} x min(TCP, disk)  (target >= 0.60)")
 print(f"50k msg/s produce rate           {fmt(fx, 'produce_msgs_per_s', 'msg/s', 0)}")
@@ -187,6 +205,10 @@ if rdk[0]:
         print(f"  strom bench producing only      {med(alone)} MB/s  = {statistics.median(alone) / statistics.median(produce):.2f} x rdkafka_performance  (target >= 0.90)")
     print(f"  strom bench max-rate (it also consumes) / rdkafka_performance  {mb / statistics.median(produce):.2f}")
     print(f"rdkafka_performance consume, 2 GB from the beginning  {med(consume)} MB/s  = {statistics.median(consume) / bound:.2f} x min(TCP, disk)  (target >= 0.60)")
+    if sys.argv[11].strip():
+        from_disk = float(sys.argv[11])
+        print(f"  the same 2 GB after a restart (from disk)  {from_disk:.1f} MB/s  = {from_disk / min(tcp, disk_read):.2f} x min(TCP, O_DIRECT read)")
+    print(f"  broker RSS after the rounds    {int(sys.argv[12]) / 1024:10.1f} MiB  (the recent-batch cache)")
 print(f"idle broker RSS (no partitions)  {rss / 1024:10.1f} MiB  (target < 64)")
 print(f"start-up to serving, empty dir   {startup:10d} ms   (target < 300)")
 PY

@@ -42,7 +42,12 @@ fn put_varint(buf: &mut BytesMut, v: i64) {
 
 impl BatchWriter {
     pub fn new(capacity_bytes: usize) -> Self {
-        let mut buf = BytesMut::with_capacity(BATCH_HEADER_BYTES + capacity_bytes);
+        Self::in_buffer(BytesMut::with_capacity(BATCH_HEADER_BYTES + capacity_bytes))
+    }
+
+    /// A batch written into `buf` (emptied first): a sent batch's buffer, used again.
+    pub fn in_buffer(mut buf: BytesMut) -> Self {
+        buf.clear();
         buf.put_bytes(0, BATCH_HEADER_BYTES);
         BatchWriter {
             buf,
