@@ -533,8 +533,12 @@ impl PartitionLog {
         self.state.borrow().config.clone()
     }
 
+    /// Sets the partition's share of its shard's cache, letting its oldest batches go at once
+    /// down to it (a partition no longer written to would otherwise keep a larger old share).
     pub fn set_cache_limit(&self, bytes: usize) {
-        self.state.borrow_mut().cache_bytes_max = bytes;
+        let mut st = self.state.borrow_mut();
+        st.cache_bytes_max = bytes;
+        st.trim_cache();
     }
 
     pub fn high_watermark(&self) -> Offset {
@@ -2298,6 +2302,11 @@ impl PartitionState {
     fn push_cache(&mut self, batch: CachedBatch) {
         self.cache_bytes += batch.bytes.len();
         self.cache.push_back(batch);
+        self.trim_cache();
+    }
+
+    /// Lets the oldest cached batches go until the cache is within its limit.
+    fn trim_cache(&mut self) {
         while self.cache_bytes > self.cache_bytes_max {
             match self.cache.pop_front() {
                 Some(old) => self.cache_bytes -= old.bytes.len(),
@@ -2815,6 +2824,27 @@ mod tests {
             let result = stopped.expect("shutdown finished within 5 s");
             result.unwrap();
             assert_eq!(log.durable_offset(), end);
+        });
+    }
+
+    #[test]
+    fn a_smaller_cache_share_lets_the_oldest_batches_go_at_once() {
+        let tmp = temp_dir("cache-share");
+        let dir = tmp.path().to_path_buf();
+        run(move || async move {
+            let log = open(&dir, 1 << 30).await;
+            let end = append_durable(&log, 10).await;
+            log.wait_for(end, true).await.unwrap();
+            let from_memory = |at: i64| log.read_from_memory(Offset(at), 1 << 20, false).is_some();
+            assert!(from_memory(0), "ten small batches fit in a 1 MiB cache");
+            // A new topic elsewhere on the shard halves this partition's share; with no appends
+            // here to trim it, the share must still hold.
+            let batch_bytes = make_batch(0, 3, 1_000).len();
+            log.set_cache_limit(4 * batch_bytes);
+            assert!(!from_memory(0), "the oldest batches must leave the cache");
+            assert!(from_memory(27), "the newest four stay");
+            assert!(!from_memory(17));
+            log.close();
         });
     }
 
