@@ -1232,6 +1232,11 @@ impl PartitionLog {
             let mut st = self.state.borrow_mut();
             st.unwritten.clear();
             add_unwritten(-(std::mem::take(&mut st.unwritten_bytes) as isize));
+            // The cached batches go now, not whenever the last handle to the log does (a task
+            // may hold one for a while; with a cache of gigabytes that is not small).
+            st.cache.clear();
+            st.cache_bytes = 0;
+            st.readahead = None;
             st.dir.clone()
         };
         let segments: Vec<_> = self.state.borrow_mut().segments.drain(..).collect();
