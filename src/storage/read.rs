@@ -32,7 +32,9 @@ impl Batches {
     /// Adds the batches of `bytes` after the others.
     pub fn push(&mut self, bytes: Bytes) {
         if bytes.is_empty() {
-        } else if self.first.is_empty() {
+            return;
+        }
+        if self.first.is_empty() {
             self.first = bytes;
         } else {
             self.rest.push(bytes);
