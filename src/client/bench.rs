@@ -9,6 +9,7 @@
 //! fixed rates: a stalled broker delays the schedule's records and shows up in the tail. Numbers
 //! from the warm-up are discarded.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::net::TcpStream;
@@ -630,6 +631,20 @@ fn produce(w: Workload, setup: ProducerSetup, stats: Arc<Stats>) -> Result<()> {
     Ok(())
 }
 
+/// Keeps the batch buffers of written requests (`spent`) that nothing else holds any more.
+fn take_back_spent(spent: &mpsc::Receiver<Vec<Bytes>>, spare: &mut Vec<BytesMut>) {
+    while let Ok(chunks) = spent.try_recv() {
+        for chunk in chunks {
+            if chunk.len() < SPARE_BYTES_MIN || spare.len() >= SPARE_BUFFERS_MAX {
+                continue;
+            }
+            if let Ok(buf) = chunk.try_into_mut() {
+                spare.push(buf);
+            }
+        }
+    }
+}
+
 /// Batch buffers a producer keeps for reuse.
 const SPARE_BUFFERS_MAX: usize = 64;
 
@@ -694,20 +709,23 @@ impl Outbox {
         self.pending_bytes += value_len;
         let now_ms = (self.wall_ms_at_epoch + now_ns / 1_000_000) as i64;
         let direct = self.options.compression == Compression::None;
-        if direct && !self.pending.contains_key(&partition) && self.spare.is_empty() {
-            self.take_back_spent();
-        }
-        let (batch, bytes) = self.pending.entry(partition).or_insert_with(|| {
-            let batch = if direct {
-                Pending::Direct(match self.spare.pop() {
-                    Some(buf) => BatchWriter::in_buffer(buf),
-                    None => BatchWriter::new(BATCH_BYTES_FIRST),
-                })
-            } else {
-                Pending::Records(Vec::new())
-            };
-            (batch, 0)
-        });
+        let (batch, bytes) = match self.pending.entry(partition) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(v) => {
+                let batch = if direct {
+                    if self.spare.is_empty() {
+                        take_back_spent(&self.spent, &mut self.spare);
+                    }
+                    Pending::Direct(match self.spare.pop() {
+                        Some(buf) => BatchWriter::in_buffer(buf),
+                        None => BatchWriter::new(BATCH_BYTES_FIRST),
+                    })
+                } else {
+                    Pending::Records(Vec::new())
+                };
+                v.insert((batch, 0))
+            }
+        };
         *bytes += value_len;
         self.fullest = self.fullest.max(*bytes);
         match batch {
@@ -723,20 +741,6 @@ impl Outbox {
             }
         }
         self.pending_ns.push(intended_ns);
-    }
-
-    /// Keeps the batch buffers of written requests that nothing else holds any more.
-    fn take_back_spent(&mut self) {
-        while let Ok(chunks) = self.spent.try_recv() {
-            for chunk in chunks {
-                if chunk.len() < SPARE_BYTES_MIN || self.spare.len() >= SPARE_BUFFERS_MAX {
-                    continue;
-                }
-                if let Ok(buf) = chunk.try_into_mut() {
-                    self.spare.push(buf);
-                }
-            }
-        }
     }
 
     /// Sends everything pending as one ProduceRequest (one batch per partition).

@@ -1176,8 +1176,13 @@ impl Default for BrokerConfig {
 pub const CACHE_BYTES_PER_SHARD_MIN: usize = 64 << 20;
 
 /// The memory this process may use: the machine's (`MemTotal`), or less where a cgroup (v2 or v1)
-/// limits it. `None` where neither can be read.
+/// limits it. `None` where neither can be read. Read once: topic changes size the cache again.
 pub fn usable_memory_bytes() -> Option<u64> {
+    static USABLE: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *USABLE.get_or_init(read_usable_memory_bytes)
+}
+
+fn read_usable_memory_bytes() -> Option<u64> {
     let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
         m.lines()
             .find_map(|l| l.strip_prefix("MemTotal:"))

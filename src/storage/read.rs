@@ -107,10 +107,12 @@ impl Batches {
             // The piece crosses the limit: its batches that fit (the first one at least, when
             // nothing is kept yet).
             let room = limit_bytes.saturating_sub(end);
-            let within = if end == 0 {
+            let first_fits =
+                end == 0 || BatchHeader::parse(piece).is_ok_and(|h| h.size_bytes <= room);
+            let within = if first_fits {
                 batch::whole_batches_within(piece, room)
             } else {
-                whole_batches_up_to(piece, room)
+                0
             };
             return end + within;
         }
@@ -134,23 +136,6 @@ impl Batches {
     pub fn end_offset(&self) -> Option<Offset> {
         batch::end_offset(self.rest.last().unwrap_or(&self.first))
     }
-}
-
-/// The length of the run of whole batches at the start of `bytes` within `limit_bytes` (possibly
-/// none).
-fn whole_batches_up_to(bytes: &[u8], limit_bytes: usize) -> usize {
-    let mut end = 0usize;
-    while let Some(rest) = bytes.get(end..).filter(|r| !r.is_empty()) {
-        let Ok(header) = BatchHeader::parse(rest) else {
-            break;
-        };
-        let next = end.saturating_add(header.size_bytes);
-        if next > bytes.len() || next > limit_bytes {
-            break;
-        }
-        end = next;
-    }
-    end
 }
 
 #[cfg(test)]
