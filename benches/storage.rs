@@ -135,9 +135,13 @@ async fn durable_round(logs: &[strom::storage::PartitionLog], batch: &bytes::Byt
     let ends: Vec<_> = logs
         .iter()
         .map(|log| {
-            log.append(batch.clone(), true, strom::storage::Origin::Client)
-                .expect("append")
-                .end_offset
+            log.append(
+                bytes::BytesMut::from(&batch[..]),
+                true,
+                strom::storage::Origin::Client,
+            )
+            .expect("append")
+            .end_offset
         })
         .collect();
     for (log, end) in logs.iter().zip(ends) {

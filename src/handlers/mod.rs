@@ -133,6 +133,10 @@ pub async fn dispatch(shard: &Rc<Shard>, frame: Bytes, peer: Option<SocketAddr>)
     if let Some(answer) = forward::to_group_coordinator(shard, &frame).await {
         return Outcome::Respond(answer);
     }
+    // A produce request's records get their offsets in its own frame (`produce::take_records`).
+    let whole = crate::protocol::peek_header(&frame)
+        .is_some_and(|h| h.api_key == ApiKey::Produce as i16)
+        .then(|| frame.clone());
     let Decoded {
         key,
         version,
@@ -154,9 +158,12 @@ pub async fn dispatch(shard: &Rc<Shard>, frame: Bytes, peer: Option<SocketAddr>)
             cid,
             &metadata::handle(shard, r, version).await,
         ),
-        RequestKind::Produce(r) => {
+        RequestKind::Produce(mut r) => {
             let acks = r.acks;
-            let response = produce::handle(shard, r, version).await;
+            // The header's client id is a view of the frame too.
+            drop(header);
+            let records = produce::take_records(&mut r, whole.unwrap_or_default());
+            let response = produce::handle(shard, r, records, version).await;
             if acks == 0 {
                 return Outcome::NoResponse;
             }

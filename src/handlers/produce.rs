@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use kafka_protocol::messages::produce_response::{
     BatchIndexAndErrorMessage, PartitionProduceResponse, TopicProduceResponse,
 };
@@ -19,9 +19,104 @@ use crate::shard::{join_all, Reply, Request, Shard};
 use crate::storage::{AppendError, Appended};
 
 /// One owning shard's share of a request: the result slots and batches of its partitions.
-type OwnerBatches = (Vec<usize>, Vec<(TopicPartition, Bytes)>);
+type OwnerBatches = (Vec<usize>, Vec<(TopicPartition, BytesMut)>);
 
-pub async fn handle(shard: &Rc<Shard>, req: ProduceRequest, version: i16) -> ProduceResponse {
+/// Where a partition's records were when they were taken out of the request.
+enum Taken {
+    /// At `start..start + len` of the frame.
+    InFrame { start: usize, len: usize },
+    /// Not a view of the frame (never, for a decoded request): copied at once.
+    Elsewhere(BytesMut),
+}
+
+/// Takes every partition's records out of `req` (in request order; `None` where the request had
+/// none), as buffers the append may write offsets into.
+///
+/// `frame` is the frame `req` was decoded from. Once no other view of it is left (the records
+/// taken out, names copied, unknown tagged fields dropped) its buffer is this request's alone,
+/// and each partition's records become a mutable view of it: the produce path then copies
+/// nothing between the socket and the segment's write buffer. Where the buffer is still shared
+/// (the connection's read buffer already holds the next request), or is less than half records
+/// (a small batch alone in a larger read buffer, which the cache would keep whole while counting
+/// only the batch), each partition's records are copied once, as every append did before.
+pub fn take_records(req: &mut ProduceRequest, frame: Bytes) -> Vec<Option<BytesMut>> {
+    let base = frame.as_ptr() as usize;
+    let end = base + frame.len();
+    req.unknown_tagged_fields.clear();
+    if let Some(id) = req.transactional_id.as_mut() {
+        id.0 = StrBytes::from_string(id.0.to_string());
+    }
+    let mut taken: Vec<Option<Taken>> = Vec::new();
+    for topic in &mut req.topic_data {
+        topic.unknown_tagged_fields.clear();
+        topic.name.0 = StrBytes::from_string(topic.name.0.to_string());
+        for p in &mut topic.partition_data {
+            p.unknown_tagged_fields.clear();
+            taken.push(p.records.take().map(|r| {
+                let start = r.as_ptr() as usize;
+                if start >= base && start + r.len() <= end {
+                    Taken::InFrame {
+                        start: start - base,
+                        len: r.len(),
+                    }
+                } else {
+                    Taken::Elsewhere(BytesMut::from(&r[..]))
+                }
+            }));
+        }
+    }
+    let in_frame = || {
+        taken.iter().flatten().filter_map(|t| match t {
+            Taken::InFrame { start, len } => Some((*start, *len)),
+            Taken::Elsewhere(_) => None,
+        })
+    };
+    let total: usize = in_frame().map(|(_, len)| len).sum();
+    let mut at = 0;
+    let ordered = in_frame().all(|(start, len)| {
+        let after = start >= at;
+        at = start + len;
+        after
+    });
+    let copied = |frame: &[u8], taken: Vec<Option<Taken>>| {
+        taken
+            .into_iter()
+            .map(|t| {
+                t.map(|t| match t {
+                    Taken::InFrame { start, len } => BytesMut::from(&frame[start..start + len]),
+                    Taken::Elsewhere(records) => records,
+                })
+            })
+            .collect()
+    };
+    let mut whole = match frame.try_into_mut() {
+        Ok(whole) if ordered && total >= whole.capacity() / 2 => whole,
+        Ok(whole) => return copied(&whole, taken),
+        Err(frame) => return copied(&frame, taken),
+    };
+    // In wire order: each partition's records are split off the front of what is left.
+    let mut at = 0;
+    taken
+        .into_iter()
+        .map(|t| {
+            t.map(|t| match t {
+                Taken::InFrame { start, len } => {
+                    whole.advance(start - at);
+                    at = start + len;
+                    whole.split_to(len)
+                }
+                Taken::Elsewhere(records) => records,
+            })
+        })
+        .collect()
+}
+
+pub async fn handle(
+    shard: &Rc<Shard>,
+    req: ProduceRequest,
+    records: Vec<Option<BytesMut>>,
+    version: i16,
+) -> ProduceResponse {
     let acks = req.acks;
     let transactional_id: Option<Arc<str>> = req
         .transactional_id
@@ -32,6 +127,7 @@ pub async fn handle(shard: &Rc<Shard>, req: ProduceRequest, version: i16) -> Pro
     // Each partition's result, in request order: refused here, or filled in by its owner.
     let mut results: Vec<Option<Result<Appended, AppendError>>> = Vec::new();
     let mut by_owner: BTreeMap<usize, OwnerBatches> = BTreeMap::new();
+    let mut records = records.into_iter();
     for topic in &req.topic_data {
         let name: Arc<str> = Arc::from(topic.name.0.as_str());
         let partitions = table.get(&name).map_or(0, |t| t.partitions);
@@ -43,7 +139,7 @@ pub async fn handle(shard: &Rc<Shard>, req: ProduceRequest, version: i16) -> Pro
             } else {
                 None
             };
-            let records = p.records.as_ref().filter(|r| !r.is_empty());
+            let records = records.next().flatten().filter(|r| !r.is_empty());
             match (refused, records) {
                 (Some(code), _) => results.push(Some(Err(code.into()))),
                 (None, None) => results.push(Some(Err(ErrorCode::CORRUPT_MESSAGE.into()))),
@@ -54,7 +150,7 @@ pub async fn handle(shard: &Rc<Shard>, req: ProduceRequest, version: i16) -> Pro
                     };
                     let (slots, batches) = by_owner.entry(shard.owner_of(&tp).0).or_default();
                     slots.push(results.len());
-                    batches.push((tp, records.clone()));
+                    batches.push((tp, records));
                     results.push(None);
                 }
             }
@@ -130,4 +226,114 @@ pub async fn handle(shard: &Rc<Shard>, req: ProduceRequest, version: i16) -> Pro
         response.responses.push(t);
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::batch::tests::make_batch;
+    use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+    use kafka_protocol::messages::{ApiKey, RequestKind, TopicName, TransactionalId};
+
+    /// A produce request for one topic with `records` per partition, as the connection hands it
+    /// over: the frame in its own buffer, its size prefix split off. Also what the buffer holds.
+    fn arrived(records: &[Option<Bytes>]) -> (ProduceRequest, Bytes, std::ops::Range<usize>) {
+        let mut topic = TopicProduceData::default();
+        topic.name = TopicName(StrBytes::from_static_str("orders"));
+        for (i, r) in records.iter().enumerate() {
+            let mut p = PartitionProduceData::default();
+            p.index = i32::try_from(i).unwrap();
+            p.records = r.clone();
+            topic.partition_data.push(p);
+        }
+        let mut req = ProduceRequest::default();
+        req.acks = -1;
+        req.transactional_id = Some(TransactionalId(StrBytes::from_static_str("tx")));
+        req.topic_data.push(topic);
+        let mut buf = crate::client::encode_request(ApiKey::Produce, 9, 7, &req).unwrap();
+        let frame = buf.split_off(4).freeze();
+        drop(buf);
+        let start = frame.as_ptr() as usize;
+        let held = start..start + frame.len();
+        let decoded = crate::handlers::decode_request(frame.clone()).unwrap();
+        let RequestKind::Produce(req) = decoded.request else {
+            panic!("not a produce request");
+        };
+        (req, frame, held)
+    }
+
+    fn within(piece: &BytesMut, held: &std::ops::Range<usize>) -> bool {
+        let at = piece.as_ptr() as usize;
+        held.contains(&at) && at + piece.len() <= held.end
+    }
+
+    #[test]
+    fn a_request_that_is_mostly_records_keeps_them_in_its_own_buffer() {
+        let sent = [
+            Some(make_batch(0, 40, 1).freeze()),
+            None,
+            Some(make_batch(0, 25, 2).freeze()),
+        ];
+        let (mut req, frame, held) = arrived(&sent);
+        let taken = take_records(&mut req, frame);
+        assert_eq!(taken.len(), 3);
+        assert!(taken[1].is_none(), "null records stay null, in their place");
+        for (got, want) in taken.iter().zip(&sent) {
+            if let (Some(got), Some(want)) = (got, want) {
+                assert_eq!(&got[..], &want[..]);
+                assert!(within(got, &held), "records were copied out of the frame");
+            }
+        }
+        // What is left of the request owns its names.
+        assert_eq!(req.topic_data[0].name.0.as_str(), "orders");
+        assert_eq!(req.transactional_id.as_ref().unwrap().0.as_str(), "tx");
+        assert!(req.topic_data[0]
+            .partition_data
+            .iter()
+            .all(|p| p.records.is_none()));
+        // The views are writable where they are: an offset written to one shows in no other.
+        let mut taken = taken;
+        let first = taken[0].as_mut().unwrap();
+        crate::storage::batch::assign(first, crate::model::Offset(99), 3);
+        assert_eq!(
+            &taken[2].as_ref().unwrap()[..],
+            &sent[2].as_ref().unwrap()[..]
+        );
+    }
+
+    #[test]
+    fn records_in_a_shared_buffer_are_copied() {
+        let sent = [Some(make_batch(0, 40, 1).freeze())];
+        let (mut req, frame, held) = arrived(&sent);
+        // Another view of the buffer, as the start of the next request read with this one.
+        let next = frame.slice(0..4);
+        let taken = take_records(&mut req, frame);
+        let got = taken[0].as_ref().unwrap();
+        assert_eq!(&got[..], &sent[0].as_ref().unwrap()[..]);
+        assert!(!within(got, &held), "a shared buffer must not be written");
+        drop(next);
+    }
+
+    #[test]
+    fn a_small_batch_in_a_large_buffer_is_copied() {
+        let sent = [Some(make_batch(0, 1, 1).freeze())];
+        let (mut req, frame, held) = arrived(&sent);
+        // The connection reserves read slack beyond the frame: here, far more than the records.
+        let mut buffer = BytesMut::with_capacity(64 * 1024);
+        buffer.extend_from_slice(&frame);
+        let start = buffer.as_ptr() as usize;
+        let moved = buffer.freeze();
+        let decoded = crate::handlers::decode_request(moved.clone()).unwrap();
+        let RequestKind::Produce(mut req2) = decoded.request else {
+            panic!("not a produce request");
+        };
+        drop(decoded.header);
+        let taken = take_records(&mut req2, moved);
+        let got = taken[0].as_ref().unwrap();
+        assert_eq!(&got[..], &sent[0].as_ref().unwrap()[..]);
+        assert!(!within(got, &(start..start + 64 * 1024)));
+        // The same request in a buffer of its own size keeps its batch.
+        let taken = take_records(&mut req, frame);
+        assert!(within(taken[0].as_ref().unwrap(), &held));
+    }
 }

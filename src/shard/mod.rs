@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_channel::oneshot;
 use glommio::channels::channel_mesh::{Receivers, Senders};
 
@@ -94,7 +94,8 @@ pub enum Request {
     /// (`acks=all`). One call per owner and request, not one per partition: a request spread
     /// over 1,000 partitions costs each owner one message, not hundreds.
     Append {
-        batches: Vec<(TopicPartition, Bytes)>,
+        /// Each partition's records, which the append assigns offsets in place.
+        batches: Vec<(TopicPartition, BytesMut)>,
         acks: i16,
         /// The producer's transactional id: a transaction's first batch to a partition is
         /// checked with its coordinator (KIP-890).
@@ -1057,7 +1058,7 @@ impl Shard {
     async fn append_local(
         self: &Rc<Self>,
         tp: TopicPartition,
-        records: Bytes,
+        records: BytesMut,
         acks: i16,
         transactional_id: Option<&str>,
     ) -> Result<Appended, AppendError> {
@@ -1073,7 +1074,7 @@ impl Shard {
         if let Some(group) = self.cluster().and_then(|c| c.group(&tp)) {
             let min_insync = log.config().min_insync_replicas;
             let appended = group
-                .produce(&log, records, acks, min_insync, Origin::Client)
+                .produce(&log, records.freeze(), acks, min_insync, Origin::Client)
                 .await;
             if let Ok(a) = &appended {
                 crate::metrics::add(
@@ -1117,7 +1118,7 @@ impl Shard {
         self: &Rc<Self>,
         tp: &TopicPartition,
         log: &PartitionLog,
-        records: &Bytes,
+        records: &[u8],
         transactional_id: Option<&str>,
     ) -> Result<(), ErrorCode> {
         let Ok(h) = crate::storage::batch::BatchHeader::parse(records) else {
@@ -1193,7 +1194,7 @@ impl Shard {
                 .produce(log, batch, -1, 1, Origin::Coordinator)
                 .await;
         }
-        let appended = log.append(batch, true, Origin::Coordinator)?;
+        let appended = log.append(BytesMut::from(batch), true, Origin::Coordinator)?;
         log.wait_for(appended.end_offset, true).await?;
         Ok(appended)
     }

@@ -45,7 +45,7 @@ use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use event_listener::Event;
 
 use super::batch::{self, BatchHeader};
@@ -560,7 +560,7 @@ impl PartitionLog {
     /// Returns each batch's position and header.
     pub fn validate(
         &self,
-        records: &Bytes,
+        records: &[u8],
         origin: Origin,
     ) -> Result<Vec<(usize, BatchHeader)>, AppendError> {
         let st = self.state.borrow();
@@ -688,9 +688,13 @@ impl PartitionLog {
 
     /// Validates `records` (one or more batches), deduplicates idempotent retries, assigns offsets
     /// and queues the batches for the flusher. No await: offsets follow call order.
+    ///
+    /// The offsets and leader epoch are written into `records` where they are: each batch is
+    /// then queued, cached and served as a view of the same buffer (for a produce request, the
+    /// request's own frame), so appending copies nothing.
     pub fn append(
         &self,
-        records: Bytes,
+        records: BytesMut,
         durable: bool,
         origin: Origin,
     ) -> Result<Appended, AppendError> {
@@ -729,8 +733,13 @@ impl PartitionLog {
             -1
         };
         let base_offset = st.next_offset;
+        // Batches lie in order; anything between them (nothing, for valid records) is skipped.
+        let mut rest = records;
+        let mut at = 0;
         for (pos, h) in &batches {
-            let mut bytes = BytesMut::from(&records[*pos..*pos + h.size_bytes]);
+            rest.advance(pos - at);
+            let mut bytes = rest.split_to(h.size_bytes);
+            at = pos + h.size_bytes;
             let assigned = st.next_offset;
             batch::assign(&mut bytes, assigned, st.meta.leader_epoch);
             if append_time >= 0 {
@@ -2772,7 +2781,7 @@ mod tests {
     async fn append_durable(log: &PartitionLog, n: usize) -> Offset {
         let mut end = Offset(0);
         for i in 0..n {
-            let b = make_batch(0, 3, 1_000 + i as i64).freeze();
+            let b = make_batch(0, 3, 1_000 + i as i64);
             let a = log.append(b, true, Origin::Client).unwrap();
             end = a.end_offset;
         }
@@ -2808,7 +2817,7 @@ mod tests {
             let log = open(&dir, 1 << 20).await;
             let mut end = Offset(0);
             for i in 0..5 {
-                let b = make_batch(0, 3, 1_000 + i).freeze();
+                let b = make_batch(0, 3, 1_000 + i);
                 end = log.append(b, false, Origin::Client).unwrap().end_offset;
             }
             log.wait_for(end, false).await.unwrap();
@@ -2881,7 +2890,7 @@ mod tests {
             assert_eq!(first.base_offset, Offset(99));
             // New appends continue at the recovered end.
             let a = log
-                .append(make_batch(0, 2, 5).freeze(), true, Origin::Client)
+                .append(make_batch(0, 2, 5), true, Origin::Client)
                 .unwrap();
             assert_eq!(a.base_offset, Offset(180));
             log.wait_for(a.end_offset, true).await.unwrap();
@@ -2934,9 +2943,8 @@ mod tests {
             b[53..57].copy_from_slice(&0i32.to_be_bytes());
             let crc = crc32c::crc32c(&b[21..]);
             b[17..21].copy_from_slice(&crc.to_be_bytes());
-            let b = b.freeze();
             let first = log.append(b.clone(), true, Origin::Client).unwrap();
-            let retry = log.append(b.clone(), true, Origin::Client).unwrap();
+            let retry = log.append(b, true, Origin::Client).unwrap();
             assert_eq!(first.base_offset, retry.base_offset);
             log.wait_for(retry.end_offset, true).await.unwrap();
             assert_eq!(log.high_watermark(), Offset(2));

@@ -1,6 +1,8 @@
 //! Request decoding for every API key and version strom serves: the first two bytes pick the API
 //! and the version within its advertised range, the rest is the header after the version and the
 //! body. Decoding must return a request or an error, never panic or abort, whatever the bytes say.
+//! A decoded Produce request also has its records taken out of the frame, as the broker does
+//! before appending them.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -20,5 +22,11 @@ fuzz_target!(|data: &[u8]| {
     frame.extend_from_slice(&(key as i16).to_be_bytes());
     frame.extend_from_slice(&version.to_be_bytes());
     frame.extend_from_slice(rest);
-    let _ = strom::handlers::decode_request(bytes::Bytes::from(frame));
+    let frame = bytes::Bytes::from(frame);
+    if let Ok(decoded) = strom::handlers::decode_request(frame.clone()) {
+        if let kafka_protocol::messages::RequestKind::Produce(mut request) = decoded.request {
+            drop(decoded.header);
+            let _ = strom::handlers::produce::take_records(&mut request, frame);
+        }
+    }
 });
