@@ -4,7 +4,20 @@
 //! Arbitrary bytes must be an error, never a panic.
 #![no_main]
 
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
 use libfuzzer_sys::fuzz_target;
+
+/// The run's directory, removed when libFuzzer exits (it exits without unwinding, so no
+/// destructor would; after a crash the directory stays, with the log that crashed).
+static DIR: OnceLock<PathBuf> = OnceLock::new();
+
+extern "C" fn remove_dir() {
+    if let Some(dir) = DIR.get() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
 
 fuzz_target!(|data: &[u8]| {
     let _ = strom::replication::transport::decode_frame(data);
@@ -17,8 +30,13 @@ fuzz_target!(|data: &[u8]| {
             strom::replication::wal::frame(&mut wal, *kind, payload);
         }
     }
-    let dir = std::env::temp_dir().join(format!("strom-fuzz-wal-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("strom-fuzz-wal-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // SAFETY: registers a function that takes nothing and returns nothing.
+        unsafe { libc::atexit(remove_dir) };
+        dir
+    });
     std::fs::write(dir.join(strom::replication::wal::WAL_FILE), &wal).unwrap();
     if let Ok(store) = strom::replication::wal::WalStore::open(&dir, &[1, 2, 3]) {
         let _ = strom::replication::Replica::new_raw(1, store);

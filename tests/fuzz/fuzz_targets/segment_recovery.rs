@@ -6,16 +6,31 @@
 #![no_main]
 
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use glommio::{LocalExecutor, LocalExecutorBuilder};
 use libfuzzer_sys::fuzz_target;
 use strom::model::Offset;
 use strom::storage::segment::Segment;
 
+/// The run's directory, removed when libFuzzer exits (it exits without unwinding, so no
+/// destructor would; after a crash the directory stays, with the files that crashed).
+static DIR: OnceLock<PathBuf> = OnceLock::new();
+
+extern "C" fn remove_dir() {
+    if let Some(dir) = DIR.get() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 thread_local! {
     static EXECUTOR: (LocalExecutor, PathBuf) = {
         let dir = std::env::temp_dir().join(format!("strom-fuzz-segment-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temporary directory");
+        if DIR.set(dir.clone()).is_ok() {
+            // SAFETY: registers a function that takes nothing and returns nothing.
+            unsafe { libc::atexit(remove_dir) };
+        }
         let executor = LocalExecutorBuilder::default().make().expect("glommio executor");
         executor.run(async {
             strom::storage::files::probe_device(&dir).await.expect("device probe");
