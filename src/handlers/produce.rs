@@ -33,12 +33,16 @@ enum Taken {
 /// none), as buffers the append may write offsets into.
 ///
 /// `frame` is the frame `req` was decoded from. Once no other view of it is left (the records
-/// taken out, names copied, unknown tagged fields dropped) its buffer is this request's alone,
-/// and each partition's records become a mutable view of it: the produce path then copies
-/// nothing between the socket and the segment's write buffer. Where the buffer is still shared
-/// (the connection's read buffer already holds the next request), or is less than half records
-/// (a small batch alone in a larger read buffer, which the cache would keep whole while counting
-/// only the batch), each partition's records are copied once, as every append did before.
+/// taken out, names copied, unknown tagged fields dropped) its buffer is this request's alone.
+/// A partition whose records are at least half of that buffer then keeps them where they
+/// arrived: the append writes their offsets in place and the cache holds that view, so nothing is
+/// copied between the socket and the segment's write buffer. Every other partition's records are
+/// copied once, as every append did before: a view keeps the whole buffer alive for as long as
+/// the cache holds it, and the cache counts only the view's bytes. Views of one buffer taken for
+/// several partitions would tie their lifetimes together (a partition writing a small batch into
+/// each of many large requests would keep all of them in memory while its cache share counted
+/// the small batches); the half rule keeps any cached view within twice the bytes it is counted
+/// as. Also copied: a frame whose buffer still holds the start of the next request.
 pub fn take_records(req: &mut ProduceRequest, frame: Bytes) -> Vec<Option<BytesMut>> {
     let base = frame.as_ptr() as usize;
     let end = base + frame.len();
@@ -65,48 +69,37 @@ pub fn take_records(req: &mut ProduceRequest, frame: Bytes) -> Vec<Option<BytesM
             }));
         }
     }
-    let in_frame = || {
-        taken.iter().flatten().filter_map(|t| match t {
-            Taken::InFrame { start, len } => Some((*start, *len)),
-            Taken::Elsewhere(_) => None,
-        })
-    };
-    let total: usize = in_frame().map(|(_, len)| len).sum();
-    let mut at = 0;
-    let ordered = in_frame().all(|(start, len)| {
-        let after = start >= at;
-        at = start + len;
-        after
-    });
-    let copied = |frame: &[u8], taken: Vec<Option<Taken>>| {
-        taken
-            .into_iter()
-            .map(|t| {
-                t.map(|t| match t {
-                    Taken::InFrame { start, len } => BytesMut::from(&frame[start..start + len]),
-                    Taken::Elsewhere(records) => records,
-                })
-            })
-            .collect()
-    };
     let mut whole = match frame.try_into_mut() {
-        Ok(whole) if ordered && total >= whole.capacity() / 2 => whole,
-        Ok(whole) => return copied(&whole, taken),
-        Err(frame) => return copied(&frame, taken),
+        Ok(whole) => whole,
+        Err(frame) => return copied(&frame, taken, None),
     };
-    // In wire order: each partition's records are split off the front of what is left.
-    let mut at = 0;
+    // At most one partition's records can be half the buffer.
+    let capacity = whole.capacity();
+    let kept = taken.iter().enumerate().find_map(|(i, t)| match t {
+        Some(Taken::InFrame { start, len }) if len.saturating_mul(2) >= capacity => {
+            Some((i, *start, *len))
+        }
+        _ => None,
+    });
+    let Some((kept, start, len)) = kept else {
+        return copied(&whole, taken, None);
+    };
+    let mut records = copied(&whole, taken, Some(kept));
+    whole.advance(start);
+    whole.truncate(len);
+    records[kept] = Some(whole);
+    records
+}
+
+/// Each partition's records copied out of `frame`, except the `kept` one (left `None`).
+fn copied(frame: &[u8], taken: Vec<Option<Taken>>, kept: Option<usize>) -> Vec<Option<BytesMut>> {
     taken
         .into_iter()
-        .map(|t| {
-            t.map(|t| match t {
-                Taken::InFrame { start, len } => {
-                    whole.advance(start - at);
-                    at = start + len;
-                    whole.split_to(len)
-                }
-                Taken::Elsewhere(records) => records,
-            })
+        .enumerate()
+        .map(|(i, t)| match t? {
+            _ if Some(i) == kept => None,
+            Taken::InFrame { start, len } => Some(BytesMut::from(&frame[start..start + len])),
+            Taken::Elsewhere(records) => Some(records),
         })
         .collect()
 }
@@ -268,22 +261,29 @@ mod tests {
     }
 
     #[test]
-    fn a_request_that_is_mostly_records_keeps_them_in_its_own_buffer() {
+    fn the_partition_that_is_most_of_the_request_keeps_its_records_where_they_arrived() {
         let sent = [
-            Some(make_batch(0, 40, 1).freeze()),
+            Some(make_batch(0, 200, 1).freeze()),
             None,
-            Some(make_batch(0, 25, 2).freeze()),
+            Some(make_batch(0, 2, 2).freeze()),
         ];
         let (mut req, frame, held) = arrived(&sent);
-        let taken = take_records(&mut req, frame);
+        let mut taken = take_records(&mut req, frame);
         assert_eq!(taken.len(), 3);
         assert!(taken[1].is_none(), "null records stay null, in their place");
         for (got, want) in taken.iter().zip(&sent) {
             if let (Some(got), Some(want)) = (got, want) {
                 assert_eq!(&got[..], &want[..]);
-                assert!(within(got, &held), "records were copied out of the frame");
             }
         }
+        assert!(
+            within(taken[0].as_ref().unwrap(), &held),
+            "the large batch was copied"
+        );
+        assert!(
+            !within(taken[2].as_ref().unwrap(), &held),
+            "the small batch was not copied"
+        );
         // What is left of the request owns its names.
         assert_eq!(req.topic_data[0].name.0.as_str(), "orders");
         assert_eq!(req.transactional_id.as_ref().unwrap().0.as_str(), "tx");
@@ -291,19 +291,33 @@ mod tests {
             .partition_data
             .iter()
             .all(|p| p.records.is_none()));
-        // The views are writable where they are: an offset written to one shows in no other.
-        let mut taken = taken;
+        // The view is writable where it is.
         let first = taken[0].as_mut().unwrap();
         crate::storage::batch::assign(first, crate::model::Offset(99), 3);
-        assert_eq!(
-            &taken[2].as_ref().unwrap()[..],
-            &sent[2].as_ref().unwrap()[..]
-        );
+        assert_eq!(first[0..8], 99i64.to_be_bytes());
+    }
+
+    #[test]
+    fn partitions_of_alike_size_are_copied_so_their_lifetimes_stay_apart() {
+        let sent = [
+            Some(make_batch(0, 40, 1).freeze()),
+            Some(make_batch(0, 40, 2).freeze()),
+        ];
+        let (mut req, frame, held) = arrived(&sent);
+        let taken = take_records(&mut req, frame);
+        for (got, want) in taken.iter().zip(&sent) {
+            let got = got.as_ref().unwrap();
+            assert_eq!(&got[..], &want.as_ref().unwrap()[..]);
+            assert!(
+                !within(got, &held),
+                "a view of a shared buffer would keep it alive"
+            );
+        }
     }
 
     #[test]
     fn records_in_a_shared_buffer_are_copied() {
-        let sent = [Some(make_batch(0, 40, 1).freeze())];
+        let sent = [Some(make_batch(0, 200, 1).freeze())];
         let (mut req, frame, held) = arrived(&sent);
         // Another view of the buffer, as the start of the next request read with this one.
         let next = frame.slice(0..4);
@@ -316,7 +330,7 @@ mod tests {
 
     #[test]
     fn a_small_batch_in_a_large_buffer_is_copied() {
-        let sent = [Some(make_batch(0, 1, 1).freeze())];
+        let sent = [Some(make_batch(0, 5, 1).freeze())];
         let (mut req, frame, held) = arrived(&sent);
         // The connection reserves read slack beyond the frame: here, far more than the records.
         let mut buffer = BytesMut::with_capacity(64 * 1024);
