@@ -690,8 +690,9 @@ impl PartitionLog {
     /// and queues the batches for the flusher. No await: offsets follow call order.
     ///
     /// The offsets and leader epoch are written into `records` where they are: each batch is
-    /// then queued, cached and served as a view of the same buffer (for a produce request, the
-    /// request's own frame), so appending copies nothing.
+    /// then queued, cached and served as a view of the same buffer, so appending copies nothing
+    /// (a produce request's records are that buffer's only occupant, or the request's own frame
+    /// when they are most of it: `handlers::produce::take_records`).
     pub fn append(
         &self,
         records: BytesMut,
