@@ -21,6 +21,14 @@ use crate::storage::{AppendError, Appended};
 /// One owning shard's share of a request: the result slots and batches of its partitions.
 type OwnerBatches = (Vec<usize>, Vec<(TopicPartition, BytesMut)>);
 
+/// A partition keeps its records in the request's buffer when they are at least 15/16 of it,
+/// so that the cache, which counts only the records, never holds more than 1/15 more memory than
+/// it counts. At half (tried first) the broker's memory grew past its cache: producing 6 GB with
+/// `rdkafka_performance` into 16 partitions, 4.1 GB of RSS against 3.2 GB with every batch copied
+/// (a 3 GiB cache), since a request of two partitions' batches kept all of its buffer alive for
+/// the larger one.
+const IN_PLACE_SHARE_DIVISOR: usize = 16;
+
 /// Where a partition's records were when they were taken out of the request.
 enum Taken {
     /// At `start..start + len` of the frame.
@@ -34,15 +42,15 @@ enum Taken {
 ///
 /// `frame` is the frame `req` was decoded from. Once no other view of it is left (the records
 /// taken out, names copied, unknown tagged fields dropped) its buffer is this request's alone.
-/// A partition whose records are at least half of that buffer then keeps them where they
-/// arrived: the append writes their offsets in place and the cache holds that view, so nothing is
+/// A partition whose records are nearly all of that buffer (`IN_PLACE_SHARE_DIVISOR`) then
+/// keeps them where they arrived: the append writes their offsets in place and the cache holds that view, so nothing is
 /// copied between the socket and the segment's write buffer. Every other partition's records are
 /// copied once, as every append did before: a view keeps the whole buffer alive for as long as
 /// the cache holds it, and the cache counts only the view's bytes. Views of one buffer taken for
 /// several partitions would tie their lifetimes together (a partition writing a small batch into
 /// each of many large requests would keep all of them in memory while its cache share counted
-/// the small batches); the half rule keeps any cached view within twice the bytes it is counted
-/// as. Also copied: a frame whose buffer still holds the start of the next request.
+/// the small batches). Also copied: a frame whose buffer still holds the start of the next
+/// request.
 pub fn take_records(req: &mut ProduceRequest, frame: Bytes) -> Vec<Option<BytesMut>> {
     let base = frame.as_ptr() as usize;
     let end = base + frame.len();
@@ -73,10 +81,13 @@ pub fn take_records(req: &mut ProduceRequest, frame: Bytes) -> Vec<Option<BytesM
         Ok(whole) => whole,
         Err(frame) => return copied(&frame, taken, None),
     };
-    // At most one partition's records can be half the buffer.
+    // At most one partition's records can be nearly all of the buffer.
     let capacity = whole.capacity();
     let kept = taken.iter().enumerate().find_map(|(i, t)| match t {
-        Some(Taken::InFrame { start, len }) if len.saturating_mul(2) >= capacity => {
+        Some(Taken::InFrame { start, len })
+            if len.saturating_mul(IN_PLACE_SHARE_DIVISOR)
+                >= capacity.saturating_mul(IN_PLACE_SHARE_DIVISOR - 1) =>
+        {
             Some((i, *start, *len))
         }
         _ => None,
@@ -261,9 +272,9 @@ mod tests {
     }
 
     #[test]
-    fn the_partition_that_is_most_of_the_request_keeps_its_records_where_they_arrived() {
+    fn the_partition_that_is_nearly_all_of_the_request_keeps_its_records_where_they_arrived() {
         let sent = [
-            Some(make_batch(0, 200, 1).freeze()),
+            Some(make_batch(0, 2000, 1).freeze()),
             None,
             Some(make_batch(0, 2, 2).freeze()),
         ];
@@ -330,10 +341,10 @@ mod tests {
 
     #[test]
     fn a_small_batch_in_a_large_buffer_is_copied() {
-        let sent = [Some(make_batch(0, 5, 1).freeze())];
+        let sent = [Some(make_batch(0, 300, 1).freeze())];
         let (mut req, frame, held) = arrived(&sent);
         // The connection reserves read slack beyond the frame: here, far more than the records.
-        let mut buffer = BytesMut::with_capacity(64 * 1024);
+        let mut buffer = BytesMut::with_capacity(256 * 1024);
         buffer.extend_from_slice(&frame);
         let start = buffer.as_ptr() as usize;
         let moved = buffer.freeze();
@@ -345,7 +356,7 @@ mod tests {
         let taken = take_records(&mut req2, moved);
         let got = taken[0].as_ref().unwrap();
         assert_eq!(&got[..], &sent[0].as_ref().unwrap()[..]);
-        assert!(!within(got, &(start..start + 64 * 1024)));
+        assert!(!within(got, &(start..start + 256 * 1024)));
         // The same request in a buffer of its own size keeps its batch.
         let taken = take_records(&mut req, frame);
         assert!(within(taken[0].as_ref().unwrap(), &held));
