@@ -43,9 +43,9 @@ enum Taken {
 /// `frame` is the frame `req` was decoded from. Once no other view of it is left (the records
 /// taken out, names copied, unknown tagged fields dropped) its buffer is this request's alone.
 /// A partition whose records are nearly all of that buffer (`IN_PLACE_SHARE_DIVISOR`) then
-/// keeps them where they arrived: the append writes their offsets in place and the cache holds that view, so nothing is
-/// copied between the socket and the segment's write buffer. Every other partition's records are
-/// copied once, as every append did before: a view keeps the whole buffer alive for as long as
+/// keeps them where they arrived: the append writes their offsets in place and the cache holds
+/// that view, so nothing is copied between the socket and the segment's write buffer. Every
+/// other partition's records are copied once, as every append did before: a view keeps the whole buffer alive for as long as
 /// the cache holds it, and the cache counts only the view's bytes. Views of one buffer taken for
 /// several partitions would tie their lifetimes together (a partition writing a small batch into
 /// each of many large requests would keep all of them in memory while its cache share counted
